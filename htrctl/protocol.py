@@ -1,0 +1,137 @@
+"""The wire protocol between ``htrctl`` (client) and ``htrd`` (server).
+
+One module, imported by both sides: paths, request/response models, the error
+envelope and its types. HTTP/1.1 over a Unix socket; ``curl --unix-socket
+/run/htr/htr.sock http://htr/v1/status`` works.
+
+Transcription requests carry image *bytes*, never a path: the daemon never
+opens a file a client names.
+
+- ``POST /v1/transcribe`` -- the body is one image file (PNG, JPEG, TIFF,
+  WebP; multi-page TIFF gives one result per page). Optional query parameter
+  ``max_new_tokens``; optional header ``X-Request-Id``.
+- ``POST /v1/transcribe/batch`` -- ``multipart/form-data`` with one or more
+  parts named ``image`` (e.g. the lines of a page); one item per part, in
+  order, each with its results or its own error.
+
+Errors always use :class:`ErrorEnvelope`; 503 responses carry ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+API_PREFIX = "/v1"
+PATH_LIVE = "/v1/live"
+PATH_READY = "/v1/ready"
+PATH_STATUS = "/v1/status"
+PATH_TRANSCRIBE = "/v1/transcribe"
+PATH_TRANSCRIBE_BATCH = "/v1/transcribe/batch"
+PATH_METRICS = "/metrics"
+PATH_OPENAPI = "/openapi.json"
+
+HEADER_REQUEST_ID = "X-Request-Id"
+BATCH_PART_NAME = "image"
+# The Host header the client sends; any value works over a Unix socket.
+BASE_URL = "http://htr"
+
+State = Literal["starting", "loading", "warming", "ready", "draining", "failed"]
+STATES: tuple[str, ...] = ("starting", "loading", "warming", "ready", "draining", "failed")
+
+ErrorType = Literal[
+    "bad_request",  # malformed request (400)
+    "bad_image",  # not an image, truncated, unsupported mode (415/422)
+    "too_large",  # body or pixel limit exceeded (413)
+    "queue_full",  # backpressure (503 + Retry-After)
+    "not_ready",  # loading / warming / draining / failed (503 + Retry-After)
+    "deadline_exceeded",  # request deadline passed (504)
+    "out_of_memory",  # CUDA OOM for this request; the daemon stays ready (507)
+    "internal",  # a bug (500)
+]
+
+
+class ErrorBody(BaseModel):
+    type: ErrorType
+    message: str
+    detail: dict | list | str | None = None
+
+
+class ErrorEnvelope(BaseModel):
+    error: ErrorBody
+
+
+class Timings(BaseModel):
+    queue_ms: float = 0.0
+    preprocess_ms: float = 0.0
+    generate_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+class PageResult(BaseModel):
+    page: int = Field(0, description="0 for single images; the TIFF page index otherwise")
+    text: str
+    tokens: int = Field(0, description="generated tokens")
+    batch_size: int = Field(1, description="size of the generate batch this page ran in")
+    timings: Timings = Timings()
+
+
+class TranscribeResponse(BaseModel):
+    request_id: str
+    model_digest: str | None = None
+    results: list[PageResult]
+
+
+class BatchItem(BaseModel):
+    index: int
+    filename: str | None = None
+    results: list[PageResult] | None = None
+    error: ErrorBody | None = None
+
+
+class BatchResponse(BaseModel):
+    request_id: str
+    model_digest: str | None = None
+    items: list[BatchItem]
+
+
+class ReadyResponse(BaseModel):
+    state: State
+    detail: str | None = None
+
+
+class GpuInfo(BaseModel):
+    device: str  # "cpu" or "cuda:0"
+    uuid: str | None = None
+    name: str | None = None
+    memory_total_bytes: int | None = None
+    memory_allocated_bytes: int | None = None
+    memory_reserved_bytes: int | None = None
+
+
+class Counters(BaseModel):
+    requests: int = 0
+    images: int = 0
+    errors: int = 0
+    rejected_queue_full: int = 0
+    deadline_exceeded: int = 0
+    batches: int = 0
+    generated_tokens: int = 0
+
+
+class StatusResponse(BaseModel):
+    version: str
+    state: State
+    detail: str | None = None
+    pid: int
+    uptime_s: float
+    model_dir: str
+    model_variant: str | None = None  # "merged" | "adapter"
+    manifest_digest: str | None = None
+    gpu: GpuInfo
+    queue_depth: int = 0
+    queue_capacity: int = 0
+    in_flight: int = 0
+    batch_sizes: list[int] = []
+    counters: Counters = Counters()

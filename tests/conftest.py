@@ -1,0 +1,57 @@
+"""Shared fixtures: environment isolation and the cached demo model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("HTR_TEST_CACHE", REPO / ".cache" / "tests"))
+IN_CI = os.environ.get("HTR_CI", "") not in ("", "0")
+
+
+def require_system(condition: bool, what: str) -> None:
+    """Skip locally, but fail under CI, when a system prerequisite is missing."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"CI must provide {what} (installed by `make test`)")
+    pytest.skip(f"{what} not available (run `make test` to install it)")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch, tmp_path_factory):
+    """No test sees the developer's HTR_*/HF_* settings or the system config."""
+    for key in list(os.environ):
+        if key.startswith("HTR_") and key not in ("HTR_CI", "HTR_TEST_CACHE"):
+            monkeypatch.delenv(key, raising=False)
+        if key in ("HF_HUB_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "TRANSFORMERS_OFFLINE",
+                   "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "NOTIFY_SOCKET", "LISTEN_FDS",
+                   "LISTEN_PID", "WATCHDOG_USEC", "WATCHDOG_PID"):
+            monkeypatch.delenv(key, raising=False)
+    hf_home = tmp_path_factory.getbasetemp() / "hf-home"
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hf_home / "hub"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    # A path that never exists, so /etc/htr/htr.yaml on a dev box is not read.
+    monkeypatch.setattr("htrctl.config.SYSTEM_CONFIG", tmp_path_factory.getbasetemp() / "no-system-config.yaml")
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir() -> Path:
+    """The demo model, built once and cached on disk. Read-only: copy before changing it."""
+    from htrctl.demo_model import build_demo_model
+
+    return build_demo_model(CACHE / "demo-model")
+
+
+@pytest.fixture
+def demo_model_copy(demo_model_dir, tmp_path) -> Path:
+    """A private, writable copy of the demo model."""
+    dest = tmp_path / "model"
+    shutil.copytree(demo_model_dir, dest)
+    return dest

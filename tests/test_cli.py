@@ -1,0 +1,73 @@
+"""The CLI's contract: fast start without torch, errors as one line + exit code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+HEAVY = ("torch", "transformers", "peft", "torchvision", "accelerate")
+
+
+def _modules_after(code: str) -> set[str]:
+    probe = code + "\nimport sys, json; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def test_help_imports_no_torch():
+    mods = _modules_after(
+        "import sys\nfrom htrctl.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass"
+    )
+    assert "htrctl.cli" in mods
+    assert not [m for m in HEAVY if m in mods], [m for m in HEAVY if m in mods]
+
+
+def test_client_path_imports_no_torch():
+    mods = _modules_after("import htrctl.protocol, htrctl.config, htrctl.errors")
+    assert "htrctl.protocol" in mods
+    assert not [m for m in HEAVY if m in mods]
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "htrctl", *args], capture_output=True, text=True, env=env)
+
+
+def test_help_works():
+    r = run_cli("--help")
+    assert r.returncode == 0
+    assert "config" in r.stdout
+
+
+def test_config_error_is_one_line_and_exit_78(tmp_path):
+    bad = tmp_path / "htr.yaml"
+    bad.write_text("gpu: {select: '0,1'}\n")
+    r = run_cli("--config", str(bad), "config", "check")
+    assert r.returncode == 78
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("htrctl: error: invalid configuration: ")
+    assert "gpu.select" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_debug_shows_traceback(tmp_path):
+    bad = tmp_path / "htr.yaml"
+    bad.write_text("gpu: {select: '0,1'}\n")
+    r = run_cli("--debug", "--config", str(bad), "config", "check")
+    assert r.returncode == 78
+    assert "Traceback" in r.stderr
+
+
+def test_config_show_json_goes_to_stdout(tmp_path):
+    good = tmp_path / "htr.yaml"
+    good.write_text("gpu: {select: cpu}\n")
+    r = run_cli("--config", str(good), "config", "show", "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["settings"]["gpu"]["select"] == "cpu"
+    assert data["source"] == str(good)
+
+
+def test_usage_error_exit_2():
+    r = run_cli("config", "show", "--no-such-flag")
+    assert r.returncode == 2

@@ -17,6 +17,7 @@ code  name                   meaning
 2     USAGE                  bad command-line usage (typer/click)
 3     MISSING_EXTRA          an optional dependency group is not installed
 4     PARTIAL                transcribe: some inputs failed, the rest are done
+5     WARNINGS               doctor: no failures, but warnings
 65    MODEL                  model directory missing, incomplete or corrupt
 69    GPU                    the configured GPU is absent or unusable
 73    PROVISION              provisioning/sync failed (nothing was lost)
@@ -40,6 +41,7 @@ class ExitCode(IntEnum):
     USAGE = 2
     MISSING_EXTRA = 3
     PARTIAL = 4
+    WARNINGS = 5
     MODEL = 65
     GPU = 69
     PROVISION = 73
@@ -79,6 +81,12 @@ class HtrError(Exception):
             "detail": self.detail,
             "exit_code": int(self.exit_code),
         }
+
+
+class UsageError(HtrError):
+    """Bad command-line input found after parsing (no inputs, colliding outputs...)."""
+
+    exit_code = ExitCode.USAGE
 
 
 class ConfigError(HtrError):

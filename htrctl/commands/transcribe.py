@@ -1,0 +1,58 @@
+"""``htrctl transcribe PATH...``: send images to the running daemon(s)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ._common import globals_of
+
+
+def transcribe(
+    ctx: typer.Context,
+    paths: List[str] = typer.Argument(..., help="image files, directories (recursive) or - for stdin"),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="write one file per input here (<name>.<format>), atomically"
+    ),
+    fmt: str = typer.Option("jsonl", "--format", "-f", help="txt | jsonl | json"),
+    include: List[str] = typer.Option(
+        [], "--include", help="glob of files to take from directories (repeatable; default: common image types)"
+    ),
+    exclude: List[str] = typer.Option([], "--exclude", help="glob of files to leave out (repeatable)"),
+    socket: List[str] = typer.Option(
+        [], "--socket", "-s", help="daemon socket (repeatable: spread work over replicas); default: socket.path"
+    ),
+    concurrency: int = typer.Option(8, "--concurrency", "-j", min=1, max=1024, help="requests in flight per socket"),
+    timeout: float = typer.Option(120.0, "--timeout", min=0.1, help="seconds per request"),
+    wait: float = typer.Option(0.0, "--wait", min=0.0, help="wait up to this many seconds for the daemon to be ready"),
+    retry_for: float = typer.Option(
+        120.0, "--retry-for", min=0.0, help="keep retrying a daemon that restarts mid-run for this many seconds"
+    ),
+    resume: bool = typer.Option(False, "--resume", help="skip inputs whose output in --out is complete"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="cap tokens per image"),
+) -> None:
+    """Transcribe images through htrd. Data on stdout (or --out), progress and errors on stderr.
+
+    Exit 0 when every input is done, 4 when some failed (the rest are done), 75 when the daemon is down.
+    """
+    from ..transcribe import FORMATS, TranscribeOptions, run_transcribe
+
+    if fmt not in FORMATS:
+        raise typer.BadParameter(f"{fmt!r} is not one of {', '.join(FORMATS)}", param_hint="--format")
+    if resume and out is None:
+        raise typer.BadParameter("--resume needs --out DIR", param_hint="--resume")
+    g = globals_of(ctx)
+    sockets = [Path(x) for x in socket] or [g.settings().socket.path]
+    opts = TranscribeOptions(
+        inputs=list(paths), sockets=sockets, fmt=fmt, out_dir=out, include=list(include), exclude=list(exclude),
+        concurrency=concurrency, timeout=timeout, wait=wait, retry_for=retry_for, resume=resume,
+        max_new_tokens=max_new_tokens, quiet=g.quiet,
+    )
+    summary = run_transcribe(opts)
+    raise typer.Exit(summary.exit_code)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("transcribe")(transcribe)

@@ -90,6 +90,14 @@ def _group_of(path: Path) -> str:
         return str(gid)
 
 
+def _blocking_dir(path: Path) -> Path:
+    """The first directory on the way to *path* this process may not enter."""
+    for parent in reversed(path.absolute().parents):
+        if not os.access(parent, os.X_OK):
+            return parent
+    return path
+
+
 def permission_error(socket_path: Path) -> DaemonPermissionError:
     group = _group_of(socket_path)
     try:
@@ -97,7 +105,8 @@ def permission_error(socket_path: Path) -> DaemonPermissionError:
     except OSError:
         mode = "?"
     return DaemonPermissionError(
-        f"permission denied on the daemon socket {socket_path} (group '{group}', mode {mode})",
+        f"permission denied on {'the daemon socket ' if not socket_path.is_dir() else ''}{socket_path}"
+        f" (group '{group}', mode {mode})",
         remedy=f"join the socket's group: sudo usermod -aG {group} $USER, then log out and in again",
         detail={"socket": str(socket_path), "group": group},
     )
@@ -158,11 +167,11 @@ class HtrClient:
 
     # -- the one place requests are made and failures translated ----------
     def _request(self, method: str, path: str, *, timeout: float | None = None, **kw: Any) -> httpx.Response:
-        if not self.socket_path.exists():
-            # Distinguish "no such file" from "the directory is not ours to look in".
-            parent = self.socket_path.parent
-            if parent.exists() and not os.access(parent, os.X_OK):
-                raise permission_error(parent)
+        try:
+            exists = self.socket_path.exists()
+        except PermissionError:  # a directory on the way is not ours to enter
+            raise permission_error(_blocking_dir(self.socket_path)) from None
+        if not exists:
             raise unavailable_error(self.socket_path, f"no socket at {self.socket_path}")
         if timeout is not None:
             kw["timeout"] = httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT_S))

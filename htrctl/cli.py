@@ -32,7 +32,7 @@ app = typer.Typer(
 
 # Each module in htrctl/commands registers its commands with `register(app)`.
 # They import their heavy dependencies lazily, inside the command functions.
-COMMAND_MODULES = ["config", "model", "transcribe", "status", "demo", "service", "provision"]
+COMMAND_MODULES = ["config", "model", "transcribe", "status", "demo", "service", "provision", "doctor"]
 
 
 class Globals:

@@ -1,0 +1,102 @@
+"""The manifest schema, atomic writes, safe paths and parallel hashing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+
+from htrctl.manifest import (
+    MANIFEST_NAME,
+    FileEntry,
+    Manifest,
+    ManifestFormatError,
+    hash_file,
+    hash_files,
+    read_manifest,
+    unsafe_relpath,
+    walk_files,
+    write_manifest,
+)
+
+
+def test_roundtrip_and_digest(tmp_path):
+    m = Manifest(files=[FileEntry("b.json", 2, "a" * 64), FileEntry("a/x.safetensors", 10, "b" * 64)],
+                 base={"id": "Qwen/Qwen3-VL-8B-Instruct"}, sources={"model": "/src"})
+    digest = write_manifest(tmp_path, m)
+    data = (tmp_path / MANIFEST_NAME).read_bytes()
+    assert digest == hashlib.sha256(data).hexdigest()
+    back, d2 = read_manifest(tmp_path)
+    assert d2 == digest
+    assert [f.path for f in back.files] == ["a/x.safetensors", "b.json"]  # sorted on write
+    assert back.base == {"id": "Qwen/Qwen3-VL-8B-Instruct"} and back.sources == {"model": "/src"}
+    assert json.loads(data)["schema_version"] == 1
+    # no temp files left next to it
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST_NAME]
+
+
+@pytest.mark.parametrize(
+    "body, why",
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[]", "not a JSON object"),
+        (b'{"schema_version": 99, "files": []}', "not supported"),
+        (b'{"schema_version": 1}', "'files'"),
+        (b'{"schema_version": 1, "files": [{"path": "a", "size": -1, "sha256": "' + b"0" * 64 + b'"}]}', "files[0]"),
+    ],
+)
+def test_invalid_manifests_are_rejected(tmp_path, body, why):
+    (tmp_path / MANIFEST_NAME).write_bytes(body)
+    with pytest.raises(ManifestFormatError, match=want(why)):
+        read_manifest(tmp_path)
+
+
+def want(s: str) -> str:
+    import re
+
+    return re.escape(s)
+
+
+def test_no_manifest_is_none(tmp_path):
+    assert read_manifest(tmp_path) is None
+
+
+@pytest.mark.parametrize(
+    "rel, bad",
+    [("a/b.json", False), ("../x", True), ("a/../../x", True), ("/etc/passwd", True), ("a\\b", True),
+     ("a//b", True), ("./a", True), ("", True)],
+)
+def test_unsafe_relpath(rel, bad):
+    assert (unsafe_relpath(rel) is not None) is bad
+
+
+def test_walk_files_flags_symlinks_outside(tmp_path):
+    root = tmp_path / "m"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.json").write_text("{}")
+    (root / "sub" / "b.bin").write_bytes(b"x")
+    outside = tmp_path / "secret"
+    outside.write_text("s")
+    (root / "leak").symlink_to(outside)
+    (root / "inside").symlink_to(root / "a.json")
+    (root / "dirlink").symlink_to(tmp_path)
+    (root / MANIFEST_NAME).write_text("{}")
+    files, unsafe = walk_files(root)
+    assert files == ["a.json", "inside", "sub/b.bin"]
+    reasons = dict(unsafe)
+    assert "outside" in reasons["leak"] and "dirlink" in reasons
+
+
+def test_hash_files_matches_hashlib(tmp_path):
+    blobs = {f"f{i}": os.urandom(3 * 1024 * 1024 + i) for i in range(5)}
+    for name, data in blobs.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "empty").write_bytes(b"")
+    got = hash_files(tmp_path, [*blobs, "empty"], workers=3)
+    assert got == {**{n: hashlib.sha256(d).hexdigest() for n, d in blobs.items()},
+                   "empty": hashlib.sha256(b"").hexdigest()}
+    seen = []
+    assert hash_file(tmp_path / "f0", seen.append) == got["f0"]
+    assert sum(seen) == len(blobs["f0"])

@@ -1,0 +1,695 @@
+"""Rendering, installing and querying htrd's systemd units.
+
+The templates live in ``systemd/`` (``htr.service``, ``htr.socket`` and the
+per-GPU ``htr@.service`` / ``htr@.socket``); their ``@PLACEHOLDERS@`` are
+filled with *this* installation's paths: the environment's ``htrd``, the
+config file, the model directory (read-only in the unit), the service user
+and group, the GPU device groups present on the host, and -- when Python or
+the model lives under ``/home`` or ``/root`` -- read-only bind mounts that let
+the service see just those paths while ``ProtectHome=`` hides the rest.
+
+:func:`install` is idempotent: a file is written only when its content
+changes, and a re-install that changes nothing says so and does not even
+reload systemd. ``root`` (like ``systemctl --root``) writes everything under
+another directory and touches neither users nor the running systemd: that is
+how the unit tests exercise it without a systemd.
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import pwd
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import SYSTEM_CONFIG, load_settings
+from .errors import ExitCode, ServiceError
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+TEMPLATE_DIR = REPO / "systemd"
+DEFAULT_CONFIG_TEMPLATE = REPO / "configs" / "htr.yaml"
+UNIT_DIR = Path("/etc/systemd/system")
+UNITS = ("htr.service", "htr.socket", "htr@.service", "htr@.socket")
+SERVICE = "htr.service"
+SOCKET = "htr.socket"
+DEFAULT_USER = "htr"
+DEFAULT_GROUP = "htr"
+# Groups that own GPU device nodes on common distributions (added when present).
+GPU_GROUPS = ("video", "render")
+# Directories that ProtectHome= hides.
+HOME_DIRS = (Path("/home"), Path("/root"), Path("/run/user"))
+STATE_DIR = Path("/var/lib/htr")
+# First line of every rendered unit: marks the file as ours (uninstall removes only these).
+MARKER = "# Rendered by htrctl"
+# Characters a path may not contain to be written into a unit file unquoted.
+_UNSAFE_PATH = re.compile(r"[\s\"'\\;]")
+# What `status` reads from `systemctl show`.
+SHOW_PROPERTIES = (
+    "Id", "LoadState", "ActiveState", "SubState", "Result", "UnitFileState", "MainPID", "ExecMainStatus",
+    "ExecMainCode", "NRestarts", "StatusText", "ActiveEnterTimestamp", "FragmentPath", "DropInPaths",
+)
+
+
+class ServicePermissionError(ServiceError):
+    """Installing needs root (writing /etc, creating a user, systemctl)."""
+
+    exit_code = ExitCode.PERMISSION
+
+
+# ---------------------------------------------------------------- rendering
+
+
+@dataclass(frozen=True)
+class UnitContext:
+    """The installation-specific values the templates are filled with."""
+
+    htrd: Path
+    config: Path
+    model_dir: Path
+    user: str = DEFAULT_USER
+    group: str = DEFAULT_GROUP
+    supplementary_groups: tuple[str, ...] = ()
+    # Paths under /home, /root, /run/user that the service must still read.
+    home_binds: tuple[Path, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: [str(x) for x in v] if isinstance(v, tuple) else str(v) for k, v in d.items()}
+
+
+def _unit_path(p: Path, what: str) -> str:
+    s = str(p)
+    if not p.is_absolute():
+        raise ServiceError(f"{what} {s!r} is not an absolute path", remedy="give an absolute path")
+    if _UNSAFE_PATH.search(s):
+        raise ServiceError(
+            f"{what} {s!r} contains whitespace, quotes, ';' or backslashes, which a unit file cannot hold safely",
+            remedy="move it to a path without them",
+        )
+    return s.replace("%", "%%")  # systemd specifier escape
+
+
+def _under_home(p: Path) -> bool:
+    return any(p == h or h in p.parents for h in HOME_DIRS)
+
+
+def home_binds_for(paths: Iterable[Path]) -> tuple[Path, ...]:
+    """The paths (resolved) that lie under a directory ProtectHome= hides, deduplicated, outermost first."""
+    found: list[Path] = []
+    for p in paths:
+        for cand in {Path(os.path.abspath(p)), Path(os.path.realpath(p))}:
+            if _under_home(cand) and cand not in found:
+                found.append(cand)
+    found.sort(key=lambda x: (len(x.parts), str(x)))
+    kept: list[Path] = []
+    for p in found:
+        if not any(k == p or k in p.parents for k in kept):
+            kept.append(p)
+    return tuple(sorted(kept, key=str))
+
+
+def _groups_in(root: Path) -> set[str]:
+    """Group names known on the target system (its /etc/group; NSS when root is /)."""
+    if root == Path("/"):
+        names = set()
+        for g in GPU_GROUPS:
+            try:
+                grp.getgrnam(g)
+                names.add(g)
+            except KeyError:
+                pass
+        return names
+    etc_group = root / "etc" / "group"
+    try:
+        return {line.split(":", 1)[0] for line in etc_group.read_text().splitlines() if ":" in line}
+    except OSError:
+        return set()
+
+
+def _nvidia_device_group(root: Path) -> str | None:
+    """The group owning /dev/nvidiactl when it is not root (some distributions use video)."""
+    try:
+        gid = (root / "dev" / "nvidiactl").stat().st_gid
+    except OSError:
+        return None
+    if gid == 0 or root != Path("/"):
+        return None
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return None
+
+
+def gpu_groups(root: Path = Path("/")) -> tuple[str, ...]:
+    """Supplementary groups the service needs for the GPU device nodes, where they exist."""
+    present = _groups_in(root)
+    groups = [g for g in GPU_GROUPS if g in present]
+    dev = _nvidia_device_group(root)
+    if dev and dev not in groups:
+        groups.append(dev)
+    return tuple(groups)
+
+
+def default_htrd() -> Path:
+    """This environment's ``htrd`` (next to the running interpreter's scripts)."""
+    return Path(sys.prefix) / "bin" / "htrd"
+
+
+def python_paths() -> tuple[Path, ...]:
+    """Where this environment's Python lives (the venv and the installation it links to)."""
+    return tuple(dict.fromkeys(Path(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)))
+
+
+def make_context(
+    *,
+    config: Path,
+    model_dir: Path,
+    htrd: Path | None = None,
+    user: str = DEFAULT_USER,
+    group: str = DEFAULT_GROUP,
+    root: Path = Path("/"),
+    supplementary_groups: Sequence[str] | None = None,
+) -> UnitContext:
+    htrd = Path(htrd) if htrd else default_htrd()
+    config = Path(config)
+    model_dir = Path(model_dir)
+    binds = home_binds_for([*python_paths(), htrd.parent, config.parent, model_dir])
+    return UnitContext(
+        htrd=htrd,
+        config=config,
+        model_dir=model_dir,
+        user=user,
+        group=group,
+        supplementary_groups=tuple(supplementary_groups) if supplementary_groups is not None else gpu_groups(root),
+        home_binds=binds,
+    )
+
+
+def template_dir() -> Path:
+    if not all((TEMPLATE_DIR / u).is_file() for u in UNITS):
+        raise ServiceError(
+            f"the unit templates are missing from {TEMPLATE_DIR}",
+            remedy="install htrctl from its source tree (pip install -e .), which ships systemd/",
+        )
+    return TEMPLATE_DIR
+
+
+def _check_name(name: str, what: str) -> str:
+    if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", name):
+        raise ServiceError(f"{what} {name!r} is not a valid user/group name", remedy="use e.g. 'htr'")
+    return name
+
+
+def render_unit(template: str, ctx: UnitContext) -> str:
+    """Fill one template; every placeholder must be known."""
+    if ctx.home_binds:
+        protect_home = (
+            "# Python or the model lives under a home directory: hide the homes but\n"
+            "# these paths (read-only).\n"
+            "ProtectHome=tmpfs\n"
+            "BindReadOnlyPaths=" + " ".join(_unit_path(p, "path") for p in ctx.home_binds)
+        )
+    else:
+        protect_home = "ProtectHome=yes"
+    supp = (
+        "SupplementaryGroups=" + " ".join(_check_name(g, "group") for g in ctx.supplementary_groups)
+        if ctx.supplementary_groups
+        else "# (no video/render group on this host: the devices are not group-restricted)"
+    )
+    values = {
+        "HTRD": _unit_path(ctx.htrd, "htrd"),
+        "CONFIG": _unit_path(ctx.config, "config file"),
+        "MODEL_DIR": _unit_path(ctx.model_dir, "model directory"),
+        "USER": _check_name(ctx.user, "user"),
+        "GROUP": _check_name(ctx.group, "group"),
+        "SUPPLEMENTARY_GROUPS": supp,
+        "PROTECT_HOME": protect_home,
+    }
+
+    def sub(m: re.Match) -> str:
+        key = m.group(1)
+        if key not in values:
+            raise ServiceError(f"unit template has an unknown placeholder @{key}@")
+        return values[key]
+
+    body = re.sub(r"@([A-Z_]+)@", sub, template)
+    header = (
+        f"{MARKER} {__version__} (`htrctl service install`); it rewrites this file.\n"
+        "# Local changes belong in a drop-in: systemctl edit <unit>\n"
+    )
+    return header + body
+
+
+def render_units(ctx: UnitContext) -> dict[str, str]:
+    """Every unit file name -> its rendered text."""
+    tdir = template_dir()
+    return {name: render_unit((tdir / name).read_text(encoding="utf-8"), ctx) for name in UNITS}
+
+
+# ---------------------------------------------------------------- running things
+
+
+def _run(argv: Sequence[str], *, check: bool = True, timeout: float = 120.0, capture: bool = True) -> subprocess.CompletedProcess:
+    logger.debug("running %s", " ".join(argv))
+    try:
+        proc = subprocess.run(
+            list(argv), capture_output=capture, text=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL
+        )
+    except FileNotFoundError as exc:
+        raise ServiceError(f"{argv[0]} not found", remedy="this needs systemd and shadow-utils (useradd)") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise ServiceError(f"{' '.join(argv)} did not finish within {timeout:.0f} s") from exc
+    if check and proc.returncode != 0:
+        err = (proc.stderr or proc.stdout or "").strip().splitlines()
+        msg = err[-1] if err else f"exit status {proc.returncode}"
+        cls = ServicePermissionError if "denied" in msg.lower() else ServiceError
+        raise cls(f"{' '.join(argv)} failed: {msg}", remedy="see `htrctl service logs` and `systemctl status htr`")
+    return proc
+
+
+def systemd_running() -> bool:
+    """True when systemd is PID 1 here (sd_booted(3))."""
+    return Path("/run/systemd/system").is_dir()
+
+
+def _require_systemd() -> None:
+    if not systemd_running():
+        raise ServiceError(
+            "systemd is not running on this machine (no /run/systemd/system)",
+            remedy="run htrd directly (htrd --config ...), or only write the units with --root/--unit-dir",
+        )
+
+
+def systemctl(*args: str, check: bool = True, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    _require_systemd()
+    return _run(["systemctl", "--no-pager", *args], check=check, timeout=timeout)
+
+
+# ---------------------------------------------------------------- install
+
+
+@dataclass
+class Action:
+    what: str  # "write", "keep", "create-user", "daemon-reload", ...
+    target: str
+    detail: str = ""
+    done: bool = True  # False in dry-run / skipped
+
+    def line(self) -> str:
+        mark = "" if self.done else " (not done)"
+        return f"{self.what:<14} {self.target}" + (f"  ({self.detail})" if self.detail else "") + mark
+
+
+@dataclass
+class InstallResult:
+    context: UnitContext
+    unit_dir: Path
+    units: dict[str, str]
+    actions: list[Action] = field(default_factory=list)
+    dry_run: bool = False
+
+    @property
+    def changed(self) -> bool:
+        return any(a.what not in ("keep", "note") and a.done for a in self.actions)
+
+    def summary(self) -> str:
+        if self.dry_run:
+            return "dry run: nothing written"
+        if not self.changed:
+            return "already installed: nothing changed"
+        return "installed"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "changed": self.changed,
+            "dry_run": self.dry_run,
+            "summary": self.summary(),
+            "unit_dir": str(self.unit_dir),
+            "context": self.context.to_dict(),
+            "actions": [asdict(a) for a in self.actions],
+        }
+
+
+def _under(root: Path, p: Path) -> Path:
+    return root / p.relative_to("/") if p.is_absolute() else root / p
+
+
+def _atomic_write(path: Path, text: str, *, mode: int = 0o644, group: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        if group is not None:
+            os.chown(tmp, 0, grp.getgrnam(group).gr_gid)
+        os.replace(tmp, path)
+        tmp = ""
+    finally:
+        if tmp:
+            os.unlink(tmp)
+
+
+def _permission(exc: OSError, path: Path) -> ServicePermissionError:
+    return ServicePermissionError(
+        f"cannot write {path}: {exc.strerror}", remedy="run it as root: sudo htrctl service install"
+    )
+
+
+def _default_config_text() -> str:
+    if DEFAULT_CONFIG_TEMPLATE.is_file():
+        return DEFAULT_CONFIG_TEMPLATE.read_text(encoding="utf-8")
+    from .config import Settings, dump_settings
+
+    return "# htr.yaml -- every setting with its default (see the htrctl README).\n" + dump_settings(Settings())
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+def _group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+def _ensure_account(user: str, group: str, extra_groups: Sequence[str], *, live: bool, dry_run: bool) -> list[Action]:
+    actions: list[Action] = []
+    if not live:
+        actions.append(Action("note", f"user {user}, group {group}", "not created with --root", done=False))
+        return actions
+    if _group_exists(group):
+        actions.append(Action("keep", f"group {group}", "exists"))
+    else:
+        if not dry_run:
+            _run(["groupadd", "--system", group])
+        actions.append(Action("create-group", group, done=not dry_run))
+    if _user_exists(user):
+        actions.append(Action("keep", f"user {user}", "exists"))
+    else:
+        argv = [
+            "useradd", "--system", "--gid", group, "--home-dir", str(STATE_DIR), "--no-create-home",
+            "--shell", "/usr/sbin/nologin", "--comment", "HTR inference daemon",
+        ]
+        if extra_groups:
+            argv += ["--groups", ",".join(extra_groups)]
+        if not dry_run:
+            _run([*argv, user])
+        actions.append(
+            Action("create-user", user, f"system user, groups {', '.join([group, *extra_groups])}", done=not dry_run)
+        )
+    return actions
+
+
+def install(
+    *,
+    config: Path | None = None,
+    htrd: Path | None = None,
+    user: str = DEFAULT_USER,
+    group: str = DEFAULT_GROUP,
+    root: Path | None = None,
+    unit_dir: Path | None = None,
+    enable: bool = False,
+    start: bool = False,
+    replicas: Sequence[str] = (),
+    dry_run: bool = False,
+) -> InstallResult:
+    """Render the units with this installation's paths and install them (see the module docstring).
+
+    ``enable`` enables the socket(s) and the service(s) (the model loads at
+    boot); ``start`` starts the socket(s) now, the first request then starts
+    the daemon. ``replicas`` (GPU UUIDs or indices) use ``htr@.service``
+    instead of ``htr.service``.
+    """
+    root = Path(root) if root else Path("/")
+    live = root == Path("/")
+    if not live and (enable or start):
+        raise ServiceError("--enable/--start act on the running systemd and cannot be combined with --root")
+    config = Path(config) if config else SYSTEM_CONFIG
+    if not config.is_absolute():
+        config = Path(os.path.abspath(config))
+    htrd_path = Path(htrd) if htrd else default_htrd()
+    if not htrd_path.exists():
+        raise ServiceError(
+            f"htrd not found at {htrd_path}", remedy="install the daemon into this environment: pip install 'htrctl[daemon]'"
+        )
+    for r in replicas:
+        if not re.fullmatch(r"[0-9]+|(GPU|MIG)-[0-9A-Za-z-]+", r):
+            raise ServiceError(f"replica {r!r} is neither a GPU index nor a GPU UUID", remedy="see `nvidia-smi -L`")
+
+    # The account first: the config file and the units name its group.
+    extra_groups = gpu_groups(root)
+    actions: list[Action] = _ensure_account(user, group, extra_groups, live=live, dry_run=dry_run)
+    # The config: written from the documented defaults when absent, never overwritten.
+    cfg_file = _under(root, config)
+    if cfg_file.exists():
+        actions.append(Action("keep", str(cfg_file), "config exists"))
+    else:
+        if not dry_run:
+            try:
+                _atomic_write(cfg_file, _default_config_text(), mode=0o640, group=group if live else None)
+            except PermissionError as exc:
+                raise _permission(exc, cfg_file) from exc
+        actions.append(Action("write", str(cfg_file), "config from the documented defaults; set model.dir", done=not dry_run))
+    if cfg_file.exists():
+        model_dir = load_settings(cfg_file, env={}).model.dir
+    else:  # dry run on a fresh machine: the defaults it would write
+        from .config import Settings
+
+        model_dir = Settings().model.dir
+
+    ctx = make_context(
+        config=config, model_dir=model_dir, htrd=htrd_path, user=user, group=group, supplementary_groups=extra_groups
+    )
+    units = render_units(ctx)
+    target_dir = Path(unit_dir) if unit_dir else _under(root, UNIT_DIR)
+    result = InstallResult(context=ctx, unit_dir=target_dir, units=units, dry_run=dry_run)
+
+    units_changed = False
+    for name, text in units.items():
+        path = target_dir / name
+        try:
+            current = path.read_text(encoding="utf-8") if path.exists() else None
+        except OSError:
+            current = None
+        if current == text:
+            actions.append(Action("keep", str(path), "unchanged"))
+            continue
+        if not dry_run:
+            try:
+                _atomic_write(path, text, mode=0o644)
+            except PermissionError as exc:
+                raise _permission(exc, path) from exc
+        units_changed = True
+        actions.append(Action("write", str(path), "new" if current is None else "updated", done=not dry_run))
+
+    if live:
+        if units_changed:
+            if not dry_run:
+                systemctl("daemon-reload")
+            actions.append(Action("daemon-reload", "systemd", done=not dry_run))
+            if not dry_run and _is_active(SERVICE):
+                actions.append(Action("note", SERVICE, "running the old units: `htrctl service restart` applies them"))
+        sockets = [f"htr@{r}.socket" for r in replicas] or [SOCKET]
+        services = [f"htr@{r}.service" for r in replicas] or [SERVICE]
+        if enable:
+            todo = [u for u in [*sockets, *services] if dry_run or not _is_enabled(u)]
+            if todo:
+                if not dry_run:
+                    systemctl("enable", *todo)
+                actions.append(Action("enable", " ".join(todo), done=not dry_run))
+            else:
+                actions.append(Action("keep", " ".join([*sockets, *services]), "enabled"))
+        if start:
+            todo = [u for u in sockets if dry_run or not _is_active(u)]
+            if todo:
+                if not dry_run:
+                    systemctl("start", *todo)
+                actions.append(Action("start", " ".join(todo), "the first request starts the daemon", done=not dry_run))
+            else:
+                actions.append(Action("keep", " ".join(sockets), "listening"))
+    result.actions = actions
+    return result
+
+
+def _is_active(unit: str) -> bool:
+    return systemctl("is-active", "--quiet", unit, check=False).returncode == 0
+
+
+def _is_enabled(unit: str) -> bool:
+    return systemctl("is-enabled", "--quiet", unit, check=False).returncode == 0
+
+
+# ---------------------------------------------------------------- uninstall
+
+
+@dataclass
+class UninstallResult:
+    actions: list[Action] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"actions": [asdict(a) for a in self.actions]}
+
+
+def _instances() -> list[str]:
+    """Loaded htr@*.service / htr@*.socket instances."""
+    out = systemctl("list-units", "--all", "--plain", "--no-legend", "htr@*", check=False).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def uninstall(*, root: Path | None = None, unit_dir: Path | None = None, dry_run: bool = False) -> UninstallResult:
+    """Stop and disable the units and remove the files ``install`` wrote.
+
+    The config (/etc/htr), the state and cache directories, the model and the
+    ``htr`` account are kept: they are data, and a re-install reuses them.
+    """
+    root = Path(root) if root else Path("/")
+    live = root == Path("/")
+    target_dir = Path(unit_dir) if unit_dir else _under(root, UNIT_DIR)
+    res = UninstallResult()
+    if live and systemd_running():
+        units = [SOCKET, SERVICE, *_instances()]
+        if not dry_run:
+            systemctl("disable", "--now", *units, check=False, timeout=180)
+        res.actions.append(Action("stop+disable", " ".join(units), done=not dry_run))
+    removed = False
+    for name in UNITS:
+        path = target_dir / name
+        if not path.exists():
+            continue
+        head = path.read_text(encoding="utf-8", errors="replace")[: len(MARKER)]
+        if head != MARKER:
+            res.actions.append(Action("keep", str(path), "not written by htrctl"))
+            continue
+        if not dry_run:
+            try:
+                path.unlink()
+            except PermissionError as exc:
+                raise _permission(exc, path) from exc
+        removed = True
+        res.actions.append(Action("remove", str(path), done=not dry_run))
+    if live and removed and systemd_running():
+        if not dry_run:
+            systemctl("daemon-reload")
+            systemctl("reset-failed", SERVICE, SOCKET, check=False)
+        res.actions.append(Action("daemon-reload", "systemd", done=not dry_run))
+    res.actions.append(Action("keep", f"{SYSTEM_CONFIG}, {STATE_DIR}, user {DEFAULT_USER}", "data is never removed"))
+    return res
+
+
+# ---------------------------------------------------------------- status, logs, restart
+
+
+def unit_names(instance: str | None) -> tuple[str, str]:
+    """(service, socket) for the single unit or one replica."""
+    if instance:
+        return f"htr@{instance}.service", f"htr@{instance}.socket"
+    return SERVICE, SOCKET
+
+
+def show(unit: str, properties: Sequence[str] = SHOW_PROPERTIES) -> dict[str, str]:
+    """``systemctl show`` as a dict."""
+    out = systemctl("show", unit, "--property=" + ",".join(properties)).stdout
+    props: dict[str, str] = {}
+    for line in out.splitlines():
+        k, sep, v = line.partition("=")
+        if sep:
+            props[k] = v
+    return props
+
+
+@dataclass
+class ServiceStatus:
+    service: dict[str, str]
+    socket: dict[str, str]
+    units_current: bool | None  # installed files equal a fresh rendering (None: not checked)
+
+    @property
+    def running(self) -> bool:
+        return self.service.get("ActiveState") == "active"
+
+    def exit_code(self) -> int:
+        """0 running or waiting for its first request; 3 (like systemctl) otherwise."""
+        if self.running:
+            return 0
+        if self.socket.get("ActiveState") == "active" and self.service.get("ActiveState") == "inactive":
+            return 0
+        return 3
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"service": self.service, "socket": self.socket, "units_current": self.units_current}
+
+
+def status(*, instance: str | None = None, config: Path | None = None) -> ServiceStatus:
+    """The units' state from systemd, and whether the installed files are current."""
+    svc, sock = unit_names(instance)
+    current: bool | None = None
+    svc_props = show(svc)
+    frag = svc_props.get("FragmentPath") or ""
+    try:
+        cfg = Path(config) if config else SYSTEM_CONFIG
+        settings = load_settings(cfg, env={}) if cfg.exists() else None
+        if settings is not None and frag:
+            ctx = make_context(config=cfg, model_dir=settings.model.dir)
+            tmpl = "htr@.service" if instance else "htr.service"
+            current = Path(frag).read_text(encoding="utf-8") == render_unit(
+                (template_dir() / tmpl).read_text(encoding="utf-8"), ctx
+            )
+    except (OSError, ServiceError) as exc:
+        logger.debug("cannot compare the installed units: %s", exc)
+    return ServiceStatus(service=svc_props, socket=show(sock), units_current=current)
+
+
+def journalctl_argv(*, instance: str | None = None, lines: int | None = 100, follow: bool = False,
+                    since: str | None = None) -> list[str]:
+    svc, sock = unit_names(instance)
+    argv = ["journalctl", "--no-pager", "-u", svc, "-u", sock, "-o", "short-iso"]
+    if lines is not None:
+        argv += ["-n", str(lines)]
+    if since:
+        argv += ["--since", since]
+    if follow:
+        argv.append("-f")
+    return argv
+
+
+def logs(*, instance: str | None = None, lines: int | None = 100, follow: bool = False, since: str | None = None) -> int:
+    """Show the units' journal on this process's stdout; returns journalctl's exit status."""
+    if shutil.which("journalctl") is None:
+        raise ServiceError("journalctl not found", remedy="this needs systemd's journal")
+    argv = journalctl_argv(instance=instance, lines=lines, follow=follow, since=since)
+    try:
+        return subprocess.run(argv, check=False, stdin=subprocess.DEVNULL).returncode
+    except KeyboardInterrupt:  # -f ends with Ctrl-C
+        return 0
+
+
+def restart(*, instance: str | None = None, no_block: bool = False) -> ServiceStatus:
+    """Restart the daemon: it drains in-flight requests first (SIGTERM), the socket keeps clients waiting."""
+    svc, _ = unit_names(instance)
+    argv = ["restart", svc]
+    if no_block:
+        argv.insert(0, "--no-block")
+    systemctl(*argv, timeout=600)
+    return status(instance=instance)

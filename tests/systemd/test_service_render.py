@@ -1,0 +1,196 @@
+"""`htrctl service`: rendering and installing the units into a directory (no systemd needed).
+
+What a real systemd makes of the installed units is in test_systemd_units.py.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from htrctl import service
+from htrctl.errors import ServiceError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _ctx(**kw):
+    base = dict(htrd=Path("/opt/htr/bin/htrd"), config=Path("/etc/htr/htr.yaml"), model_dir=Path("/srv/models/htr"),
+                supplementary_groups=("video", "render"))
+    base.update(kw)
+    return service.UnitContext(**base)
+
+
+def _directives(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def test_render_fills_every_placeholder_with_this_installation():
+    units = service.render_units(_ctx())
+    assert set(units) == {"htr.service", "htr.socket", "htr@.service", "htr@.socket"}
+    for name, text in units.items():
+        assert not re.search(r"@[A-Z_]+@", text), name
+        assert text.startswith(service.MARKER)
+    svc = units["htr.service"]
+    assert "ExecStart=/opt/htr/bin/htrd --config /etc/htr/htr.yaml\n" in svc
+    assert "ReadOnlyPaths=-/srv/models/htr\n" in svc
+    assert "SupplementaryGroups=video render\n" in svc
+    assert "ProtectHome=yes\n" in svc and "BindReadOnlyPaths" not in svc
+    assert "SocketGroup=htr\n" in units["htr.socket"] and "SocketMode=0660\n" in units["htr.socket"]
+    assert "ListenStream=/run/htr/htr-%i.sock\n" in units["htr@.socket"]
+    assert "Environment=HTR_GPU__SELECT=%i HTR_SOCKET__PATH=/run/htr/htr-%i.sock\n" in units["htr@.service"]
+
+
+def test_required_supervision_and_hardening_directives():
+    svc = _directives(service.render_units(_ctx())["htr.service"])
+    for line in ("Type=notify", "NotifyAccess=main", "Restart=on-failure", "RestartPreventExitStatus=65 69 78",
+                 "NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes", "PrivateNetwork=yes",
+                 "RestrictAddressFamilies=AF_UNIX", "SystemCallFilter=@system-service", "CapabilityBoundingSet=",
+                 "DevicePolicy=closed", "RuntimeDirectory=htr", "RuntimeDirectoryPreserve=yes", "StateDirectory=htr",
+                 "UMask=0077", "User=htr", "Group=htr"):
+        assert line in svc, line
+    assert not any(ln.startswith("MemoryDenyWriteExecute") for ln in svc), "CUDA/Triton JIT need W+X memory"
+    env = " ".join(ln for ln in svc if ln.startswith("Environment="))
+    for kv in ("HF_HUB_OFFLINE=1", "TRANSFORMERS_OFFLINE=1", "CUDA_DEVICE_ORDER=PCI_BUS_ID",
+               "TORCHINDUCTOR_CACHE_DIR=%S/htr/", "TRITON_CACHE_DIR=%S/htr/"):
+        assert kv in env, kv
+    # The no-restart codes are the ones htrctl.errors documents.
+    from htrctl.errors import NO_RESTART_EXIT_CODES
+
+    assert "RestartPreventExitStatus=" + " ".join(str(int(c)) for c in sorted(NO_RESTART_EXIT_CODES)) in svc
+
+
+def test_template_unit_keeps_in_step_with_the_single_unit():
+    units = service.render_units(_ctx())
+    one = _directives(units["htr.service"])
+    many = _directives(units["htr@.service"])
+    # Only these may differ: the description, the socket it needs, the replica's GPU/socket and [Install]'s Also=.
+    differ = re.compile(r"^(Description|Requires|After|Also|Environment=HTR_)")
+    assert [ln for ln in one if not differ.match(ln)] == [ln for ln in many if not differ.match(ln)]
+    assert _directives(units["htr.socket"])[2:] != []
+    sock_one = [ln for ln in _directives(units["htr.socket"]) if not ln.startswith(("Description", "ListenStream"))]
+    sock_many = [ln for ln in _directives(units["htr@.socket"]) if not ln.startswith(("Description", "ListenStream"))]
+    assert sock_one == sock_many
+
+
+def test_python_under_a_home_directory_is_bound_read_only_instead_of_hidden():
+    binds = service.home_binds_for([Path("/root/.pyenv/versions/3.11.7"), Path("/root/.pyenv/versions/3.11.7/lib"),
+                                    Path("/opt/venv"), Path("/home/alice/models/htr")])
+    assert binds == (Path("/home/alice/models/htr"), Path("/root/.pyenv/versions/3.11.7"))
+    text = service.render_units(_ctx(home_binds=binds))["htr.service"]
+    assert "ProtectHome=tmpfs\n" in text
+    assert "BindReadOnlyPaths=/home/alice/models/htr /root/.pyenv/versions/3.11.7\n" in text
+    assert "ProtectHome=yes" not in text
+
+
+def test_this_environment_is_found():
+    ctx = service.make_context(config=Path("/etc/htr/htr.yaml"), model_dir=Path("/var/lib/htr/model"))
+    assert ctx.htrd == Path(sys.prefix) / "bin" / "htrd"
+    under_home = [p for p in service.python_paths() if service._under_home(Path(p).resolve())]
+    assert bool(ctx.home_binds) == bool(under_home)
+
+
+@pytest.mark.parametrize("bad", ["/srv/my models", "/srv/a;b", 'relative/path'])
+def test_paths_a_unit_cannot_hold_are_refused(bad):
+    with pytest.raises(ServiceError, match="path|unit file"):
+        service.render_units(_ctx(model_dir=Path(bad)))
+
+
+def test_percent_in_a_path_is_escaped():
+    assert "ReadOnlyPaths=-/srv/100%%/model\n" in service.render_units(_ctx(model_dir=Path("/srv/100%/model")))["htr.service"]
+
+
+def _snapshot(d: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(d)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_install_into_a_root_is_idempotent(tmp_path):
+    root = tmp_path / "root"
+    first = service.install(root=root)
+    assert first.changed and first.summary() == "installed"
+    units = root / "etc/systemd/system"
+    assert sorted(p.name for p in units.iterdir()) == ["htr.service", "htr.socket", "htr@.service", "htr@.socket"]
+    cfg = root / "etc/htr/htr.yaml"
+    assert cfg.read_text() == (REPO / "configs/htr.yaml").read_text()
+    assert oct(cfg.stat().st_mode & 0o777) == "0o640"
+    before = _snapshot(root)
+
+    again = service.install(root=root)
+    assert not again.changed
+    assert again.summary() == "already installed: nothing changed"
+    assert _snapshot(root) == before  # not even rewritten with the same bytes
+
+
+def test_install_keeps_an_edited_config_and_follows_its_model_dir(tmp_path):
+    root = tmp_path / "root"
+    service.install(root=root)
+    cfg = root / "etc/htr/htr.yaml"
+    data = yaml.safe_load(cfg.read_text())
+    data["model"]["dir"] = "/srv/models/glagolitic"
+    cfg.write_text(yaml.safe_dump(data))
+    res = service.install(root=root)
+    assert cfg.read_text() == yaml.safe_dump(data)  # never overwritten
+    written = {Path(a.target).name for a in res.actions if a.what == "write"}
+    assert written == {"htr.service", "htr@.service"}
+    assert "ReadOnlyPaths=-/srv/models/glagolitic\n" in (root / "etc/systemd/system/htr.service").read_text()
+
+
+def test_dry_run_writes_nothing(tmp_path):
+    root = tmp_path / "root"
+    res = service.install(root=root, dry_run=True)
+    assert not root.exists()
+    assert res.summary() == "dry run: nothing written"
+    assert all(not a.done for a in res.actions if a.what == "write")
+    assert "Type=notify" in res.units["htr.service"]
+
+
+def test_install_refuses_a_missing_htrd(tmp_path):
+    with pytest.raises(ServiceError, match="htrd not found"):
+        service.install(root=tmp_path, htrd=tmp_path / "nope" / "htrd")
+
+
+def test_live_actions_are_refused_with_root(tmp_path):
+    with pytest.raises(ServiceError, match="--root"):
+        service.install(root=tmp_path, start=True)
+
+
+def test_uninstall_removes_only_what_htrctl_wrote(tmp_path):
+    root = tmp_path / "root"
+    service.install(root=root)
+    units = root / "etc/systemd/system"
+    (units / "htr@.socket").write_text("[Socket]\nListenStream=/run/mine.sock\n")  # an admin's own file
+    res = service.uninstall(root=root)
+    assert sorted(p.name for p in units.iterdir()) == ["htr@.socket"]
+    assert any(a.what == "keep" and a.target.endswith("htr@.socket") for a in res.actions)
+    assert (root / "etc/htr/htr.yaml").exists()  # data stays
+
+
+def test_journalctl_argv_names_both_units():
+    argv = service.journalctl_argv(instance="GPU-1", lines=20, follow=True)
+    assert argv[:2] == ["journalctl", "--no-pager"]
+    assert ["-u", "htr@GPU-1.service", "-u", "htr@GPU-1.socket"] == argv[2:6]
+    assert argv[-1] == "-f" and "20" in argv
+
+
+def test_cli_dry_run_prints_the_units_on_stdout(tmp_path, capsys):
+    from htrctl.cli import main
+
+    rc = main(["service", "install", "--root", str(tmp_path / "r"), "--dry-run"])
+    out, err = capsys.readouterr()
+    assert rc == 0
+    assert out.count("# ==> ") == 4 and "[Service]\nType=notify" in out
+    assert "dry run: nothing written" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_without_systemd_says_so(tmp_path, capsys, monkeypatch):
+    from htrctl.cli import main
+
+    monkeypatch.setattr(service, "systemd_running", lambda: False)
+    rc = main(["service", "status"])
+    assert rc == 1
+    assert "systemd is not running" in capsys.readouterr().err

@@ -241,6 +241,11 @@ def _layout(root: Path, files: dict[str, Path]) -> tuple[dict[str, Path], bool]:
 
 
 def hf_cache_dir() -> Path:
+    """The hub cache, read from the environment now (huggingface_hub reads it once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
     from huggingface_hub import constants
 
     return Path(constants.HF_HUB_CACHE)
@@ -253,7 +258,7 @@ def resolve_hub(hub: Hub, *, allow_download: bool, progress: bool) -> Path:
 
     try:
         path = Path(snapshot_download(hub.repo, revision=hub.revision, local_files_only=True,
-                                      allow_patterns=BASE_PATTERNS))
+                                      allow_patterns=BASE_PATTERNS, cache_dir=hf_cache_dir()))
         if (path / "config.json").is_file():
             return path
     except LocalEntryNotFoundError:
@@ -266,7 +271,7 @@ def resolve_hub(hub: Hub, *, allow_download: bool, progress: bool) -> Path:
     logger.info("downloading %s from the hub (explicitly allowed)", hub)
     try:
         return Path(snapshot_download(hub.repo, revision=hub.revision, allow_patterns=BASE_PATTERNS,
-                                      tqdm_class=None if progress else _SilentTqdm))
+                                      cache_dir=hf_cache_dir(), tqdm_class=None if progress else _SilentTqdm))
     except Exception as exc:  # noqa: BLE001 - translated into one actionable line
         name = type(exc).__name__
         if "Offline" in name or "Connect" in name or "LocalEntryNotFound" in name or isinstance(exc, OSError):
@@ -797,8 +802,14 @@ def _stage(
     if copy:
         with byte_progress(progress, "copying", total) as advance:
             with ThreadPoolExecutor(max_workers=COPY_WORKERS) as pool:
-                for fut in [pool.submit(one, pf, advance) for pf in sorted(copy, key=lambda p: -p.size)]:
-                    fut.result()
+                futures = [pool.submit(one, pf, advance) for pf in sorted(copy, key=lambda p: -p.size)]
+                try:
+                    for fut in futures:
+                        fut.result()
+                except BaseException:
+                    for fut in futures:  # stop at once; the journal and .htr-part files let the next run resume
+                        fut.cancel()
+                    raise
     return hashes
 
 

@@ -41,7 +41,8 @@ State = Literal["starting", "loading", "warming", "ready", "draining", "failed"]
 STATES: tuple[str, ...] = ("starting", "loading", "warming", "ready", "draining", "failed")
 
 ErrorType = Literal[
-    "bad_request",  # malformed request (400)
+    "bad_request",  # malformed request (400, 405)
+    "not_found",  # no such endpoint (404)
     "bad_image",  # not an image, truncated, unsupported mode (415/422)
     "too_large",  # body or pixel limit exceeded (413)
     "queue_full",  # backpressure (503 + Retry-After)

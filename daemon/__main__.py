@@ -1,0 +1,5 @@
+"""``python -m htrd`` = the ``htrd`` console script."""
+
+from .app import main
+
+main()

@@ -1,0 +1,281 @@
+"""``htrd``: the daemon's lifecycle.
+
+config -> pin one GPU (before torch is imported) -> quick-verify the model
+directory -> open the socket (systemd's fd 3, or bind the configured path) ->
+serve HTTP (uvicorn, in a thread) while the model loads and warms up in
+another thread -> ``READY=1`` -> serve -> SIGTERM: drain, exit 0.
+
+The main thread runs the :class:`~htrd.supervisor.Supervisor` (signals,
+sd_notify, watchdog). Exit codes come from :class:`htrctl.errors.ExitCode`:
+78 config, 65 model, 69 GPU, 86 watchdog, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import grp
+import logging
+import os
+import socket
+import stat
+import sys
+import threading
+from pathlib import Path
+
+from htrctl import __version__
+from htrctl.errors import ConfigError, ExitCode, GpuError, HtrError, ModelMissingError, require
+from htrctl.logs import setup_logging, under_journald
+
+logger = logging.getLogger("htrd")
+
+SD_LISTEN_FDS_START = 3
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="htrd", description="The handwritten-text-recognition daemon (one GPU, Unix socket).")
+    p.add_argument("--config", "-c", help="config file (default: $HTR_CONFIG, /etc/htr/htr.yaml)")
+    p.add_argument("--socket", help="Unix socket path (overrides socket.path; ignored under socket activation)")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper,
+                   help="overrides log.level")
+    p.add_argument("--version", action="version", version=f"htrd {__version__}")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console script ``htrd``. Never returns: exits with the documented code."""
+    args = parse_args(argv)
+    journald = under_journald()
+    setup_logging(args.log_level or "INFO", journald=journald)
+    logging.captureWarnings(True)  # library warnings become log lines, not raw stderr
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers/huggingface_hub are imported: never a download
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        code = run(args, journald=journald)
+    except HtrError as exc:
+        logger.error("%s", exc.one_line())
+        code = int(exc.exit_code)
+    except Exception:  # noqa: BLE001 -- a bug: log the traceback, exit non-zero (systemd restarts)
+        logger.exception("htrd failed")
+        code = int(ExitCode.FAILURE)
+    _exit(code)
+
+
+def _exit(code: int) -> None:
+    logger.info("exiting with code %d", code)
+    logging.shutdown()
+    sys.stderr.flush()
+    # os._exit: a hung generate (watchdog) or a half-finished import must not keep the process alive.
+    os._exit(code)
+
+
+def run(args: argparse.Namespace, *, journald: bool = False) -> int:
+    from htrctl.config import load_settings
+
+    settings = load_settings(args.config)
+    if args.socket:
+        settings.socket.path = Path(args.socket)
+    setup_logging(args.log_level or settings.log.level, journald=journald)
+    logger.info("htrd %s starting (pid %d, config %s)", __version__, os.getpid(), settings.source)
+
+    from .faults import Faults
+
+    try:
+        faults = Faults.from_env()
+    except ValueError as exc:
+        raise ConfigError(str(exc), remedy="HTR_TEST_FAULTS is for tests only; unset it") from None
+
+    gpu, device = pin_gpu(settings)
+    manifest_digest = verify_model(settings)
+    sock = open_socket(settings)
+
+    require("fastapi", "daemon", "htrd")
+    require("uvicorn", "daemon", "htrd")
+    require("prometheus_client", "daemon", "htrd")
+    import uvicorn
+
+    from .engine import Engine
+    from .metrics import Metrics
+    from .server import PeerCredH11Protocol, create_app
+    from .service import Service
+    from .state import LOADING, READY, WARMING, ServiceState
+    from .supervisor import Supervisor
+
+    state = ServiceState()
+    metrics = Metrics(settings.limits.batch_sizes)
+    engine = Engine(settings, device=device, faults=faults, state=state, metrics=metrics)
+    service = Service(settings=settings, state=state, metrics=metrics, engine=engine, faults=faults, gpu=gpu,
+                      manifest_digest=manifest_digest)
+    app = create_app(service)
+    config = uvicorn.Config(
+        app,
+        http=PeerCredH11Protocol,
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        timeout_keep_alive=5,
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+    server_thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="htrd-http", daemon=True)
+    supervisor = Supervisor(service, server=server, server_thread=server_thread)
+    supervisor.install_signal_handlers()  # before anything else runs: SIGTERM is always a drain
+    server_thread.start()
+
+    def load() -> None:
+        try:
+            state.set(LOADING, "loading the model")
+            engine.load(progress=state.set_detail)
+            state.set(WARMING, "warming up")
+            engine.warm_up(progress=state.set_detail)
+            engine.start()
+            if state.set(READY, None):
+                supervisor.events.put(("ready", None))
+        except BaseException as exc:  # noqa: BLE001 -- handed to the supervisor, which exits with its code
+            supervisor.events.put(("load_failed", exc))
+
+    threading.Thread(target=load, name="htrd-load", daemon=True).start()
+    return supervisor.run()
+
+
+# -- GPU -------------------------------------------------------------------------------------------------------
+def pin_gpu(settings):
+    """Select the one device and pin it (CUDA_VISIBLE_DEVICES=<UUID>) before torch is imported."""
+    if "torch" in sys.modules:  # pinning after torch initialised CUDA would be silently ignored
+        raise GpuError("internal: torch was imported before the GPU was pinned")
+    select = settings.gpu.select
+    if select == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the CPU was asked for: no GPU is touched
+        logger.info("device: cpu (gpu.select: cpu)")
+        return None, "cpu"
+    from htrctl.gpus import select_gpu
+
+    required = _model_bytes(settings) + int(settings.gpu.min_free_headroom_gib * 1024**3)
+    gpu = select_gpu(select, required_bytes=required)
+    if gpu is None:
+        raise GpuError(f"gpu.select '{select}' selected no GPU")
+    os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu.uuid
+    logger.info("device: cuda:0 = %s (pinned with CUDA_VISIBLE_DEVICES)", gpu.describe())
+    return gpu, "cuda:0"
+
+
+def _model_bytes(settings) -> int:
+    d = Path(settings.model.dir)
+    merged = d / "merged"
+    if settings.model.variant != "adapter" and (merged / "config.json").is_file():
+        roots = [merged]
+    else:
+        roots = [d, d / "final_model"]
+    total = 0
+    for root in roots:
+        for f in root.glob("*.safetensors") if root.is_dir() else []:
+            total += f.stat().st_size
+    return total
+
+
+# -- model directory ----------------------------------------------------------------------------------------------
+def verify_model(settings) -> str | None:
+    """Quick (or full) verification before loading; returns the manifest digest."""
+    d = Path(settings.model.dir)
+    mode = settings.model.verify_on_start
+    if not d.is_dir():
+        raise ModelMissingError(f"model directory {d} does not exist",
+                                remedy=f"provision it: htrctl provision SOURCE {d} (or fix model.dir)")
+    if mode == "off":
+        logger.warning("model.verify_on_start is off: the directory %s is not checked", d)
+        return None
+    from htrctl.verify import verify_model_dir
+
+    report = verify_model_dir(d, quick=(mode == "quick"))
+    for f in report.findings:
+        if f.severity != "error":
+            logger.warning("model directory: %s: %s (%s)", f.path, f.problem, f.remedy)
+    report.raise_for_problems()
+    logger.info("model directory %s verified (%s, manifest %s)", d, mode, (report.manifest_digest or "none")[:12])
+    return report.manifest_digest
+
+
+# -- socket -----------------------------------------------------------------------------------------------------
+def open_socket(settings, env: dict | None = None) -> socket.socket:
+    """systemd's socket (LISTEN_FDS, fd 3) or the configured path, bound with mode and group."""
+    env = os.environ if env is None else env
+    fds, pid = env.get("LISTEN_FDS"), env.get("LISTEN_PID")
+    if fds and pid and pid.isdigit() and int(pid) == os.getpid():
+        for k in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+            os.environ.pop(k, None)  # not inherited by children
+        if int(fds) < 1:
+            raise ConfigError("LISTEN_FDS is set but passes no socket", remedy="check htr.socket")
+        sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            raise ConfigError(f"the socket passed by systemd is {sock.family.name}/{sock.type.name}, not a Unix "
+                              "stream socket", remedy="htr.socket must use ListenStream=/run/htr/htr.sock")
+        os.set_inheritable(sock.fileno(), False)
+        logger.info("socket: inherited from systemd (fd %d, %s)", SD_LISTEN_FDS_START, sock.getsockname() or "?")
+        return sock
+    return bind_socket(Path(settings.socket.path), mode=settings.socket.mode, group=settings.socket.group)
+
+
+def bind_socket(path: Path, *, mode: int, group: str | None) -> socket.socket:
+    gid = -1
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ConfigError(f"socket.group: group '{group}' does not exist",
+                              remedy=f"create it (groupadd --system {group}) or set socket.group: null") from None
+    if not path.parent.is_dir():
+        raise ConfigError(f"socket.path: directory {path.parent} does not exist",
+                          remedy="create it (systemd does with RuntimeDirectory=htr) or choose another socket.path")
+    if len(os.fsencode(path)) >= 108:
+        raise ConfigError(f"socket.path {path} is too long for a Unix socket (max 107 bytes)",
+                          remedy="choose a shorter path")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ConfigError(f"socket.path {path} exists and is not a socket", remedy="remove it or choose another path")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            logger.info("removing stale socket %s (nothing listens on it)", path)
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise HtrError(f"socket {path} exists and cannot be probed: {exc.strerror}",
+                               remedy="run htrd as the service user, or remove the socket") from None
+            raise
+        else:
+            raise ConfigError(f"socket {path} is in use by a running process (another htrd?); not stealing it",
+                              remedy="stop the other daemon (systemctl stop htr.service) or choose another socket.path")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o177)  # the file is created 0600, then opened up to `mode` once its group is set
+    try:
+        sock.bind(str(path))
+    except PermissionError as exc:
+        sock.close()
+        raise HtrError(f"cannot create socket {path}: {exc.strerror}",
+                       remedy="run htrd as a user that may write to its directory") from None
+    finally:
+        os.umask(old)
+    try:
+        if gid != -1:
+            os.chown(path, -1, gid)
+        os.chmod(path, mode)
+    except PermissionError as exc:
+        sock.close()
+        path.unlink(missing_ok=True)
+        raise ConfigError(f"socket.group: cannot give {path} to group '{group}': {exc.strerror}",
+                          remedy="run htrd as a member of that group (systemd: Group=) or set socket.group: null") from None
+    sock.listen(128)
+    logger.info("socket: listening on %s (mode %s, group %s)", path, oct(mode), group or "(process group)")
+    return sock

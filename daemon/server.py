@@ -1,0 +1,420 @@
+"""The HTTP API (FastAPI), built around an injected :class:`~htrd.service.Service`.
+
+Endpoints and models come from :mod:`htrctl.protocol`. Every error -- ours,
+404/405 and request validation included -- is the envelope
+``{"error": {"type", "message", "detail"}}``; 503s carry ``Retry-After``.
+Bodies are read in chunks and refused as soon as they exceed
+``limits.max_body_bytes``. One log line per request with its id and the peer's
+uid (``SO_PEERCRED``); image bytes are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import socket
+import struct
+import time
+import uuid
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from htrctl import protocol as P
+
+from .api_errors import ApiError
+from .images import decode_image
+from .service import Service
+from .state import READY
+
+logger = logging.getLogger(__name__)
+
+_RID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_PROBES = {P.PATH_LIVE, P.PATH_READY, P.PATH_METRICS, P.PATH_STATUS}
+_KNOWN = {P.PATH_LIVE, P.PATH_READY, P.PATH_STATUS, P.PATH_TRANSCRIBE, P.PATH_TRANSCRIBE_BATCH, P.PATH_METRICS,
+          P.PATH_OPENAPI}
+PEER_KEY = "htrd.peer"
+
+_IMAGE_BODY = {
+    "required": True,
+    "content": {t: {"schema": {"type": "string", "format": "binary"}}
+                for t in ("image/png", "image/jpeg", "image/tiff", "image/webp", "application/octet-stream")},
+}
+_BATCH_BODY = {
+    "required": True,
+    "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": [P.BATCH_PART_NAME],
+        "properties": {P.BATCH_PART_NAME: {"type": "array", "items": {"type": "string", "format": "binary"}}},
+    }}},
+}
+_ERRORS = {code: {"model": P.ErrorEnvelope} for code in (400, 404, 413, 415, 422, 500, 503, 504, 507)}
+
+
+# -- the uvicorn protocol that records the peer's credentials ---------------------------------------------
+class PeerCredH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, plus ``scope["htrd.peer"] = (pid, uid, gid)`` from SO_PEERCRED."""
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        creds = None
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family == socket.AF_UNIX:
+            try:
+                creds = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            except OSError:
+                creds = None
+        app = self.app
+
+        async def with_peer(scope, receive, send):
+            scope[PEER_KEY] = creds
+            await app(scope, receive, send)
+
+        self.app = with_peer
+
+
+# -- per-request context: id, log line, metrics ------------------------------------------------------------
+class RequestContext:
+    """ASGI middleware: request id (``X-Request-Id`` in and out), one log line, request metrics."""
+
+    def __init__(self, app, service: Service) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = None
+        for k, v in scope.get("headers", []):
+            if k == b"x-request-id":
+                cand = v.decode("latin-1")
+                rid = cand if _RID_OK.match(cand) else None
+                break
+        rid = rid or uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["request_id"] = rid
+        status = {"code": 500}
+        t0 = time.perf_counter()
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - t0
+            path = scope.get("path", "")
+            endpoint = path if path in _KNOWN else "other"
+            m = self.service.metrics
+            m.requests.labels(endpoint, str(status["code"])).inc()
+            m.request_seconds.labels(endpoint).observe(elapsed)
+            peer = scope.get(PEER_KEY)
+            level = logging.DEBUG if path in _PROBES and status["code"] != 500 else logging.INFO
+            logger.log(level, "request id=%s peer_uid=%s peer_pid=%s %s %s -> %d in %.1fms", rid,
+                       peer[1] if peer else "-", peer[0] if peer else "-", scope.get("method"), path,
+                       status["code"], elapsed * 1000.0)
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------
+def _error_response(err: ApiError, request_id: str | None = None) -> JSONResponse:
+    headers = {}
+    if err.retry_after is not None:
+        headers["Retry-After"] = str(int(max(1, round(err.retry_after))))
+    return JSONResponse(err.envelope(), status_code=err.status, headers=headers)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it exceeds *limit* (never buffered beyond it)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError("too_large", f"the request body is {int(declared)} bytes; limits.max_body_bytes is {limit}",
+                       detail={"max_body_bytes": limit})
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            raise ApiError("too_large", f"the request body exceeds limits.max_body_bytes ({limit} bytes)",
+                           detail={"max_body_bytes": limit})
+    return bytes(buf)
+
+
+def create_app(service: Service) -> FastAPI:
+    """The FastAPI app for *service* (metrics registry, state and engine are the service's)."""
+    settings = service.settings
+    limits = settings.limits
+    engine = service.engine
+    state = service.state
+
+    app = FastAPI(
+        title="htrd",
+        version=service.version,
+        description="Handwritten-text recognition (Qwen3-VL + LoRA) on one GPU, over a Unix socket.",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=P.PATH_OPENAPI,
+    )
+    app.state.service = service
+
+    # -- error envelope for everything ---------------------------------------------------------------------
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        service.metrics.errors.labels(exc.type).inc()
+        if exc.status >= 500 or exc.type in ("queue_full", "not_ready"):
+            logger.warning("request id=%s failed: %s: %s", request.state.request_id, exc.type, exc.message)
+        else:
+            logger.info("request id=%s refused: %s: %s", request.state.request_id, exc.type, exc.message)
+        return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            err = ApiError("not_found", f"no endpoint {request.url.path}; see {P.PATH_OPENAPI}", status=404)
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow") or ""
+            err = ApiError("bad_request", f"method {request.method} is not allowed on {request.url.path}"
+                           + (f" (allowed: {allowed})" if allowed else ""), status=405)
+        else:
+            err = ApiError("bad_request" if exc.status_code < 500 else "internal", str(exc.detail), status=exc.status_code)
+        resp = _error_response(err)
+        for k, v in (exc.headers or {}).items():
+            resp.headers[k] = v
+        return resp
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errors = jsonable_encoder(exc.errors())
+        first = errors[0] if errors else {}
+        where = ".".join(str(p) for p in first.get("loc", []))
+        err = ApiError("bad_request", f"invalid request: {where}: {first.get('msg', 'invalid')}", status=422,
+                       detail=[{k: e.get(k) for k in ("loc", "msg", "type")} for e in errors])
+        return _error_response(err)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        logger.exception("request id=%s: unexpected error", getattr(request.state, "request_id", "-"))
+        return _error_response(ApiError("internal", f"internal error ({type(exc).__name__}); see the daemon's log"))
+
+    # -- probes ------------------------------------------------------------------------------------------------
+    @app.get(P.PATH_LIVE, summary="liveness: the process answers")
+    async def live() -> dict[str, Any]:
+        return {"status": "alive", "state": state.snapshot()[0]}
+
+    @app.get(P.PATH_READY, summary="readiness: 200 only when ready, else 503 with the state",
+             response_model=P.ReadyResponse, responses={503: {"model": P.ErrorEnvelope}})
+    async def ready():
+        st, detail = state.snapshot()
+        if st == READY:
+            return JSONResponse({"state": st, "detail": detail})
+        body = {"state": st, "detail": detail,
+                "error": {"type": "not_ready", "message": f"htrd is {st}" + (f": {detail}" if detail else ""),
+                          "detail": {"state": st}}}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "1" if st != "failed" else "10"})
+
+    @app.get(P.PATH_STATUS, response_model=P.StatusResponse, summary="model, GPU, queue, counters, uptime")
+    async def status() -> P.StatusResponse:
+        st, detail = state.snapshot()
+        mem = engine.memory()
+        gpu = service.gpu
+        return P.StatusResponse(
+            version=service.version,
+            state=st,
+            detail=detail,
+            pid=service.pid,
+            uptime_s=round(state.uptime(), 3),
+            model_dir=str(settings.model.dir),
+            model_variant=engine.variant,
+            manifest_digest=service.manifest_digest,
+            gpu=P.GpuInfo(
+                device=engine.device,
+                uuid=getattr(gpu, "uuid", None),
+                name=getattr(gpu, "name", None),
+                memory_total_bytes=mem.get("total") or getattr(gpu, "memory_total", None),
+                memory_allocated_bytes=mem.get("allocated"),
+                memory_reserved_bytes=mem.get("reserved"),
+            ),
+            queue_depth=engine.queue_depth(),
+            queue_capacity=engine.capacity,
+            in_flight=state.in_flight,
+            batch_sizes=engine.batch_sizes,
+            counters=state.counters_copy(),
+        )
+
+    @app.get(P.PATH_METRICS, summary="Prometheus metrics", response_class=Response)
+    async def metrics() -> Response:
+        m = service.metrics
+        m.queue_depth.set(engine.queue_depth())
+        m.queue_capacity.set(engine.capacity)
+        m.in_flight.set(state.in_flight)
+        m.state.state(state.snapshot()[0])
+        for kind, value in engine.memory().items():
+            if value is not None:
+                m.gpu_memory.labels(kind).set(value)
+        data, ctype = m.exposition()
+        return Response(data, media_type=ctype)
+
+    # -- transcription -----------------------------------------------------------------------------------------
+    def _admit() -> None:
+        if not state.try_begin_request():
+            st, detail = state.snapshot()
+            raise ApiError("not_ready", f"htrd is {st}" + (f" ({detail})" if detail else "") + "; retry later",
+                           detail={"state": st}, retry_after=1 if st != "draining" else 5)
+
+    def _max_new(requested: int | None) -> int:
+        cap = settings.generation.max_new_tokens
+        if requested is None:
+            return cap
+        if requested < 1 or requested > cap:
+            raise ApiError("bad_request", f"max_new_tokens must be between 1 and generation.max_new_tokens ({cap})",
+                           status=400)
+        return requested
+
+    def _decode_prepare(data: bytes, max_pages: int):
+        pages = decode_image(data, max_pixels=limits.max_image_pixels, max_pages=max_pages)
+        return [(p.index, engine.prepare(p.image)) for p in pages]
+
+    async def _wait(items, deadline: float):
+        futures = [asyncio.wrap_future(i.future) for i in items]
+        try:
+            return await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True),
+                                          timeout=max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            for i in items:
+                i.future.cancel()
+            state.count(deadline_exceeded=1)
+            raise ApiError("deadline_exceeded", f"not done within limits.request_deadline_s "
+                           f"({limits.request_deadline_s:g}s); retry later or raise the limit") from None
+
+    @app.post(P.PATH_TRANSCRIBE, response_model=P.TranscribeResponse, responses=_ERRORS,
+              openapi_extra={"requestBody": _IMAGE_BODY},
+              summary="transcribe one image (the raw body); a multi-page TIFF gives one result per page")
+    async def transcribe(request: Request, max_new_tokens: int | None = None) -> P.TranscribeResponse:
+        rid = request.state.request_id
+        _admit()
+        try:
+            state.count(requests=1)
+            new_tokens = _max_new(max_new_tokens)
+            deadline = time.monotonic() + limits.request_deadline_s
+            data = await _read_body(request, limits.max_body_bytes)
+            prepared = await anyio.to_thread.run_sync(_decode_prepare, data, limits.max_images_per_request)
+            items = engine.submit([p for _, p in prepared], deadline=deadline, max_new_tokens=new_tokens,
+                                  request_id=rid, pages=[i for i, _ in prepared])
+            outcomes = await _wait(items, deadline)
+            for o in outcomes:
+                if isinstance(o, BaseException):
+                    raise o
+            return P.TranscribeResponse(request_id=rid, model_digest=service.manifest_digest, results=outcomes)
+        except ApiError:
+            state.count(errors=1)
+            raise
+        finally:
+            state.end_request()
+
+    @app.post(P.PATH_TRANSCRIBE_BATCH, response_model=P.BatchResponse, responses=_ERRORS,
+              openapi_extra={"requestBody": _BATCH_BODY},
+              summary="transcribe many images (multipart parts named 'image'), e.g. the lines of a page")
+    async def transcribe_batch(request: Request, max_new_tokens: int | None = None) -> P.BatchResponse:
+        rid = request.state.request_id
+        _admit()
+        try:
+            state.count(requests=1)
+            new_tokens = _max_new(max_new_tokens)
+            deadline = time.monotonic() + limits.request_deadline_s
+            ctype = request.headers.get("content-type", "")
+            if not ctype.startswith("multipart/form-data"):
+                raise ApiError("bad_request", f"send multipart/form-data with parts named '{P.BATCH_PART_NAME}' "
+                               f"(got content-type {ctype or 'none'})", status=415)
+            data = await _read_body(request, limits.max_body_bytes)
+            parts = await _parse_multipart(request, data, limits.max_images_per_request, limits.max_body_bytes)
+            max_pages = limits.max_images_per_request
+            items_out: list[P.BatchItem] = []
+            work: list[tuple[int, list]] = []  # (item index, [(page, prepared)])
+            total_pages = 0
+            for index, (filename, blob) in enumerate(parts):
+                try:
+                    prepared = await anyio.to_thread.run_sync(_decode_prepare, blob, max(1, max_pages - total_pages))
+                except ApiError as err:
+                    service.metrics.errors.labels(err.type).inc()
+                    items_out.append(P.BatchItem(index=index, filename=filename, error=err.body()))
+                    continue
+                total_pages += len(prepared)
+                items_out.append(P.BatchItem(index=index, filename=filename))
+                work.append((index, prepared))
+            flat = [(idx, page, prep) for idx, prepared in work for page, prep in prepared]
+            if flat:
+                queued = engine.submit([p for _, _, p in flat], deadline=deadline, max_new_tokens=new_tokens,
+                                       request_id=rid, pages=[pg for _, pg, _ in flat])
+                outcomes = await _wait(queued, deadline)
+                for (idx, _page, _prep), outcome in zip(flat, outcomes):
+                    item = items_out[idx]
+                    if isinstance(outcome, ApiError):
+                        if item.error is None:
+                            item.error = outcome.body()
+                            item.results = None
+                    elif isinstance(outcome, BaseException):
+                        raise outcome
+                    elif item.error is None:
+                        item.results = (item.results or []) + [outcome]
+            if any(i.error for i in items_out):
+                state.count(errors=1)
+            return P.BatchResponse(request_id=rid, model_digest=service.manifest_digest, items=items_out)
+        except ApiError:
+            state.count(errors=1)
+            raise
+        finally:
+            state.end_request()
+
+    app.add_middleware(RequestContext, service=service)
+    return app
+
+
+async def _parse_multipart(request: Request, data: bytes, max_parts: int, max_bytes: int) -> list[tuple[str | None, bytes]]:
+    """The ``image`` parts of a multipart body already read (and size-checked) into *data*."""
+    from starlette.datastructures import UploadFile
+    from starlette.formparsers import MultiPartException
+
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": data, "more_body": False}
+
+    replayed = Request(request.scope, replay)
+    try:
+        form = await replayed.form(max_files=max_parts + 1, max_fields=max_parts + 1, max_part_size=max_bytes)
+    except MultiPartException as exc:
+        raise ApiError("bad_request", f"malformed multipart body: {exc.message}", status=400) from None
+    try:
+        names = set(form.keys())
+        if not names:
+            raise ApiError("bad_request", f"the multipart body has no parts; send one part named "
+                           f"'{P.BATCH_PART_NAME}' per image", status=400)
+        unknown = sorted(names - {P.BATCH_PART_NAME})
+        if unknown:
+            raise ApiError("bad_request", f"unexpected multipart part(s) {unknown}; name every image part "
+                           f"'{P.BATCH_PART_NAME}'", status=400)
+        values = form.getlist(P.BATCH_PART_NAME)
+        if len(values) > max_parts:
+            raise ApiError("too_large", f"{len(values)} images in one request; limits.max_images_per_request is "
+                           f"{max_parts}", detail={"max_images_per_request": max_parts})
+        out = []
+        for v in values:
+            if isinstance(v, UploadFile):
+                out.append((v.filename, await v.read()))
+            else:
+                out.append((None, v.encode("latin-1") if isinstance(v, str) else bytes(v)))
+        return out
+    finally:
+        await form.close()

@@ -280,3 +280,43 @@ def test_cli_json_and_exit_code(demo_model_dir, tmp_path, capsys):
     shutil.copytree(demo_model_dir / "final_model", src / "final_model")
     assert main(["provision", str(src), str(tmp_path / "x")]) == ExitCode.MODEL
     assert "--base" in capsys.readouterr().err
+
+
+# The stated tolerance: merged and unmerged logits agree to 1e-4 (absolute) in float32 on the demo model.
+MERGE_ATOL = 1e-4
+
+
+@pytest.mark.slow
+def test_merge_writes_a_variant_with_equal_logits(demo_model_dir, tmp_path):
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    from htrctl.merge import load_base_and_adapter
+
+    dest = tmp_path / "model"
+    r = provision(str(demo_model_dir), str(dest), merge=True, progress=False)
+    assert r.merged
+    m, _ = read_manifest(dest)
+    v = m.variants["merged"]
+    assert v["dtype"] == "float32" and v["adapter_sha256"] == m.adapter["sha256"]
+    merged_files = sorted(e.path for e in m.files if e.path.startswith("merged/"))
+    assert "merged/config.json" in merged_files and any(p.endswith(".safetensors") for p in merged_files)
+    assert not any("tokenizer" in p or "processor" in p for p in merged_files)  # those stay at <dir>/
+    assert verify_model_dir(dest).ok
+
+    peft_model, _ = load_base_and_adapter(dest)
+    merged = transformers.Qwen3VLForConditionalGeneration.from_pretrained(
+        dest / "merged", local_files_only=True, use_safetensors=True, dtype=torch.float32).eval()
+    assert next(merged.parameters()).dtype == torch.float32
+    ids = torch.arange(3, 40).unsqueeze(0)
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+        got = merged(input_ids=ids).logits
+        base_only = peft_model.get_base_model()
+        with peft_model.disable_adapter():
+            plain = base_only(input_ids=ids).logits
+    diff = (want - got).abs().max().item()
+    assert diff <= MERGE_ATOL, diff
+    assert (want - plain).abs().max().item() > 100 * MERGE_ATOL  # the adapter does change the output
+    # re-provisioning with --merge is a no-op while nothing changed
+    assert provision(str(demo_model_dir), str(dest), merge=True, progress=False).noop

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -84,40 +85,63 @@ class Demo:
         self.report["steps"][name] = data
 
     # -- 1 ---------------------------------------------------------------------------------------
-    def build(self) -> Path:
+    def build(self) -> tuple[Path, Path]:
+        """The demo model, then the incident's situation: the adapter alone arrives from the
+        workstation (``incoming/final_model``); this server has a copy of the base (``local-base``)."""
         from .demo_model import ADAPTER_DIRNAME, build_demo_model
 
         t = time.monotonic()
-        src = self.workdir / "workstation-copy"
-        cached = (src / ".htr-demo-version").is_file()
-        self.say(f"[1/7] demo model: {'cached' if cached else 'building'} at {src}")
-        build_demo_model(src)
-        cfg = json.loads((src / ADAPTER_DIRNAME / "adapter_config.json").read_text())
-        base = cfg.get("base_model_name_or_path")
-        self.say(f"      adapter {ADAPTER_DIRNAME}/ says its base is {base!r} -- a hub id, "
-                 "which a plain from_pretrained() would download (17 GB for the real model)")
-        self._step("build", t, source=str(src), cached=cached, adapter_base=base)
-        return src
+        built = self.workdir / "demo-model"
+        cached = (built / ".htr-demo-version").is_file()
+        self.say(f"[1/7] demo model: {'cached' if cached else 'building'} at {built} (tiny Qwen3-VL + LoRA)")
+        with warnings.catch_warnings():  # the builder's library chatter is not the demo's output
+            warnings.simplefilter("ignore", FutureWarning)
+            try:
+                from transformers.utils import logging as tf_logging
+
+                tf_logging.disable_progress_bar()
+            except ImportError:
+                pass
+            build_demo_model(built)
+        incoming, base = self.workdir / "incoming", self.workdir / "local-base"
+        for d in (incoming, base):
+            shutil.rmtree(d, ignore_errors=True)
+        _link_tree(built / ADAPTER_DIRNAME, incoming / ADAPTER_DIRNAME)
+        _link_tree(built, base, skip=(ADAPTER_DIRNAME, ".htr-demo-version"))
+        cfg = json.loads((incoming / ADAPTER_DIRNAME / "adapter_config.json").read_text())
+        hub_id = cfg.get("base_model_name_or_path")
+        self.say(f"      as in the incident, only the adapter arrived: {incoming}/{ADAPTER_DIRNAME}/")
+        self.say(f"      its adapter_config.json names the base by hub id {hub_id!r}: a plain from_pretrained() "
+                 "would start downloading it (17 GB for the real model)")
+        self._step("build", t, demo_model=str(built), cached=cached, incoming=str(incoming),
+                   local_base=str(base), adapter_base=hub_id)
+        return incoming, base
 
     # -- 2 ---------------------------------------------------------------------------------------
-    def provision(self, src: Path) -> Path:
+    def provision(self, incoming: Path, base: Path) -> Path:
         from .demo_model import ADAPTER_DIRNAME
+        from .errors import HtrError
         from .provision import provision
 
         t = time.monotonic()
         dest = self.workdir / "model"
-        self.say(f"[2/7] provision {src} -> {dest} (offline; downloads not allowed)")
-        result = provision(str(src), str(dest), allow_download=False, progress=False)
-        res = result.to_dict() if hasattr(result, "to_dict") else {}
-        for line in _resolution_lines(res):
-            self.say(f"      {line}")
+        self.say(f"[2/7] provision {incoming} -> {dest} (downloads not allowed, HF_HUB_OFFLINE=1)")
+        trap: str | None = None
+        try:  # without a local base: a named error at once, never a download
+            provision(str(incoming), str(self.workdir / "model-without-base"), dry_run=True, progress=False)
+            trap = None
+        except HtrError as exc:
+            trap = exc.one_line()
+            self.say(f"      without --base: refused at once, nothing downloaded: {exc.message}")
+        result = provision(str(incoming), str(dest), base=str(base), allow_download=False, progress=False)
+        res = result.to_dict()
         cfg = json.loads((dest / ADAPTER_DIRNAME / "adapter_config.json").read_text())
-        resolved = (dest / "config.json").is_file()
-        self.say(
-            f"      base {cfg.get('base_model_name_or_path')!r} resolved locally: {dest} "
-            f"({'config.json + weights present' if resolved else 'MISSING'}), nothing downloaded"
-        )
-        self._step("provision", t, dest=str(dest), result=res)
+        hub_id = cfg.get("base_model_name_or_path")
+        self.say(f"      with --base {base}: the hub id {hub_id!r} resolved to the local copy {result.base}; "
+                 f"0 bytes downloaded")
+        self.say(f"      {result.summary()}")
+        self._step("provision", t, dest=str(dest), hub_id=hub_id, resolved_base=result.base,
+                   without_base_error=trap, result=res)
         return dest
 
     # -- 3 ---------------------------------------------------------------------------------------
@@ -138,12 +162,19 @@ class Demo:
 
         t = time.monotonic()
         self.say("[4/7] doctor:")
-        rep = run_doctor(settings, p2p=False)
+        # The service section is left out: the demo runs htrd as its own child, not under systemd.
+        from .doctor import SECTIONS
+
+        rep = run_doctor(settings, sections=[s for s in SECTIONS if s != "service"], p2p=False)
         data = rep.to_dict()
-        for f in rep.findings:
-            sev = getattr(f, "severity", "?")
-            fid = getattr(f, "id", "?")
-            self.say(f"      {str(sev):<5} {fid}: {getattr(f, 'message', f)}")
+        try:
+            from .doctor.render import render_table
+
+            text = render_table(rep, width=110)
+        except ImportError:
+            text = "\n".join(f"{f.severity} {f.id}: {f.message}" for f in rep.findings)
+        for line in text.splitlines():
+            self.say(f"      {line}")
         self._step("doctor", t, exit_code=int(getattr(rep, "exit_code", 0)), report=data)
 
     # -- 5 ---------------------------------------------------------------------------------------
@@ -270,8 +301,8 @@ class Demo:
 
         os.environ["HF_HUB_OFFLINE"] = "1"  # provably no download in any step
         self.workdir.mkdir(parents=True, exist_ok=True)
-        src = self.build()
-        dest = self.provision(src)
+        incoming, base = self.build()
+        dest = self.provision(incoming, base)
         self.verify(dest)
         cfg, sock = self.write_config(dest)
         settings = load_settings(cfg, env={})
@@ -298,16 +329,18 @@ class Demo:
         return self.report
 
 
-def _resolution_lines(res: dict) -> list[str]:
-    """What provision reports about the adapter's base (shape-tolerant: the keys it has)."""
-    lines = []
-    for key in ("base", "base_resolution", "resolved_base"):
-        v = res.get(key)
-        if v:
-            lines.append(f"{key}: {v if isinstance(v, str) else json.dumps(v, default=str)}")
-    for a in (res.get("actions") or [])[:8]:
-        lines.append(f"action: {a if isinstance(a, str) else json.dumps(a, default=str)}")
-    return lines
+def _link_tree(src: Path, dst: Path, *, skip: tuple[str, ...] = ()) -> None:
+    """Hard-link (or copy across file systems) *src* into *dst*, leaving out top-level *skip* names."""
+    for p in sorted(src.rglob("*")):
+        rel = p.relative_to(src)
+        if rel.parts[0] in skip or not p.is_file():
+            continue
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(p, target)
+        except OSError:
+            shutil.copy2(p, target)
 
 
 def run_demo(workdir: Path | None = None, *, say: Callable[[str], None] = print) -> dict[str, Any]:

@@ -134,6 +134,10 @@ class GpuSampler:
 def naive_worker(args) -> dict:
     """Runs in a subprocess: the naive path, then the fast path on the same (merged) weights."""
     os.environ["HF_HUB_OFFLINE"] = "1"
+    if args.compile:
+        from htrd.fastgen import configure_compile_cache
+
+        configure_compile_cache(args.state_dir or tempfile.mkdtemp(prefix="htrb-state-"))
     import torch
     from peft import PeftModel
     from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
@@ -209,6 +213,7 @@ def naive_worker(args) -> dict:
     res["fast_b1_lat_s"] = lat
     res["fast_tokens"] = g.token_ids
     res["fast_prefill_ms_b1"] = g.stats.get("prefill_ms")
+    res["fast_step_ms_b1"] = (g.generate_ms - g.stats["prefill_ms"]) / max(1, g.stats["decode_steps"] - 1)
     same = 0
     for a, b in zip(tokens, g.token_ids):
         if a != b:
@@ -225,6 +230,8 @@ def naive_worker(args) -> dict:
         dt = time.perf_counter() - t
         res[f"fast_b{b}_s"] = dt
         res[f"fast_b{b}_prefill_ms"] = outs[0].stats.get("prefill_ms")
+        res[f"fast_b{b}_step_ms"] = (outs[0].generate_ms - outs[0].stats["prefill_ms"]) / max(
+            1, outs[0].stats["decode_steps"] - 1)
         res[f"fast_b{b}_rows_equal_b1"] = sum(o.token_ids == g.token_ids for o in outs)
     if cuda:
         res["fast_peak_alloc_bytes"] = torch.cuda.max_memory_allocated()
@@ -238,6 +245,8 @@ def run_naive(args) -> dict:
            "--batch-sizes", ",".join(map(str, args.batch_sizes))]
     if args.compile:
         cmd.append("--compile")
+    if args.state_dir:
+        cmd += ["--state-dir", str(args.state_dir)]
     logger.info("(a) naive path + in-process fast path: %s", " ".join(cmd[2:]))
     with GpuSampler() as gpu:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.timeout)
@@ -437,6 +446,11 @@ def report(args, a: dict | None, b: dict | None) -> str:
             add(f"fast path in-process: batch {big}", a[f"fast_b{big}_s"])
             add(f"fast path in-process: lines/s at batch {big}", big / a[f"fast_b{big}_s"], "{:.1f}")
         add("fast path warm-up (graphs for every batch size)", a["fast_warmup_s"])
+        add("fast path batch 1: prefill", a["fast_prefill_ms_b1"] / 1000.0)
+        add("fast path batch 1: one decode step", a["fast_step_ms_b1"], "{:.2f} ms")
+        if f"fast_b{big}_step_ms" in a:
+            add(f"fast path batch {big}: prefill", a[f"fast_b{big}_prefill_ms"] / 1000.0)
+            add(f"fast path batch {big}: one decode step", a[f"fast_b{big}_step_ms"], "{:.2f} ms")
         rows.append(f"| greedy tokens equal to naive | {a['tokens_equal_prefix']} of {a['tokens_compared']} |")
     if b:
         add("(b) htrd: start -> READY (cold)", b["ready_cold_s"])

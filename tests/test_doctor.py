@@ -557,3 +557,14 @@ def test_cli_json_write_config_and_exit_codes(tmp_path, monkeypatch):
     assert r.returncode == 1 and "FAIL  p2p.0-1" in r.stdout
     r = _cli("doctor", "--section", "nonsense", env_extra={ENV_FAKE: str(p)})
     assert r.returncode == 2 and "choose from" in r.stderr
+
+
+def test_vm_with_a_passing_p2p_test_is_ok(tmp_path, paths, monkeypatch):
+    host(tmp_path, INCIDENT, monkeypatch)
+    (paths.sys_root / "class" / "dmi" / "id" / "sys_vendor").write_text("QEMU\n")
+    rep = run_doctor(settings_for(tmp_path), sections=["p2p", "host"], paths=paths, p2p_timeout=20)
+    f = rep.by_id("host.vm")
+    assert f.severity == OK and "the P2P test passed" in f.message
+    host(tmp_path, variant(probe={"pairs": {"0-1": "zeros"}}), monkeypatch, name="bad.json")
+    rep = run_doctor(settings_for(tmp_path), sections=["p2p", "host"], paths=paths, p2p_timeout=20)
+    assert rep.by_id("host.vm").severity == WARN

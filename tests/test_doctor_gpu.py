@@ -1,7 +1,7 @@
 """On a real GPU host (pytest -m gpu): the real NVML wrapper, the real P2P test, one GPU recommended.
 
 Run on hosts with 1, 2 and 4 GPUs; figures (run time, P2P GB/s per pair) are printed
-with -s and written to $HTR_GPU_REPORT_DIR when set.
+with -s and written to $DOCTOR_GPU_REPORT_DIR when set.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def test_doctor_json_finds_every_gpu_runs_p2p_recommends_one(uuids, tmp_path):
                                    "link": None} for x in pairs},
                "links": {x["id"]: x["data"]["link"] for x in doc["findings"] if x["id"].startswith("topology.")}}
     print("\nGPU FIGURES", json.dumps(figures))
-    out = os.environ.get("HTR_GPU_REPORT_DIR")
+    out = os.environ.get("DOCTOR_GPU_REPORT_DIR")
     if out:
         Path(out, f"doctor-gpu-figures-{n}gpu.json").write_text(json.dumps(figures, indent=1))
     # without the P2P test the whole run stays under 2 s

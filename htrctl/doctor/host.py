@@ -109,12 +109,22 @@ def check(ctx: Context) -> list[Finding]:
     vm = vm_state(ctx)
     if vm["vm"]:
         what = (vm["sys_vendor"] + " " + vm["product_name"]).strip() or "a hypervisor"
+        # the P2P section (run before this one) has the last word on passed-through GPUs
+        tested_ok = ctx.p2p_results is not None and not ctx.p2p_failed_pairs and all(
+            r.get("problem") is None for r in ctx.p2p_results)
+        if multi and tested_ok:
+            out.append(Finding("host.vm", OK, f"running in a virtual machine ({what}); the P2P test passed "
+                               "between its GPUs", data=vm))
+            multi_vm = False
+        else:
+            multi_vm = True
+    if vm["vm"] and multi_vm:
         out.append(Finding("host.vm", WARN if multi else OK,
                            f"running in a virtual machine ({what})" + (": GPU peer-to-peer depends on how the "
                                                                        "hypervisor passes the GPUs through" if multi
                                                                        else ""),
                            remedy="trust the P2P test, not the driver's status" if multi else None, data=vm))
-    else:
+    elif not vm["vm"]:
         out.append(Finding("host.vm", OK, "bare metal (no hypervisor detected)", data=vm))
     out.extend(_cuda_env_findings(ctx.env, "this shell", "host.cuda-env", devs, service=False))
     senv = ctx.service_env()

@@ -40,6 +40,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -683,9 +684,11 @@ def _provision_local(
             merged_ok = not merge or _merged_up_to_date(old, dest)
             wanted = {pf.rel for pf in plan}
             old_files = {e.path for e in old.files if not e.path.startswith(f"{MERGED_DIRNAME}/")}
-            if len(keep) == len(plan) and old_files == wanted and merged_ok and fetched is None:
+            if len(keep) == len(plan) and old_files == wanted and merged_ok:
                 result.noop = True
                 result.manifest_digest = read_manifest(dest)[1]
+                if fetched is not None:  # rsync only hard-linked DEST's files: drop the staging tree
+                    shutil.rmtree(work, ignore_errors=True)
                 return result
 
         todo = [pf for pf in plan if pf.rel not in keep]
@@ -887,35 +890,49 @@ def _rdir(path: str) -> str:
 
 
 def _rsync(args: list[str], *, ssh: str | None, progress: bool, dry_run: bool = False) -> tuple[int, str]:
-    """Run rsync over ssh; returns (bytes received/sent as literal data, itemized output)."""
+    """Run rsync over ssh; returns (literal bytes sent, its stdout). ``$HTR_RSYNC_OPTS`` adds options
+    (e.g. ``--bwlimit=20m``)."""
     if shutil.which("rsync") is None:
         raise ProvisionError("rsync is not installed", remedy="apt-get install rsync (on both machines)")
     cmd = ["rsync", "-rt", "--partial", "--partial-dir=.rsync-partial", "--stats", "-i",
            "-e", shlex.join(ssh_command(ssh))]
+    cmd += shlex.split(os.environ.get("HTR_RSYNC_OPTS", ""))
     if dry_run:
         cmd.append("-n")
-    if progress and not dry_run:
+    elif progress:
         cmd.append("--info=progress2")
     cmd += args
     logger.debug("running %s", shlex.join(cmd))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out_lines: list[str] = []
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        out_lines.append(line)
-        if progress and "%" in line and "xfr" not in line:
-            pass
-    err = proc.stderr.read() if proc.stderr else ""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    err_chunks: list[bytes] = []
+    drain = threading.Thread(target=lambda: err_chunks.append(proc.stderr.read()), daemon=True)
+    drain.start()
+    out = bytearray()
+    pending = b""
+    while chunk := proc.stdout.read1(65536):
+        out += chunk
+        if progress and not dry_run:  # progress2 lines end in \r: show the last one on stderr
+            pending = (pending + chunk).split(b"\n")[-1]
+            last = pending.split(b"\r")
+            line = next((x for x in reversed(last) if b"%" in x), None)
+            if line:
+                sys.stderr.write("\r" + line.decode(errors="replace").strip()[:100])
+                sys.stderr.flush()
     rc = proc.wait()
-    out = "".join(out_lines)
+    drain.join(timeout=10)
+    if progress and not dry_run:
+        sys.stderr.write("\r\033[K")
+    text = out.decode(errors="replace")
     if rc != 0:
+        err = b"".join(err_chunks).decode(errors="replace")
         last = (err.strip().splitlines() or [f"exit {rc}"])[-1]
         raise ProvisionError(f"rsync failed (exit {rc}): {last}",
                              remedy="check the host, the path and the ssh command (--ssh / $HTR_SSH); "
                                     "run again to resume, complete files are not copied again")
-    m = re.search(r"Literal data: ([\d,.]+)", out)
-    literal = int(m.group(1).replace(",", "").replace(".", "")) if m else 0
-    return literal, out
+    m = re.search(r"Literal data: ([\d,.]+)", text)
+    literal = int(re.sub(r"[,.]", "", m.group(1))) if m else 0
+    return literal, text
 
 
 def _itemized(out: str) -> list[str]:

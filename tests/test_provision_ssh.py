@@ -1,0 +1,182 @@
+"""provision over ssh: a real sshd on 127.0.0.1 (own port, generated keys) and real rsync.
+
+The test's sshd runs from a config in tmp_path (``sshd -D -f``): no system
+configuration is touched. Needs ``sshd`` and ``rsync`` (``make test`` installs them).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import require_system
+from htrctl.manifest import read_manifest
+from htrctl.provision import provision
+from htrctl.verify import verify_model_dir
+
+pytestmark = [pytest.mark.ssh, pytest.mark.timeout(180)]
+
+SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
+SHARD = "model-00002-of-00003.safetensors"
+
+
+def wait_until(cond, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        threading.Event().wait(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    require_system(bool(SSHD and shutil.which("rsync") and shutil.which("ssh-keygen")), "sshd and rsync")
+    d = tmp_path_factory.mktemp("sshd")
+    for name in ("host_key", "user_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
+    (d / "authorized_keys").write_text((d / "user_key.pub").read_text())
+    port = free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\nPidFile {d / 'sshd.pid'}\n"
+        f"AuthorizedKeysFile {d / 'authorized_keys'}\nStrictModes no\nPubkeyAuthentication yes\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nPermitRootLogin prohibit-password\n"
+        "LogLevel ERROR\n"
+    )
+    host_pub = (d / "host_key.pub").read_text().split()
+    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
+    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stderr=subprocess.PIPE)
+    ssh = (f"ssh -p {port} -i {d / 'user_key'} -o IdentitiesOnly=yes -o BatchMode=yes "
+           f"-o UserKnownHostsFile={d / 'known_hosts'} -o StrictHostKeyChecking=yes -o LogLevel=ERROR")
+
+    def ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"sshd exited: {proc.stderr.read().decode()}")
+        return subprocess.run(shlex.split(ssh) + ["127.0.0.1", "true"], capture_output=True).returncode == 0
+
+    try:
+        wait_until(ready, 30, "sshd to accept the key")
+        yield {"ssh": ssh, "host": f"{getpass.getuser()}@127.0.0.1"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_local_to_remote_and_back(sshd, demo_model_copy, tmp_path):
+    host, ssh = sshd["host"], sshd["ssh"]
+    remote = tmp_path / "remote" / "model"
+    r = provision(str(demo_model_copy), f"{host}:{remote}", ssh=ssh, progress=False)
+    assert not r.noop and r.bytes_copied >= r.total_size * 0.9  # rsync's literal data: everything moved
+    report = verify_model_dir(remote)  # the "remote" is this machine: check what landed
+    assert report.ok, report.to_dict()
+    assert report.manifest_digest == r.manifest_digest
+    assert not (remote.parent / ".model.htr-work").exists()
+
+    # up to date: a no-op
+    again = provision(str(demo_model_copy), f"{host}:{remote}", ssh=ssh, progress=False)
+    assert again.noop and again.bytes_copied == 0
+
+    # one shard changed: only that shard moves
+    shard = demo_model_copy / SHARD
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    inode = (remote / "config.json").stat().st_ino
+    r2 = provision(str(demo_model_copy), f"{host}:{remote}", ssh=ssh, progress=False)
+    assert [a.path for a in r2.actions if a.kind == "copy"] == [SHARD]
+    assert 0 < r2.bytes_copied <= shard.stat().st_size
+    assert (remote / "config.json").stat().st_ino == inode  # --link-dest: unchanged files are not copied
+    assert verify_model_dir(remote).ok
+
+    # and back: remote SOURCE to a local DEST
+    local = tmp_path / "back" / "model"
+    r3 = provision(f"{host}:{remote}", str(local), ssh=ssh, progress=False)
+    assert verify_model_dir(local).ok
+    assert {e.sha256 for e in read_manifest(local)[0].files} == {e.sha256 for e in read_manifest(remote)[0].files}
+    assert r3.bytes_copied > 0
+    r4 = provision(f"{host}:{remote}", str(local), ssh=ssh, progress=False)
+    assert r4.noop
+
+
+def test_remote_adapter_with_remote_base(sshd, demo_model_dir, tmp_path):
+    host, ssh = sshd["host"], sshd["ssh"]
+    src = tmp_path / "srv" / "adapter-only"
+    shutil.copytree(demo_model_dir / "final_model", src / "final_model")
+    base = tmp_path / "srv" / "base"
+    shutil.copytree(demo_model_dir, base, ignore=shutil.ignore_patterns("final_model"))
+    dest = tmp_path / "dest"
+    provision(f"{host}:{src}", str(dest), base=f"{host}:{base}", ssh=ssh, progress=False)
+    assert verify_model_dir(dest).ok and (dest / SHARD).is_file()
+
+
+def _model_with_big_file(demo_model_dir: Path, root: Path, size: int) -> Path:
+    shutil.copytree(demo_model_dir, root)
+    header = json.dumps({"blob": {"dtype": "U8", "shape": [size], "data_offsets": [0, size]}}).encode()
+    header += b" " * (-len(header) % 8)
+    with open(root / "aux.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.write(os.urandom(size))
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "direction, sig",
+    [
+        ("push", signal.SIGKILL),  # local side killed outright; the remote receiver keeps the partial file
+        ("pull", signal.SIGTERM),  # local receiver interrupted (Ctrl-C, shutdown); it keeps the partial file
+    ],
+)
+def test_killed_mid_transfer_then_resumed(sshd, demo_model_dir, tmp_path, direction, sig):
+    host, ssh = sshd["host"], sshd["ssh"]
+    size = 12 * 2**20
+    src = _model_with_big_file(demo_model_dir, tmp_path / "src" / "model", size)
+    dest = tmp_path / "dst" / "model"
+    s, d = (str(src), f"{host}:{dest}") if direction == "push" else (f"{host}:{src}", str(dest))
+    staging = dest.parent / ".model.htr-work" / "tree"
+    env = dict(os.environ, HTR_SSH=ssh, HTR_RSYNC_OPTS="--bwlimit=3000")  # ~3 MB/s: the kill lands mid-file
+    proc = subprocess.Popen([sys.executable, "-m", "htrctl", "-q", "provision", s, d], env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def partial_written():  # rsync's temp file for aux.safetensors, a few MB in
+        if proc.poll() is not None:
+            raise AssertionError(f"provision ended before the kill: {proc.stderr.read().decode()}")
+        return any(p.name.startswith(".aux.safetensors.") and p.stat().st_size > 3 * 2**20
+                   for p in (staging.glob(".aux.safetensors.*") if staging.is_dir() else []))
+
+    wait_until(partial_written, 60, "a partial aux.safetensors in the staging tree")
+    os.killpg(proc.pid, sig)
+    proc.wait(timeout=30)
+    stderr = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.returncode != 0, stderr
+    assert not dest.exists()  # never looks complete
+    kept = wait_until(lambda: list(staging.glob(".rsync-partial/aux.safetensors")), 30, "rsync to keep the partial")
+    assert kept[0].stat().st_size > 2 * 2**20
+
+    r = provision(s, d, ssh=ssh, progress=False)
+    assert r.bytes_copied < size - 2 * 2**20  # the kept part was not sent again
+    report = verify_model_dir(dest)
+    assert report.ok, report.to_dict()
+    assert read_manifest(dest)[0].by_path()["aux.safetensors"].size == (src / "aux.safetensors").stat().st_size

@@ -392,10 +392,13 @@ class Engine:
         # peer-to-peer copy blocks there as well as in generate).
         t0 = time.monotonic()
         self.generate_started_at = t0
+        if self._serving:
+            self.metrics.generating.set(n)
         try:
             return self._generate_timed(items, n, t0)
         finally:
             self.generate_started_at = None
+            self.metrics.generating.set(0)
 
     def _generate_timed(self, items: list[WorkItem], n: int, t0: float) -> list[PageResult]:
         import torch

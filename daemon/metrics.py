@@ -27,6 +27,7 @@ class Metrics:
         self.tokens_per_second = Gauge(
             "htrd_generation_tokens_per_second", "generated tokens per second in the last generate call", registry=r
         )
+        self.generating = Gauge("htrd_generate_running", "images in the generate call now running", registry=r)
         self.queue_depth = Gauge("htrd_queue_depth", "images waiting for the model", registry=r)
         self.queue_capacity = Gauge("htrd_queue_capacity", "limits.queue_length", registry=r)
         self.in_flight = Gauge("htrd_in_flight_requests", "transcription requests being served", registry=r)

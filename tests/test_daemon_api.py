@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import grp
 import io
 import os
+import re
+import struct
+import zlib
 import socket
 import stat
 import threading
@@ -30,6 +35,19 @@ def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
     return buf.getvalue()
 
 
+def usable_group() -> grp.struct_group | None:
+    """A group other than our primary one that this process may give the socket to."""
+    if os.geteuid() == 0:
+        candidates = [g for g in grp.getgrall() if g.gr_gid != os.getgid()]
+    else:
+        candidates = [grp.getgrgid(g) for g in os.getgroups() if g != os.getgid()]
+    return candidates[0] if candidates else None
+
+
+GROUP = usable_group()
+MAX_BODY = 2 * 1024 * 1024
+
+
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, demo_model_dir):
     tmp = tmp_path_factory.mktemp("api")
@@ -37,7 +55,12 @@ def daemon(tmp_path_factory, demo_model_dir):
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(tmp / "htrd.sock"))
     stale.close()
-    d = start_daemon(tmp, demo_model_dir, config={"limits": {"batch_sizes": [1, 2, 4, 8], "batch_window_ms": 150.0}})
+    config = {
+        "limits": {"batch_sizes": [1, 2, 4, 8], "batch_window_ms": 150.0, "max_body_bytes": MAX_BODY,
+                   "max_image_pixels": 4_000_000, "max_images_per_request": 6},
+        "socket": {"group": GROUP.gr_name if GROUP else None, "mode": "0o660"},
+    }
+    d = start_daemon(tmp, demo_model_dir, config=config)
     yield d
     code = d.stop()
     assert code == 0, d.stderr()[-3000:]
@@ -65,3 +88,170 @@ def test_transcription_is_stable_and_greedy(daemon):
     other = daemon.post(P.PATH_TRANSCRIBE, content=encode(Image.new("RGB", (200, 300), "black")))
     assert other.json()["results"][0]["text"] != body.results[0].text  # the output depends on the image
     assert "peer_uid=%d" % os.getuid() in daemon.stderr()
+
+
+def test_socket_mode_and_group(daemon):
+    require_group()
+    st = os.stat(daemon.socket_path)
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o660
+    assert st.st_gid == GROUP.gr_gid
+
+
+def require_group():
+    if GROUP is None:
+        pytest.skip("this user belongs to no second group to give the socket to")
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    m = re.search(r"^" + re.escape(name) + (re.escape("{" + labels + "}") if labels else "") + r" ([0-9.e+-]+)$",
+                  text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_concurrent_requests_are_batched(daemon):
+    before = daemon.metrics()
+    n_before = metric(before, "htrd_batch_size_count")
+    images = [encode(line_image(i)) for i in range(6)]
+    barrier = threading.Barrier(len(images))
+
+    def send(png):
+        barrier.wait(10)
+        return daemon.post(P.PATH_TRANSCRIBE, content=png)
+
+    with concurrent.futures.ThreadPoolExecutor(len(images)) as pool:
+        responses = list(pool.map(send, images))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    sizes = [r.json()["results"][0]["batch_size"] for r in responses]
+    assert max(sizes) > 1, sizes  # at least two requests shared one generate call
+    after = daemon.metrics()
+    batches = metric(after, "htrd_batch_size_count") - n_before
+    assert 1 <= batches < len(images)  # fewer generate calls than requests
+    assert metric(after, "htrd_batch_size_sum") - metric(before, "htrd_batch_size_sum") == len(images)
+    # a batched result equals the same image transcribed alone (left padding is exact)
+    alone = daemon.post(P.PATH_TRANSCRIBE, content=images[0]).json()["results"][0]
+    assert alone["batch_size"] == 1 and alone["text"] == responses[0].json()["results"][0]["text"]
+
+
+def test_batch_endpoint_and_multipage_tiff(daemon):
+    pages = [line_image(i).convert("L") for i in range(3)]
+    buf = io.BytesIO()
+    pages[0].save(buf, "TIFF", save_all=True, append_images=pages[1:])
+    files = [
+        ("image", ("l1.png", encode(line_image(1)), "image/png")),
+        ("image", ("bad.png", b"not an image at all", "image/png")),
+        ("image", ("page.tif", buf.getvalue(), "image/tiff")),
+        ("image", ("l2.jpg", encode(line_image(2), "JPEG", quality=90), "image/jpeg")),
+    ]
+    r = daemon.post(P.PATH_TRANSCRIBE_BATCH, files=files)
+    assert r.status_code == 200, r.text
+    body = P.BatchResponse.model_validate(r.json())
+    assert [i.filename for i in body.items] == ["l1.png", "bad.png", "page.tif", "l2.jpg"]
+    assert body.items[1].error is not None and body.items[1].error.type == "bad_image"
+    assert "unsupported image format" in body.items[1].error.message
+    assert [p.page for p in body.items[2].results] == [0, 1, 2]
+    assert body.items[0].results[0].text and body.items[3].results[0].text
+    single = daemon.post(P.PATH_TRANSCRIBE, content=encode(line_image(1))).json()["results"][0]["text"]
+    assert body.items[0].results[0].text == single
+    # a multi-page TIFF on the single endpoint: one result per page
+    r = daemon.post(P.PATH_TRANSCRIBE, content=buf.getvalue())
+    assert [p["page"] for p in r.json()["results"]] == [0, 1, 2]
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height but carries (almost) no pixel data: a decompression bomb's header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+BAD_IMAGES = {
+    "empty": (b"", 400, "bad_image", "empty"),
+    "text": (b"hello, this is not an image", 415, "bad_image", "unsupported image format"),
+    "pdf": (b"%PDF-1.7\n...", 415, "bad_image", "PDF"),
+    "gif": (b"GIF89a" + b"\0" * 20, 415, "bad_image", "GIF"),
+    "truncated_png": (None, 422, "bad_image", "cannot decode"),
+    "corrupt_header": (b"\x89PNG\r\n\x1a\n" + b"\xff" * 40, 422, "bad_image", "PNG"),
+    "bomb": (png_header_only(30000, 30000), 413, "too_large", "refused before decoding"),
+    "too_many_pages": (None, 413, "too_large", "pages"),
+    "body_too_large": (None, 413, "too_large", "max_body_bytes"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_IMAGES))
+def test_bad_image_is_a_clear_4xx_and_daemon_stays_ready(daemon, case):
+    data, status, etype, words = BAD_IMAGES[case]
+    if case == "truncated_png":
+        full = encode(line_image(3))
+        data = full[: len(full) // 2]
+    elif case == "too_many_pages":
+        frames = [Image.new("L", (40, 20), v) for v in range(0, 240, 30)]  # 8 pages > 6
+        buf = io.BytesIO()
+        frames[0].save(buf, "TIFF", save_all=True, append_images=frames[1:])
+        data = buf.getvalue()
+    elif case == "body_too_large":
+        data = os.urandom(MAX_BODY + 1)
+    r = daemon.post(P.PATH_TRANSCRIBE, content=data)
+    assert r.status_code == status, r.text
+    err = P.ErrorEnvelope.model_validate(r.json()).error
+    assert err.type == etype and words in err.message, err.message
+    assert daemon.get(P.PATH_READY).status_code == 200
+    assert "\\x89PNG" not in daemon.stderr()  # never log image bytes
+
+
+def test_image_formats_and_modes(daemon):
+    rgb = line_image(4)
+    variants = {
+        "png-rgb": encode(rgb),
+        "png-gray": encode(rgb.convert("L")),
+        "png-1bit": encode(rgb.convert("1")),
+        "png-palette": encode(rgb.convert("P")),
+        "png-alpha": encode(rgb.convert("RGBA")),
+        "jpeg": encode(rgb, "JPEG", quality=95),
+        "jpeg-cmyk": encode(rgb.convert("CMYK"), "JPEG", quality=95),
+        "webp": encode(rgb, "WEBP", lossless=True),
+        "tiff": encode(rgb, "TIFF"),
+    }
+    texts = {}
+    for name, data in variants.items():
+        r = daemon.post(P.PATH_TRANSCRIBE, content=data)
+        assert r.status_code == 200, (name, r.text)
+        texts[name] = r.json()["results"][0]["text"]
+    # lossless encodings of the same pixels give the same transcription
+    assert texts["png-rgb"] == texts["webp"] == texts["tiff"] == texts["png-alpha"]
+
+
+def test_errors_use_the_envelope(daemon):
+    r = daemon.get("/v1/nope")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
+    r = daemon.get(P.PATH_TRANSCRIBE)
+    assert r.status_code == 405 and "POST" in r.json()["error"]["message"]
+    r = daemon.post(P.PATH_TRANSCRIBE + "?max_new_tokens=lots", content=encode(line_image(0)))
+    assert r.status_code == 422 and r.json()["error"]["type"] == "bad_request"
+    assert "max_new_tokens" in r.json()["error"]["message"]
+    r = daemon.post(P.PATH_TRANSCRIBE + "?max_new_tokens=100000", content=encode(line_image(0)))
+    assert r.status_code == 400 and "generation.max_new_tokens" in r.json()["error"]["message"]
+    r = daemon.post(P.PATH_TRANSCRIBE_BATCH, files=[("file", ("a.png", encode(line_image(0)), "image/png"))])
+    assert r.status_code == 400 and "'image'" in r.json()["error"]["message"]
+    r = daemon.post(P.PATH_TRANSCRIBE_BATCH, content=b"x", headers={"content-type": "text/plain"})
+    assert r.status_code == 415 and r.json()["error"]["type"] == "bad_request"
+    r = daemon.post(P.PATH_TRANSCRIBE_BATCH, files=[("image", (f"{i}.png", b"x", "image/png")) for i in range(7)])
+    assert r.status_code == 413 and "max_images_per_request" in r.json()["error"]["message"]
+    assert daemon.get(P.PATH_READY).status_code == 200
+
+
+def test_max_new_tokens_and_openapi_and_metrics(daemon):
+    r = daemon.post(P.PATH_TRANSCRIBE + "?max_new_tokens=3", content=encode(line_image(5)))
+    assert r.status_code == 200 and r.json()["results"][0]["tokens"] <= 3
+    spec = daemon.get(P.PATH_OPENAPI).json()
+    for path in (P.PATH_TRANSCRIBE, P.PATH_TRANSCRIBE_BATCH, P.PATH_STATUS, P.PATH_READY, P.PATH_LIVE):
+        assert path in spec["paths"], path
+    assert "multipart/form-data" in spec["paths"][P.PATH_TRANSCRIBE_BATCH]["post"]["requestBody"]["content"]
+    text = daemon.metrics()
+    for name in ("htrd_requests_total", "htrd_request_duration_seconds_bucket", "htrd_batch_size_bucket",
+                 "htrd_queue_depth", "htrd_generation_tokens_per_second", "htrd_generated_tokens_total",
+                 "htrd_state"):
+        assert name in text, name
+    assert metric(text, "htrd_state", 'htrd_state="ready"') == 1.0
+    assert metric(text, "htrd_generated_tokens_total") > 0

@@ -67,6 +67,10 @@ def model_footprint(model_dir: Path, variant: str) -> dict:
     return {"variant": "adapter", "weights_bytes": base + adapter, "parts": {"base": base, "adapter": adapter}}
 
 
+def _size(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB // 10 else f"{n / 1024**2:.1f} MiB"
+
+
 def _healthy(ctx: Context, dev) -> list[str]:
     """Reasons this GPU should not be recommended (empty when fine)."""
     g = next((x for x in ctx.snapshot().gpus if x.uuid == dev.uuid), None)
@@ -97,8 +101,8 @@ def check(ctx: Context) -> list[Finding]:
     elif not fp["weights_bytes"]:
         out.append(Finding("placement.size", WARN, f"no safetensors weights found in {model_dir}", data=fp))
     else:
-        out.append(Finding("placement.size", OK, f"model ({fp['variant']}) needs {fp['weights_bytes'] / GIB:.2f} GiB "
-                           f"of weights + {s.gpu.min_free_headroom_gib:g} GiB headroom = {need / GIB:.2f} GiB",
+        out.append(Finding("placement.size", OK, f"model ({fp['variant']}) needs {_size(fp['weights_bytes'])} "
+                           f"of weights + {s.gpu.min_free_headroom_gib:g} GiB headroom = {_size(need)}",
                            data={**fp, "headroom_bytes": headroom, "required_bytes": need}))
     devs = ctx.devices()
     if s.gpu.select == "cpu":
@@ -151,9 +155,14 @@ def check(ctx: Context) -> list[Finding]:
                                    remedy="select another GPU (see placement.recommend)",
                                    data={"select": s.gpu.select, "uuid": chosen.uuid}))
             else:
-                policy = "" if s.gpu.select == chosen.uuid else (
-                    " (a policy: it may pick another GPU after a reboot or when memory use changes; a UUID is stable)")
-                out.append(Finding("placement.config", OK if not policy else OK,
+                if s.gpu.select.lower() == chosen.uuid.lower():
+                    policy = ""
+                elif s.gpu.select.isdigit():
+                    policy = " (by index: a UUID stays right when GPUs are added or moved)"
+                else:
+                    policy = (" (a policy: it may pick another GPU after a reboot or when memory use changes; "
+                              "a UUID is stable)")
+                out.append(Finding("placement.config", OK,
                                    f"gpu.select: {s.gpu.select} -> GPU {chosen.index} {chosen.uuid}{policy}",
                                    data={"select": s.gpu.select, "uuid": chosen.uuid}))
     senv = ctx.service_env()

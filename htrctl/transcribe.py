@@ -296,6 +296,13 @@ class _Replica:
         self.dead = False
         self.backoff = _Backoff()
         self.lock = threading.Lock()
+        self.manifest_digest: str | None = None  # for records when the daemon's answer lacks model_digest
+
+    def refresh_digest(self) -> None:
+        try:
+            self.manifest_digest = self.client.status().manifest_digest
+        except DaemonError as exc:
+            logger.debug("status of %s: %s", self.client.socket_path, exc)
 
 
 class Transcriber:
@@ -445,10 +452,14 @@ class Transcriber:
                 self._fail(item, f"unexpected error: {type(exc).__name__}: {exc}", "internal")
                 continue
             with replica.lock:
-                if replica.down_since is not None:
-                    self._note(f"htrctl: {replica.client.socket_path}: daemon is back, continuing")
+                came_back = replica.down_since is not None
                 replica.down_since = None
                 replica.backoff.reset()
+            if came_back:
+                self._note(f"htrctl: {replica.client.socket_path}: daemon is back, continuing")
+                replica.refresh_digest()
+            if resp.model_digest is None:
+                resp.model_digest = replica.manifest_digest
             self._complete(item, resp, (time.monotonic() - t0) * 1000.0)
             self._release(item, requeue=False)
 
@@ -492,6 +503,7 @@ class Transcriber:
 
             try:
                 r.client.wait_ready(self.opts.wait, on_state=on_state, stop=self._stop)
+                r.refresh_digest()
             except DaemonError as exc:
                 errors.append(exc)
                 r.down_since = time.monotonic()

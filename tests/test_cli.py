@@ -24,9 +24,20 @@ def test_help_imports_no_torch():
 
 
 def test_client_path_imports_no_torch():
-    mods = _modules_after("import htrctl.protocol, htrctl.config, htrctl.errors")
-    assert "htrctl.protocol" in mods
+    mods = _modules_after("import htrctl.protocol, htrctl.config, htrctl.errors, htrctl.client, htrctl.transcribe")
+    assert "htrctl.protocol" in mods and "htrctl.client" in mods and "htrctl.transcribe" in mods
     assert not [m for m in HEAVY if m in mods]
+
+
+def test_transcribe_command_imports_no_torch(tmp_path):
+    """The whole `htrctl transcribe` path (CLI, client, library) up to the connection: no torch."""
+    (tmp_path / "a.png").write_bytes(b"not really")
+    mods = _modules_after(
+        "from htrctl.cli import main\n"
+        f"main(['transcribe', '--socket', {str(tmp_path / 'none.sock')!r}, {str(tmp_path)!r}])"
+    )
+    assert "htrctl.transcribe" in mods and "httpx" in mods
+    assert not [m for m in HEAVY if m in mods], [m for m in HEAVY if m in mods]
 
 
 def run_cli(*args, env=None):

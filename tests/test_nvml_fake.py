@@ -121,3 +121,26 @@ def test_unreadable_fake_names_the_variable(tmp_path, monkeypatch):
     with pytest.raises(GpuError) as e:
         read_host()
     assert ENV_FAKE in e.value.message
+
+
+def test_real_backend_guards_and_int_caps_index(monkeypatch):
+    """htrctl.nvml's *real* code path against a pynvml stand-in with upstream's quirks."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("pynvml", HOSTS.parent / "pynvml_stub" / "pynvml.py")
+    stub = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stub)
+    assert stub.NVML_P2P_CAPS_INDEX_READ == (0,)  # the trap
+    monkeypatch.setitem(sys.modules, "pynvml", stub)
+    monkeypatch.delenv(ENV_FAKE, raising=False)
+    snap = read_host(timeout=5)
+    assert [g.pci_bus_id for g in snap.gpus] == ["00000000:41:00.0", "00000000:81:00.0"]
+    pair = snap.pairs[0]
+    assert pair.p2p == {"read": 0, "write": 0, "nvlink": 5, "atomics": 5, "prop": 5} and not pair.errors
+    assert pair.link == "PHB" and pair.nvlink is False
+    g0 = snap.gpus[0]
+    assert g0.mig_mode is None and "NotSupported" in g0.errors["mig_mode"]  # guarded, not raised
+    assert g0.nvlinks_active == 0
+    assert snap.nvml_version == "12.550"  # bytes decoded
+    assert [p.pid for p in snap.gpus[1].processes] == [123]

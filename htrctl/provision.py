@@ -823,6 +823,8 @@ def _adopt_in_place(
     """SOURCE == DEST: check the directory and write its manifest (hashing every file)."""
     result.files = len(plan)
     result.total_size = sum(pf.size for pf in plan)
+    if merge:
+        raise ProvisionError("--merge in place is not supported", remedy="provision into a new directory with --merge")
     if any(pf.origin == "base" for pf in plan):
         raise ProvisionError(f"{root} holds only the adapter: adding a base in place is not supported",
                              remedy=f"provision into a new directory: htrctl provision {root} NEW_DIR --base ...")
@@ -851,8 +853,6 @@ def _adopt_in_place(
     )
     if manifest.adapter is not None:
         manifest.adapter["sha256"] = hashes.get(f"{ADAPTER_DIRNAME}/adapter_model.safetensors")
-    if merge:
-        raise ProvisionError("--merge in place is not supported", remedy="provision into a new directory with --merge")
     result.manifest_digest = write_manifest(root, manifest)
     return result
 
@@ -935,17 +935,18 @@ def _rsync(args: list[str], *, ssh: str | None, progress: bool, dry_run: bool = 
     return literal, text
 
 
-def _itemized(out: str) -> list[str]:
-    """Changed paths from rsync -i output (ignoring directories whose only change is a time)."""
+def _itemized(out: str) -> list[tuple[str, str]]:
+    """``(kind, path)`` of the files rsync -i would change: kind "send" or "remove"; directories left out."""
     names = []
     for line in out.splitlines():
-        m = re.match(r"^([<>ch.*][fdLDS][^ ]{9}|\*deleting) +(.+)$", line)
-        if not m:
+        if line.startswith("*deleting "):
+            name = line[len("*deleting "):].strip()
+            if not name.endswith("/"):
+                names.append(("remove", name))
             continue
-        flags, name = m.group(1), m.group(2)
-        if flags[1] == "d" and flags[0] == ".":
-            continue
-        names.append(name)
+        m = re.match(r"^([<>ch.][fLDS][^ ]{9}) +(.+)$", line)
+        if m:
+            names.append(("send", m.group(2)))
     return names
 
 
@@ -966,8 +967,8 @@ def _remote_dry_run(result: ProvisionResult, src: Remote, dest: Path, ssh: str |
     finally:
         if not dest.is_dir():
             shutil.rmtree(target, ignore_errors=True)
-    for name in _itemized(out):
-        result.actions.append(Action("fetch", name, 0, str(src)))
+    for kind, name in _itemized(out):
+        result.actions.append(Action("fetch" if kind == "send" else kind, name, 0, str(src)))
     result.base = None
     return result
 
@@ -1060,14 +1061,15 @@ def _provision_to_remote(
             # what would change at DEST itself
             _, out = _rsync(["-L", "--delete", "--exclude", f"/{MANIFEST_NAME}", str(view) + "/",
                              f"{dst.host}:{_rdir(rpath)}"], ssh=ssh, progress=False, dry_run=True)
-            changed = _itemized(out)
+            items = _itemized(out)
+            changed = {name for _, name in items}
             if remote_manifest is not None and not changed:
                 known = remote_manifest.by_path()
                 if {pf.rel for pf in plan} == set(known) and all(known[pf.rel].size == pf.size for pf in plan):
                     result.noop = True
                     return result
-            for name_ in changed:
-                result.actions.append(Action("remove" if name_.startswith("deleting") else "send", name_, 0, source))
+            for kind, name_ in items:
+                result.actions.append(Action(kind, name_, 0, source))
             if dry_run:
                 result.bytes_copied = sum(pf.size for pf in plan if pf.rel in set(changed))
                 return result

@@ -180,3 +180,28 @@ def test_killed_mid_transfer_then_resumed(sshd, demo_model_dir, tmp_path, direct
     report = verify_model_dir(dest)
     assert report.ok, report.to_dict()
     assert read_manifest(dest)[0].by_path()["aux.safetensors"].size == (src / "aux.safetensors").stat().st_size
+
+
+def test_remote_dry_run_and_remote_lock(sshd, demo_model_dir, tmp_path):
+    import fcntl
+
+    from htrctl.errors import LockedError, ProvisionError
+
+    host, ssh = sshd["host"], sshd["ssh"]
+    remote = tmp_path / "remote" / "model"
+    r = provision(str(demo_model_dir), f"{host}:{remote}", ssh=ssh, dry_run=True, progress=False)
+    sent = {a.path for a in r.actions if a.kind == "send"}
+    assert SHARD in sent and "final_model/adapter_model.safetensors" in sent
+    assert not remote.exists()
+    # the remote lock is a flock on <parent>/.<name>.htr-lock held by an ssh session
+    with open(remote.parent / ".model.htr-lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(LockedError):
+            provision(str(demo_model_dir), f"{host}:{remote}", ssh=ssh, progress=False)
+    # a foreign non-empty remote directory is never replaced
+    foreign = tmp_path / "remote" / "home"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    with pytest.raises(ProvisionError, match="refusing"):
+        provision(str(demo_model_dir), f"{host}:{foreign}", ssh=ssh, progress=False)
+    assert (foreign / "notes.txt").read_text() == "keep"

@@ -180,12 +180,12 @@ def test_mismatch_is_not_called_zeros(tmp_path, paths, monkeypatch):
 
 def test_probe_that_never_starts(tmp_path, paths, monkeypatch):
     """A probe that hangs before reporting anything (CUDA init wedged) is a bounded failure."""
-    doc = variant(probe={"pairs": {"0-1": "hang"}})
-    host(tmp_path, doc, monkeypatch)
-    rep = run_doctor(settings_for(tmp_path), sections=["p2p"], p2p_timeout=1.0, paths=paths)
-    # with 1 s the probe may or may not have printed "start"; either way it fails, bounded
-    assert rep.by_id("p2p").severity == FAIL
-    assert rep.duration_s < 8
+    host(tmp_path, variant(probe={"hang_at_start": True}), monkeypatch)
+    rep = run_doctor(settings_for(tmp_path), sections=["p2p"], p2p_timeout=2.0, paths=paths)
+    f = rep.by_id("p2p")
+    assert f.severity == FAIL and "did not start within 2 s" in f.message and P2P_REMEDY in f.remedy
+    assert f.data["timed_out"] is True
+    assert 2.0 <= rep.duration_s < 8
 
 
 def test_no_torch_for_the_probe(tmp_path, paths, monkeypatch):

@@ -69,6 +69,8 @@ def run_fake(snapshot_path: str, pairs: list[tuple[int, int]], size_mib: int) ->
     doc = load_fake(snapshot_path)
     devs = devices_from_snapshot(snapshot_from_dict(doc, snapshot_path))
     probe = doc.get("probe") or {}
+    if probe.get("hang_at_start"):
+        threading.Event().wait()  # CUDA initialisation that never returns (a wedged driver)
     if probe.get("torch") is False:
         emit(event="error", kind="no-torch", message="No module named 'torch'")
         return 3

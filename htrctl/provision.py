@@ -60,7 +60,6 @@ from .manifest import (
     ManifestFormatError,
     byte_progress,
     fsync_dir,
-    hash_file,
     hash_files,
     read_manifest,
     unsafe_relpath,
@@ -655,6 +654,8 @@ def _provision_local(
             fetched = work / "tree"
             fetched.mkdir(exist_ok=True)
             result.bytes_copied += _fetch_remote(src_loc, fetched, dest, ssh=ssh, progress=progress)
+        if dry_run and base and isinstance(parse_location(base), Remote) and isinstance(src_loc, Local):
+            return _dry_run_remote_base(result, src_loc.path.absolute(), parse_location(base), ssh)
         plan, identity, base_label, src_manifest = _gather(
             source, src_loc, str(dest), base=base, allow_download=allow_download, progress=progress, ssh=ssh,
             work=work, fetched=fetched)
@@ -723,6 +724,9 @@ def _provision_local(
         for rel in staged:
             if rel not in wanted and not (merge and old is not None and rel.startswith(f"{MERGED_DIRNAME}/")):
                 (tree / rel).unlink()
+        for dirpath, _dirs, _names in sorted(os.walk(tree), reverse=True):  # and the directories left empty
+            if Path(dirpath) != tree and not any(Path(dirpath).iterdir()):
+                Path(dirpath).rmdir()
         if src_manifest is not None:
             for e in src_manifest.files:
                 if e.path in hashes and hashes[e.path] != e.sha256:
@@ -970,6 +974,25 @@ def _remote_dry_run(result: ProvisionResult, src: Remote, dest: Path, ssh: str |
     for kind, name in _itemized(out):
         result.actions.append(Action("fetch" if kind == "send" else kind, name, 0, str(src)))
     result.base = None
+    return result
+
+
+def _dry_run_remote_base(result: ProvisionResult, root: Path, base: Remote, ssh: str | None) -> ProvisionResult:
+    """--dry-run with --base host:path: list what would move without fetching the base."""
+    files, has_base = _layout(root, _local_tree(root))
+    for rel, p in sorted(files.items()):
+        result.actions.append(Action("copy", rel, p.stat().st_size, str(p)))
+    result.base = str(base)
+    if not has_base:
+        with tempfile.TemporaryDirectory(prefix="htr-dry-") as tmp:
+            _, out = _rsync(["--exclude", f"/{ADAPTER_DIRNAME}", f"{base.host}:{_rdir(base.path)}", tmp + "/"],
+                            ssh=ssh, progress=False, dry_run=True)
+        for kind, name in _itemized(out):
+            if kind == "send" and name not in files:
+                result.actions.append(Action("fetch", name, 0, str(base)))
+    result.files = len(result.actions)
+    result.bytes_copied = sum(a.size for a in result.actions)
+    logger.info("dry run: the adapter/base pair is checked once the base is fetched")
     return result
 
 

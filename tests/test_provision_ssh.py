@@ -205,3 +205,17 @@ def test_remote_dry_run_and_remote_lock(sshd, demo_model_dir, tmp_path):
     with pytest.raises(ProvisionError, match="refusing"):
         provision(str(demo_model_dir), f"{host}:{foreign}", ssh=ssh, progress=False)
     assert (foreign / "notes.txt").read_text() == "keep"
+
+
+def test_dry_run_with_a_remote_base_fetches_nothing(sshd, demo_model_dir, tmp_path):
+    host, ssh = sshd["host"], sshd["ssh"]
+    src = tmp_path / "incident"
+    shutil.copytree(demo_model_dir / "final_model", src / "final_model")
+    base = tmp_path / "srv" / "base"
+    shutil.copytree(demo_model_dir, base, ignore=shutil.ignore_patterns("final_model"))
+    dest = tmp_path / "dest"
+    r = provision(str(src), str(dest), base=f"{host}:{base}", ssh=ssh, dry_run=True, progress=False)
+    assert {a.path for a in r.actions if a.kind == "fetch"} >= {SHARD, "config.json"}
+    assert {a.path for a in r.actions if a.kind == "copy"} == {"final_model/adapter_config.json",
+                                                              "final_model/adapter_model.safetensors"}
+    assert not dest.exists() and not (tmp_path / ".dest.htr-work").exists()

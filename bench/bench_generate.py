@@ -189,6 +189,13 @@ def naive_worker(args) -> dict:
     t0 = time.perf_counter()
     merged = model.merge_and_unload().eval()
     del model, base
+    res["fast_merge_s"] = time.perf_counter() - t0
+    # HF generate on the merged weights: tells bf16 merge rounding apart from fast-path differences.
+    enc = processor(text=[text], images=[img], return_tensors="pt").to(args.device)
+    with torch.inference_mode():
+        out = merged.generate(**enc, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    res["merged_hf_tokens"] = out[0, enc["input_ids"].shape[1] :].tolist()
+    t0 = time.perf_counter()
     fast = FastGenerator(
         merged,
         processor,
@@ -198,7 +205,7 @@ def naive_worker(args) -> dict:
         max_new_tokens=new,
         compile=args.compile,
     )
-    res["fast_merge_s"] = time.perf_counter() - t0
+    res["fast_init_s"] = time.perf_counter() - t0
     warm = fast.warmup(img, max_new_tokens=new)
     res["fast_warmup_s"] = warm["warmup_s"]
     prep = fast.prepare(img)
@@ -221,6 +228,8 @@ def naive_worker(args) -> dict:
         same += 1
     res["tokens_equal_prefix"] = same
     res["tokens_compared"] = min(len(tokens), len(g.token_ids))
+    res["merged_hf_equal_prefix_vs_naive"] = _common_prefix(tokens, res["merged_hf_tokens"])
+    res["fast_equal_prefix_vs_merged_hf"] = _common_prefix(res["merged_hf_tokens"], g.token_ids)
     big = max(args.batch_sizes)
     for b in sorted({big, *[x for x in args.batch_sizes if x in (8, 16, 32)]}):
         sync()
@@ -236,6 +245,15 @@ def naive_worker(args) -> dict:
     if cuda:
         res["fast_peak_alloc_bytes"] = torch.cuda.max_memory_allocated()
     return res
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def run_naive(args) -> dict:
@@ -451,7 +469,9 @@ def report(args, a: dict | None, b: dict | None) -> str:
         if f"fast_b{big}_step_ms" in a:
             add(f"fast path batch {big}: prefill", a[f"fast_b{big}_prefill_ms"] / 1000.0)
             add(f"fast path batch {big}: one decode step", a[f"fast_b{big}_step_ms"], "{:.2f} ms")
-        rows.append(f"| greedy tokens equal to naive | {a['tokens_equal_prefix']} of {a['tokens_compared']} |")
+        rows.append(f"| greedy tokens equal to naive (common prefix) | {a['tokens_equal_prefix']} of {a['tokens_compared']} |")
+        rows.append(f"| HF generate on merged weights vs naive (prefix) | {a['merged_hf_equal_prefix_vs_naive']} |")
+        rows.append(f"| fast path vs HF generate on merged weights (prefix) | {a['fast_equal_prefix_vs_merged_hf']} |")
     if b:
         add("(b) htrd: start -> READY (cold)", b["ready_cold_s"])
         add("(b) htrd: start -> READY (restart, warm caches)", b.get("ready_warm_s"))

@@ -57,22 +57,23 @@ LENGTH_BUCKET = 64  # cache lengths are rounded up to a multiple of this
 CHECK_EVERY = 8  # decode steps between host checks for "all rows finished"
 
 
-def configure_compile_cache(state_dir: str | os.PathLike | None) -> Path | None:
-    """Point inductor's and triton's on-disk caches at ``<state_dir>/compile-cache``.
+def configure_compile_cache(cache_dir: str | os.PathLike | None) -> Path | None:
+    """Point inductor's and triton's on-disk kernel caches at *cache_dir* (``inductor/``, ``triton/``).
 
-    Must run before torch compiles anything (ideally before torch is imported).
-    Existing environment settings win, so an operator can still override them.
-    Returns the directory, or None when *state_dir* is None.
+    Must run before torch compiles anything. Variables already set in the
+    environment (htr.service sets them under /var/lib/htr) win. Returns the
+    directory, or None when *cache_dir* is None (then the environment or
+    torch's default decides).
     """
-    if state_dir is None:
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    if cache_dir is None:
         return None
-    root = Path(state_dir) / "compile-cache"
+    root = Path(cache_dir)
     (root / "inductor").mkdir(parents=True, exist_ok=True)
     (root / "triton").mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
     os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
-    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
-    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
     return root
 
 
@@ -489,7 +490,7 @@ class FastGenerator:
         with self._lock, self.torch.inference_mode():
             return self._generate(items, max_new_tokens, min_new_tokens, decode_text)
 
-    def _generate(self, items, max_new_tokens, min_new_tokens, decode_text) -> list[Generated]:
+    def _generate(self, items, max_new_tokens, min_new_tokens, decode_text, length=None) -> list[Generated]:
         torch = self.torch
         t0 = time.perf_counter()
         n = len(items)
@@ -497,7 +498,7 @@ class FastGenerator:
         min_new = max(0, min(int(min_new_tokens), max_new))
         B = self.bucket_for(n)
         P = max(it.prompt_len for it in items)
-        need = P + max_new
+        need = max(P + max_new, length or 0)
         if need > self.max_cache_len:
             # Longer than the static cache: the plain (uncaptured) HF path, correct but slower.
             logger.warning("prompt %d + %d new tokens exceeds cache %d: eager fallback", P, max_new, self.max_cache_len)
@@ -607,7 +608,9 @@ class FastGenerator:
         report = {}
         for b in self.batch_sizes:
             tb = time.perf_counter()
-            self.generate([prep] * b, max_new_tokens=max_new, decode_text=False)  # captures (b, P + max_new)
+            # A short generate warms the prefill shapes; its decode graph is captured for the full length.
+            with self._lock, self.torch.inference_mode():
+                self._generate([prep] * b, min(max_new, 4), 0, False, length=prep.prompt_len + max_new)
             for total in sorted(set(lengths)):
                 L = _round_up(min(total, self.max_cache_len), LENGTH_BUCKET)
                 with self.torch.inference_mode():

@@ -117,7 +117,19 @@ class GenerationSettings(_Section):
         description="the instruction sent with every image",
     )
     max_new_tokens: int = Field(256, ge=1, le=8192, description="upper bound on tokens per line")
-    static_cache: bool = Field(False, description="compiled static-KV-cache decoding (GPU; see bench/)")
+    static_cache: bool = Field(
+        False, description="the fast path: merged LoRA, static KV cache, CUDA-graph decoding (htrd.fastgen; bench/)"
+    )
+    compile: bool = Field(True, description="static_cache on a GPU: fuse the decode step's ops with torch.compile")
+    compile_cache_dir: Path | None = Field(
+        None, description="inductor/triton kernel cache; null: $TORCHINDUCTOR_CACHE_DIR/$TRITON_CACHE_DIR or torch's"
+    )
+    max_cache_len: int = Field(
+        1024, ge=64, le=65536, description="static KV-cache slots per image (prompt + new tokens); longer: eager path"
+    )
+    min_new_tokens: int = Field(
+        0, ge=0, le=8192, description="benchmarks only: suppress EOS before this many tokens (0 in production)"
+    )
 
 
 class WatchdogSettings(_Section):

@@ -479,6 +479,12 @@ def install(
 
         model_dir = Settings().model.dir
 
+    for tmp in (Path("/tmp"), Path("/var/tmp")):
+        if tmp in Path(model_dir).parents:
+            raise ServiceError(
+                f"model.dir {model_dir} is under {tmp}, which the service cannot see (PrivateTmp=yes)",
+                remedy="provision the model elsewhere, e.g. /var/lib/htr/model, and set model.dir",
+            )
     ctx = make_context(
         config=config, model_dir=model_dir, htrd=htrd_path, user=user, group=group, supplementary_groups=extra_groups
     )
@@ -687,7 +693,9 @@ def logs(*, instance: str | None = None, lines: int | None = 100, follow: bool =
 
 def restart(*, instance: str | None = None, no_block: bool = False) -> ServiceStatus:
     """Restart the daemon: it drains in-flight requests first (SIGTERM), the socket keeps clients waiting."""
-    svc, _ = unit_names(instance)
+    svc, sock = unit_names(instance)
+    # A unit that hit its start limit refuses to start until reset (e.g. after a config fix).
+    systemctl("reset-failed", svc, sock, check=False)
     argv = ["restart", svc]
     if no_block:
         argv.insert(0, "--no-block")

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
-from nspawn_harness import Container, ContainerError, can_boot
+from nspawn_harness import CONFIG, HTRCTL, TEST_ENV_FILE, Container, ContainerError, can_boot, set_test_env
 
 
 def _root_conftest():
@@ -33,10 +34,6 @@ _root = _root_conftest()
 REPO, CACHE, require_system = _root.REPO, _root.CACHE, _root.require_system
 
 VENV = Path(sys.prefix)
-HTRCTL = VENV / "bin" / "htrctl"
-CONFIG = "/etc/htr/htr.yaml"
-# Faults and test-only settings for the daemon, read by systemd at every (re)start.
-TEST_ENV_FILE = "/run/htr-test.env"
 TEST_DROPIN = "/etc/systemd/system/htr.service.d/50-test.conf"
 
 
@@ -46,10 +43,13 @@ def _under(p: Path, parent: Path) -> bool:
 
 
 @pytest.fixture(scope="session")
-def container(tmp_path_factory):
+def container():
     ok, what = can_boot()
     require_system(ok, what)
-    scratch = tmp_path_factory.mktemp("nspawn")
+    # Not under /tmp: the service's PrivateTmp=yes would hide it (as it would a real model there).
+    scratch = CACHE / f"nspawn-{os.getpid()}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
     binds = [REPO, scratch]
     binds_ro = [Path(sys.base_prefix)]
     for extra in (VENV, CACHE):
@@ -61,10 +61,16 @@ def container(tmp_path_factory):
         box.boot(timeout=90)
     except ContainerError as exc:
         require_system(False, f"a bootable systemd container ({exc})")
+    # The container's /root is its own tmpfs (0750): let the unprivileged test users (nobody,
+    # a member of group htr) reach the Python installation bound under it. The service itself
+    # does not need this (ProtectHome=tmpfs + BindReadOnlyPaths=, rendered by the installer).
+    if any(Path(p) == Path("/root") or Path("/root") in Path(p).parents for p in binds_ro):
+        box.run(["chmod", "0755", "/root"])
     try:
         yield box
     finally:
         box.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 TEST_CONFIG = """\
@@ -75,14 +81,14 @@ model:
 gpu:
   select: cpu
 limits:
-  batch_sizes: [1, 2]
+  batch_sizes: [1]
   batch_window_ms: 1.0
   drain_timeout_s: 30.0
   request_deadline_s: 60.0
 generation:
   max_new_tokens: 8
 watchdog:
-  generate_timeout_s: 3.0
+  generate_timeout_s: 10.0
 """
 
 TEST_DROPIN_TEXT = f"""\
@@ -98,18 +104,19 @@ RestartSec=1s
 @pytest.fixture(scope="session")
 def installed(container, demo_model_dir):
     """``htrctl service install --start`` inside the container, with the demo model configured."""
-    container.write(CONFIG, TEST_CONFIG.format(model_dir=demo_model_dir), mode="0644")
+    # A copy in the bound scratch directory, readable by the service user (as a provisioned
+    # model directory must be; the cached build keeps its weights 0600).
+    model_dir = container.scratch / "demo-model"
+    shutil.copytree(demo_model_dir, model_dir)
+    for p in [model_dir, *model_dir.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    container.write(CONFIG, TEST_CONFIG.format(model_dir=model_dir), mode="0644")
     res = container.run([str(HTRCTL), "service", "install", "--start"], check=False, timeout=120)
     assert res.returncode == 0, f"install failed: {res.stderr}"
     container.write(TEST_DROPIN, TEST_DROPIN_TEXT)
     container.run(["systemctl", "daemon-reload"])
     container.install_output = res.stderr
     return container
-
-
-def set_test_env(box: Container, **env: str) -> None:
-    """Rewrite the env file the next start of htr.service reads (empty: no faults)."""
-    box.write(TEST_ENV_FILE, "".join(f"{k}={v}\n" for k, v in env.items()))
 
 
 @pytest.fixture

@@ -12,9 +12,11 @@ Only the ``systemd-nspawn`` process this module started is ever signalled.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +24,12 @@ from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
+
+# This environment's htrctl, run inside the container (the repository and .venv are bound at the same paths).
+HTRCTL = Path(sys.prefix) / "bin" / "htrctl"
+CONFIG = "/etc/htr/htr.yaml"
+# Faults and test-only settings for htrd, read by systemd at every (re)start (EnvironmentFile=).
+TEST_ENV_FILE = "/run/htr-test.env"
 
 CLEAN_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -35,6 +43,12 @@ CLEAN_ENV = {
 
 class ContainerError(RuntimeError):
     pass
+
+
+def _as_user(user: str) -> list[str]:
+    """Prefix that drops to *user* with its own groups (setpriv: no PAM session needed)."""
+    return ["setpriv", f"--reuid={user}", f"--regid={user}" if user != "nobody" else "--regid=nogroup",
+            "--init-groups", "--"]
 
 
 def wait_until(check: Callable[[], T], *, timeout: float, interval: float = 0.1, what: str = "condition") -> T:
@@ -92,12 +106,19 @@ class Container:
                                          start_new_session=True)
         try:
             self.leader = wait_until(self._find_leader, timeout=30, what="the container's systemd (PID 1)")
-            res = self.run(["systemctl", "is-system-running", "--wait"], check=False,
-                           timeout=max(5.0, timeout - (time.monotonic() - t0)))
+
+            def system_state() -> str | None:
+                # Until PID 1 has its private bus socket, systemctl cannot connect: it prints nothing
+                # or "offline". Ask again then.
+                left = max(1.0, timeout - (time.monotonic() - t0))
+                res = self.run(["systemctl", "is-system-running", "--wait"], check=False, timeout=left)
+                state = res.stdout.strip()
+                return None if state in ("", "offline", "unknown") else state
+
+            state = wait_until(system_state, timeout=timeout, interval=0.2, what="systemctl is-system-running")
         except (TimeoutError, subprocess.TimeoutExpired) as exc:
             self.stop()
             raise ContainerError(f"container did not boot: {exc}; log: {self.tail()}") from exc
-        state = res.stdout.strip()
         if state not in ("running", "degraded"):
             failed = self.run(["systemctl", "--failed", "--no-legend"], check=False).stdout
             self.stop()
@@ -135,23 +156,26 @@ class Container:
             proc.kill()
             proc.wait(timeout=10)
 
-    def tail(self, n: int = 2000) -> str:
+    def tail(self, n: int = 800) -> str:
+        """The end of nspawn's console log, without colour codes."""
         try:
-            return self.log.read_text(errors="replace")[-n:]
+            text = self.log.read_text(errors="replace")
         except OSError:
             return "<no log>"
+        text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+        return " | ".join(line.strip() for line in text[-n:].splitlines() if line.strip())
 
     # -- commands inside
 
     def run(self, argv: Sequence[str], *, check: bool = True, timeout: float = 60.0, user: str | None = None,
             env: dict[str, str] | None = None, input: str | None = None) -> subprocess.CompletedProcess:
-        """Run *argv* inside the container (as *user* via runuser), with a clean environment."""
+        """Run *argv* inside the container (as *user*, via setpriv), with a clean environment."""
         if self.leader is None:
             raise ContainerError("container not booted")
         full_env = {**CLEAN_ENV, **(env or {})}
         inner = ["env", "-i", *[f"{k}={v}" for k, v in full_env.items()]]
         if user:
-            inner = ["runuser", "-u", user, "--", *inner]
+            inner = _as_user(user) + inner
         cmd = ["nsenter", "-t", str(self.leader), "-a", *inner, *argv]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input,
                              stdin=None if input is not None else subprocess.DEVNULL)
@@ -168,7 +192,7 @@ class Container:
         """Start *argv* inside the container in the background (stdout/stderr captured)."""
         inner = ["env", "-i", *[f"{k}={v}" for k, v in CLEAN_ENV.items()]]
         if user:
-            inner = ["runuser", "-u", user, "--", *inner]
+            inner = _as_user(user) + inner
         return subprocess.Popen(["nsenter", "-t", str(self.leader), "-a", *inner, *argv],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -197,3 +221,8 @@ class Container:
 
     def write(self, path: str, text: str, mode: str = "0644") -> None:
         self.run(["sh", "-c", f'mkdir -p "$(dirname "{path}")" && cat > "{path}" && chmod {mode} "{path}"'], input=text)
+
+
+def set_test_env(box: Container, **env: str) -> None:
+    """Rewrite the env file the next start of htr.service reads (nothing: no faults)."""
+    box.write(TEST_ENV_FILE, "".join(f"{k}={v}\n" for k, v in env.items()))

@@ -148,6 +148,14 @@ def test_dry_run_writes_nothing(tmp_path):
     assert "Type=notify" in res.units["htr.service"]
 
 
+def test_install_refuses_a_model_under_tmp(tmp_path):
+    root = tmp_path / "root"
+    (root / "etc/htr").mkdir(parents=True)
+    (root / "etc/htr/htr.yaml").write_text("model:\n  dir: /tmp/models/htr\n")
+    with pytest.raises(ServiceError, match="PrivateTmp"):
+        service.install(root=root)
+
+
 def test_install_refuses_a_missing_htrd(tmp_path):
     with pytest.raises(ServiceError, match="htrd not found"):
         service.install(root=tmp_path, htrd=tmp_path / "nope" / "htrd")

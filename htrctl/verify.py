@@ -464,8 +464,8 @@ def _check_structure(root: Path, report: VerifyReport, redo: str) -> None:
             named = _adapter_base_name(adapter_dir) or "its base"
             add(Finding("config.json", f"the base model is missing: only the adapter is here, and it names "
                         f"{named!r} (loading would try to download it)",
-                        f"provision the base next to it: htrctl provision {root} {root} --base <directory, "
-                        f"host:path or hf://{named}>", "base_missing"))
+                        f"provision adapter and base into a complete directory: htrctl provision {root} "
+                        f"NEW_DIR --base <directory, host:path or hf://{named}>", "base_missing"))
         else:
             add(Finding("config.json", "missing: not a model directory", f"provision it: htrctl provision SOURCE "
                         f"{root}", "missing"))

@@ -78,6 +78,7 @@ def run(args: argparse.Namespace, *, journald: bool = False) -> int:
     if args.socket:
         settings.socket.path = Path(args.socket)
     setup_logging(args.log_level or settings.log.level, journald=journald)
+    logging.getLogger("PIL").setLevel(logging.INFO)  # its DEBUG lines dump image chunk names per request
     logger.info("htrd %s starting (pid %d, config %s)", __version__, os.getpid(), settings.source)
 
     from .faults import Faults

@@ -30,7 +30,7 @@ import signal
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -102,6 +102,7 @@ class Engine:
         self._processor_lock = threading.Lock()
         self._serving = False  # faults apply to serving generates only, never to warm-up
         self._busy = False  # a batch is being run
+        self._running: list[WorkItem] = []  # the items of that batch
         # Watchdog: monotonic start of the running generate (None when none) and loop heartbeat.
         self.generate_started_at: float | None = None
         self.heartbeat = time.monotonic()
@@ -279,6 +280,23 @@ class Engine:
         per_batch = max(self.last_batch_s, 0.5)
         return max(1, math.ceil(per_batch * (depth / self.max_batch + 1)))
 
+    def abandon(self, message: str) -> int:
+        """Fail every queued and running image with 503 not_ready (drain gave up); returns how many."""
+        with self._cond:
+            items = list(self._queue) + list(self._running)
+            self._queue.clear()
+            self.metrics.queue_depth.set(0)
+        err = ApiError("not_ready", message, retry_after=5)
+        n = 0
+        for item in items:
+            if not item.future.done():
+                try:
+                    item.future.set_exception(err)
+                    n += 1
+                except InvalidStateError:  # finished meanwhile
+                    pass
+        return n
+
     def submit(self, prepared: list[Prepared], *, deadline: float, max_new_tokens: int, request_id: str,
                pages: list[int] | None = None) -> list[WorkItem]:
         """Queue the pages of one request at once, or refuse all of them (queue_full)."""
@@ -330,6 +348,7 @@ class Engine:
                 taken = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
                 self.metrics.queue_depth.set(len(self._queue))
                 self._busy = True
+                self._running = taken
             try:
                 self.heartbeat = time.monotonic()
                 live = []
@@ -346,6 +365,7 @@ class Engine:
             finally:
                 with self._cond:
                     self._busy = False
+                    self._running = []
                 self.heartbeat = time.monotonic()
 
     def _fail(self, item: WorkItem, err: ApiError) -> None:
@@ -353,7 +373,10 @@ class Engine:
         if err.type == "deadline_exceeded":
             self.state.count(deadline_exceeded=1)
         if not item.future.done():
-            item.future.set_exception(err)
+            try:
+                item.future.set_exception(err)
+            except InvalidStateError:  # abandoned by a drain meanwhile
+                pass
 
     def _serve_batch(self, items: list[WorkItem]) -> None:
         import torch
@@ -383,7 +406,10 @@ class Engine:
             if now > item.deadline:
                 self._fail(item, _deadline_error(item))
             elif not item.future.done():
-                item.future.set_result(result)
+                try:
+                    item.future.set_result(result)
+                except InvalidStateError:  # abandoned by a drain meanwhile
+                    pass
 
     def _generate(self, items: list[WorkItem]) -> list[PageResult]:
         """ONE generate call for *items*; returns one PageResult per item."""

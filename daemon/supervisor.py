@@ -194,6 +194,9 @@ class Supervisor:
             if wd is not None:
                 code = wd
                 break
+            if self.triggered:
+                logger.warning("a generate call is stuck (watchdog fired): in-flight work cannot finish; stopping now")
+                break
             try:
                 kind, value = self.events.get(timeout=self.tick_s)
                 if kind == "signal" and value == signal.SIGINT:
@@ -203,6 +206,10 @@ class Supervisor:
                 pass
         if self.triggered and code == 0:
             code = int(ExitCode.WATCHDOG)
+        abandoned = self.engine.abandon("htrd stopped before this request could finish; retry")
+        if abandoned:
+            logger.warning("%d image(s) abandoned by the stop (answered 503 not_ready)", abandoned)
+            self.state.wait_idle(2.0)  # let their handlers send the 503s before the server closes
         self.engine.stop()
         self.stop_server()
         return code

@@ -35,7 +35,7 @@ import httpx
 import pytest
 
 DEFAULT_BATCH_SIZES = [1, 2, 4]
-START_TIMEOUT_S = 120.0  # a cold torch import on a busy 2-core machine can take a while
+START_TIMEOUT_S = 180.0  # a cold torch import on a busy 2-core machine can take a while
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition") -> Any:

@@ -742,6 +742,7 @@ def _provision_local(
         )
         if manifest.adapter is not None:
             manifest.adapter["sha256"] = hashes.get(f"{ADAPTER_DIRNAME}/adapter_model.safetensors")
+        _carry_variants(manifest, src_manifest, plan)
         if merge:
             _do_merge(tree, manifest, old, dest, result, progress)
         (tree / MANIFEST_NAME).unlink(missing_ok=True)
@@ -859,6 +860,16 @@ def _adopt_in_place(
         manifest.adapter["sha256"] = hashes.get(f"{ADAPTER_DIRNAME}/adapter_model.safetensors")
     result.manifest_digest = write_manifest(root, manifest)
     return result
+
+
+def _carry_variants(manifest: Manifest, src_manifest: Manifest | None, plan: list[PlanFile]) -> None:
+    """A source's merged/ variant travels with its record in the manifest."""
+    if src_manifest is None:
+        return
+    rels = {pf.rel for pf in plan}
+    for name, v in src_manifest.variants.items():
+        if any(r.startswith(f"{v.get('path', name)}/") for r in rels):
+            manifest.variants[name] = dict(v)
 
 
 def _merged_up_to_date(old: Manifest, dest: Path) -> bool:
@@ -1116,6 +1127,7 @@ def _provision_to_remote(
             if manifest.adapter is not None:
                 manifest.adapter["sha256"] = next(
                     (pf.sha256 for pf in plan if pf.rel == f"{ADAPTER_DIRNAME}/adapter_model.safetensors"), None)
+            _carry_variants(manifest, src_manifest, plan)
             _ssh_run(dst.host, f"mkdir -p {shlex.quote(rwork + '/tree')}", ssh=ssh)
             link_dest = ["--link-dest", f"../../{name}"]
             literal, _ = _rsync(["-L", "--delete", "--exclude", f"/{MANIFEST_NAME}", *link_dest,

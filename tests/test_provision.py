@@ -320,3 +320,16 @@ def test_merge_writes_a_variant_with_equal_logits(demo_model_dir, tmp_path):
     assert (want - plain).abs().max().item() > 100 * MERGE_ATOL  # the adapter does change the output
     # re-provisioning with --merge is a no-op while nothing changed
     assert provision(str(demo_model_dir), str(dest), merge=True, progress=False).noop
+
+
+@pytest.mark.slow
+def test_merged_variant_travels_with_its_record(demo_model_dir, tmp_path):
+    pytest.importorskip("torch")
+    first = tmp_path / "first"
+    provision(str(demo_model_dir), str(first), merge=True, progress=False)
+    second = tmp_path / "second"
+    provision(str(first), str(second), progress=False)
+    m1, m2 = read_manifest(first)[0], read_manifest(second)[0]
+    assert m2.variants["merged"] == m1.variants["merged"]
+    assert {e.path: e.sha256 for e in m2.files} == {e.path: e.sha256 for e in m1.files}
+    assert verify_model_dir(second).ok

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import grp
 import logging
+import math
 import os
 import pwd
 import re
@@ -33,7 +34,7 @@ from typing import Any
 
 from . import __version__
 from .config import SYSTEM_CONFIG, load_settings
-from .errors import ExitCode, ServiceError
+from .errors import ConfigError, ExitCode, ServiceError
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ GPU_GROUPS = ("video", "render")
 # Directories that ProtectHome= hides.
 HOME_DIRS = (Path("/home"), Path("/root"), Path("/run/user"))
 STATE_DIR = Path("/var/lib/htr")
+# TimeoutStopSec= = limits.drain_timeout_s + this (uvicorn's shutdown, engine stop).
+STOP_MARGIN_S = 30
 # First line of every rendered unit: marks the file as ours (uninstall removes only these).
 MARKER = "# Rendered by htrctl"
 # Characters a path may not contain to be written into a unit file unquoted.
@@ -83,10 +86,13 @@ class UnitContext:
     supplementary_groups: tuple[str, ...] = ()
     # Paths under /home, /root, /run/user that the service must still read.
     home_binds: tuple[Path, ...] = ()
+    # TimeoutStopSec=: the config's limits.drain_timeout_s plus room to shut down.
+    stop_timeout_s: int = 90
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        return {k: [str(x) for x in v] if isinstance(v, tuple) else str(v) for k, v in d.items()}
+        return {k: [str(x) for x in v] if isinstance(v, (tuple, list)) else v if isinstance(v, int) else str(v)
+                for k, v in d.items()}
 
 
 def _unit_path(p: Path, what: str) -> str:
@@ -181,6 +187,7 @@ def make_context(
     group: str = DEFAULT_GROUP,
     root: Path = Path("/"),
     supplementary_groups: Sequence[str] | None = None,
+    drain_timeout_s: float = 60.0,
 ) -> UnitContext:
     htrd = Path(htrd) if htrd else default_htrd()
     config = Path(config)
@@ -194,6 +201,7 @@ def make_context(
         group=group,
         supplementary_groups=tuple(supplementary_groups) if supplementary_groups is not None else gpu_groups(root),
         home_binds=binds,
+        stop_timeout_s=int(math.ceil(drain_timeout_s)) + STOP_MARGIN_S,
     )
 
 
@@ -236,6 +244,7 @@ def render_unit(template: str, ctx: UnitContext) -> str:
         "GROUP": _check_name(ctx.group, "group"),
         "SUPPLEMENTARY_GROUPS": supp,
         "PROTECT_HOME": protect_home,
+        "TIMEOUT_STOP_SEC": str(int(ctx.stop_timeout_s)),
     }
 
     def sub(m: re.Match) -> str:
@@ -473,11 +482,12 @@ def install(
                 raise _permission(exc, cfg_file) from exc
         actions.append(Action("write", str(cfg_file), "config from the documented defaults; set model.dir", done=not dry_run))
     if cfg_file.exists():
-        model_dir = load_settings(cfg_file, env={}).model.dir
+        settings = load_settings(cfg_file, env={})
     else:  # dry run on a fresh machine: the defaults it would write
         from .config import Settings
 
-        model_dir = Settings().model.dir
+        settings = Settings()
+    model_dir = settings.model.dir
 
     for tmp in (Path("/tmp"), Path("/var/tmp")):
         if tmp in Path(model_dir).parents:
@@ -486,7 +496,8 @@ def install(
                 remedy="provision the model elsewhere, e.g. /var/lib/htr/model, and set model.dir",
             )
     ctx = make_context(
-        config=config, model_dir=model_dir, htrd=htrd_path, user=user, group=group, supplementary_groups=extra_groups
+        config=config, model_dir=model_dir, htrd=htrd_path, user=user, group=group, supplementary_groups=extra_groups,
+        drain_timeout_s=settings.limits.drain_timeout_s,
     )
     units = render_units(ctx)
     target_dir = Path(unit_dir) if unit_dir else _under(root, UNIT_DIR)
@@ -630,6 +641,7 @@ class ServiceStatus:
     service: dict[str, str]
     socket: dict[str, str]
     units_current: bool | None  # installed files equal a fresh rendering (None: not checked)
+    config_error: str | None = None  # the config file does not load
 
     @property
     def running(self) -> bool:
@@ -644,27 +656,32 @@ class ServiceStatus:
         return 3
 
     def to_dict(self) -> dict[str, Any]:
-        return {"service": self.service, "socket": self.socket, "units_current": self.units_current}
+        return {"service": self.service, "socket": self.socket, "units_current": self.units_current,
+                "config_error": self.config_error}
 
 
 def status(*, instance: str | None = None, config: Path | None = None) -> ServiceStatus:
     """The units' state from systemd, and whether the installed files are current."""
     svc, sock = unit_names(instance)
     current: bool | None = None
+    config_error: str | None = None
     svc_props = show(svc)
     frag = svc_props.get("FragmentPath") or ""
     try:
         cfg = Path(config) if config else SYSTEM_CONFIG
         settings = load_settings(cfg, env={}) if cfg.exists() else None
         if settings is not None and frag:
-            ctx = make_context(config=cfg, model_dir=settings.model.dir)
+            ctx = make_context(config=cfg, model_dir=settings.model.dir,
+                               drain_timeout_s=settings.limits.drain_timeout_s)
             tmpl = "htr@.service" if instance else "htr.service"
             current = Path(frag).read_text(encoding="utf-8") == render_unit(
                 (template_dir() / tmpl).read_text(encoding="utf-8"), ctx
             )
+    except ConfigError as exc:  # a broken config is what status must still report on
+        config_error = exc.one_line()
     except (OSError, ServiceError) as exc:
         logger.debug("cannot compare the installed units: %s", exc)
-    return ServiceStatus(service=svc_props, socket=show(sock), units_current=current)
+    return ServiceStatus(service=svc_props, socket=show(sock), units_current=current, config_error=config_error)
 
 
 def journalctl_argv(*, instance: str | None = None, lines: int | None = 100, follow: bool = False,

@@ -96,6 +96,8 @@ def status_cmd(
         if s.get("ExecMainStatus") not in (None, "", "0"):
             typer.echo(f"         last exit status: {s['ExecMainStatus']}")
         typer.echo(f"socket   {k.get('ActiveState')} ({k.get('SubState')})  enabled={k.get('UnitFileState')}")
+        if st.config_error:
+            typer.echo(f"config   {st.config_error}")
         if st.units_current is False:
             typer.echo("units    differ from this installation: run `htrctl service install`")
     raise typer.Exit(st.exit_code())

@@ -42,6 +42,7 @@ def test_render_fills_every_placeholder_with_this_installation():
     assert "ProtectHome=yes\n" in svc and "BindReadOnlyPaths" not in svc
     assert "SocketGroup=htr\n" in units["htr.socket"] and "SocketMode=0660\n" in units["htr.socket"]
     assert "ListenStream=/run/htr/htr-%i.sock\n" in units["htr@.socket"]
+    assert "TimeoutStopSec=90s\n" in svc  # limits.drain_timeout_s (60) + 30
     assert "Environment=HTR_GPU__SELECT=%i HTR_SOCKET__PATH=/run/htr/htr-%i.sock\n" in units["htr@.service"]
 
 
@@ -131,12 +132,15 @@ def test_install_keeps_an_edited_config_and_follows_its_model_dir(tmp_path):
     cfg = root / "etc/htr/htr.yaml"
     data = yaml.safe_load(cfg.read_text())
     data["model"]["dir"] = "/srv/models/glagolitic"
+    data["limits"]["drain_timeout_s"] = 300.5
     cfg.write_text(yaml.safe_dump(data))
     res = service.install(root=root)
     assert cfg.read_text() == yaml.safe_dump(data)  # never overwritten
     written = {Path(a.target).name for a in res.actions if a.what == "write"}
     assert written == {"htr.service", "htr@.service"}
-    assert "ReadOnlyPaths=-/srv/models/glagolitic\n" in (root / "etc/systemd/system/htr.service").read_text()
+    unit = (root / "etc/systemd/system/htr.service").read_text()
+    assert "ReadOnlyPaths=-/srv/models/glagolitic\n" in unit
+    assert "TimeoutStopSec=331s\n" in unit  # the stop timeout follows the drain timeout
 
 
 def test_dry_run_writes_nothing(tmp_path):

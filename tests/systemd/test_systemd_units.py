@@ -116,6 +116,10 @@ def test_first_request_starts_the_daemon_through_the_socket(clean_service):
     assert live.returncode == 0 and _http(live)[0] == 200, live.stderr + _diag(box)
     st = _wait_active(box)
     assert st["StatusText"].startswith("ready"), st
+    # A healthy daemon pings the watchdog (WatchdogSec=10s in the test drop-in: every 5 s).
+    first_ping = box.prop("htr.service", "WatchdogTimestampMonotonic")
+    wait_until(lambda: box.prop("htr.service", "WatchdogTimestampMonotonic") != first_ping, timeout=12,
+               what="a WATCHDOG=1 ping")
     status = box.run(["systemctl", "status", "--no-pager", "--lines=0", "htr.service"], check=False).stdout
     assert f'Status: "{st["StatusText"]}"' in status
     assert "TriggeredBy: ● htr.socket" in status or "TriggeredBy: htr.socket" in status
@@ -159,11 +163,14 @@ def test_hung_generate_is_killed_by_the_watchdog_and_restarted(clean_service):
     assert during.returncode == 0, err
     record = json.loads(out.splitlines()[0])
     assert record["input"].endswith("line-02.png") and isinstance(record["text"], str)
-    hung_out, _ = hung.communicate(timeout=30)
-    assert hung.returncode != 0 or not hung_out.endswith("\n200"), "the hung request cannot have succeeded"
+    hung_out, hung_err = hung.communicate(timeout=30)
+    # The killed daemon's connection closes: curl's "empty reply" (52) or "connection reset" (56).
+    assert hung.returncode in (52, 56), (hung.returncode, hung_out, hung_err)
     journal = box.journal("htr.service", since_cursor=cursor)
-    assert re.search(r"[Ww]atchdog", journal), journal[-3000:]
-    assert "generate_timeout_s" in journal
+    assert "past watchdog.generate_timeout_s=10s" in journal, journal[-3000:]  # htrd says why
+    assert "Watchdog request" in journal or "Watchdog timeout" in journal  # systemd acts
+    assert "Failed with result 'watchdog'" in journal
+    assert "Scheduled restart job, restart counter is at 1" in journal
     # and it serves again
     code, body = _http(box.run(_transcribe_curl("line-03.jpg"), check=False))
     assert code == 200, body
@@ -197,8 +204,16 @@ def test_config_error_exits_78_and_is_not_restarted(clean_service):
         journal = box.journal("htr.service", since_cursor=cursor)
         assert "limits.queue_lenght: unknown setting" in journal, journal[-3000:]
         assert "status=78/CONFIG" in journal
+        # `htrctl service status` reports it, with systemctl's exit code for "not running".
+        stat = box.run([str(HTRCTL), "service", "status"], check=False)
+        assert stat.returncode == 3 and "last exit status: 78" in stat.stdout, stat
+        assert "queue_lenght: unknown setting" in stat.stdout
     finally:
         box.write(CONFIG, good)
+    # Fixed: `htrctl service restart` brings it back.
+    res = box.run([str(HTRCTL), "service", "restart"], check=False, timeout=START_S + 30)
+    assert res.returncode == 0, res.stderr + _diag(box)
+    assert res.stdout.startswith("active (running): ready"), res.stdout
 
 
 # ---------------------------------------------------------------- stop while busy
@@ -267,3 +282,21 @@ def test_replica_template_serves_on_its_own_socket(clean_service):
         assert "HTR_GPU__SELECT=cpu" in env and f"HTR_SOCKET__PATH={sock}" in env
     finally:
         box.run(["systemctl", "stop", "htr@cpu.service", "htr@cpu.socket"], check=False, timeout=90)
+
+
+# ---------------------------------------------------------------- uninstall (last: it re-installs after itself)
+
+
+def test_uninstall_removes_the_units_and_keeps_the_data(installed):
+    box = installed
+    try:
+        res = box.run([str(HTRCTL), "service", "uninstall"], check=False, timeout=120)
+        assert res.returncode == 0, res.stderr
+        left = box.run(["sh", "-c", "ls /etc/systemd/system/ | grep '^htr' || true"]).stdout.split()
+        assert left == ["htr.service.d"]  # the test's drop-in directory is not htrctl's
+        assert box.run(["systemctl", "is-active", "htr.socket"], check=False).stdout.strip() == "inactive"
+        assert box.run(["test", "-f", CONFIG], check=False).returncode == 0
+        assert box.run(["getent", "passwd", "htr"], check=False).returncode == 0
+    finally:
+        again = box.run([str(HTRCTL), "service", "install", "--start"], check=False, timeout=120)
+        assert again.returncode == 0, again.stderr

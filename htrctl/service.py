@@ -455,6 +455,15 @@ def install(
     live = root == Path("/")
     if not live and (enable or start):
         raise ServiceError("--enable/--start act on the running systemd and cannot be combined with --root")
+    booted = live and systemd_running()
+    if live and not booted and (enable or start):
+        raise ServiceError("systemd is not running on this machine: cannot --enable/--start",
+                           remedy="install without them (the units take effect when systemd runs), or run htrd directly")
+    if live and not dry_run and os.geteuid() != 0:
+        raise ServicePermissionError(
+            "installing the service needs root (it writes /etc/systemd/system, creates the htr user, runs systemctl)",
+            remedy="sudo htrctl service install (or --dry-run to see what it would do)",
+        )
     config = Path(config) if config else SYSTEM_CONFIG
     if not config.is_absolute():
         config = Path(os.path.abspath(config))
@@ -521,7 +530,10 @@ def install(
         units_changed = True
         actions.append(Action("write", str(path), "new" if current is None else "updated", done=not dry_run))
 
-    if live:
+    if live and not booted:
+        actions.append(Action("note", "systemd", "not running here: no daemon-reload; the units apply at its next start",
+                              done=False))
+    if booted:
         if units_changed:
             if not dry_run:
                 systemctl("daemon-reload")

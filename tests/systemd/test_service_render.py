@@ -206,3 +206,18 @@ def test_cli_without_systemd_says_so(tmp_path, capsys, monkeypatch):
     rc = main(["service", "status"])
     assert rc == 1
     assert "systemd is not running" in capsys.readouterr().err
+
+
+def test_live_install_needs_root(monkeypatch):
+    from htrctl.service import ServicePermissionError
+
+    monkeypatch.setattr(service.os, "geteuid", lambda: 1000)
+    with pytest.raises(ServicePermissionError, match="needs root") as err:
+        service.install()
+    assert err.value.exit_code == 77
+
+
+def test_live_enable_without_systemd_is_refused(monkeypatch):
+    monkeypatch.setattr(service, "systemd_running", lambda: False)
+    with pytest.raises(ServiceError, match="systemd is not running"):
+        service.install(enable=True)

@@ -134,10 +134,10 @@ class GpuSampler:
 def naive_worker(args) -> dict:
     """Runs in a subprocess: the naive path, then the fast path on the same (merged) weights."""
     os.environ["HF_HUB_OFFLINE"] = "1"
-    if args.compile:
+    if args.compile and args.device.startswith("cuda"):
         from htrd.fastgen import configure_compile_cache
 
-        configure_compile_cache(args.state_dir or tempfile.mkdtemp(prefix="htrb-state-"))
+        configure_compile_cache(Path(args.state_dir or tempfile.mkdtemp(prefix="htrb-state-")) / "compile-cache")
     import torch
     from peft import PeftModel
     from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
@@ -203,7 +203,7 @@ def naive_worker(args) -> dict:
         batch_sizes=args.batch_sizes,
         max_cache_len=args.max_cache_len,
         max_new_tokens=new,
-        compile=args.compile,
+        compile=args.compile and cuda,
     )
     res["fast_init_s"] = time.perf_counter() - t0
     warm = fast.warmup(img, max_new_tokens=new)
@@ -261,8 +261,8 @@ def run_naive(args) -> dict:
            "--new-tokens", str(args.new_tokens), "--naive-requests", str(args.naive_requests),
            "--prompt", args.prompt, "--max-cache-len", str(args.max_cache_len),
            "--batch-sizes", ",".join(map(str, args.batch_sizes))]
-    if args.compile:
-        cmd.append("--compile")
+    if not args.compile:
+        cmd.append("--no-compile")
     if args.state_dir:
         cmd += ["--state-dir", str(args.state_dir)]
     logger.info("(a) naive path + in-process fast path: %s", " ".join(cmd[2:]))
@@ -299,9 +299,8 @@ def write_config(path: Path, args, socket_path: Path, state_dir: Path) -> None:
         "watchdog": {"generate_timeout_s": 600.0},
         "log": {"level": "INFO"},
     }
-    if args.compile:
-        cfg["generation"]["compile"] = True
-    cfg["generation"]["state_dir"] = str(state_dir)
+    cfg["generation"]["compile"] = bool(args.compile)
+    cfg["generation"]["compile_cache_dir"] = str(state_dir / "compile-cache")
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
@@ -515,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-window-ms", type=float, default=5.0)
     ap.add_argument("--max-cache-len", type=int, default=1024)
     ap.add_argument("--prompt", default=PROMPT)
-    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step too")
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="fast path without torch.compile (CUDA graphs of the eager step only)")
     ap.add_argument("--daemon-naive", action="store_true", help="run htrd with generation.static_cache: false")
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--skip-daemon", action="store_true")
@@ -532,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     args.clients_list = [int(x) for x in str(args.clients).split(",") if x]
     args.clients = max(args.clients_list)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
     if args.worker == "naive":
         sys.stdout.write(json.dumps(naive_worker(args)) + "\n")

@@ -43,7 +43,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,11 +224,14 @@ class FastGenerator:
         self.pad_id = int(pad if pad is not None else self.eos_ids[0])
         self._chat_text = self._build_chat_text()
         self._lock = threading.Lock()  # serialises generate() (one GPU stream)
+        self._tls = threading.local()  # one processor copy per preprocessing thread
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool = None
         self._alloc_state()
         self._fuse_weights()
         self._ops = _Ops(torch, compile=self.compile)
+        if self.compile:
+            self._compile_prefill()
         self._step_fn = self._decode_step
 
     # ------------------------------------------------------------------ loading
@@ -272,6 +275,32 @@ class FastGenerator:
 
     variant: str = "merged"
 
+    @classmethod
+    def from_loaded(cls, model, processor, settings) -> FastGenerator:
+        """Build from the daemon's loaded model (a PeftModel is merged here) and its settings."""
+        gen_s = settings.generation
+        variant = "merged"
+        if hasattr(model, "merge_and_unload"):  # base + adapter: fold the LoRA into the weights
+            t0 = time.perf_counter()
+            model = model.merge_and_unload()
+            variant = "adapter"
+            logger.info("LoRA merged into the weights in %.2f s", time.perf_counter() - t0)
+        model.eval()
+        cuda = next(model.parameters()).device.type == "cuda"
+        if cuda and gen_s.compile:
+            configure_compile_cache(gen_s.compile_cache_dir)
+        gen = cls(
+            model,
+            processor,
+            prompt=gen_s.prompt,
+            batch_sizes=settings.limits.batch_sizes,
+            max_cache_len=gen_s.max_cache_len,
+            max_new_tokens=gen_s.max_new_tokens,
+            compile=cuda and gen_s.compile,
+        )
+        gen.variant = variant
+        return gen
+
     # ------------------------------------------------------------ preprocessing
     def _build_chat_text(self) -> str:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}]
@@ -280,7 +309,8 @@ class FastGenerator:
     def prepare(self, image) -> Prepared:
         """Tokenise and preprocess one PIL image (CPU only; safe from any thread)."""
         t0 = time.perf_counter()
-        enc = self.processor(text=[self._chat_text], images=[image.convert("RGB")], return_tensors="pt")
+        image = image.convert("RGB")
+        enc = self._thread_processor()(text=[self._chat_text], images=[image], return_tensors="pt")
         input_ids = enc["input_ids"][0]
         grid = enc["image_grid_thw"]
         mm = enc.get("mm_token_type_ids")
@@ -289,11 +319,21 @@ class FastGenerator:
         return Prepared(
             input_ids=input_ids,
             mm_token_type_ids=None if mm is None else mm[0],
-            pixel_values=enc["pixel_values"],
+            pixel_values=enc["pixel_values"].to(self.dtype),  # the vision tower casts to it anyway
             image_grid_thw=grid,
             rope_span=int(input_ids.shape[0]) - n_img + span,
             preprocess_ms=(time.perf_counter() - t0) * 1000.0,
         )
+
+    def _thread_processor(self):
+        """This thread's copy of the processor: a fast tokenizer must not serve two threads at
+        once, and one shared lock would serialise the image preprocessing of a whole batch."""
+        proc = getattr(self._tls, "processor", None)
+        if proc is None:
+            import copy
+
+            proc = self._tls.processor = copy.deepcopy(self.processor)
+        return proc
 
     def _collate(self, items: Sequence[Prepared]) -> dict:
         torch = self.torch
@@ -313,7 +353,8 @@ class FastGenerator:
         batch = {
             "input_ids": ids.to(dev, non_blocking=True),
             "attention_mask": att.to(dev, non_blocking=True),
-            "pixel_values": torch.cat([it.pixel_values for it in items]).to(dev, self.dtype, non_blocking=True),
+            # Per-item copies concatenated on the device: no large CPU-side cat of the patches.
+            "pixel_values": torch.cat([it.pixel_values.to(dev, self.dtype, non_blocking=True) for it in items]),
             "image_grid_thw": torch.cat([it.image_grid_thw for it in items]).to(dev, non_blocking=True),
         }
         if has_mm:
@@ -374,6 +415,31 @@ class FastGenerator:
                     m.weight = nn.Parameter(fused[off : off + n], requires_grad=False)
                     off += n
                 self._gu_w.append(fused)
+
+    def _compile_prefill(self) -> None:
+        """Fused kernels for the prefill's elementwise work (the HF forward runs them op by op).
+
+        The language model's RMSNorms (hidden, q and k) and MLP activations are
+        ~40% of a batch-64 prefill in eager mode (fp32 up-casts over 18k tokens).
+        Their forwards are swapped for compiled versions of the same math
+        (dynamic shapes: one graph serves every layer and batch); the MLP also
+        uses the fused gate/up weight. Numerically equivalent; the prompt's
+        structure (vision tower, deepstack, M-RoPE) stays HF's.
+        """
+        import functools
+
+        torch = self.torch
+        rms = torch.compile(_rms, dynamic=True, fullgraph=True)
+        silu_mul = torch.compile(_silu_mul, dynamic=True, fullgraph=True)
+        norm_cls = type(self.text.norm)
+        n = 0
+        for mod in self.text.modules():
+            if isinstance(mod, norm_cls):
+                mod.forward = functools.partial(_norm_forward, rms, mod)
+                n += 1
+        for li, layer in enumerate(self.layers):
+            layer.mlp.forward = functools.partial(_mlp_forward, silu_mul, self._gu_w[li], layer.mlp.down_proj)
+        logger.info("prefill: %d RMSNorms and %d MLPs use compiled kernels", n, len(self.layers))
 
     def _decode_step(self, B: int, L: int) -> None:
         """One greedy token for rows [:B], reading cache slots [:L]. Only touches fixed buffers."""
@@ -473,8 +539,14 @@ class FastGenerator:
         max_new_tokens: int | None = None,
         min_new_tokens: int = 0,
         decode_text: bool = True,
+        on_progress: Callable[[int], bool] | None = None,
     ) -> list[Generated]:
-        """Greedy-decode a batch of prepared images; one :class:`Generated` per item, in order."""
+        """Greedy-decode a batch of prepared images; one :class:`Generated` per item, in order.
+
+        *on_progress(tokens_so_far)* is called after the prefill and every few
+        decode steps (the watchdog's heartbeat); returning True stops early
+        (e.g. every request's deadline has passed) with what exists so far.
+        """
         if not items:
             return []
         if len(items) > self.max_batch:
@@ -485,12 +557,14 @@ class FastGenerator:
                     max_new_tokens=max_new_tokens,
                     min_new_tokens=min_new_tokens,
                     decode_text=decode_text,
+                    on_progress=on_progress,
                 )
             return out
         with self._lock, self.torch.inference_mode():
-            return self._generate(items, max_new_tokens, min_new_tokens, decode_text)
+            return self._generate(items, max_new_tokens, min_new_tokens, decode_text, on_progress=on_progress)
 
-    def _generate(self, items, max_new_tokens, min_new_tokens, decode_text, length=None) -> list[Generated]:
+    def _generate(self, items, max_new_tokens, min_new_tokens, decode_text, length=None,
+                  on_progress=None) -> list[Generated]:
         torch = self.torch
         t0 = time.perf_counter()
         n = len(items)
@@ -538,14 +612,17 @@ class FastGenerator:
         # ---- decode: one captured step per token
         graph = self._graph_for(B, L)
         steps = 1
-        while steps < max_new:
+        stop = on_progress is not None and on_progress(steps)
+        while steps < max_new and not stop:
             if graph is not None:
                 graph.graph.replay()
             else:
                 self._step_fn(B, L)
             steps += 1
-            if steps % CHECK_EVERY == 0 and bool(self.finished[:n].all()):
-                break
+            if steps % CHECK_EVERY == 0:
+                if bool(self.finished[:n].all()):
+                    break
+                stop = on_progress is not None and on_progress(steps)
         tokens = self.out[:n, :steps].tolist()
         t_end = time.perf_counter()
         return self._results(items, tokens, B, decode_text, t0, t_prefill, t_end, steps)
@@ -661,6 +738,16 @@ def _silu_mul(gu):
 
     g, u = gu.chunk(2, dim=-1)
     return torch.nn.functional.silu(g) * u
+
+
+def _norm_forward(fn, mod, x):
+    return fn(x, mod.weight, mod.variance_epsilon)
+
+
+def _mlp_forward(fn, gu_weight, down_proj, x):
+    import torch
+
+    return down_proj(fn(torch.nn.functional.linear(x, gu_weight)))
 
 
 class _Ops:

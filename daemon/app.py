@@ -90,6 +90,7 @@ def run(args: argparse.Namespace, *, journald: bool = False) -> int:
 
     gpu, device = pin_gpu(settings)
     manifest_digest = verify_model(settings)
+    activated = os.environ.get("LISTEN_PID", "") == str(os.getpid()) and bool(os.environ.get("LISTEN_FDS"))
     sock = open_socket(settings)
 
     require("fastapi", "daemon", "htrd")
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace, *, journald: bool = False) -> int:
 
     from .engine import Engine
     from .metrics import Metrics
-    from .server import PeerCredH11Protocol, create_app
+    from .server import create_app, peercred_protocol
     from .service import Service
     from .state import LOADING, READY, WARMING, ServiceState
     from .supervisor import Supervisor
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace, *, journald: bool = False) -> int:
     app = create_app(service)
     config = uvicorn.Config(
         app,
-        http=PeerCredH11Protocol,
+        http=peercred_protocol(settings.limits.read_timeout_s),
         lifespan="off",
         log_config=None,
         access_log=False,
@@ -125,6 +126,10 @@ def run(args: argparse.Namespace, *, journald: bool = False) -> int:
     supervisor = Supervisor(service, server=server, server_thread=server_thread)
     supervisor.install_signal_handlers()  # before anything else runs: SIGTERM is always a drain
     server_thread.start()
+    from .sockwatch import SocketWatch
+
+    SocketWatch(server, sock, Path(settings.socket.path), mode=settings.socket.mode, group=settings.socket.group,
+                activated=activated).start()  # a deleted socket file is bound again
 
     def load() -> None:
         try:

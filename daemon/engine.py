@@ -54,9 +54,10 @@ WARMUP_MAX_NEW_TOKENS = 4
 class Prepared:
     """One page, preprocessed for the model (tensors on the CPU, batch dimension 1)."""
 
-    tensors: dict[str, Any]
+    tensors: dict[str, Any] | None
     length: int
     preprocess_ms: float = 0.0
+    fast: Any = None  # htrd.fastgen.Prepared on the fast path
 
 
 @dataclass
@@ -110,6 +111,7 @@ class Engine:
         self.load_s: float | None = None
         self.warmup_s: float | None = None
         self.thread_error: BaseException | None = None
+        self.fast = None  # htrd.fastgen.FastGenerator when generation.static_cache is on
         self._eos_ids: set[int] = set()
         self._pad_id = 0
         self._gen_config = None
@@ -123,6 +125,12 @@ class Engine:
         if self.faults.slow_load_s:
             progress(f"loading (test fault slow_load={self.faults.slow_load_s:g}s)")
             threading.Event().wait(self.faults.slow_load_s)
+        gen_settings = self.settings.generation
+        if gen_settings.static_cache and gen_settings.compile_cache_dir is not None:
+            cache = Path(gen_settings.compile_cache_dir)
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
+            os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
+            os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
         progress("importing torch and transformers")
         import torch
         import transformers
@@ -148,6 +156,9 @@ class Engine:
             raise ModelError(f"cannot load the processor/tokenizer from {self.model_dir}: {_first_line(exc)}",
                              remedy="run `htrctl verify` and re-provision the directory") from exc
         progress(f"loading {self.variant} weights from {source} ({self.dtype_name}, {self.device})")
+        if gen_settings.static_cache:
+            self._load_fast(torch, dtype, progress)
+            return self._finish_load(t0)
         load_kwargs: dict[str, Any] = dict(local_files_only=True, use_safetensors=True, dtype=dtype)
         if self.device != "cpu":
             load_kwargs["device_map"] = {"": self.device}  # one explicit device, weights loaded straight onto it
@@ -170,6 +181,32 @@ class Engine:
         model.eval()
         self._assert_one_device(model, torch)
         self.model = model
+        self._finish_load(t0)
+
+    def _load_fast(self, torch, dtype, progress: Callable[[str], None]) -> None:
+        """The fast path: merged weights, static KV cache, CUDA-graph decode (htrd.fastgen)."""
+        from . import fastgen
+
+        g = self.settings.generation
+        try:
+            model, used = fastgen.load_merged_model(self.model_dir, device=self.device, dtype=dtype,
+                                                    variant=self.variant or self.settings.model.variant)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(f"cannot load the model from {self.model_dir}: {_first_line(exc)}",
+                             remedy="run `htrctl verify` and re-provision the directory") from exc
+        self._assert_one_device(model, torch)
+        progress("building the fast generator (static KV cache)")
+        self.fast = fastgen.FastGenerator(
+            model, self.processor, prompt=g.prompt, batch_sizes=self.batch_sizes, max_cache_len=g.max_cache_len,
+            max_new_tokens=g.max_new_tokens, compile=bool(g.compile and self.device != "cpu"),
+        )
+        self.model = model
+        self.variant = used if used == "merged" else "adapter (merged at load)"
+
+    def _finish_load(self, t0: float) -> None:
+        from transformers import GenerationConfig
+
+        model = self.model
         tok = self.processor.tokenizer
         tok.padding_side = "left"
         gen = GenerationConfig.from_model_config(model.config) if model.generation_config is None else model.generation_config
@@ -179,6 +216,8 @@ class Engine:
         gen.temperature = None
         gen.top_p = None
         gen.top_k = None
+        if self.settings.generation.min_new_tokens:
+            gen.min_new_tokens = self.settings.generation.min_new_tokens  # benchmarks only
         if gen.pad_token_id is None:
             gen.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self._gen_config = gen
@@ -191,8 +230,9 @@ class Engine:
         self.prompt_text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         self.load_s = time.monotonic() - t0
         self.metrics.load_seconds.set(self.load_s)
-        logger.info("model loaded in %.2fs: variant=%s dtype=%s device=%s params=%d", self.load_s, self.variant,
-                    self.dtype_name, self.device, sum(p.numel() for p in model.parameters()))
+        logger.info("model loaded in %.2fs: variant=%s dtype=%s device=%s params=%d path=%s", self.load_s,
+                    self.variant, self.dtype_name, self.device, sum(p.numel() for p in model.parameters()),
+                    "fast (static cache)" if self.fast is not None else "generate")
 
     def _pick_variant(self) -> tuple[Path, Path | None]:
         d = self.model_dir
@@ -227,6 +267,10 @@ class Engine:
     # -- preprocessing (worker threads, never the inference thread) -----------------------------------------
     def prepare(self, image) -> Prepared:
         t0 = time.perf_counter()
+        if self.fast is not None:
+            with self._processor_lock:  # fast tokenizers are not safe for concurrent use
+                fp = self.fast.prepare(image)
+            return Prepared(None, fp.prompt_len, (time.perf_counter() - t0) * 1000.0, fast=fp)
         with self._processor_lock:  # fast tokenizers are not safe for concurrent use
             enc = self.processor(text=[self.prompt_text], images=[image], return_tensors="pt")
         tensors = dict(enc.items())
@@ -245,7 +289,8 @@ class Engine:
         prepared = self.prepare(img)
         for n in self.batch_sizes:
             progress(f"warming up batch size {n} (of {self.batch_sizes})")
-            items = [WorkItem(prepared, math.inf, WARMUP_MAX_NEW_TOKENS, "warmup") for _ in range(n)]
+            new_tokens = self.settings.generation.max_new_tokens if self.fast is not None else WARMUP_MAX_NEW_TOKENS
+            items = [WorkItem(prepared, math.inf, new_tokens, "warmup") for _ in range(n)]
             self._generate(items)
         self.warmup_s = time.monotonic() - t0
         self.metrics.warmup_seconds.set(self.warmup_s)
@@ -430,6 +475,8 @@ class Engine:
         import torch
         from transformers import StoppingCriteria
 
+        if self.fast is not None:
+            return self._generate_fast(items, n, t0, torch)
         bucket = next((b for b in self.batch_sizes if b >= n), n)
         padded = list(items)
         if self.settings.generation.static_cache and bucket > n:
@@ -471,20 +518,45 @@ class Engine:
                     break
                 ids.append(t)
             total_tokens += len(ids)
-            text = tok.decode(ids, skip_special_tokens=True)
+            text = tok.decode(ids, skip_special_tokens=True).strip()
             timings = Timings(queue_ms=(t0 - item.enqueued_at) * 1000.0, preprocess_ms=item.prepared.preprocess_ms,
                               generate_ms=gen_s * 1000.0)
             results.append(PageResult(page=item.page, text=text, tokens=len(ids), batch_size=n, timings=timings))
+        self._record(n, total_tokens, gen_s)
         if self._serving:
-            self.metrics.batch_size.observe(n)
-            self.metrics.generate_seconds.observe(gen_s)
-            self.metrics.generated_tokens.inc(total_tokens)
-            self.metrics.images.inc(n)
-            if gen_s > 0:
-                self.metrics.tokens_per_second.set(total_tokens / gen_s)
-            self.state.count(batches=1, images=n, generated_tokens=total_tokens)
             logger.debug("batch of %d (bucket %d): %d tokens in %.3fs", n, bucket, total_tokens, gen_s)
         return results
+
+    def _generate_fast(self, items: list[WorkItem], n: int, t0: float, torch) -> list[PageResult]:
+        max_new = max(i.max_new_tokens for i in items)
+        if self._serving:
+            self._inject_faults(torch)
+        generated = self.fast.generate([i.prepared.fast for i in items], max_new_tokens=max_new,
+                                       min_new_tokens=min(self.settings.generation.min_new_tokens, max_new))
+        gen_s = time.monotonic() - t0
+        self.last_batch_s = gen_s
+        results = []
+        total = 0
+        for item, g in zip(items, generated):
+            ids = [t for t in g.token_ids if t not in self._eos_ids][: item.max_new_tokens]
+            text = g.text if len(ids) == len([t for t in g.token_ids if t not in self._eos_ids]) else self.fast.decode(ids)
+            total += len(ids)
+            timings = Timings(queue_ms=(t0 - item.enqueued_at) * 1000.0, preprocess_ms=item.prepared.preprocess_ms,
+                              generate_ms=gen_s * 1000.0)
+            results.append(PageResult(page=item.page, text=text, tokens=len(ids), batch_size=n, timings=timings))
+        self._record(n, total, gen_s)
+        return results
+
+    def _record(self, n: int, total_tokens: int, gen_s: float) -> None:
+        if not self._serving:
+            return
+        self.metrics.batch_size.observe(n)
+        self.metrics.generate_seconds.observe(gen_s)
+        self.metrics.generated_tokens.inc(total_tokens)
+        self.metrics.images.inc(n)
+        if gen_s > 0:
+            self.metrics.tokens_per_second.set(total_tokens / gen_s)
+        self.state.count(batches=1, images=n, generated_tokens=total_tokens)
 
     def _inject_faults(self, torch) -> None:
         f = self.faults

@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half
 
 SUPPORTED = "PNG, JPEG, TIFF or WebP"
+# Qwen-VL's image processor (smart_resize) refuses a longer side more than 200x the shorter one.
+MAX_ASPECT_RATIO = 200
 
 
 @dataclass
@@ -104,6 +106,13 @@ def _check_size(img: Image.Image, fmt: str, index: int, max_pixels: int) -> None
     where = f" (page {index})" if index else ""
     if w <= 0 or h <= 0:
         raise ApiError("bad_image", f"{fmt} image{where} declares an empty size {w}x{h}")
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise ApiError(
+            "bad_image",
+            f"{fmt} image{where} is {w}x{h}, an aspect ratio of {max(w, h) / min(w, h):.0f}:1; the model takes at "
+            f"most {MAX_ASPECT_RATIO}:1 -- crop it or pad the short side",
+            detail={"width": w, "height": h, "max_aspect_ratio": MAX_ASPECT_RATIO},
+        )
     if w * h > max_pixels:
         raise ApiError(
             "too_large",

@@ -59,10 +59,20 @@ _ERRORS = {code: {"model": P.ErrorEnvelope} for code in (400, 404, 413, 415, 422
 
 # -- the uvicorn protocol that records the peer's credentials ---------------------------------------------
 class PeerCredH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol, plus ``scope["htrd.peer"] = (pid, uid, gid)`` from SO_PEERCRED."""
+    """uvicorn's h11 protocol, plus ``scope["htrd.peer"] = (pid, uid, gid)`` from SO_PEERCRED.
+
+    It also closes a connection whose request headers are not complete within
+    :attr:`header_timeout_s` of its opening (or of the previous response):
+    uvicorn itself has no such timeout, so a client that trickles its headers
+    (slowloris) or sends nothing would hold the connection forever.
+    """
+
+    header_timeout_s: float = 30.0  # limits.read_timeout_s, set by :func:`peercred_protocol`
+    _header_timer = None
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._arm_header_timer()
         creds = None
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family == socket.AF_UNIX:
@@ -73,10 +83,45 @@ class PeerCredH11Protocol(H11Protocol):
         app = self.app
 
         async def with_peer(scope, receive, send):
+            self._disarm_header_timer()  # the headers are complete
             scope[PEER_KEY] = creds
             await app(scope, receive, send)
 
         self.app = with_peer
+        self._peer = creds
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_header_timer()  # the next request on this connection gets the same time
+
+    def connection_lost(self, exc) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        self._disarm_header_timer()
+        if self.header_timeout_s > 0:
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._on_header_timeout)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _on_header_timeout(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
+            return  # closed already, or a request is being served
+        peer = getattr(self, "_peer", None)
+        logger.info("closing a connection from peer_uid=%s: no complete request within limits.read_timeout_s (%gs)",
+                    peer[1] if peer else "-", self.header_timeout_s)
+        self.transport.close()
+
+
+def peercred_protocol(header_timeout_s: float) -> type[PeerCredH11Protocol]:
+    """:class:`PeerCredH11Protocol` with *header_timeout_s* (``limits.read_timeout_s``)."""
+    return type("PeerCredH11Protocol", (PeerCredH11Protocol,), {"header_timeout_s": float(header_timeout_s)})
 
 
 # -- per-request context: id, log line, metrics ------------------------------------------------------------
@@ -133,18 +178,24 @@ def _error_response(err: ApiError, request_id: str | None = None) -> JSONRespons
     return JSONResponse(err.envelope(), status_code=err.status, headers=headers)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it exceeds *limit* (never buffered beyond it)."""
+async def _read_body(request: Request, limit: int, timeout: float | None = None) -> bytes:
+    """The body, refused with 413 as soon as it exceeds *limit* (never buffered beyond it), and with 408
+    when it has not fully arrived within *timeout* seconds (a trickling client must not hold the request)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise ApiError("too_large", f"the request body is {int(declared)} bytes; limits.max_body_bytes is {limit}",
                        detail={"max_body_bytes": limit})
     buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
-            raise ApiError("too_large", f"the request body exceeds limits.max_body_bytes ({limit} bytes)",
-                           detail={"max_body_bytes": limit})
+    try:
+        with anyio.fail_after(timeout):
+            async for chunk in request.stream():
+                buf += chunk
+                if len(buf) > limit:
+                    raise ApiError("too_large", f"the request body exceeds limits.max_body_bytes ({limit} bytes)",
+                                   detail={"max_body_bytes": limit})
+    except TimeoutError:
+        raise ApiError("bad_request", f"the request body did not arrive within limits.read_timeout_s ({timeout:g}s; "
+                       f"{len(buf)} bytes received); send the whole body at once", status=408) from None
     return bytes(buf)
 
 
@@ -280,7 +331,16 @@ def create_app(service: Service) -> FastAPI:
 
     def _decode_prepare(data: bytes, max_pages: int):
         pages = decode_image(data, max_pixels=limits.max_image_pixels, max_pages=max_pages)
-        return [(p.index, engine.prepare(p.image)) for p in pages]
+        out = []
+        for p in pages:
+            try:
+                out.append((p.index, engine.prepare(p.image)))
+            except ValueError as exc:  # the model's image processor refuses this geometry (e.g. smart_resize)
+                w, h = p.image.size
+                where = f" (page {p.index})" if p.index else ""
+                raise ApiError("bad_image", f"the model cannot take this {w}x{h} image{where}: "
+                               f"{str(exc).splitlines()[0][:200]}") from None
+        return out
 
     async def _wait(items, deadline: float):
         futures = [asyncio.wrap_future(i.future) for i in items]
@@ -304,7 +364,7 @@ def create_app(service: Service) -> FastAPI:
             state.count(requests=1)
             new_tokens = _max_new(max_new_tokens)
             deadline = time.monotonic() + limits.request_deadline_s
-            data = await _read_body(request, limits.max_body_bytes)
+            data = await _read_body(request, limits.max_body_bytes, limits.read_timeout_s)
             prepared = await anyio.to_thread.run_sync(_decode_prepare, data, limits.max_images_per_request)
             items = engine.submit([p for _, p in prepared], deadline=deadline, max_new_tokens=new_tokens,
                                   request_id=rid, pages=[i for i, _ in prepared])
@@ -333,7 +393,7 @@ def create_app(service: Service) -> FastAPI:
             if not ctype.startswith("multipart/form-data"):
                 raise ApiError("bad_request", f"send multipart/form-data with parts named '{P.BATCH_PART_NAME}' "
                                f"(got content-type {ctype or 'none'})", status=415)
-            data = await _read_body(request, limits.max_body_bytes)
+            data = await _read_body(request, limits.max_body_bytes, limits.read_timeout_s)
             parts = await _parse_multipart(request, data, limits.max_images_per_request, limits.max_body_bytes)
             max_pages = limits.max_images_per_request
             items_out: list[P.BatchItem] = []

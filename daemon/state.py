@@ -42,6 +42,7 @@ class ServiceState:
         self.in_flight = 0  # accepted transcription requests not yet answered
         self.counters = Counters()
         self.history: list[tuple[str, float]] = [(STARTING, 0.0)]
+        self.progress_at = self.started_at  # last state change or progress report (loading, warming)
 
     # -- state -----------------------------------------------------------------------------------
     def set(self, new: str, detail: str | None = None) -> bool:
@@ -57,6 +58,7 @@ class ServiceState:
             self.state = new
             self.detail = detail
             now = time.monotonic()
+            self.progress_at = now
             self.history.append((new, now - self.started_at))
             if new == READY:
                 self.ready_at = now
@@ -64,8 +66,10 @@ class ServiceState:
             return True
 
     def set_detail(self, detail: str) -> None:
+        """Progress while loading/warming (also what ``STATUS=`` shows)."""
         with self._lock:
             self.detail = detail
+            self.progress_at = time.monotonic()
 
     def snapshot(self) -> tuple[str, str | None]:
         with self._lock:

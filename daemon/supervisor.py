@@ -7,8 +7,10 @@
   pings and sends ``WATCHDOG=trigger`` (systemd then kills and restarts the
   service). Outside systemd (no ``$WATCHDOG_USEC``) the same condition makes
   the process exit with :data:`ExitCode.WATCHDOG` (86).
-- While loading and warming: ``EXTEND_TIMEOUT_USEC`` (systemd's start timeout)
-  and ``STATUS=`` progress.
+- While loading and warming: ``STATUS=`` progress, and ``EXTEND_TIMEOUT_USEC``
+  (systemd's start timeout) and ``WATCHDOG=1`` only while a step reports
+  progress within max(``watchdog.generate_timeout_s``, 120 s): a load that hangs
+  is ended by systemd's ``TimeoutStartSec=``, never extended forever.
 - SIGTERM/SIGINT: ``STOPPING=1``, state ``draining`` (new work gets 503),
   in-flight requests finish within ``limits.drain_timeout_s``, exit 0.
 """
@@ -31,6 +33,9 @@ from .state import DRAINING, FAILED, LOADING, READY, STARTING, WARMING
 logger = logging.getLogger(__name__)
 
 EXTEND_STEP_S = 30.0  # each EXTEND_TIMEOUT_USEC asks for this much more start time
+# One loading step (import, reading the weights, one warm-up shape) may take this long, or
+# watchdog.generate_timeout_s if larger, before the start timeout is no longer extended.
+LOAD_STEP_MIN_S = 120.0
 
 
 def watchdog_usec(env: dict | None = None) -> int | None:
@@ -70,6 +75,7 @@ class Supervisor:
         self._last_status: str | None = None
         self._next_ping = 0.0
         self._next_extend = 0.0
+        self._load_stall_logged = False
 
     # -- signals: only enqueue -----------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -129,6 +135,20 @@ class Supervisor:
             self.notify("WATCHDOG=1")
         return None
 
+    def _load_stalled(self, now: float) -> bool:
+        """Loading/warming reported no progress for max(generate_timeout_s, 120 s) (a generate is judged apart)."""
+        if self.engine.generate_started_at is not None:
+            return False
+        quiet = now - self.state.progress_at
+        if quiet <= max(self.generate_timeout_s, LOAD_STEP_MIN_S):
+            self._load_stall_logged = False
+            return False
+        if not self._load_stall_logged:
+            self._load_stall_logged = True
+            logger.error("loading made no progress for %.0fs (%s); no longer extending the start timeout",
+                         quiet, self.state.snapshot()[1])
+        return True
+
     # -- the loop --------------------------------------------------------------------------------------------
     def run(self) -> int:
         """Run until stopped; returns the process exit code."""
@@ -163,6 +183,8 @@ class Supervisor:
             st = self.state.snapshot()[0]
             if st in (STARTING, LOADING, WARMING):
                 self._status()
+                if self._load_stalled(now):
+                    continue  # no EXTEND_TIMEOUT_USEC, no WATCHDOG=1: systemd's start timeout ends it
                 if now >= self._next_extend:
                     self._next_extend = now + EXTEND_STEP_S / 3
                     self.notify(f"EXTEND_TIMEOUT_USEC={int(EXTEND_STEP_S * 1e6)}")

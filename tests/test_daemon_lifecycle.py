@@ -229,3 +229,18 @@ def test_socket_override_flag(tmp_path, demo_model_dir):
 
 def _unused(_: Path) -> None:  # keep json imported for config-writing helpers in future tests
     json.dumps({})
+
+
+@pytest.mark.slow
+def test_fast_path_gives_the_plain_paths_text(htrd):
+    """generation.static_cache (htrd.fastgen: merged LoRA, static KV cache) serves the same greedy text."""
+    plain = htrd(wait=False)
+    fast = htrd(wait=False, config={"generation": {"static_cache": True}})
+    plain.wait_ready()
+    fast.wait_ready()
+    images = [png(i) for i in range(3)]
+    want = [plain.post(P.PATH_TRANSCRIBE, content=b).json()["results"][0]["text"] for b in images]
+    got = [fast.post(P.PATH_TRANSCRIBE, content=b).json()["results"][0]["text"] for b in images]
+    assert got == want
+    assert "fast (static cache)" in fast.stderr()
+    assert fast.status()["model_variant"].startswith("adapter")

@@ -18,7 +18,9 @@ from PIL import Image
 from htrctl import protocol as P
 from htrctl.errors import ExitCode
 
-GENERATE_TIMEOUT_S = 1.5
+# Long enough that a normal CPU generate on a busy 2-core machine never trips it, short enough to test.
+GENERATE_TIMEOUT_S = 4.0
+CONFIG = {"watchdog": {"generate_timeout_s": GENERATE_TIMEOUT_S}, "limits": {"batch_sizes": [1]}}
 
 
 def png() -> bytes:
@@ -29,7 +31,7 @@ def png() -> bytes:
 
 @pytest.mark.slow
 def test_hung_generate_exits_86_outside_systemd(htrd):
-    d = htrd(faults="hang_generate", config={"watchdog": {"generate_timeout_s": GENERATE_TIMEOUT_S}})
+    d = htrd(faults="hang_generate", config=CONFIG)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         t0 = time.monotonic()
         pending = pool.submit(d.post, P.PATH_TRANSCRIBE, content=png(), timeout=60)
@@ -89,7 +91,7 @@ def test_sd_notify_ready_pings_trigger_and_stopping(htrd, tmp_path):
     try:
         d = htrd(
             faults="hang_generate",
-            config={"watchdog": {"generate_timeout_s": GENERATE_TIMEOUT_S}},
+            config=CONFIG,
             env={"NOTIFY_SOCKET": str(fake.path), "WATCHDOG_USEC": "400000"},  # pings every 0.2 s
         )
         wait_until(lambda: fake.first("READY=1"), 10, what="READY=1")

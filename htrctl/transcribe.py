@@ -6,8 +6,10 @@
   each written atomically (temp file in the same directory, fsync, rename);
   otherwise records on stdout (``jsonl`` streams one record per page as it
   completes; ``json`` one array at the end; ``txt`` the text).
-- ``concurrency`` worker threads per socket keep the daemon's batches full;
-  several sockets (one ``htrd`` replica per GPU) share one work queue.
+- ``concurrency`` worker threads per socket keep the daemon's batches full
+  (default: twice the daemon's largest batch size, read from its status: one
+  batch generating while the next one queues); several sockets (one ``htrd``
+  replica per GPU) share one work queue.
 - A daemon that restarts mid-run (socket gone, connection refused or reset,
   503 not_ready / queue_full) is retried with bounded exponential backoff for up
   to ``retry_for`` seconds; the item goes back to the shared queue, so another
@@ -46,6 +48,7 @@ Format = Literal["txt", "jsonl", "json"]
 FORMATS = ("txt", "jsonl", "json")
 DEFAULT_INCLUDE = ("*.png", "*.jpg", "*.jpeg", "*.tif", "*.tiff", "*.webp", "*.bmp")
 TEMP_SUFFIX = ".htr-part"
+AUTO_CONCURRENCY_MAX = 128
 STDIN = "-"
 
 
@@ -221,7 +224,7 @@ class TranscribeOptions:
     out_dir: Path | None = None
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
-    concurrency: int = 8
+    concurrency: int = 0  # requests in flight per socket; 0: twice the daemon's largest batch size
     timeout: float = 120.0  # per request
     wait: float = 0.0  # wait this long for readiness at the start
     retry_for: float = 120.0  # keep retrying a restarting daemon this long
@@ -297,12 +300,22 @@ class _Replica:
         self.backoff = _Backoff()
         self.lock = threading.Lock()
         self.manifest_digest: str | None = None  # for records when the daemon's answer lacks model_digest
+        self.batch_sizes: list[int] = []
 
-    def refresh_digest(self) -> None:
+    def refresh_status(self) -> None:
         try:
-            self.manifest_digest = self.client.status().manifest_digest
+            st = self.client.status()
         except DaemonError as exc:
             logger.debug("status of %s: %s", self.client.socket_path, exc)
+            return
+        self.manifest_digest = st.manifest_digest
+        self.batch_sizes = list(st.batch_sizes)
+
+    def workers(self, concurrency: int) -> int:
+        """*concurrency*, or (0: auto) twice the daemon's largest batch: one batch generating, the next queued."""
+        if concurrency > 0:
+            return concurrency
+        return min(max(2 * max(self.batch_sizes or [4]), 2), AUTO_CONCURRENCY_MAX)
 
 
 class Transcriber:
@@ -457,7 +470,7 @@ class Transcriber:
                 replica.backoff.reset()
             if came_back:
                 self._note(f"htrctl: {replica.client.socket_path}: daemon is back, continuing")
-                replica.refresh_digest()
+                replica.refresh_status()
             if resp.model_digest is None:
                 resp.model_digest = replica.manifest_digest
             self._complete(item, resp, (time.monotonic() - t0) * 1000.0)
@@ -503,7 +516,7 @@ class Transcriber:
 
             try:
                 r.client.wait_ready(self.opts.wait, on_state=on_state, stop=self._stop)
-                r.refresh_digest()
+                r.refresh_status()
             except DaemonError as exc:
                 errors.append(exc)
                 r.down_since = time.monotonic()
@@ -538,10 +551,8 @@ class Transcriber:
                 todo.append(it)
         for arg, why in missing:
             self._fail(InputItem(-1, arg, arg), why, "missing")
-        per_socket = max(1, o.concurrency)
-        self._replicas = [
-            _Replica(HtrClient(sock, timeout=o.timeout, max_connections=per_socket)) for sock in o.sockets
-        ]
+        pool = o.concurrency if o.concurrency > 0 else AUTO_CONCURRENCY_MAX
+        self._replicas = [_Replica(HtrClient(sock, timeout=o.timeout, max_connections=pool)) for sock in o.sockets]
         old_term = None
         if threading.current_thread() is threading.main_thread():
             old_term = signal.signal(signal.SIGTERM, lambda *_: self._stop.set())  # the main loop acts on it
@@ -549,7 +560,7 @@ class Transcriber:
             if todo:
                 self._preflight()
             self._queue.extend(todo)
-            self._run_workers(per_socket, len(todo))
+            self._run_workers(len(todo))
         except KeyboardInterrupt:
             self._interrupt()
         finally:
@@ -563,7 +574,7 @@ class Transcriber:
         self._finish()
         return s
 
-    def _run_workers(self, per_socket: int, n_todo: int) -> None:
+    def _run_workers(self, n_todo: int) -> None:
         from contextlib import nullcontext
 
         show = self.opts.progress and not self.opts.quiet and n_todo > 1
@@ -574,7 +585,8 @@ class Transcriber:
                 self._task = progress.add_task("transcribing", total=n_todo, rate=0.0, failed=0)
             threads = [
                 threading.Thread(target=self._worker, args=(r,), name=f"htr-worker-{i}-{j}", daemon=True)
-                for i, r in enumerate(self._replicas) for j in range(min(per_socket, max(n_todo, 1)))
+                for i, r in enumerate(self._replicas)
+                for j in range(min(r.workers(self.opts.concurrency), max(n_todo, 1)))
             ]
             for t in threads:
                 t.start()

@@ -24,7 +24,10 @@ def transcribe(
     socket: List[str] = typer.Option(
         [], "--socket", "-s", help="daemon socket (repeatable: spread work over replicas); default: socket.path"
     ),
-    concurrency: int = typer.Option(8, "--concurrency", "-j", min=1, max=1024, help="requests in flight per socket"),
+    concurrency: int = typer.Option(
+        0, "--concurrency", "-j", min=0, max=1024,
+        help="requests in flight per socket (0: twice the daemon's largest batch size, keeping its batches full)",
+    ),
     timeout: float = typer.Option(120.0, "--timeout", min=0.1, help="seconds per request"),
     wait: float = typer.Option(0.0, "--wait", min=0.0, help="wait up to this many seconds for the daemon to be ready"),
     retry_for: float = typer.Option(

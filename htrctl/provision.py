@@ -482,18 +482,52 @@ def _copy_hash(src: Path, dst: Path, advance: Callable[[int], None], resume_from
     return h.hexdigest(), written
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: the file system cannot; fall back
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def _swap_into_place(tree: Path, dest: Path, work: Path) -> None:
-    """Publish the staging tree at *dest*: DEST is either the old complete tree, absent, or the new one."""
+    """Publish the staging tree at *dest*: one atomic exchange where the kernel allows it, else two renames
+    (DEST then briefly absent, never incomplete; an interrupted swap is finished by the next run)."""
     fsync_dir(tree)
     if dest.exists():
-        old = work / "old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(dest, old)
-        os.rename(tree, dest)
-        shutil.rmtree(old, ignore_errors=True)
+        if _exchange(tree, dest):
+            shutil.rmtree(tree, ignore_errors=True)  # now the old tree
+        else:
+            old = work / "old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(dest, old)
+            os.rename(tree, dest)
+            shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tree, dest)
     fsync_dir(dest.parent)
+
+
+def _recover_swap(dest: Path, work: Path) -> None:
+    """A run killed between the two renames of the fallback swap left DEST absent: finish it."""
+    if dest.exists() or not work.is_dir():
+        return
+    for candidate in (work / "tree", work / "old"):
+        if (candidate / MANIFEST_NAME).is_file():
+            logger.warning("finishing an interrupted swap: %s -> %s", candidate, dest)
+            os.rename(candidate, dest)
+            return
 
 
 def _check_dest_replaceable(dest: Path) -> Manifest | None:
@@ -645,6 +679,7 @@ def _provision_local(
         src_loc.path.resolve() == dest.resolve()
     work = dest.parent / f".{dest.name}.htr-work"
     with _Lock(dest):
+        _recover_swap(dest, work)
         old = None if in_place else _check_dest_replaceable(dest)
         fetched = None
         if isinstance(src_loc, Remote):
@@ -688,8 +723,7 @@ def _provision_local(
             if len(keep) == len(plan) and old_files == wanted and merged_ok:
                 result.noop = True
                 result.manifest_digest = read_manifest(dest)[1]
-                if fetched is not None:  # rsync only hard-linked DEST's files: drop the staging tree
-                    shutil.rmtree(work, ignore_errors=True)
+                shutil.rmtree(work, ignore_errors=True)  # nothing to stage (rsync only hard-linked DEST's files)
                 return result
 
         todo = [pf for pf in plan if pf.rel not in keep]

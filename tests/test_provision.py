@@ -333,3 +333,39 @@ def test_merged_variant_travels_with_its_record(demo_model_dir, tmp_path):
     assert m2.variants["merged"] == m1.variants["merged"]
     assert {e.path: e.sha256 for e in m2.files} == {e.path: e.sha256 for e in m1.files}
     assert verify_model_dir(second).ok
+
+
+def test_republish_is_one_atomic_exchange(demo_model_copy, tmp_path, monkeypatch):
+    import htrctl.provision as prov
+
+    dest = tmp_path / "dest"
+    provision(str(demo_model_copy), str(dest), progress=False)
+    (demo_model_copy / "config.json").write_text((demo_model_copy / "config.json").read_text() + " ")
+    seen = []
+    real = prov._exchange
+
+    def spy(a, b):
+        # at the moment of the swap DEST is the old, complete tree
+        seen.append(verify_model_dir(b, quick=True).ok)
+        return real(a, b)
+
+    monkeypatch.setattr(prov, "_exchange", spy)
+    provision(str(demo_model_copy), str(dest), progress=False)
+    assert seen == [True]
+    assert verify_model_dir(dest).ok and (dest / "config.json").read_text().endswith(" ")
+    assert not (tmp_path / ".dest.htr-work").exists()
+
+
+def test_a_swap_interrupted_between_renames_is_finished(demo_model_dir, tmp_path, monkeypatch):
+    import htrctl.provision as prov
+
+    dest = tmp_path / "dest"
+    provision(str(demo_model_dir), str(dest), progress=False)
+    work = tmp_path / ".dest.htr-work"
+    # the state a kill between the fallback's two renames leaves: DEST gone, new tree staged, old kept
+    work.mkdir()
+    shutil.copytree(dest, work / "tree")
+    dest.rename(work / "old")
+    r = provision(str(demo_model_dir), str(dest), progress=False)
+    assert dest.is_dir() and verify_model_dir(dest).ok and r.noop
+    assert not work.exists()

@@ -331,7 +331,7 @@ class InstallResult:
 
     @property
     def changed(self) -> bool:
-        return any(a.what not in ("keep", "note") and a.done for a in self.actions)
+        return any(a.what not in ("keep", "note", "warn") and a.done for a in self.actions)
 
     def summary(self) -> str:
         if self.dry_run:
@@ -431,6 +431,53 @@ def _ensure_account(user: str, group: str, extra_groups: Sequence[str], *, live:
     return actions
 
 
+def _unreadable(paths: Iterable[Path], uid: int | None, gid: int | None, limit: int = 10_000) -> list[Path]:
+    """Files/directories among *paths* that the service (uid, gid) could not read (or enter)."""
+    bad: list[Path] = []
+    for i, p in enumerate(paths):
+        if i >= limit:
+            break
+        try:
+            st = p.lstat()
+        except OSError:
+            continue
+        need = 0o5 if p.is_dir() else 0o4
+        if st.st_uid == uid:
+            ok = (st.st_mode >> 6) & need == need
+        elif st.st_gid == gid:
+            ok = (st.st_mode >> 3) & need == need
+        else:
+            ok = st.st_mode & need == need
+        if not ok:
+            bad.append(p)
+    return bad
+
+
+def _readability_warnings(cfg_file: Path, model_dir: Path, user: str, group: str) -> list[Action]:
+    """Warn (do not change) when the service user could not read the config or the model."""
+    try:
+        uid: int | None = pwd.getpwnam(user).pw_uid
+    except KeyError:
+        uid = None
+    try:
+        gid: int | None = grp.getgrnam(group).gr_gid
+    except KeyError:
+        gid = None
+    out: list[Action] = []
+    if cfg_file.exists() and _unreadable([cfg_file], uid, gid):
+        out.append(Action("warn", str(cfg_file), f"user {user} cannot read it: chgrp {group} {cfg_file} && "
+                          f"chmod 640 {cfg_file}", done=False))
+    if model_dir.is_dir():
+        bad = _unreadable([model_dir, *sorted(model_dir.rglob("*"))], uid, gid)
+        if bad:
+            out.append(Action("warn", str(model_dir), f"user {user} cannot read {len(bad)} entries (e.g. {bad[0]}): "
+                              f"chmod -R a+rX {model_dir} (or chgrp -R {group} + chmod -R g+rX)", done=False))
+    else:
+        out.append(Action("warn", str(model_dir), "model.dir does not exist yet: htrd exits 65 until it is "
+                          "provisioned (htrctl provision SOURCE DIR)", done=False))
+    return out
+
+
 def install(
     *,
     config: Path | None = None,
@@ -504,6 +551,8 @@ def install(
                 f"model.dir {model_dir} is under {tmp}, which the service cannot see (PrivateTmp=yes)",
                 remedy="provision the model elsewhere, e.g. /var/lib/htr/model, and set model.dir",
             )
+    if live:
+        actions += _readability_warnings(cfg_file, Path(model_dir), user, group)
     ctx = make_context(
         config=config, model_dir=model_dir, htrd=htrd_path, user=user, group=group, supplementary_groups=extra_groups,
         drain_timeout_s=settings.limits.drain_timeout_s,

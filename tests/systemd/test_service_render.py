@@ -221,3 +221,20 @@ def test_live_enable_without_systemd_is_refused(monkeypatch):
     monkeypatch.setattr(service, "systemd_running", lambda: False)
     with pytest.raises(ServiceError, match="systemd is not running"):
         service.install(enable=True)
+
+
+def test_unreadable_model_files_are_reported(tmp_path):
+    model = tmp_path / "model"
+    (model / "final_model").mkdir(parents=True)
+    ok = model / "config.json"
+    ok.write_text("{}")
+    ok.chmod(0o644)
+    secret = model / "model-00001-of-00002.safetensors"
+    secret.write_bytes(b"x")
+    secret.chmod(0o600)  # root-owned 0600: what a mkstemp-based copy leaves behind
+    nobody = 65534
+    assert service._unreadable([model, ok, secret, model / "final_model"], nobody, nobody) == [secret]
+    acts = service._readability_warnings(tmp_path / "absent.yaml", model, "htr", "htr")
+    assert len(acts) == 1 and acts[0].what == "warn" and "chmod -R a+rX" in acts[0].detail
+    missing = service._readability_warnings(tmp_path / "absent.yaml", tmp_path / "nope", "htr", "htr")
+    assert "does not exist" in missing[0].detail

@@ -67,6 +67,7 @@ def test_install_creates_the_account_and_units_and_is_idempotent(installed):
     assert re.search(r"create-user\s+htr", out), out
     assert re.search(r"write\s+/etc/systemd/system/htr\.service", out)
     assert "keep           /etc/htr/htr.yaml" in out  # the config the test wrote is kept
+    assert not re.search(r"^warn", out, re.M), out  # the service user can read the config and the model
     pw = installed.run(["getent", "passwd", "htr"]).stdout
     assert ":/var/lib/htr:/usr/sbin/nologin" in pw
     assert installed.run(["systemctl", "is-active", "htr.socket"], check=False).stdout.strip() == "active"

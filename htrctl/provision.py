@@ -1001,7 +1001,8 @@ def _itemized(out: str) -> list[tuple[str, str]]:
 
 def _fetch_remote(src: Remote, tree: Path, dest: Path, *, ssh: str | None, progress: bool) -> int:
     """rsync a remote SOURCE into the local staging tree, hard-linking files DEST already holds."""
-    args = ["--exclude", f"/{MANIFEST_NAME}", "--exclude", "/.htr-lock"]
+    # --delete: files an earlier, interrupted run staged from an older SOURCE do not survive
+    args = ["--delete", "--exclude", f"/{MANIFEST_NAME}", "--exclude", "/.htr-lock"]
     if dest.is_dir():
         args += [f"--link-dest={dest}"]
     literal, _ = _rsync(args + [f"{src.host}:{_rdir(src.path)}", str(tree) + "/"], ssh=ssh, progress=progress)

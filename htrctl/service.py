@@ -317,7 +317,7 @@ class Action:
     done: bool = True  # False in dry-run / skipped
 
     def line(self) -> str:
-        mark = "" if self.done else " (not done)"
+        mark = "" if self.done or self.what in ("keep", "note", "warn") else " (dry run: not done)"
         return f"{self.what:<14} {self.target}" + (f"  ({self.detail})" if self.detail else "") + mark
 
 
@@ -406,7 +406,7 @@ def _group_exists(name: str) -> bool:
 def _ensure_account(user: str, group: str, extra_groups: Sequence[str], *, live: bool, dry_run: bool) -> list[Action]:
     actions: list[Action] = []
     if not live:
-        actions.append(Action("note", f"user {user}, group {group}", "not created with --root", done=False))
+        actions.append(Action("note", f"user {user}, group {group}", "not created with --root"))
         return actions
     if _group_exists(group):
         actions.append(Action("keep", f"group {group}", "exists"))

@@ -740,14 +740,24 @@ def _silu_mul(gu):
     return torch.nn.functional.silu(g) * u
 
 
+# Below this many prompt tokens in a prefill, the eager ops win: the compiled ones' guard checks
+# cost more CPU time than their fusion saves GPU time (a batch-1 prefill is launch-bound).
+COMPILED_PREFILL_MIN_TOKENS = 2048
+
+
 def _norm_forward(fn, mod, x):
-    return fn(x, mod.weight, mod.variance_epsilon)
+    if x.dim() >= 3 and x.shape[0] * x.shape[1] >= COMPILED_PREFILL_MIN_TOKENS:
+        return fn(x, mod.weight, mod.variance_epsilon)
+    return _rms(x, mod.weight, mod.variance_epsilon)
 
 
 def _mlp_forward(fn, gu_weight, down_proj, x):
     import torch
 
-    return down_proj(fn(torch.nn.functional.linear(x, gu_weight)))
+    gu = torch.nn.functional.linear(x, gu_weight)
+    if x.dim() >= 3 and x.shape[0] * x.shape[1] >= COMPILED_PREFILL_MIN_TOKENS:
+        return down_proj(fn(gu))
+    return down_proj(_silu_mul(gu))
 
 
 class _Ops:

@@ -134,7 +134,7 @@ class Engine:
         progress("importing torch and transformers")
         import torch
         import transformers
-        from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
         transformers.utils.logging.disable_progress_bar()
 

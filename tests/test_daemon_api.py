@@ -14,7 +14,7 @@ import stat
 import threading
 
 import pytest
-from daemon_harness import start_daemon, wait_until
+from daemon_harness import htrd, start_daemon  # noqa: F401 -- htrd is a fixture
 from PIL import Image, ImageDraw
 
 from htrctl import protocol as P
@@ -255,3 +255,15 @@ def test_max_new_tokens_and_openapi_and_metrics(daemon):
         assert name in text, name
     assert metric(text, "htrd_state", 'htrd_state="ready"') == 1.0
     assert metric(text, "htrd_generated_tokens_total") > 0
+
+
+@pytest.mark.slow
+def test_fast_path_gives_the_plain_paths_text(daemon, htrd):
+    """generation.static_cache (htrd.fastgen: merged LoRA, static KV cache) serves the same greedy text."""
+    fast = htrd(config={"generation": {"static_cache": True}})
+    images = [encode(line_image(i)) for i in range(3)]
+    want = [daemon.post(P.PATH_TRANSCRIBE, content=b).json()["results"][0]["text"] for b in images]
+    got = [fast.post(P.PATH_TRANSCRIBE, content=b).json()["results"][0]["text"] for b in images]
+    assert got == want
+    assert "fast (static cache)" in fast.stderr()
+    assert fast.status()["model_variant"].startswith("adapter")

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
-import json
 import re
 import signal
 import socket
 import time
-from pathlib import Path
 
 import pytest
 from daemon_harness import htrd, launch, wait_until  # noqa: F401 -- htrd is a fixture
@@ -227,20 +225,39 @@ def test_socket_override_flag(tmp_path, demo_model_dir):
     assert code == ExitCode.CONFIG and str(other.parent) in err
 
 
-def _unused(_: Path) -> None:  # keep json imported for config-writing helpers in future tests
-    json.dumps({})
-
-
 @pytest.mark.slow
-def test_fast_path_gives_the_plain_paths_text(htrd):
-    """generation.static_cache (htrd.fastgen: merged LoRA, static KV cache) serves the same greedy text."""
-    plain = htrd(wait=False)
-    fast = htrd(wait=False, config={"generation": {"static_cache": True}})
-    plain.wait_ready()
-    fast.wait_ready()
-    images = [png(i) for i in range(3)]
-    want = [plain.post(P.PATH_TRANSCRIBE, content=b).json()["results"][0]["text"] for b in images]
-    got = [fast.post(P.PATH_TRANSCRIBE, content=b).json()["results"][0]["text"] for b in images]
-    assert got == want
-    assert "fast (static cache)" in fast.stderr()
-    assert fast.status()["model_variant"].startswith("adapter")
+def test_socket_activation_uses_the_inherited_fd(tmp_path, demo_model_dir):
+    """LISTEN_FDS/LISTEN_PID (systemd socket activation): htrd serves on fd 3 and binds nothing itself."""
+    import os
+    import subprocess
+    import sys
+
+    from daemon_harness import Daemon, write_config
+
+    activated = tmp_path / "act.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(activated))
+    listener.listen(16)
+    configured = tmp_path / "configured.sock"
+    cfg = write_config(tmp_path, demo_model_dir, socket_path=configured)
+    err_path = tmp_path / "htrd.stderr"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", LISTEN_FDS="1")
+
+    def fd3() -> None:
+        os.dup2(listener.fileno(), 3)
+
+    with open(err_path, "wb") as err:
+        # LISTEN_PID must be htrd's own pid: the shell exports its $$ and execs htrd in its place.
+        proc = subprocess.Popen(
+            ["sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh", sys.executable, "-m", "htrd", "--config", str(cfg)],
+            stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env, pass_fds=(3,), preexec_fn=fd3,
+        )
+    listener.close()  # htrd holds the only listening copy now
+    d = Daemon(proc, activated, cfg, err_path)
+    try:
+        d.wait_ready()
+        assert d.post(P.PATH_TRANSCRIBE, content=png()).status_code == 200
+        assert not configured.exists()  # socket.path was not bound: systemd owns the socket
+        assert "inherited from systemd" in d.stderr()
+    finally:
+        assert d.stop() == 0, d.stderr()[-3000:]

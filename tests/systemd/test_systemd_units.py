@@ -308,6 +308,26 @@ def test_replica_template_serves_on_its_own_socket(clean_service):
         box.run(["systemctl", "stop", "htr@cpu.service", "htr@cpu.socket"], check=False, timeout=90)
 
 
+def test_replica_on_a_missing_gpu_exits_69_without_restarting(installed):
+    box = installed
+    unit = "htr@0.service"
+    try:
+        res = box.run([str(HTRCTL), "service", "install", "--start", "--replica", "0"], check=False)
+        assert res.returncode == 0 and re.search(r"start\s+htr@0\.socket", res.stderr), res.stderr
+        assert box.run(["systemctl", "is-active", "htr@0.socket"], check=False).stdout.strip() == "active"
+        cursor = box.cursor()
+        assert box.run(["systemctl", "start", unit], check=False, timeout=START_S).returncode != 0
+        st = _state(box, unit)
+        assert (st["ActiveState"], st["ExecMainStatus"]) == ("failed", "69"), st  # the container has no GPU
+        assert _stays(box, lambda: _state(box, unit)["ActiveState"] == "failed", 3.0)
+        assert _state(box, unit)["NRestarts"] == "0"
+        journal = box.journal(unit, since_cursor=cursor)
+        assert "status=69" in journal and "GPU" in journal, journal[-3000:]
+    finally:
+        box.run(["systemctl", "stop", "htr@0.socket", unit], check=False, timeout=60)
+        box.run(["systemctl", "reset-failed", unit], check=False)
+
+
 # ---------------------------------------------------------------- uninstall (last: it re-installs after itself)
 
 

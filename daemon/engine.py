@@ -477,11 +477,10 @@ class Engine:
 
         if self.fast is not None:
             return self._generate_fast(items, n, t0, torch)
+        # Eager generate gains nothing from padding to a bucket (the fast path, htrd.fastgen, pads to its
+        # captured batch sizes itself); the bucket is only logged.
         bucket = next((b for b in self.batch_sizes if b >= n), n)
-        padded = list(items)
-        if self.settings.generation.static_cache and bucket > n:
-            padded += [items[0]] * (bucket - n)  # fixed shapes for the compiled static cache; extra rows discarded
-        batch = _collate([i.prepared.tensors for i in padded], self._pad_id)
+        batch = _collate([i.prepared.tensors for i in items], self._pad_id)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         prompt_len = int(batch["input_ids"].shape[1])
         max_new = max(i.max_new_tokens for i in items)
@@ -497,8 +496,6 @@ class Engine:
                 return torch.full((input_ids.shape[0],), expired, dtype=torch.bool, device=input_ids.device)
 
         kwargs: dict[str, Any] = {}
-        if self.settings.generation.static_cache and self.device != "cpu":
-            kwargs["cache_implementation"] = "static"
         if self._serving:
             self._inject_faults(torch)
         with torch.inference_mode():

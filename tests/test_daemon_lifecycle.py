@@ -261,3 +261,12 @@ def test_socket_activation_uses_the_inherited_fd(tmp_path, demo_model_dir):
         assert "inherited from systemd" in d.stderr()
     finally:
         assert d.stop() == 0, d.stderr()[-3000:]
+
+
+def test_sigterm_while_loading_exits_0_at_once(htrd):
+    d = htrd(faults="slow_load=60", wait=False)
+    wait_until(lambda: d.state() == "loading", 60, what="loading")
+    t0 = time.monotonic()
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit(20) == 0, d.stderr()[-3000:]
+    assert time.monotonic() - t0 < 10  # did not wait for the load to finish

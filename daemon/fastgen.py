@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -224,7 +225,8 @@ class FastGenerator:
         self.pad_id = int(pad if pad is not None else self.eos_ids[0])
         self._chat_text = self._build_chat_text()
         self._lock = threading.Lock()  # serialises generate() (one GPU stream)
-        self._tls = threading.local()  # one processor copy per preprocessing thread
+        self._processors: queue.SimpleQueue = queue.SimpleQueue()  # idle processor copies, one per concurrent prepare
+        self._spare_processors(min(16, os.cpu_count() or 4))  # requests right after READY find copies waiting
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool = None
         self._alloc_state()
@@ -310,7 +312,11 @@ class FastGenerator:
         """Tokenise and preprocess one PIL image (CPU only; safe from any thread)."""
         t0 = time.perf_counter()
         image = image.convert("RGB")
-        enc = self._thread_processor()(text=[self._chat_text], images=[image], return_tensors="pt")
+        proc = self._take_processor()
+        try:
+            enc = proc(text=[self._chat_text], images=[image], return_tensors="pt")
+        finally:
+            self._processors.put(proc)
         input_ids = enc["input_ids"][0]
         grid = enc["image_grid_thw"]
         mm = enc.get("mm_token_type_ids")
@@ -325,15 +331,22 @@ class FastGenerator:
             preprocess_ms=(time.perf_counter() - t0) * 1000.0,
         )
 
-    def _thread_processor(self):
-        """This thread's copy of the processor: a fast tokenizer must not serve two threads at
-        once, and one shared lock would serialise the image preprocessing of a whole batch."""
-        proc = getattr(self._tls, "processor", None)
-        if proc is None:
+    def _take_processor(self):
+        """An idle copy of the processor. A fast tokenizer must not serve two threads at once, and
+        one shared lock would serialise the image preprocessing of a whole batch; copies are cheap
+        (a few ms) and :meth:`warmup` makes some in advance."""
+        try:
+            return self._processors.get_nowait()
+        except queue.Empty:
             import copy
 
-            proc = self._tls.processor = copy.deepcopy(self.processor)
-        return proc
+            return copy.deepcopy(self.processor)
+
+    def _spare_processors(self, n: int) -> None:
+        import copy
+
+        for _ in range(n):
+            self._processors.put(copy.deepcopy(self.processor))
 
     def _collate(self, items: Sequence[Prepared]) -> dict:
         torch = self.torch

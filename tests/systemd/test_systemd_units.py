@@ -127,6 +127,7 @@ def test_first_request_starts_the_daemon_through_the_socket(clean_service):
     code, body = _http(box.run(_transcribe_curl(), check=False))
     assert code == 200, body
     assert json.loads(body)["results"][0]["text"] is not None
+    _assert_hardening_in_effect(box, st["MainPID"])
     # htrctl's own view of it
     svc = box.run([str(HTRCTL), "service", "status", "--json"], check=False)
     assert svc.returncode == 0, svc.stderr
@@ -156,6 +157,30 @@ def test_a_slow_load_extends_the_start_timeout(clean_service):
     finally:
         box.run(["rm", "-f", dropin])
         box.run(["systemctl", "daemon-reload"])
+
+
+def _assert_hardening_in_effect(box, pid: str) -> None:
+    """What the running daemon really got (the security score only reads the unit file)."""
+    status = dict(line.split(":", 1) for line in box.run(["cat", f"/proc/{pid}/status"]).stdout.splitlines())
+    assert status["NoNewPrivs"].strip() == "1"
+    assert status["Seccomp"].strip() == "2"  # SystemCallFilter=
+    assert int(status["CapBnd"].strip(), 16) == 0 and int(status["CapEff"].strip(), 16) == 0
+    assert status["Uid"].split()[0] != "0"
+    user = box.run(["stat", "-c", "%U", f"/proc/{pid}"]).stdout.strip()
+    assert user == "htr"
+    inside = ["nsenter", "-t", pid, "-m", "-n"]
+    # PrivateNetwork: only a loopback device; ProtectSystem=strict: /usr and /etc read-only;
+    # ProtectHome: no /home content; writable: the state directory.
+    netdev = box.run(["cat", f"/proc/{pid}/net/dev"]).stdout.splitlines()[2:]  # the process's own netns
+    assert [line.split(":")[0].strip() for line in netdev] == ["lo"]
+    for ro in ("/usr", "/etc", str(REPO)):
+        res = box.run([*inside, "setpriv", "--reuid=htr", "--regid=htr", "--clear-groups", "touch", f"{ro}/.htr-w"],
+                      check=False)
+        assert res.returncode != 0 and "Read-only file system" in res.stderr, (ro, res.stderr)
+    assert box.run([*inside, "ls", "-A", "/home"]).stdout.strip() == ""
+    res = box.run([*inside, "setpriv", "--reuid=htr", "--regid=htr", "--clear-groups", "touch", "/var/lib/htr/.w"],
+                  check=False)
+    assert res.returncode == 0, res.stderr
 
 
 # ---------------------------------------------------------------- watchdog

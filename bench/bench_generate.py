@@ -347,6 +347,18 @@ class Daemon:
             return self.proc.wait()
 
 
+def _nvidia_smi() -> str | None:
+    """Per-GPU and per-process memory while htrd runs (which GPU the daemon really uses)."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    out = []
+    for q in (["--query-gpu=index,uuid,name,memory.used,memory.total", "--format=csv"],
+              ["--query-compute-apps=pid,gpu_uuid,used_memory", "--format=csv"]):
+        r = subprocess.run(["nvidia-smi", *q], capture_output=True, text=True, timeout=30)
+        out.append(r.stdout.strip())
+    return "\n".join(out)
+
+
 def client_requests(socket_path: Path, body: bytes, n: int, lat: list, errors: list, new_tokens: int,
                     start: threading.Event) -> None:
     import httpx
@@ -417,6 +429,7 @@ def run_daemon(args) -> dict:
                 res["single_p95_s"] = pct(res["single"], 0.95)
                 res["loads"] = [load(socket_path, body, n, args.per_client, args.new_tokens) for n in args.clients_list]
                 res["status"] = c.get("/v1/status").json()
+                res["nvidia_smi"] = _nvidia_smi()
             res["gpu_peak_used_bytes"] = dict(gpu.peak)
             res["gpu_names"] = dict(gpu.names)
         res["exit_code"] = d.stop()
@@ -498,6 +511,11 @@ def report(args, a: dict | None, b: dict | None) -> str:
                 rows.append(f"| (b) {ld['clients']} clients errors | {ld['n_errors']}: {ld['errors'][:1]} |")
         for i, used in sorted(b.get("gpu_peak_used_bytes", {}).items()):
             add(f"(b) peak GPU {i} memory used (NVML)", used / 2**30, "{:.1f} GiB")
+        if b.get("nvidia_smi"):
+            rows.append("")
+            rows.append("nvidia-smi while htrd served:")
+            rows.extend("    " + line for line in b["nvidia_smi"].splitlines())
+            rows.append("")
         st = b.get("status", {}).get("gpu", {})
         if st.get("memory_reserved_bytes"):
             add("(b) htrd /v1/status memory reserved", st["memory_reserved_bytes"] / 2**30, "{:.1f} GiB")

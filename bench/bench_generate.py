@@ -511,11 +511,6 @@ def report(args, a: dict | None, b: dict | None) -> str:
                 rows.append(f"| (b) {ld['clients']} clients errors | {ld['n_errors']}: {ld['errors'][:1]} |")
         for i, used in sorted(b.get("gpu_peak_used_bytes", {}).items()):
             add(f"(b) peak GPU {i} memory used (NVML)", used / 2**30, "{:.1f} GiB")
-        if b.get("nvidia_smi"):
-            rows.append("")
-            rows.append("nvidia-smi while htrd served:")
-            rows.extend("    " + line for line in b["nvidia_smi"].splitlines())
-            rows.append("")
         st = b.get("status", {}).get("gpu", {})
         if st.get("memory_reserved_bytes"):
             add("(b) htrd /v1/status memory reserved", st["memory_reserved_bytes"] / 2**30, "{:.1f} GiB")
@@ -525,6 +520,10 @@ def report(args, a: dict | None, b: dict | None) -> str:
                     f"({naive_p50 / b['single_p50_s']:.1f}x faster)")
         best = max(ld["lines_per_s"] for ld in b["loads"])
         rows.append(f"ratio (b)/(a) throughput: {best * naive_p50:.1f}x ({best:.1f} vs {1 / naive_p50:.2f} lines/s)")
+    if b and b.get("nvidia_smi"):
+        rows.append("")
+        rows.append(f"nvidia-smi while htrd served (gpu.select: {args.gpu_select}):")
+        rows.extend("    " + line for line in b["nvidia_smi"].splitlines())
     return "\n".join(rows)
 
 

@@ -62,6 +62,22 @@ def nvml_process_memory(pid: int) -> dict[str, int]:
         pynvml.nvmlShutdown()
 
 
+def nvml_used() -> dict[str, int]:
+    """GPU UUID -> device memory used (all processes), for the before/after comparison."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        out = {}
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            uuid = pynvml.nvmlDeviceGetUUID(h)
+            out[uuid.decode() if isinstance(uuid, bytes) else uuid] = int(pynvml.nvmlDeviceGetMemoryInfo(h).used)
+        return out
+    finally:
+        pynvml.nvmlShutdown()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir", type=Path)
@@ -89,6 +105,7 @@ def main() -> int:
     import httpx
 
     report: dict = {"config": cfg, "checks": {}}
+    before = {} if args.cpu else nvml_used()
     t0 = time.monotonic()
     with open(log, "wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "htrd", "--config", str(work / "htr.yaml")],
@@ -131,9 +148,15 @@ def main() -> int:
         if not args.cpu:
             mem = nvml_process_memory(proc.pid)
             report["nvml_process_memory_bytes"] = mem
+            after = nvml_used()
+            delta = {u: after[u] - before.get(u, 0) for u in after}
+            report["nvml_used_delta_bytes"] = delta
             chosen = status["gpu"]["uuid"]
-            report["checks"]["memory_only_on_configured_gpu"] = (
-                mem.get(chosen, 0) > 0 and all(v == 0 for u, v in mem.items() if u != chosen))
+            if any(mem.values()):
+                ok = mem.get(chosen, 0) > 0 and all(v == 0 for u, v in mem.items() if u != chosen)
+            else:  # NVML shows host pids (containers): judge by the growth of each GPU's used memory
+                ok = delta.get(chosen, 0) > 2**30 and all(v < 256 * 2**20 for u, v in delta.items() if u != chosen)
+            report["checks"]["memory_only_on_configured_gpu"] = ok
             report["checks"]["status_device_cuda0"] = status["gpu"]["device"] == "cuda:0"
         report["metrics_excerpt"] = [l for l in client.get("/metrics").text.splitlines()
                                      if l.startswith(("htrd_gpu_memory_bytes", "htrd_load_seconds", "htrd_warmup_seconds",

@@ -95,6 +95,7 @@ class LimitSettings(_Section):
     queue_length: int = Field(256, ge=1, le=100_000, description="images waiting; beyond it 503 + Retry-After")
     request_deadline_s: float = Field(120.0, gt=0, le=3600, description="a request not done by then gets 504")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest request body")
+    read_timeout_s: float = Field(30.0, gt=0, le=3600, description="a client's headers and body must arrive by then")
     max_image_pixels: int = Field(40_000_000, ge=1024, description="largest decoded image (bomb guard)")
     max_images_per_request: int = Field(256, ge=1, le=10_000, description="images (lines, pages) per request")
     batch_sizes: list[int] = Field([1, 2, 4, 8, 16, 32, 64], description="batch sizes warmed and served")

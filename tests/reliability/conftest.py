@@ -1,0 +1,174 @@
+"""Fixtures of the reliability suite, and the recorder that writes its results.
+
+``record(section, name, **fields)`` adds one observation (a fault and its
+recovery, a hostile input and its answer, a load figure...). Each record is
+tied to the test that made it; after the test runs it gets that test's
+outcome (``passed`` / ``failed``), so a failing check shows up in the report as
+failed, never as a silent gap. At the end of the session the records are
+merged into ``$HTR_RELIABILITY_RESULTS`` (default
+``.cache/reliability/results.json``): records of the tests that ran this
+session replace their older ones, the others are kept, so running one file
+updates its part. ``bench/reliability_report.py`` renders the file into
+``docs/RELIABILITY.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = Path(os.environ.get("HTR_RELIABILITY_RESULTS", REPO / ".cache" / "reliability" / "results.json"))
+SAMPLES = REPO / "htrctl" / "data" / "samples"
+
+sys.path.insert(0, str(REPO / "tests"))  # daemon_harness
+
+_records: list[dict] = []
+_ran: set[str] = set()
+_outcomes: dict[str, str] = {}
+_durations: dict[str, float] = {}
+_session_started = time.time()
+
+
+@pytest.fixture
+def record(request):
+    """``record(section, name, **fields)``: one observation for docs/RELIABILITY.md."""
+    nodeid = request.node.nodeid
+
+    def add(section: str, name: str, **fields) -> dict:
+        entry = {"section": section, "name": name, "test": nodeid, **fields}
+        _records.append(entry)
+        return entry
+
+    return add
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if "reliability" not in item.nodeid:
+        return
+    _ran.add(item.nodeid)
+    if rep.when == "call" or (rep.when == "setup" and rep.outcome != "passed"):
+        _outcomes[item.nodeid] = rep.outcome
+        _durations[item.nodeid] = round(getattr(rep, "duration", 0.0), 2)
+    elif rep.when == "teardown" and rep.outcome == "failed":
+        _outcomes[item.nodeid] = "failed"
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not _ran:
+        return
+    try:
+        old = json.loads(RESULTS.read_text())
+    except (OSError, ValueError):
+        old = {}
+    kept = [r for r in old.get("records", []) if r.get("test") not in _ran]
+    new = []
+    for r in _records:
+        r = dict(r)
+        r["outcome"] = _outcomes.get(r["test"], "not run")
+        new.append(r)
+    tests = {k: v for k, v in old.get("tests", {}).items() if k not in _ran}
+    for nodeid in _ran:
+        tests[nodeid] = {"outcome": _outcomes.get(nodeid, "not run"), "seconds": _durations.get(nodeid),
+                         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    data = {
+        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "commit": _git_commit(),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "ci": os.environ.get("HTR_CI", "") not in ("", "0")},
+        "session_seconds": round(time.time() - _session_started, 1),
+        "tests": dict(sorted(tests.items())),
+        "records": kept + new,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    os.replace(tmp, RESULTS)
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="session")
+def open_dir():
+    """A private directory other uids may enter (for the socket of a daemon a `nobody` client tries)."""
+    d = Path(tempfile.mkdtemp(prefix="htr-rel-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def provisioned_model(tmp_path_factory, demo_model_dir) -> Path:
+    """The demo model provisioned like a server has it (htr-manifest.json), shared read-only."""
+    from htrctl.provision import provision
+
+    dest = tmp_path_factory.mktemp("rel-model") / "model"
+    provision(str(demo_model_dir), str(dest), progress=False)
+    return dest
+
+
+# One daemon for the hostile-input, fuzzing and security tests (starting one costs 15-40 s here).
+SHARED_CONFIG = {
+    "limits": {"max_body_bytes": 2 * 1024 * 1024, "max_image_pixels": 4_000_000, "read_timeout_s": 3.0,
+               "batch_sizes": [1, 2, 4], "queue_length": 64, "request_deadline_s": 60.0},
+    "generation": {"max_new_tokens": 8},
+    "log": {"level": "DEBUG"},
+}
+
+
+@pytest.fixture(scope="session")
+def shared_daemon(tmp_path_factory, provisioned_model, open_dir):
+    from daemon_harness import start_daemon
+
+    tmp = tmp_path_factory.mktemp("rel-shared")
+    d = start_daemon(tmp, provisioned_model, config=SHARED_CONFIG, socket_path=open_dir / "htr.sock")
+    yield d
+    code = d.stop()
+    assert code == 0, d.stderr()[-3000:]
+
+
+def line_images(n: int) -> list[Path]:
+    return sorted(p for p in SAMPLES.iterdir() if p.suffix in (".png", ".jpg"))[:n]
+
+
+def make_inputs(root: Path, n: int) -> list[str]:
+    """*n* line images under *root* (copies of the shipped samples under distinct names); relative paths."""
+    lines = line_images(10)
+    rels = []
+    for i in range(n):
+        src = lines[i % len(lines)]
+        rel = f"part-{i % 3}/line-{i:04d}{src.suffix}"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, root / rel)
+        rels.append(rel)
+    return rels
+
+
+def outputs_exactly_once(out: Path, rels: list[str], fmt: str = "txt") -> dict:
+    """Assert every input has exactly one complete output (no temp files, nothing extra); a summary."""
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    expected = sorted(f"{rel}.{fmt}" for rel in rels)
+    assert files == expected, f"outputs differ: missing {sorted(set(expected) - set(files))[:5]}, " \
+                              f"extra {sorted(set(files) - set(expected))[:5]}"
+    empty = [f for f in files if not (out / f).read_text().strip()]
+    assert not empty, f"empty outputs: {empty[:5]}"
+    return {"inputs": len(rels), "outputs": len(files), "exactly_once": True}

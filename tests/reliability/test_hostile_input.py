@@ -1,0 +1,262 @@
+"""Hostile input against a real htrd (demo model, CPU, Unix socket): every one gets a 4xx with a message
+(or, for valid images in odd pixel modes, a transcription), never a 500 or a hang, and the daemon stays ready.
+
+Bodies: decompression bombs (huge declared dimensions in PNG/JPEG/TIFF/WebP headers, a real 25 Mpx PNG of
+zeros), truncated PNG/JPEG/TIFF/WebP, zero bytes, non-images, extreme aspect ratios, a body over the
+limit (declared and chunked), odd pixel modes. Connections: malformed HTTP as raw bytes, and slow clients
+(slowloris) that trickle their headers or body or send nothing: the daemon closes them or answers 408 within
+``limits.read_timeout_s`` while other clients are served.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from . import hostile as H
+from .conftest import SHARED_CONFIG
+
+pytestmark = pytest.mark.timeout(300)
+
+READ_TIMEOUT_S = SHARED_CONFIG["limits"]["read_timeout_s"]
+
+
+def _post(d, body: bytes, path: str = "/v1/transcribe", **kw) -> httpx.Response:
+    return d.post(path, content=body, timeout=60.0, **kw)
+
+
+def _assert_ready(d) -> None:
+    r = d.get("/v1/ready", timeout=10.0)
+    assert r.status_code == 200 and r.json()["state"] == "ready", r.text
+
+
+def _check_refused(d, record, category: str, case: str, body: bytes, *, expect: set[int]) -> dict:
+    r = _post(d, body)
+    text = r.text
+    assert r.status_code in expect, f"{case}: {r.status_code} {text[:300]}"
+    err = r.json()["error"]
+    assert err["message"] and err["type"] in ("bad_image", "too_large", "bad_request"), err
+    _assert_ready(d)
+    return record("hostile", case, category=category, bytes=len(body), status=r.status_code, type=err["type"],
+                  message=err["message"][:160], ready_after=True)
+
+
+CATEGORIES = {
+    "decompression bomb": (H.bomb_cases, {413, 422}),
+    "truncated image": (H.truncated_cases, {422}),
+    "not an image": (H.non_image_cases, {400, 415, 422}),
+    "extreme aspect ratio": (H.aspect_cases, {422}),
+}
+
+
+@pytest.mark.parametrize("category", sorted(CATEGORIES))
+def test_hostile_bodies_get_a_4xx_with_a_message(shared_daemon, record, category):
+    make, expect = CATEGORIES[category]
+    cases = make()
+    assert cases
+    for case, body in cases.items():
+        _check_refused(shared_daemon, record, category, case, body, expect=expect)
+    if category == "decompression bomb":  # nothing was decoded: the daemon's memory did not jump
+        rss = _rss_mib(shared_daemon.pid)
+        assert rss < 3000, f"htrd RSS {rss:.0f} MiB after the bombs"
+
+
+def test_odd_pixel_modes_are_transcribed(shared_daemon, record):
+    """Valid images in unusual modes are converted to RGB and transcribed (200), one result each."""
+    for case, body in H.odd_mode_cases().items():
+        r = _post(shared_daemon, body)
+        assert r.status_code == 200, f"{case}: {r.status_code} {r.text[:300]}"
+        results = r.json()["results"]
+        assert len(results) == 1 and results[0]["tokens"] >= 0
+        record("hostile", case, category="odd pixel mode", bytes=len(body), status=200, type="transcribed",
+               message="converted to RGB and transcribed", ready_after=True)
+    _assert_ready(shared_daemon)
+
+
+def test_body_over_the_limit_declared_and_chunked(shared_daemon, record):
+    limit = SHARED_CONFIG["limits"]["max_body_bytes"]
+    big = H.encode(H.line_image((64, 32))) + b"\x00" * (limit + 1)
+    r = _post(shared_daemon, big)
+    assert r.status_code == 413 and r.json()["error"]["type"] == "too_large", r.text
+    assert str(limit) in r.json()["error"]["message"]
+    record("hostile", "body over the limit (Content-Length)", category="body over the limit", bytes=len(big),
+           status=413, type="too_large", message=r.json()["error"]["message"][:160], ready_after=True)
+
+    def chunks():  # no Content-Length: refused while streaming, not after buffering everything
+        for _ in range(limit // 65536 + 8):
+            yield b"\x89PNG" + b"\x00" * 65532
+
+    r = _post(shared_daemon, chunks())
+    assert r.status_code == 413 and r.json()["error"]["type"] == "too_large", r.text
+    record("hostile", "body over the limit (chunked, no length)", category="body over the limit",
+           bytes=(limit // 65536 + 8) * 65536, status=413, type="too_large",
+           message=r.json()["error"]["message"][:160], ready_after=True)
+    r = shared_daemon.post("/v1/transcribe/batch", files=[("image", ("a.png", big, "image/png"))], timeout=60)
+    assert r.status_code == 413, r.text
+    record("hostile", "batch body over the limit", category="body over the limit", bytes=len(big), status=413,
+           type=r.json()["error"]["type"], message=r.json()["error"]["message"][:160], ready_after=True)
+    _assert_ready(shared_daemon)
+
+
+def test_bad_parameters_and_batch_shapes(shared_daemon, record):
+    png = H.encode(H.line_image())
+    cases = [
+        ("max_new_tokens=0", dict(params={"max_new_tokens": 0}), {400}),
+        ("max_new_tokens=10^12", dict(params={"max_new_tokens": 10**12}), {400}),
+        ("max_new_tokens=abc", dict(params={"max_new_tokens": "abc"}), {422}),
+        ("GET on the transcribe endpoint", "GET", {405}),
+    ]
+    for case, kw, expect in cases:
+        if kw == "GET":
+            r = shared_daemon.get("/v1/transcribe")
+        else:
+            r = _post(shared_daemon, png, **kw)
+        assert r.status_code in expect, f"{case}: {r.status_code} {r.text[:200]}"
+        err = r.json()["error"]
+        assert err["message"], r.text
+        record("hostile", case, category="bad parameters", bytes=len(png), status=r.status_code, type=err["type"],
+               message=err["message"][:160], ready_after=True)
+    batch = [
+        ("batch without multipart", lambda: _post(shared_daemon, png, path="/v1/transcribe/batch"), {415}),
+        ("batch with a wrong part name", lambda: shared_daemon.post(
+            "/v1/transcribe/batch", files=[("file", ("a.png", png, "image/png"))]), {400}),
+        ("batch with a broken multipart boundary", lambda: shared_daemon.post(
+            "/v1/transcribe/batch", content=b"--xyz\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nabc",
+            headers={"Content-Type": "multipart/form-data; boundary=xyz"}), {400, 422}),
+        ("batch with 300 parts", lambda: shared_daemon.post(
+            "/v1/transcribe/batch", files=[("image", (f"{i}.png", b"x", "image/png")) for i in range(300)]), {400, 413}),
+    ]
+    for case, call, expect in batch:
+        r = call()
+        assert r.status_code in expect, f"{case}: {r.status_code} {r.text[:200]}"
+        body = r.json()
+        err = body.get("error") or next(i["error"] for i in body["items"] if i.get("error"))
+        record("hostile", case, category="bad parameters", bytes=None, status=r.status_code, type=err["type"],
+               message=err["message"][:160], ready_after=True)
+    # a batch mixing good and hostile parts: the good part is transcribed, each bad one gets its own error
+    parts = [("image", ("good.png", png, "image/png")), ("image", ("bomb.png", H.png_declaring(10**5, 10**5), "image/png")),
+             ("image", ("trunc.jpg", H.truncated_cases()["jpeg cut at 30%"], "image/jpeg"))]
+    r = shared_daemon.post("/v1/transcribe/batch", files=parts, timeout=60)
+    assert r.status_code == 200, r.text
+    items = r.json()["items"]
+    assert items[0]["results"] and items[1]["error"]["type"] == "too_large" and items[2]["error"]["type"] == "bad_image"
+    record("hostile", "batch: one good part, a bomb and a truncated JPEG", category="bad parameters", bytes=None,
+           status=200, type="per-item", message="good part transcribed; bomb 413-type too_large, truncated bad_image",
+           ready_after=True)
+    _assert_ready(shared_daemon)
+
+
+@pytest.mark.parametrize("case", sorted(H.MALFORMED))
+def test_malformed_http_is_a_4xx_and_never_a_500(shared_daemon, record, case):
+    reply, seconds = H.raw_exchange(shared_daemon.socket_path, H.MALFORMED[case], timeout=READ_TIMEOUT_S + 12)
+    status = H.status_of(reply)
+    if status is None:
+        # no answer at all: the connection must have been closed by the daemon, not left hanging
+        assert seconds < READ_TIMEOUT_S + 10, f"{case}: connection held {seconds:.1f}s"
+        outcome = f"connection closed without a reply after {seconds:.1f}s"
+    else:
+        assert status < 500, f"{case}: {reply[:300]!r}"
+        if case in H.VALID_BUT_ODD:
+            assert status in (200, 404, 405), f"{case}: {reply[:300]!r}"
+        else:  # broken HTTP: refused
+            assert 400 <= status < 500, f"{case}: {reply[:300]!r}"
+        outcome = reply.split(b"\r\n", 1)[0].decode("latin-1")
+    _assert_ready(shared_daemon)
+    record("hostile", case, category="malformed HTTP", bytes=len(H.MALFORMED[case]), status=status,
+           type="raw", message=outcome[:160], ready_after=True)
+
+
+def _trickle(sock_path, prefix: bytes, stop: threading.Event, result: dict, step: bytes = b"") -> None:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(0.5)
+    t0 = time.monotonic()
+    try:
+        s.connect(str(sock_path))
+        if prefix:
+            s.sendall(prefix)
+        got = b""
+        while not stop.is_set():
+            try:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+            except socket.timeout:
+                if step:
+                    try:
+                        s.sendall(step)  # one more byte, slower than any real client
+                    except OSError:
+                        break
+                continue
+            except OSError:
+                break
+        result["reply"] = got
+        result["seconds"] = time.monotonic() - t0
+        result["closed"] = not stop.is_set()
+    finally:
+        s.close()
+
+
+SLOW = {
+    "connect and send nothing": (b"", b""),
+    "trickle the headers (1 byte / 0.5 s)": (b"POST /v1/transcribe HTTP/1.1\r\n", b"X"),
+    "headers, then trickle the body": (b"POST /v1/transcribe HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n\x89PNG", b"\x00"),
+    "incomplete headers, then silence": (b"GET /v1/status HTTP/1.1\r\nHost: x\r\n", b""),
+}
+
+
+def test_slow_clients_are_cut_off_and_others_are_served(shared_daemon, record):
+    """Slowloris: 8 connections of each kind (32 in all) held open by slow clients; each is closed (or answered
+    408) within limits.read_timeout_s plus a margin, and a normal client is served while they hang on."""
+    stop = threading.Event()
+    runs: list[tuple[str, dict, threading.Thread]] = []
+    for name, (prefix, step) in SLOW.items():
+        for _ in range(8):
+            res: dict = {}
+            t = threading.Thread(target=_trickle, args=(shared_daemon.socket_path, prefix, stop, res, step), daemon=True)
+            t.start()
+            runs.append((name, res, t))
+    try:
+        t0 = time.monotonic()
+        r = _post(shared_daemon, H.encode(H.line_image()))  # served while 32 slow clients hold connections
+        served_s = time.monotonic() - t0
+        assert r.status_code == 200, r.text
+        deadline = READ_TIMEOUT_S * 2 + 10
+        for name, res, t in runs:
+            t.join(deadline)
+            assert not t.is_alive(), f"{name}: the daemon held the connection past {deadline:g}s"
+    finally:
+        stop.set()
+    for name in SLOW:
+        mine = [res for n, res, _ in runs if n == name]
+        assert all(res.get("closed") for res in mine), f"{name}: {mine}"
+        statuses = sorted({H.status_of(res["reply"]) or 0 for res in mine})
+        longest = max(res["seconds"] for res in mine)
+        assert longest < READ_TIMEOUT_S * 2 + 8, f"{name}: held for {longest:.1f}s"
+        if "body" in name:
+            assert statuses == [408], f"{name}: {statuses}"
+            msg = json.loads(mine[0]["reply"].partition(b"\r\n\r\n")[2])["error"]["message"]
+        else:
+            assert statuses == [0], f"{name}: {statuses}"  # closed without a reply
+            msg = "connection closed"
+        record("hostile", f"slowloris: {name} (x8)", category="slow client", bytes=None,
+               status=statuses[0] or None, type="408" if statuses == [408] else "closed",
+               message=f"{msg[:100]}; cut off after at most {longest:.1f}s (limits.read_timeout_s={READ_TIMEOUT_S:g})",
+               ready_after=True)
+    record("hostile", "a normal client during the slowloris", category="slow client", bytes=None, status=200,
+           type="transcribed", message=f"served in {served_s:.2f}s while 32 slow connections were open",
+           ready_after=True)
+    _assert_ready(shared_daemon)
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return 0.0

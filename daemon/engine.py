@@ -131,6 +131,7 @@ class Engine:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
             os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
             os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+        source, adapter = self._pick_variant()  # a missing variant fails before the slow imports
         progress("importing torch and transformers")
         import torch
         import transformers
@@ -148,7 +149,6 @@ class Engine:
             if torch.cuda.device_count() != 1:
                 raise GpuError(f"expected exactly one visible GPU after pinning, torch sees {torch.cuda.device_count()}")
             torch.cuda.set_device(0)
-        source, adapter = self._pick_variant()
         progress(f"loading processor from {self.model_dir}")
         try:
             self.processor = AutoProcessor.from_pretrained(str(self.model_dir), local_files_only=True)

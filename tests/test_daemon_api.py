@@ -267,3 +267,17 @@ def test_fast_path_gives_the_plain_paths_text(daemon, htrd):
     assert got == want
     assert "fast (static cache)" in fast.stderr()
     assert fast.status()["model_variant"].startswith("adapter")
+
+
+@pytest.mark.slow
+def test_merged_variant_is_loaded_and_gives_the_same_text(daemon, htrd, demo_model_copy):
+    """A directory with merged/ (provision --merge) is served from the merged weights, without PEFT."""
+    from htrctl.merge import merge_adapter
+
+    merge_adapter(demo_model_copy)
+    merged = htrd(model_dir=demo_model_copy)
+    assert merged.status()["model_variant"] == "merged"
+    images = [encode(line_image(i)) for i in range(2)]
+    want = [daemon.post(P.PATH_TRANSCRIBE, content=b).json()["results"][0]["text"] for b in images]
+    got = [merged.post(P.PATH_TRANSCRIBE, content=b).json()["results"][0]["text"] for b in images]
+    assert got == want

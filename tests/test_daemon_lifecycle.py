@@ -270,3 +270,9 @@ def test_sigterm_while_loading_exits_0_at_once(htrd):
     d.signal(signal.SIGTERM)
     assert d.wait_exit(20) == 0, d.stderr()[-3000:]
     assert time.monotonic() - t0 < 10  # did not wait for the load to finish
+
+
+def test_merged_variant_required_but_absent_exits_65(tmp_path, demo_model_dir):
+    code, err = run_to_exit(tmp_path, demo_model_dir, config={"model": {"variant": "merged"}})
+    assert code == ExitCode.MODEL, err
+    assert "merged" in err and "htrctl provision --merge" in err

@@ -87,6 +87,13 @@ def test_batched_fast_path_equals_naive_one_at_a_time(naive, fast):
         assert got.prompt_tokens > 0
 
 
+def test_equal_sized_images_batched_through_the_vision_tower(naive, fast):
+    """Consecutive same-size images share one vision attention call; results stay per image."""
+    preps = [fast.prepare(IMAGES[0]), fast.prepare(IMAGES[0]), fast.prepare(IMAGES[1]), fast.prepare(IMAGES[1])]
+    out = fast.generate(preps)
+    assert [o.token_ids for o in out] == [naive["tokens"][0]] * 2 + [naive["tokens"][1]] * 2
+
+
 def test_single_requests_equal_naive(naive, fast):
     for im, want in zip(IMAGES, naive["tokens"]):
         (got,) = fast.generate([fast.prepare(im)])

@@ -349,7 +349,7 @@ class Transcriber:
         if self.opts.quiet and not always:
             return
         if self._progress is not None:
-            self._progress.console.print(msg, markup=False, highlight=False)
+            self._progress.console.print(msg, markup=False, highlight=False, soft_wrap=True)
         else:
             self.stderr.write(msg + "\n")
             self.stderr.flush()

@@ -24,7 +24,6 @@ from client_standin import StandIn
 from htrctl.client import DaemonBusyError, HtrClient, is_retryable
 from htrctl.errors import (
     DaemonNotReadyError,
-    DaemonPermissionError,
     DaemonUnavailableError,
     ExitCode,
     RequestError,

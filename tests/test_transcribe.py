@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -199,7 +198,7 @@ def test_resume_after_the_daemon_is_killed_mid_run(tmp_path, model):
     src, out = tmp_path / "in", tmp_path / "out"
     rels = make_inputs(src, 30)
     (tmp_path / "d1").mkdir()
-    d = start_daemon(tmp_path / "d1", model, faults="slow_generate=0.15")
+    d = start_daemon(tmp_path / "d1", model, faults="slow_generate=0.3")
     try:
         proc = spawn("transcribe", "-s", str(d.socket_path), "--out", str(out), "-f", "txt", "-j", "2",
                      "--retry-for", "1", str(src))
@@ -235,14 +234,15 @@ def test_daemon_restart_mid_run_is_retried_nothing_lost_or_doubled(tmp_path, mod
     """jsonl on stdout while the daemon is SIGKILLed and started again: the client retries with backoff
     and every input appears exactly once."""
     src = tmp_path / "in"
-    rels = make_inputs(src, 24)
+    rels = make_inputs(src, 40)
     (tmp_path / "d").mkdir()
-    d = start_daemon(tmp_path / "d", model, faults="slow_generate=0.15")
+    d = start_daemon(tmp_path / "d", model, faults="slow_generate=0.3")  # >= 6 s of work: the kill lands mid-run
     proc = spawn("transcribe", "-s", str(d.socket_path), "-j", "2", "--retry-for", "120", str(src))
     d2 = None
     try:
         first_line = proc.stdout.readline()  # at least one record is out: the run is under way
         assert first_line, proc.stderr.read().decode()
+        assert proc.poll() is None, "the run finished before the daemon could be killed"
         d.proc.kill()
         d.wait_exit(30)
         d2 = start_daemon(tmp_path / "d", model, config_path=d.config_path, socket_path=d.socket_path)

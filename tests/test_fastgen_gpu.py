@@ -1,0 +1,74 @@
+"""On a GPU host (pytest -m gpu): the captured fast path on CUDA against its own eager step and HF generate.
+
+CI has no GPU, so these skip there; run them on a GPU host (bench/device-env.sh).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.gpu
+
+PROMPT = "Transcribe the handwritten text in this image exactly. Output only the text."
+NEW = 32
+
+
+@pytest.fixture(scope="module")
+def cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU (run on a GPU host: pytest -m gpu)")
+    return "cuda"
+
+
+def _image(w: int, h: int, seed: int):
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rnd = random.Random(seed)
+    img = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(img)
+    for _ in range(25):
+        draw.line([(rnd.randrange(w), rnd.randrange(h)), (rnd.randrange(w), rnd.randrange(h))], fill=(0, 0, 0), width=3)
+    return img
+
+
+def test_cuda_graphs_replay_the_eager_step_exactly(cuda, demo_model_dir):
+    """Graph replay runs the very kernels of the eager step: identical tokens, batched and padded."""
+    from htrd.fastgen import FastGenerator
+
+    kw = dict(device=cuda, prompt=PROMPT, batch_sizes=[1, 2, 4], max_cache_len=512, max_new_tokens=NEW)
+    graphs = FastGenerator.load(demo_model_dir, cuda_graphs=True, **kw)
+    eager = FastGenerator.load(demo_model_dir, cuda_graphs=False, **kw)
+    images = [_image(1200, 160, 1), _image(700, 120, 2), _image(1200, 160, 3)]
+    a = graphs.generate([graphs.prepare(im) for im in images], min_new_tokens=NEW)
+    b = eager.generate([eager.prepare(im) for im in images], min_new_tokens=NEW)
+    assert graphs._graphs, "no CUDA graph was captured"
+    assert [x.token_ids for x in a] == [y.token_ids for y in b]
+    assert all(len(x.token_ids) == NEW for x in a)
+
+
+def test_compiled_fast_path_starts_like_hf_generate(cuda, demo_model_dir, tmp_path):
+    """bf16 + fused kernels: the first tokens equal HF generate's on the same merged weights."""
+    from htrd.fastgen import FastGenerator, configure_compile_cache, load_merged_model
+
+    configure_compile_cache(tmp_path / "cc")
+    model, _ = load_merged_model(demo_model_dir, device=cuda, dtype=torch.bfloat16)
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(demo_model_dir, local_files_only=True)
+    image = _image(1200, 160, 4)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    enc = processor(text=[text], images=[image], return_tensors="pt").to(cuda)
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    want = out[0, enc["input_ids"].shape[1] :].tolist()
+    gen = FastGenerator(model, processor, prompt=PROMPT, batch_sizes=[1, 2], max_cache_len=512, max_new_tokens=NEW,
+                        compile=True)
+    gen.warmup(image, max_new_tokens=NEW)
+    (got,) = gen.generate([gen.prepare(image)], min_new_tokens=NEW)
+    same = next((i for i, (x, y) in enumerate(zip(got.token_ids, want)) if x != y), len(want))
+    print(f"compiled fast path == HF generate for the first {same} of {NEW} tokens")
+    assert same >= 4

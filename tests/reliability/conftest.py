@@ -126,21 +126,52 @@ def provisioned_model(tmp_path_factory, demo_model_dir) -> Path:
     return dest
 
 
+class _Trap:
+    """Unpickling this writes a marker file: proof that a pickle was loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('unpickled')",))
+
+
+@pytest.fixture(scope="session")
+def trapped_marker(tmp_path_factory) -> Path:
+    return tmp_path_factory.getbasetemp() / "PICKLE-WAS-LOADED"
+
+
+@pytest.fixture(scope="session")
+def trapped_model(tmp_path_factory, demo_model_dir, trapped_marker) -> Path:
+    """A copy of the demo model (no manifest: verify only warns) with booby-trapped pickle weights planted
+    next to the safetensors. The shared daemon serves from it; nothing may ever unpickle them."""
+    import pickle
+
+    dest = tmp_path_factory.mktemp("rel-trapped") / "model"
+    shutil.copytree(demo_model_dir, dest)
+    payload = pickle.dumps({"state_dict": _Trap(trapped_marker)})
+    for rel in ("pytorch_model.bin", "training_args.pt", "final_model/adapter_model.bin"):
+        (dest / rel).write_bytes(payload)
+    return dest
+
+
 # One daemon for the hostile-input, fuzzing and security tests (starting one costs 15-40 s here).
 SHARED_CONFIG = {
     "limits": {"max_body_bytes": 2 * 1024 * 1024, "max_image_pixels": 4_000_000, "read_timeout_s": 3.0,
                "batch_sizes": [1, 2, 4], "queue_length": 64, "request_deadline_s": 60.0},
+    "socket": {"group": "daemon"},  # a group uid 65534 is not in (test_security)
     "generation": {"max_new_tokens": 8},
     "log": {"level": "DEBUG"},
 }
 
 
 @pytest.fixture(scope="session")
-def shared_daemon(tmp_path_factory, provisioned_model, open_dir):
+def shared_daemon(tmp_path_factory, trapped_model, trapped_marker, open_dir):
     from daemon_harness import start_daemon
 
     tmp = tmp_path_factory.mktemp("rel-shared")
-    d = start_daemon(tmp, provisioned_model, config=SHARED_CONFIG, socket_path=open_dir / "htr.sock")
+    d = start_daemon(tmp, trapped_model, config=SHARED_CONFIG, socket_path=open_dir / "htr.sock")
+    assert not trapped_marker.exists(), "loading the model unpickled a planted pickle"
     yield d
     code = d.stop()
     assert code == 0, d.stderr()[-3000:]

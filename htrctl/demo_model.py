@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 HUB_BASE_ID = "Qwen/Qwen3-VL-8B-Instruct"
 ADAPTER_DIRNAME = "final_model"
 DEMO_SEED = 20261127
-DEMO_VERSION = "1"  # bump when the builder's output changes
+DEMO_VERSION = "2"  # bump when the builder's output changes
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -302,6 +302,10 @@ def _build_into(dest: Path) -> None:
         tmp.chmod(0o755)
         _write_tree(tmp)
         (tmp / ".htr-demo-version").write_text(DEMO_VERSION + "\n")
+        # safetensors writes 0600 files: make the tree readable by a service user
+        # (htr), as a model directory copied by an administrator would be.
+        for p in tmp.rglob("*"):
+            p.chmod(0o755 if p.is_dir() else 0o644)
         if dest.exists():
             old = dest.with_name(dest.name + ".old")
             shutil.rmtree(old, ignore_errors=True)

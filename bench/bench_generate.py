@@ -145,6 +145,8 @@ def naive_worker(args) -> dict:
     from htrd.fastgen import FastGenerator
 
     cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(args.device)  # synchronize() and streams below act on this GPU
     dtype = torch.bfloat16 if cuda else torch.float32
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     model_dir = Path(args.model_dir)

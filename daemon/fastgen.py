@@ -528,21 +528,22 @@ class FastGenerator:
             return g
         torch = self.torch
         t0 = time.perf_counter()
-        # Warm the step on a side stream (cuBLAS/inductor autotuning happens outside capture), then capture.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._scratch_state(B)
+        with torch.cuda.device(self.device):
+            # Warm the step on a side stream (cuBLAS/inductor autotuning happens outside capture), then capture.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._scratch_state(B)
+                    self._step_fn(B, L)
+            torch.cuda.current_stream().wait_stream(side)
+            self._scratch_state(B)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
                 self._step_fn(B, L)
-        torch.cuda.current_stream().wait_stream(side)
-        self._scratch_state(B)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            self._step_fn(B, L)
-        torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
         g = self._graphs[key] = _Graph(graph, B, L)
         logger.info("captured decode graph batch=%d cache_len=%d in %.0f ms", B, L, (time.perf_counter() - t0) * 1e3)
         return g
@@ -726,7 +727,7 @@ class FastGenerator:
                     self._graph_for(b, L)
             report[b] = round((time.perf_counter() - tb) * 1000.0, 1)
         if self.device.type == "cuda":
-            self.torch.cuda.synchronize()
+            self.torch.cuda.synchronize(self.device)
         logger.info("fast path warm: batch sizes %s in %.1f s", self.batch_sizes, time.perf_counter() - t0)
         return {"warmup_s": time.perf_counter() - t0, "per_batch_ms": report, "prompt_tokens": prep.prompt_len}
 

@@ -152,7 +152,7 @@ def naive_worker(args) -> dict:
     model_dir = Path(args.model_dir)
     res: dict = {"device": args.device}
     if cuda:
-        res["gpu"] = torch.cuda.get_device_name(0)
+        res["gpu"] = torch.cuda.get_device_name(args.device)
     img = line_image()
     new = args.new_tokens
 

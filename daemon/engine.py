@@ -13,9 +13,9 @@
   after a short collection window (``limits.batch_window_ms``), left-pads them
   into one batch and runs ONE greedy ``generate`` for all of them.
 - **Failures**: a full queue is an immediate ``queue_full`` (503 + Retry-After);
-  an image whose deadline passes gets ``deadline_exceeded`` (504); a CUDA
-  out-of-memory error fails that batch's images with ``out_of_memory`` and the
-  daemon stays ready.
+  an image whose deadline passes gets ``deadline_exceeded`` (504); a batch that
+  hits CUDA out-of-memory is retried image by image, an image that still does
+  not fit gets ``out_of_memory`` (507), and the daemon stays ready.
 - **Watchdog**: :attr:`Engine.generate_started_at` tells the supervisor how long
   the current ``generate`` has been running.
 """
@@ -433,6 +433,16 @@ class Engine:
                          ",".join(sorted({i.request_id for i in items})), _first_line(exc))
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+            if len(items) > 1:
+                # One large image must not fail its batch-mates: retry each image alone.
+                logger.warning("retrying the %d images of that batch one by one", len(items))
+                now = time.monotonic()
+                for item in items:
+                    if item.deadline <= now:
+                        self._fail(item, _deadline_error(item))
+                    else:
+                        self._serve_batch([item])
+                return
             err = ApiError("out_of_memory",
                            f"CUDA out of memory while transcribing a batch of {len(items)} images; the daemon is still "
                            "ready -- retry, send smaller images, or lower limits.batch_sizes",

@@ -111,12 +111,19 @@ def test_deadline_gives_504_and_daemon_stays_ready(htrd):
 
 @pytest.mark.slow
 def test_out_of_memory_fails_that_request_and_the_next_succeeds(htrd):
-    d = htrd(faults="oom")
+    d = htrd(faults="oom=2")
     r = d.post(P.PATH_TRANSCRIBE, content=png())
     assert r.status_code == 507, r.text
     err = r.json()["error"]
     assert err["type"] == "out_of_memory" and "still ready" in err["message"]
     assert d.get(P.PATH_READY).status_code == 200
+    # A batch that runs out of memory is retried image by image: batch-mates are not failed with it.
+    files = [("image", (f"{i}.png", png(i), "image/png")) for i in range(2)]
+    r = d.post(P.PATH_TRANSCRIBE_BATCH, files=files)
+    assert r.status_code == 200, r.text
+    items = r.json()["items"]
+    assert all(i["error"] is None and i["results"][0]["batch_size"] == 1 for i in items), items
+    assert "one by one" in d.stderr()
     ok = d.post(P.PATH_TRANSCRIBE, content=png())
     assert ok.status_code == 200 and ok.json()["results"][0]["text"]
     assert "out of memory" in d.stderr()

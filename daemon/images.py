@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 from dataclasses import dataclass
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -27,6 +28,10 @@ logger = logging.getLogger(__name__)
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half
 
 SUPPORTED = "PNG, JPEG, TIFF or WebP"
+# What Pillow's decoders raise on malformed input (a mutated TIFF header gives TypeError "Missing
+# dimensions", a bad IFD KeyError/struct.error...): each is the client's bad_image, never a 500.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, TypeError, KeyError, IndexError, struct.error,
+                  ZeroDivisionError, OverflowError)
 # Qwen-VL's image processor (smart_resize) refuses a longer side more than 200x the shorter one.
 MAX_ASPECT_RATIO = 200
 
@@ -77,10 +82,13 @@ def decode_image(data: bytes, *, max_pixels: int, max_pages: int = 256) -> list[
         raise ApiError("too_large", f"{fmt} image refused before decoding: {exc}") from None
     except UnidentifiedImageError:
         raise ApiError("bad_image", f"the body looks like {fmt} but its header cannot be read (corrupt file?)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except _DECODE_ERRORS as exc:
         raise ApiError("bad_image", f"cannot read the {fmt} header: {exc}") from None
     try:
-        n_frames = int(getattr(img, "n_frames", 1) or 1)
+        try:
+            n_frames = int(getattr(img, "n_frames", 1) or 1)
+        except _DECODE_ERRORS as exc:
+            raise ApiError("bad_image", f"the {fmt} page directory cannot be read: {exc}") from None
         if fmt != "TIFF":
             n_frames = 1  # animated WebP/PNG: the first frame is the image
         if n_frames > max_pages:
@@ -92,7 +100,7 @@ def decode_image(data: bytes, *, max_pixels: int, max_pages: int = 256) -> list[
             if index:
                 try:
                     img.seek(index)
-                except (EOFError, OSError, ValueError) as exc:
+                except _DECODE_ERRORS as exc:
                     raise ApiError("bad_image", f"TIFF page {index} cannot be read: {exc}") from None
             _check_size(img, fmt, index, max_pixels)
             pages.append(Page(_to_rgb(img, fmt, index), index, fmt, img.mode))
@@ -132,7 +140,7 @@ def _to_rgb(img: Image.Image, fmt: str, index: int) -> Image.Image:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ApiError("too_large", f"{fmt} image refused: {exc}") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError) as exc:
+    except _DECODE_ERRORS as exc:
         raise ApiError("bad_image", f"cannot decode the {fmt} image{where}: {exc}") from None
 
 

@@ -125,12 +125,6 @@ class Engine:
         if self.faults.slow_load_s:
             progress(f"loading (test fault slow_load={self.faults.slow_load_s:g}s)")
             threading.Event().wait(self.faults.slow_load_s)
-        gen_settings = self.settings.generation
-        if gen_settings.static_cache and gen_settings.compile_cache_dir is not None:
-            cache = Path(gen_settings.compile_cache_dir)
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
-            os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
-            os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
         source, adapter = self._pick_variant()  # a missing variant fails before the slow imports
         progress("importing torch and transformers")
         import torch
@@ -156,9 +150,6 @@ class Engine:
             raise ModelError(f"cannot load the processor/tokenizer from {self.model_dir}: {_first_line(exc)}",
                              remedy="run `htrctl verify` and re-provision the directory") from exc
         progress(f"loading {self.variant} weights from {source} ({self.dtype_name}, {self.device})")
-        if gen_settings.static_cache:
-            self._load_fast(torch, dtype, progress)
-            return self._finish_load(t0)
         load_kwargs: dict[str, Any] = dict(local_files_only=True, use_safetensors=True, dtype=dtype)
         if self.device != "cpu":
             load_kwargs["device_map"] = {"": self.device}  # one explicit device, weights loaded straight onto it
@@ -180,28 +171,18 @@ class Engine:
             model = model.to("cpu")
         model.eval()
         self._assert_one_device(model, torch)
+        if self.settings.generation.static_cache:
+            # The fast path (htrd.fastgen): LoRA folded into the weights, static KV cache, CUDA-graph decode.
+            from . import fastgen
+
+            progress("building the fast generator (merged LoRA, static KV cache)")
+            self.fast = fastgen.FastGenerator.from_loaded(model, self.processor, self.settings)
+            model = self.fast.model
+            self._assert_one_device(model, torch)
+            if self.variant == "adapter":
+                self.variant = "adapter (merged at load)"
         self.model = model
         self._finish_load(t0)
-
-    def _load_fast(self, torch, dtype, progress: Callable[[str], None]) -> None:
-        """The fast path: merged weights, static KV cache, CUDA-graph decode (htrd.fastgen)."""
-        from . import fastgen
-
-        g = self.settings.generation
-        try:
-            model, used = fastgen.load_merged_model(self.model_dir, device=self.device, dtype=dtype,
-                                                    variant=self.variant or self.settings.model.variant)
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelError(f"cannot load the model from {self.model_dir}: {_first_line(exc)}",
-                             remedy="run `htrctl verify` and re-provision the directory") from exc
-        self._assert_one_device(model, torch)
-        progress("building the fast generator (static KV cache)")
-        self.fast = fastgen.FastGenerator(
-            model, self.processor, prompt=g.prompt, batch_sizes=self.batch_sizes, max_cache_len=g.max_cache_len,
-            max_new_tokens=g.max_new_tokens, compile=bool(g.compile and self.device != "cpu"),
-        )
-        self.model = model
-        self.variant = used if used == "merged" else "adapter (merged at load)"
 
     def _finish_load(self, t0: float) -> None:
         from transformers import GenerationConfig
@@ -268,8 +249,7 @@ class Engine:
     def prepare(self, image) -> Prepared:
         t0 = time.perf_counter()
         if self.fast is not None:
-            with self._processor_lock:  # fast tokenizers are not safe for concurrent use
-                fp = self.fast.prepare(image)
+            fp = self.fast.prepare(image)  # thread-safe: one processor copy per concurrent caller
             return Prepared(None, fp.prompt_len, (time.perf_counter() - t0) * 1000.0, fast=fp)
         with self._processor_lock:  # fast tokenizers are not safe for concurrent use
             enc = self.processor(text=[self.prompt_text], images=[image], return_tensors="pt")

@@ -41,7 +41,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -225,8 +224,9 @@ class FastGenerator:
         self.pad_id = int(pad if pad is not None else self.eos_ids[0])
         self._chat_text = self._build_chat_text()
         self._lock = threading.Lock()  # serialises generate() (one GPU stream)
-        self._processors: queue.SimpleQueue = queue.SimpleQueue()  # idle processor copies, one per concurrent prepare
-        self._spare_processors(min(16, os.cpu_count() or 4))  # requests right after READY find copies waiting
+        self._processors: list = []  # idle processor copies, one per concurrent prepare
+        self._proc_lock = threading.Lock()
+        self._spare_processors(min(16, os.cpu_count() or 4))  # requests right after READY find warm copies
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool = None
         self._alloc_state()
@@ -317,7 +317,8 @@ class FastGenerator:
         try:
             enc = proc(text=[self._chat_text], images=[image], return_tensors="pt")
         finally:
-            self._processors.put(proc)
+            with self._proc_lock:
+                self._processors.append(proc)  # LIFO: a lone client keeps reusing one warm copy
         input_ids = enc["input_ids"][0]
         grid = enc["image_grid_thw"]
         mm = enc.get("mm_token_type_ids")
@@ -336,18 +337,29 @@ class FastGenerator:
         """An idle copy of the processor. A fast tokenizer must not serve two threads at once, and
         one shared lock would serialise the image preprocessing of a whole batch; copies are cheap
         (a few ms) and :meth:`warmup` makes some in advance."""
-        try:
-            return self._processors.get_nowait()
-        except queue.Empty:
-            import copy
+        with self._proc_lock:
+            if self._processors:
+                return self._processors.pop()
+        return self._new_processor()
 
-            return copy.deepcopy(self.processor)
-
-    def _spare_processors(self, n: int) -> None:
+    def _new_processor(self):
+        """A copy of the processor, used once on a blank line image: its first call is several
+        times slower than later ones, and that must not land on a request."""
         import copy
 
-        for _ in range(n):
-            self._processors.put(copy.deepcopy(self.processor))
+        from PIL import Image
+
+        proc = copy.deepcopy(self.processor)
+        proc(text=[self._chat_text], images=[Image.new("RGB", (1200, 160), "white")], return_tensors="pt")
+        return proc
+
+    def _spare_processors(self, n: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="htrd-proc-warm") as pool:
+            spare = list(pool.map(lambda _: self._new_processor(), range(n)))
+        with self._proc_lock:
+            self._processors.extend(spare)
 
     def _collate(self, items: Sequence[Prepared]) -> dict:
         torch = self.torch

@@ -101,6 +101,7 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._processor_lock = threading.Lock()
+        self._processors: list = []  # idle processor copies (see _take_processor)
         self._serving = False  # faults apply to serving generates only, never to warm-up
         self._busy = False  # a batch is being run
         self._running: list[WorkItem] = []  # the items of that batch
@@ -251,10 +252,22 @@ class Engine:
         if self.fast is not None:
             fp = self.fast.prepare(image)  # thread-safe: one processor copy per concurrent caller
             return Prepared(None, fp.prompt_len, (time.perf_counter() - t0) * 1000.0, fast=fp)
-        with self._processor_lock:  # fast tokenizers are not safe for concurrent use
-            enc = self.processor(text=[self.prompt_text], images=[image], return_tensors="pt")
+        proc = self._take_processor()
+        try:
+            enc = proc(text=[self.prompt_text], images=[image], return_tensors="pt")
+        finally:
+            with self._processor_lock:
+                self._processors.append(proc)
         tensors = dict(enc.items())
         return Prepared(tensors, int(tensors["input_ids"].shape[1]), (time.perf_counter() - t0) * 1000.0)
+
+    def _take_processor(self):
+        """An idle copy of the processor: a fast tokenizer must not serve two threads at once, and one
+        lock would serialise the image preprocessing of a whole batch. Copies are made on demand."""
+        with self._processor_lock:
+            if self._processors:
+                return self._processors.pop()
+        return copy.deepcopy(self.processor)
 
     # -- warm-up ---------------------------------------------------------------------------------------------
     def warm_up(self, progress: Callable[[str], None] = lambda s: None) -> None:

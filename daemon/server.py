@@ -399,12 +399,23 @@ def create_app(service: Service) -> FastAPI:
             items_out: list[P.BatchItem] = []
             work: list[tuple[int, list]] = []  # (item index, [(page, prepared)])
             total_pages = 0
-            for index, (filename, blob) in enumerate(parts):
+
+            async def decode_one(blob: bytes):
                 try:
-                    prepared = await anyio.to_thread.run_sync(_decode_prepare, blob, max(1, max_pages - total_pages))
+                    return await anyio.to_thread.run_sync(_decode_prepare, blob, max_pages)
                 except ApiError as err:
-                    service.metrics.errors.labels(err.type).inc()
-                    items_out.append(P.BatchItem(index=index, filename=filename, error=err.body()))
+                    return err
+
+            # Every part is decoded and preprocessed concurrently, in worker threads.
+            decoded = await asyncio.gather(*(decode_one(blob) for _, blob in parts))
+            for index, ((filename, _blob), prepared) in enumerate(zip(parts, decoded)):
+                if not isinstance(prepared, ApiError) and total_pages + len(prepared) > max_pages:
+                    prepared = ApiError("too_large", f"this request carries more than limits.max_images_per_request "
+                                        f"({max_pages}) images and pages; this part is not transcribed",
+                                        detail={"max_images_per_request": max_pages})
+                if isinstance(prepared, ApiError):
+                    service.metrics.errors.labels(prepared.type).inc()
+                    items_out.append(P.BatchItem(index=index, filename=filename, error=prepared.body()))
                     continue
                 total_pages += len(prepared)
                 items_out.append(P.BatchItem(index=index, filename=filename))

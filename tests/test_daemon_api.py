@@ -281,3 +281,16 @@ def test_merged_variant_is_loaded_and_gives_the_same_text(daemon, htrd, demo_mod
     want = [daemon.post(P.PATH_TRANSCRIBE, content=b).json()["results"][0]["text"] for b in images]
     got = [merged.post(P.PATH_TRANSCRIBE, content=b).json()["results"][0]["text"] for b in images]
     assert got == want
+
+
+def test_batch_page_budget_spans_parts(daemon):
+    """limits.max_images_per_request counts TIFF pages over all parts (6 here): the part that overflows fails alone."""
+    frames = [line_image(i).convert("L") for i in range(4)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "TIFF", save_all=True, append_images=frames[1:])
+    files = [("image", (f"p{i}.tif", buf.getvalue(), "image/tiff")) for i in range(2)]
+    r = daemon.post(P.PATH_TRANSCRIBE_BATCH, files=files)
+    assert r.status_code == 200, r.text
+    first, second = r.json()["items"]
+    assert first["error"] is None and len(first["results"]) == 4
+    assert second["error"]["type"] == "too_large" and "max_images_per_request" in second["error"]["message"]

@@ -92,6 +92,7 @@ def run(args: argparse.Namespace, *, journald: bool = False) -> int:
     manifest_digest = verify_model(settings)
     activated = os.environ.get("LISTEN_PID", "") == str(os.getpid()) and bool(os.environ.get("LISTEN_FDS"))
     sock = open_socket(settings)
+    bound = None if activated else _identity(Path(settings.socket.path))
 
     require("fastapi", "daemon", "htrd")
     require("uvicorn", "daemon", "htrd")
@@ -144,7 +145,18 @@ def run(args: argparse.Namespace, *, journald: bool = False) -> int:
             supervisor.events.put(("load_failed", exc))
 
     threading.Thread(target=load, name="htrd-load", daemon=True).start()
-    return supervisor.run()
+    code = supervisor.run()
+    if bound is not None and _identity(Path(settings.socket.path)) == bound:
+        Path(settings.socket.path).unlink(missing_ok=True)  # ours, not a successor's: leave no stale file
+    return code
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 # -- GPU -------------------------------------------------------------------------------------------------------

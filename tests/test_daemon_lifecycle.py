@@ -89,6 +89,7 @@ def test_queue_full_then_sigterm_drains_in_flight_work(htrd):
         assert second.result(30).status_code == 200
         assert second.result().json()["results"][0]["text"]
         assert d.wait_exit(30) == 0
+        assert not d.socket_path.exists()  # a clean stop leaves no stale socket file
     finally:
         pool.shutdown(wait=True)
     err = d.stderr()

@@ -129,8 +129,9 @@ def run(args: argparse.Namespace, *, journald: bool = False) -> int:
     server_thread.start()
     from .sockwatch import SocketWatch
 
-    SocketWatch(server, sock, Path(settings.socket.path), mode=settings.socket.mode, group=settings.socket.group,
-                activated=activated).start()  # a deleted socket file is bound again
+    watch = SocketWatch(server, sock, Path(settings.socket.path), mode=settings.socket.mode,
+                        group=settings.socket.group, activated=activated)
+    watch.start()  # a deleted socket file is bound again
 
     def load() -> None:
         try:
@@ -146,6 +147,7 @@ def run(args: argparse.Namespace, *, journald: bool = False) -> int:
 
     threading.Thread(target=load, name="htrd-load", daemon=True).start()
     code = supervisor.run()
+    watch.stop()  # before the file goes: the watch must not bind it again
     if bound is not None and _identity(Path(settings.socket.path)) == bound:
         Path(settings.socket.path).unlink(missing_ok=True)  # ours, not a successor's: leave no stale file
     return code

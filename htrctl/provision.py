@@ -31,6 +31,7 @@ Remote DEST: the same, with rsync into the staging tree on the remote host
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -581,8 +582,22 @@ def provision(
         result = _provision_to_remote(source, src_loc, dst_loc, base=base, dry_run=dry_run,
                                       allow_download=allow_download, progress=progress, ssh=ssh)
     else:
-        result = _provision_local(source, src_loc, dst_loc.path, base=base, merge=merge, dry_run=dry_run,
-                                  allow_download=allow_download, progress=progress, ssh=ssh)
+        try:
+            result = _provision_local(source, src_loc, dst_loc.path, base=base, merge=merge, dry_run=dry_run,
+                                      allow_download=allow_download, progress=progress, ssh=ssh)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            where = Path(dst_loc.path).parent
+            try:
+                free = shutil.disk_usage(where).free
+            except OSError:
+                free = -1
+            raise ProvisionError(
+                f"{exc.strerror} while provisioning {dst_loc.path}"
+                + (f" ({free // 1024} KiB free on that file system)" if free >= 0 else ""),
+                remedy="free space there (or choose another DEST), then rerun the same command: it resumes "
+                       "where it stopped; DEST is untouched") from None
     result.seconds = time.monotonic() - t0
     return result
 

@@ -588,13 +588,20 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("model written in %.1f s: %s", time.perf_counter() - t, info)
 
     a = None if args.skip_naive else run_naive(args)
-    b = None if args.skip_daemon else run_daemon(args)
+    b, failed = None, None
+    if not args.skip_daemon:
+        try:
+            b = run_daemon(args)
+        except SystemExit as exc:  # htrd failed: still report the naive side
+            failed = str(exc)
     text = report(args, a, b)
-    sys.stdout.write(text + "\n")
+    if failed:
+        text += f"\n(b) htrd FAILED: {failed}"
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "naive": a,
-                                         "daemon": b, "table": text}, indent=2, default=str))
-    return 0
+                                         "daemon": b, "daemon_error": failed, "table": text}, indent=2, default=str))
+    sys.stdout.write(text + "\n")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -623,6 +623,8 @@ class FastGenerator:
             logger.warning("prompt %d + %d new tokens exceeds cache %d: eager fallback", P, max_new, self.max_cache_len)
             return self._generate_eager(items, max_new, min_new, decode_text, t0)
         L = _round_up(need, LENGTH_BUCKET)
+        # Capture first: capturing runs the step on scratch state, which must not clobber this batch's.
+        graph = self._graph_for(B, L)
 
         batch = self._collate(items)
         # ---- prefill (HF forward: vision tower, deepstack, exact 3-D positions)
@@ -655,7 +657,6 @@ class FastGenerator:
         t_prefill = time.perf_counter()
 
         # ---- decode: one captured step per token
-        graph = self._graph_for(B, L)
         steps = 1
         stop = on_progress is not None and on_progress(steps)
         while steps < max_new and not stop:

@@ -250,6 +250,8 @@ def check_adapter_pair(
         return findings
     try:
         header, _, _ = read_safetensors_header(weights)
+    except OSError:
+        return findings  # unreadable: reported by verify's per-file check
     except HeaderError as exc:
         return findings + [Finding(w_rel, str(exc), "copy the adapter again", "bad_header")]
     fan_in_fan_out = bool(acfg.get("fan_in_fan_out"))
@@ -325,7 +327,7 @@ def load_weight_set(root: Path, sub: str = "") -> tuple[WeightSet | None, list[F
                 continue
             try:
                 headers[shard] = read_safetensors_header(p)[0]
-            except HeaderError:
+            except (HeaderError, OSError):
                 continue  # reported by the per-file check
         for name, shard in weight_map.items():
             h = headers.get(shard)
@@ -342,7 +344,7 @@ def load_weight_set(root: Path, sub: str = "") -> tuple[WeightSet | None, list[F
     if single.is_file():
         try:
             h = read_safetensors_header(single)[0]
-        except HeaderError:
+        except (HeaderError, OSError):
             return None, findings
         return WeightSet({k: (v["dtype"], v["shape"]) for k, v in h.items()}, [pre + single.name]), findings
     return None, findings
@@ -372,6 +374,15 @@ def verify_model_dir(path: str | Path, *, quick: bool = False, progress: bool = 
     report = VerifyReport(path=str(root), quick=quick)
     add = report.findings.append
     redo = f"re-provision it: htrctl provision SOURCE {root}"
+    try:
+        root.stat()
+    except PermissionError:
+        add(Finding(str(root), "model directory cannot be reached: permission denied",
+                    "make it and its parent directories reachable by the daemon's user (chmod a+X on each)",
+                    "unreadable"))
+        return report
+    except OSError:
+        pass  # does not exist: reported just below
     if not root.is_dir():
         add(Finding(str(root), "model directory does not exist" if not root.exists() else "not a directory",
                     f"provision it: htrctl provision SOURCE {root}", "not_found"))
@@ -423,6 +434,8 @@ def verify_model_dir(path: str | Path, *, quick: bool = False, progress: bool = 
                 add(Finding(entry.path, f"truncated: {size} of {entry.size} bytes", redo, "truncated"))
             elif size > entry.size:
                 add(Finding(entry.path, f"size {size} differs from the manifest's {entry.size}", redo, "size_mismatch"))
+            elif not os.access(p, os.R_OK):
+                continue  # reported as unreadable by the per-file check below
             else:
                 to_hash.append(entry.path)
         for rel in sorted(present - listed):
@@ -444,7 +457,8 @@ def verify_model_dir(path: str | Path, *, quick: bool = False, progress: bool = 
             except HeaderError as exc:
                 add(Finding(rel, f"bad safetensors file: {exc}", redo, "bad_header"))
             except OSError as exc:
-                add(Finding(rel, f"cannot be read: {exc.strerror}", "check permissions", "unreadable"))
+                add(Finding(rel, f"cannot be read: {exc.strerror}",
+                            f"make the directory readable by the daemon's user: chmod -R a+rX {root}", "unreadable"))
         elif rel.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt")) and "/" not in rel.strip("/"):
             add(Finding(rel, "pickle weights are never loaded (they can run code)",
                         "remove it; use the safetensors files", "pickle_weights", WARNING))

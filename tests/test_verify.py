@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -273,3 +274,46 @@ def test_cli_exit_codes_and_json(model, capsys):
     assert main(["verify", str(model), "--quick"]) == 1
     captured = capsys.readouterr()
     assert SHARD in captured.err and "FAILED" in captured.out
+
+
+
+def _verify_as_nobody(model) -> dict:
+    code = textwrap.dedent(f"""
+        import json
+        from htrctl.verify import verify_model_dir
+        from htrctl.errors import ModelError
+        r = verify_model_dir({str(model)!r}, quick=True)
+        try:
+            r.raise_for_problems()
+        except ModelError as e:
+            print(json.dumps({{"ok": r.ok, "msg": e.one_line()}}))
+    """)
+    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_unreadable_files_are_findings_not_tracebacks(model, tmp_path):
+    """The service user cannot read a 0600 shard, or reach the directory: verify names it and the fix."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) not available")
+    # tmp_path's parents are 0700 (root's): unreachable for uid 65534.
+    res = _verify_as_nobody(model)
+    assert res["ok"] is False
+    assert "model directory cannot be reached: permission denied" in res["msg"]
+    import tempfile
+
+    reachable = Path(tempfile.mkdtemp(prefix="htr-verify-"))
+    try:
+        reachable.chmod(0o755)
+        dest = reachable / "model"
+        shutil.copytree(model, dest)
+        shard = sorted(dest.glob("model-*.safetensors"))[0]
+        shard.chmod(0o600)
+        res = _verify_as_nobody(dest)
+        assert res["ok"] is False
+        assert shard.name in res["msg"] and "cannot be read: Permission denied" in res["msg"]
+        assert f"chmod -R a+rX {dest}" in res["msg"]
+    finally:
+        shutil.rmtree(reachable)

@@ -188,3 +188,22 @@ def test_compile_cache_dir_is_created_and_exported(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_CACHE_DIR", "/elsewhere")  # an operator's setting wins
     configure_compile_cache(tmp_path / "cc2")
     assert os.environ["TRITON_CACHE_DIR"] == "/elsewhere"
+
+
+def test_generation_runs_on_one_dedicated_thread(naive, fast):
+    """On CUDA every generate and the warm-up run on one 'htrd-gpu' thread (shared cuBLAS state);
+    exercised here on the CPU by giving the generator that thread."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    seen = []
+    fast._gpu_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="htrd-gpu")
+    try:
+        fast.warmup(IMAGES[1], max_new_tokens=8)
+        out = fast.generate([fast.prepare(IMAGES[1])],
+                            on_progress=lambda n: seen.append(threading.current_thread().name) and False)
+    finally:
+        fast._gpu_thread.shutdown()
+        fast._gpu_thread = None
+    assert out[0].token_ids == naive["tokens"][1]
+    assert seen and all(name.startswith("htrd-gpu") for name in seen)

@@ -68,7 +68,7 @@ def n_outputs(out: Path) -> int:
 def first_line(text: str, *needles: str) -> str:
     for ln in text.splitlines():
         if any(n in ln for n in needles):
-            return ln.strip()[:220]
+            return ln.strip()[:300]
     return ""
 
 
@@ -207,7 +207,7 @@ class TestServingFaults:
         drained = first_line(d.stderr(), "drained", "abandoned")
         d3 = _restart(chain, "oom=2,slow_generate=0.2")
         rc, err = finish(run)
-        assert rc == ExitCode.PARTIAL, err  # the images of the two OOM'd batches; everything else done
+        assert rc == ExitCode.PARTIAL, err  # the image(s) the two injected OOMs failed; everything else done
         failed = int(re.search(r"; (\d+) failed", err).group(1))
         assert failed == err.count("(507 out_of_memory)") >= 1, err
         oom_line = first_line(err, "out_of_memory")
@@ -216,7 +216,7 @@ class TestServingFaults:
         assert d3.state() == "ready"
         assert n_outputs(out) == len(rels) - failed
         st = d3.status()
-        assert st["counters"]["errors"] >= 2
+        assert st["counters"]["errors"] >= failed
         again = subprocess.run([sys.executable, "-m", "htrctl", "transcribe", "-s", str(chain["sock"]), "--out",
                                 str(out), "-f", "txt", "--resume", str(src)], capture_output=True, timeout=300,
                                cwd=REPO)
@@ -231,8 +231,8 @@ class TestServingFaults:
                f"exactly once ({failed} OOM failure(s) completed by --resume, below)")
         record("faults", "CUDA out of memory (injected)", injected="HTR_TEST_FAULTS=oom=2",
                client_saw="htrd " + oom_line.split(": htrd ", 1)[-1][:200],
-               observed=f"the images of the 2 OOM'd batches ({failed}) got 507 out_of_memory; the daemon stayed "
-                        f"ready (errors counter {st['counters']['errors']})",
+               observed=f"2 generate calls raised OOM; {failed} image(s) got 507 out_of_memory (an OOM'd batch is "
+                        f"retried image by image, so batch-mates may survive); the daemon stayed ready",
                recovery=f"htrctl transcribe --resume transcribed the {failed} and skipped the rest",
                outputs=f"{done['outputs']}/{done['inputs']} exactly once")
 
@@ -323,7 +323,7 @@ def test_disk_fills_during_provisioning(demo_model_dir, tmp_path, record):
         assert r2.returncode == 0, r2.stderr
         assert verify_model_dir(dest, quick=False).ok
         resumed = first_line(r2.stdout + r2.stderr, "resume")
-    record("faults", "disk fills during provisioning", injected=how, client_saw=msg.replace(str(mnt), "<dest>")[:220],
+    record("faults", "disk fills during provisioning", injected=how, client_saw=msg.replace(str(mnt), "<dest>")[:300],
            observed="exit 73 (PROVISION), one line, DEST not created; staged files kept",
            recovery="more space, the same command again: it resumed; verify (full sha256) passes",
            outputs=resumed.replace(str(mnt), "<dest>")[:160] or "provisioned")
@@ -397,7 +397,7 @@ def test_corrupted_shard_after_provisioning(provisioned_model, demo_model_dir, t
     record("faults", f"shard corrupted after provisioning ({damage})",
            injected=f"{'cut 4 KiB off' if damage == 'truncated' else 'flipped one tensor byte of'} "
                     "model-00002-of-00003.safetensors",
-           client_saw=line.split("ERROR htrd: ", 1)[-1].replace(str(model), "<model>")[:220],
+           client_saw=line.split("ERROR htrd: ", 1)[-1].replace(str(model), "<model>")[:300],
            observed=f"htrd refused to start: exit {code} (MODEL; verify_on_start: {mode}), before loading anything",
            recovery=f"htrctl provision SOURCE DEST again: {result.bytes_copied} bytes copied; verify passes",
            outputs="n/a (the daemon never served a wrong model)")

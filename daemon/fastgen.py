@@ -228,7 +228,9 @@ class FastGenerator:
         if self.device.type == "cuda":
             from concurrent.futures import ThreadPoolExecutor
 
-            self._gpu_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="htrd-gpu")
+            self._gpu_thread = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="htrd-gpu", initializer=torch.cuda.set_device, initargs=(self.device,)
+            )
         self._tls = threading.local()
         self._processors: list = []  # idle processor copies, one per concurrent prepare
         self._proc_lock = threading.Lock()

@@ -297,6 +297,7 @@ def write_config(path: Path, args, socket_path: Path, state_dir: Path) -> None:
             "max_new_tokens": args.new_tokens,
             "min_new_tokens": args.new_tokens,
             "static_cache": not args.daemon_naive,
+            "max_cache_len": args.max_cache_len,
         },
         "watchdog": {"generate_timeout_s": 600.0},
         "log": {"level": "INFO"},

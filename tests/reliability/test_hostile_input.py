@@ -21,7 +21,7 @@ import pytest
 from . import hostile as H
 from .conftest import SHARED_CONFIG
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]  # one shared htrd (15-40 s to start)
 
 READ_TIMEOUT_S = SHARED_CONFIG["limits"]["read_timeout_s"]
 

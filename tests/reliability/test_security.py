@@ -54,6 +54,7 @@ def _connect_as(sock: Path, *setpriv_args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow
 def test_socket_is_not_reachable_by_other_users(shared_daemon, record):
     _require_root_setpriv()
     sock = shared_daemon.socket_path
@@ -113,6 +114,7 @@ def _fd_targets(pid: int) -> set[str]:
     return out
 
 
+@pytest.mark.slow
 def test_the_daemon_opens_no_path_a_client_names(shared_daemon, record, tmp_path):
     canary = tmp_path / "canary.png"
     canary.write_bytes(H.encode(H.line_image()))  # a valid image: were it opened, it would transcribe
@@ -207,6 +209,7 @@ def test_a_manifest_cannot_name_a_path_outside_the_model_dir(provisioned_model, 
 
 
 # --------------------------------------------------------------------------------------- pickle weights
+@pytest.mark.slow
 def test_pickle_files_next_to_the_weights_are_never_loaded(shared_daemon, trapped_marker, record):
     """The shared daemon's model directory carries booby-trapped pickles (conftest: trapped_model)."""
     from htrctl.verify import verify_model_dir
@@ -327,6 +330,7 @@ def _png_with_text(key: str, value: str) -> bytes:
     return png[:33] + chunk + png[33:]  # after IHDR
 
 
+@pytest.mark.slow
 def test_request_logs_carry_the_peer_uid_and_no_contents_or_secrets(shared_daemon, record):
     canary = "CANARY-image-text-7f3a9c"
     token = "SECRET-token-b81d2e"

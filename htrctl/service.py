@@ -51,6 +51,8 @@ DEFAULT_GROUP = "htr"
 GPU_GROUPS = ("video", "render")
 # Directories that ProtectHome= hides.
 HOME_DIRS = (Path("/home"), Path("/root"), Path("/run/user"))
+# Directories that PrivateTmp= replaces with the service's own empty ones.
+TMP_DIRS = (Path("/tmp"), Path("/var/tmp"))
 STATE_DIR = Path("/var/lib/htr")
 # TimeoutStopSec= = limits.drain_timeout_s + this (uvicorn's shutdown, engine stop).
 STOP_MARGIN_S = 30
@@ -111,12 +113,17 @@ def _under_home(p: Path) -> bool:
     return any(p == h or h in p.parents for h in HOME_DIRS)
 
 
+def _hidden(p: Path) -> bool:
+    """Under a directory that ProtectHome= or PrivateTmp= hides from the service."""
+    return _under_home(p) or any(t in p.parents for t in TMP_DIRS)
+
+
 def home_binds_for(paths: Iterable[Path]) -> tuple[Path, ...]:
-    """The paths (resolved) that lie under a directory ProtectHome= hides, deduplicated, outermost first."""
+    """The paths (resolved) under a directory ProtectHome= or PrivateTmp= hides, deduplicated, outermost first."""
     found: list[Path] = []
     for p in paths:
         for cand in {Path(os.path.abspath(p)), Path(os.path.realpath(p))}:
-            if _under_home(cand) and cand not in found:
+            if _hidden(cand) and cand not in found:
                 found.append(cand)
     found.sort(key=lambda x: (len(x.parts), str(x)))
     kept: list[Path] = []
@@ -222,15 +229,21 @@ def _check_name(name: str, what: str) -> str:
 
 def render_unit(template: str, ctx: UnitContext) -> str:
     """Fill one template; every placeholder must be known."""
-    if ctx.home_binds:
+    if any(_under_home(p) for p in ctx.home_binds):
         protect_home = (
             "# Python or the model lives under a home directory: hide the homes but\n"
             "# these paths (read-only).\n"
             "ProtectHome=tmpfs\n"
+        )
+    else:
+        protect_home = "ProtectHome=yes\n"
+    if ctx.home_binds:
+        protect_home += (
+            "# Paths ProtectHome=/PrivateTmp= would hide, made visible read-only.\n"
             "BindReadOnlyPaths=" + " ".join(_unit_path(p, "path") for p in ctx.home_binds)
         )
     else:
-        protect_home = "ProtectHome=yes"
+        protect_home = protect_home.rstrip("\n")
     supp = (
         "SupplementaryGroups=" + " ".join(_check_name(g, "group") for g in ctx.supplementary_groups)
         if ctx.supplementary_groups
@@ -545,12 +558,6 @@ def install(
         settings = Settings()
     model_dir = settings.model.dir
 
-    for tmp in (Path("/tmp"), Path("/var/tmp")):
-        if tmp in Path(model_dir).parents:
-            raise ServiceError(
-                f"model.dir {model_dir} is under {tmp}, which the service cannot see (PrivateTmp=yes)",
-                remedy="provision the model elsewhere, e.g. /var/lib/htr/model, and set model.dir",
-            )
     if live:
         actions += _readability_warnings(cfg_file, Path(model_dir), user, group)
     ctx = make_context(

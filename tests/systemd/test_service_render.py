@@ -152,12 +152,15 @@ def test_dry_run_writes_nothing(tmp_path):
     assert "Type=notify" in res.units["htr.service"]
 
 
-def test_install_refuses_a_model_under_tmp(tmp_path):
-    root = tmp_path / "root"
-    (root / "etc/htr").mkdir(parents=True)
-    (root / "etc/htr/htr.yaml").write_text("model:\n  dir: /tmp/models/htr\n")
-    with pytest.raises(ServiceError, match="PrivateTmp"):
-        service.install(root=root)
+def test_paths_under_tmp_are_bound_into_the_private_tmp():
+    """A checkout (venv, model) under /tmp stays visible to a PrivateTmp=yes service, read-only."""
+    binds = service.home_binds_for([Path("/tmp/ci/.venv/bin"), Path("/tmp/ci/.venv/bin/../lib"),
+                                    Path("/var/tmp/models/htr"), Path("/opt/htr/bin")])
+    assert binds == (Path("/tmp/ci/.venv/bin"), Path("/tmp/ci/.venv/lib"), Path("/var/tmp/models/htr"))
+    text = service.render_units(_ctx(home_binds=binds))["htr.service"]
+    assert "ProtectHome=yes\n" in text and "ProtectHome=tmpfs" not in text
+    assert "BindReadOnlyPaths=/tmp/ci/.venv/bin /tmp/ci/.venv/lib /var/tmp/models/htr\n" in text
+    assert "PrivateTmp=yes" in text
 
 
 def test_install_refuses_a_missing_htrd(tmp_path):

@@ -155,11 +155,24 @@ def trapped_model(tmp_path_factory, demo_model_dir, trapped_marker) -> Path:
     return dest
 
 
+def _group_or_none(name: str) -> str | None:
+    import grp
+
+    try:
+        grp.getgrnam(name)
+        return name
+    except KeyError:
+        return None
+
+
+# The shared socket's group: one that uid 65534 is not in (test_security); Debian and Ubuntu have 'daemon'.
+SOCKET_GROUP = _group_or_none("daemon")
+
 # One daemon for the hostile-input, fuzzing and security tests (starting one costs 15-40 s here).
 SHARED_CONFIG = {
     "limits": {"max_body_bytes": 2 * 1024 * 1024, "max_image_pixels": 4_000_000, "read_timeout_s": 3.0,
                "batch_sizes": [1, 2, 4], "queue_length": 64, "request_deadline_s": 60.0},
-    "socket": {"group": "daemon"},  # a group uid 65534 is not in (test_security)
+    "socket": {"group": SOCKET_GROUP},
     "generation": {"max_new_tokens": 8},
     "log": {"level": "DEBUG"},
 }

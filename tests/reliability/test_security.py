@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from . import hostile as H
-from .conftest import REPO
+from .conftest import REPO, SOCKET_GROUP
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -42,6 +42,7 @@ def _require_root_setpriv():
     from conftest import require_system
 
     require_system(os.geteuid() == 0 and shutil.which("setpriv") is not None, "root and setpriv (util-linux)")
+    require_system(SOCKET_GROUP is not None, "a 'daemon' group (the shared socket's group)")
 
 
 def _connect_as(sock: Path, *setpriv_args: str) -> subprocess.CompletedProcess:
@@ -62,7 +63,7 @@ def test_socket_is_not_reachable_by_other_users(shared_daemon, record):
     mode = st.st_mode & 0o777
     group = grp.getgrgid(st.st_gid).gr_name
     assert mode == 0o660, oct(mode)
-    assert group == "daemon", group  # SHARED_CONFIG socket.group
+    assert group == SOCKET_GROUP, group  # SHARED_CONFIG socket.group
     outsider = _connect_as(sock, "--reuid=65534", "--regid=65534", "--clear-groups")
     assert outsider.returncode == 3 and "ERR 13" in outsider.stdout, outsider.stdout + outsider.stderr
     member = _connect_as(sock, "--reuid=65534", "--regid=65534", f"--groups={st.st_gid}")

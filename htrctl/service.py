@@ -181,8 +181,16 @@ def default_htrd() -> Path:
 
 
 def python_paths() -> tuple[Path, ...]:
-    """Where this environment's Python lives (the venv and the installation it links to)."""
-    return tuple(dict.fromkeys(Path(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)))
+    """Where this environment's Python lives (the venv, the installation it links to), and where the
+    htrctl and htrd packages live (outside the venv for an editable install)."""
+    import importlib.util
+
+    paths = [Path(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)]
+    for pkg in ("htrctl", "htrd"):
+        spec = importlib.util.find_spec(pkg)
+        if spec is not None and spec.origin:
+            paths.append(Path(spec.origin).parent)
+    return tuple(dict.fromkeys(paths))
 
 
 def make_context(

@@ -459,7 +459,7 @@ def verify_model_dir(path: str | Path, *, quick: bool = False, progress: bool = 
             except OSError as exc:
                 add(Finding(rel, f"cannot be read: {exc.strerror}",
                             f"make the directory readable by the daemon's user: chmod -R a+rX {root}", "unreadable"))
-        elif rel.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt")) and "/" not in rel.strip("/"):
+        elif rel.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt")):
             add(Finding(rel, "pickle weights are never loaded (they can run code)",
                         "remove it; use the safetensors files", "pickle_weights", WARNING))
 

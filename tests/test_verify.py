@@ -317,3 +317,12 @@ def test_unreadable_files_are_findings_not_tracebacks(model, tmp_path):
         assert f"chmod -R a+rX {dest}" in res["msg"]
     finally:
         shutil.rmtree(reachable)
+
+
+@pytest.mark.parametrize("rel", ["pytorch_model.bin", "final_model/adapter_model.bin", "final_model/training_args.bin"])
+def test_pickle_files_anywhere_are_flagged(model, rel):
+    """Pickle weights are never loaded; verify says so wherever they lie (also next to the safetensors adapter)."""
+    (model / rel).write_bytes(b"\x80\x04pickled")
+    report = verify_model_dir(model, quick=True)
+    hits = [f for f in report.findings if f.code == "pickle_weights" and f.path == rel]
+    assert hits and "never loaded" in hits[0].problem

@@ -465,9 +465,12 @@ class Transcriber:
                 self._fail(item, f"unexpected error: {type(exc).__name__}: {exc}", "internal")
                 continue
             with replica.lock:
-                came_back = replica.down_since is not None
-                replica.down_since = None
-                replica.backoff.reset()
+                # Only a request sent after the outage began proves the daemon is back: one that was
+                # already in flight (finished while draining) says nothing about the restart.
+                came_back = replica.down_since is not None and t0 > replica.down_since
+                if came_back:
+                    replica.down_since = None
+                    replica.backoff.reset()
             if came_back:
                 self._note(f"htrctl: {replica.client.socket_path}: daemon is back, continuing")
                 replica.refresh_status()

@@ -49,6 +49,28 @@ def demo_model_dir() -> Path:
     return build_demo_model(CACHE / "demo-model")
 
 
+@pytest.fixture(scope="session")
+def provisioned_model(tmp_path_factory, demo_model_dir) -> Path:
+    """The demo model as a server has it: provisioned (with htr-manifest.json). Read-only, shared."""
+    from htrctl.provision import provision
+
+    dest = tmp_path_factory.mktemp("provisioned") / "model"
+    provision(str(demo_model_dir), str(dest), progress=False)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def open_dir():
+    """A private directory other uids may enter (tmp_path's parents are 0700 for root): for sockets
+    and files that a client running as `nobody` must reach."""
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="htr-open-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture
 def demo_model_copy(demo_model_dir, tmp_path) -> Path:
     """A private, writable copy of the demo model."""

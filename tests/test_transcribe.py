@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -50,22 +49,9 @@ def make_inputs(root: Path, n: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def open_dir():
-    """A directory other uids may enter (tmp_path's parents are 0700 for root)."""
-    d = Path(tempfile.mkdtemp(prefix="htr-e2e-"))
-    d.chmod(0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory, demo_model_dir) -> Path:
+def model(provisioned_model) -> Path:
     """The demo model as a server has it: provisioned (with htr-manifest.json), so answers carry its digest."""
-    from htrctl.provision import provision
-
-    dest = tmp_path_factory.mktemp("provisioned") / "model"
-    provision(str(demo_model_dir), str(dest), progress=False)
-    return dest
+    return provisioned_model
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -107,25 +106,6 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="session")
-def open_dir():
-    """A private directory other uids may enter (for the socket of a daemon a `nobody` client tries)."""
-    d = Path(tempfile.mkdtemp(prefix="htr-rel-"))
-    d.chmod(0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def provisioned_model(tmp_path_factory, demo_model_dir) -> Path:
-    """The demo model provisioned like a server has it (htr-manifest.json), shared read-only."""
-    from htrctl.provision import provision
-
-    dest = tmp_path_factory.mktemp("rel-model") / "model"
-    provision(str(demo_model_dir), str(dest), progress=False)
-    return dest
-
-
 class _Trap:
     """Unpickling this writes a marker file: proof that a pickle was loaded."""
 

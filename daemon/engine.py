@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 ADAPTER_DIRNAME = "final_model"
 MERGED_DIRNAME = "merged"
 WARMUP_MAX_NEW_TOKENS = 4
+# Longest extra wait for requests admitted but not yet queued (see Engine._loop).
+HOLD_FOR_ARRIVING_S = 0.05
 
 
 @dataclass
@@ -279,6 +281,13 @@ class Engine:
         draw = ImageDraw.Draw(img)
         for x in range(40, 1160, 60):
             draw.line([(x, 120), (x + 30, 40)], fill="black", width=5)
+        import io
+
+        from .images import decode_image
+
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")  # through the request path: PNG decoding is slow on its first use
+        img = decode_image(buf.getvalue(), max_pixels=self.settings.limits.max_image_pixels, max_pages=1)[0].image
         prepared = self.prepare(img)
         for n in self.batch_sizes:
             progress(f"warming up batch size {n} (of {self.batch_sizes})")
@@ -377,12 +386,17 @@ class Engine:
                     self._cond.wait(0.25)
                 if self._stopping and not self._queue:
                     return
-                window_end = time.monotonic() + self.window_s
+                # Wait only for requests already admitted and still being decoded/preprocessed in
+                # worker threads: a lone request starts at once (nothing could join it), while with
+                # many concurrent clients the batch does not split into a few early arrivals and the
+                # rest (a whole extra decode). Bounded by the window plus HOLD_FOR_ARRIVING_S.
+                limit = self.window_s + (HOLD_FOR_ARRIVING_S if self.window_s > 0 else 0.0)
+                window_end = time.monotonic() + limit
                 while len(self._queue) < self.max_batch and not self._stopping:
                     left = window_end - time.monotonic()
-                    if left <= 0:
+                    if left <= 0 or self.state.in_flight <= len(self._queue):
                         break
-                    self._cond.wait(left)
+                    self._cond.wait(min(left, 0.002))
                 taken = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
                 self.metrics.queue_depth.set(len(self._queue))
                 self._busy = True

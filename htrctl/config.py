@@ -99,7 +99,7 @@ class LimitSettings(_Section):
     max_image_pixels: int = Field(40_000_000, ge=1024, description="largest decoded image (bomb guard)")
     max_images_per_request: int = Field(256, ge=1, le=10_000, description="images (lines, pages) per request")
     batch_sizes: list[int] = Field([1, 2, 4, 8, 16, 32, 64], description="batch sizes warmed and served")
-    batch_window_ms: float = Field(5.0, ge=0, le=1000, description="how long to collect a batch")
+    batch_window_ms: float = Field(5.0, ge=0, le=1000, description="how long to wait for requests already received to join a batch")
     drain_timeout_s: float = Field(60.0, gt=0, le=3600, description="SIGTERM: finish in-flight work by then")
 
     @field_validator("batch_sizes")

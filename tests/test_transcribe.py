@@ -57,7 +57,9 @@ def model(provisioned_model) -> Path:
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, model, open_dir):
     tmp = tmp_path_factory.mktemp("e2e")
-    d = start_daemon(tmp, model, socket_path=open_dir / "htr.sock")
+    own = open_dir / "transcribe-e2e"  # open_dir is shared by the session: a socket of our own in it
+    own.mkdir(mode=0o755)
+    d = start_daemon(tmp, model, socket_path=own / "htr.sock")
     yield d
     assert d.stop() == 0, d.stderr()[-3000:]
 

@@ -533,8 +533,7 @@ class Engine:
                 ids.append(t)
             total_tokens += len(ids)
             text = tok.decode(ids, skip_special_tokens=True).strip()
-            timings = Timings(queue_ms=(t0 - item.enqueued_at) * 1000.0, preprocess_ms=item.prepared.preprocess_ms,
-                              generate_ms=gen_s * 1000.0)
+            timings = _timings(item, t0, gen_s)
             results.append(PageResult(page=item.page, text=text, tokens=len(ids), batch_size=n, timings=timings))
         self._record(n, total_tokens, gen_s)
         if self._serving:
@@ -555,8 +554,7 @@ class Engine:
             ids = [t for t in g.token_ids if t not in self._eos_ids][: item.max_new_tokens]
             text = g.text if len(ids) == len([t for t in g.token_ids if t not in self._eos_ids]) else self.fast.decode(ids)
             total += len(ids)
-            timings = Timings(queue_ms=(t0 - item.enqueued_at) * 1000.0, preprocess_ms=item.prepared.preprocess_ms,
-                              generate_ms=gen_s * 1000.0)
+            timings = _timings(item, t0, gen_s)
             results.append(PageResult(page=item.page, text=text, tokens=len(ids), batch_size=n, timings=timings))
         self._record(n, total, gen_s)
         return results
@@ -631,3 +629,11 @@ def _deadline_error(item: WorkItem) -> ApiError:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:300]
+
+
+def _timings(item: WorkItem, t0: float, gen_s: float) -> Timings:
+    """One page's timings; total = preprocessing + waiting in the queue + its batch's generate call."""
+    queue_ms = (t0 - item.enqueued_at) * 1000.0
+    gen_ms = gen_s * 1000.0
+    pre_ms = item.prepared.preprocess_ms
+    return Timings(queue_ms=queue_ms, preprocess_ms=pre_ms, generate_ms=gen_ms, total_ms=pre_ms + queue_ms + gen_ms)

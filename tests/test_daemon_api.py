@@ -83,6 +83,9 @@ def test_transcription_is_stable_and_greedy(daemon):
     body = P.TranscribeResponse.model_validate(first.json())
     assert body.request_id == "req-stable-1" and first.headers["x-request-id"] == "req-stable-1"
     assert len(body.results) == 1 and body.results[0].tokens > 0 and body.results[0].text
+    t = body.results[0].timings
+    assert t.generate_ms > 0 and t.preprocess_ms > 0
+    assert t.total_ms == pytest.approx(t.preprocess_ms + t.queue_ms + t.generate_ms)
     again = [P.TranscribeResponse.model_validate(daemon.post(P.PATH_TRANSCRIBE, content=png).json()) for _ in range(2)]
     assert {a.results[0].text for a in again} == {body.results[0].text}
     other = daemon.post(P.PATH_TRANSCRIBE, content=encode(Image.new("RGB", (200, 300), "black")))

@@ -11,6 +11,7 @@ uid (``SO_PEERCRED``); image bytes are never logged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import socket
@@ -320,6 +321,20 @@ def create_app(service: Service) -> FastAPI:
             raise ApiError("not_ready", f"htrd is {st}" + (f" ({detail})" if detail else "") + "; retry later",
                            detail={"state": st}, retry_after=1 if st != "draining" else 5)
 
+    @contextlib.contextmanager
+    def _accounted():
+        """One transcription request: admitted only when ready, counted, its errors counted, always ended.
+        Yields the request's deadline (monotonic)."""
+        _admit()
+        try:
+            state.count(requests=1)
+            yield time.monotonic() + limits.request_deadline_s
+        except ApiError:
+            state.count(errors=1)
+            raise
+        finally:
+            state.end_request()
+
     def _max_new(requested: int | None) -> int:
         cap = settings.generation.max_new_tokens
         if requested is None:
@@ -359,11 +374,8 @@ def create_app(service: Service) -> FastAPI:
               summary="transcribe one image (the raw body); a multi-page TIFF gives one result per page")
     async def transcribe(request: Request, max_new_tokens: int | None = None) -> P.TranscribeResponse:
         rid = request.state.request_id
-        _admit()
-        try:
-            state.count(requests=1)
+        with _accounted() as deadline:
             new_tokens = _max_new(max_new_tokens)
-            deadline = time.monotonic() + limits.request_deadline_s
             data = await _read_body(request, limits.max_body_bytes, limits.read_timeout_s)
             prepared = await anyio.to_thread.run_sync(_decode_prepare, data, limits.max_images_per_request)
             items = engine.submit([p for _, p in prepared], deadline=deadline, max_new_tokens=new_tokens,
@@ -373,22 +385,14 @@ def create_app(service: Service) -> FastAPI:
                 if isinstance(o, BaseException):
                     raise o
             return P.TranscribeResponse(request_id=rid, model_digest=service.manifest_digest, results=outcomes)
-        except ApiError:
-            state.count(errors=1)
-            raise
-        finally:
-            state.end_request()
 
     @app.post(P.PATH_TRANSCRIBE_BATCH, response_model=P.BatchResponse, responses=_ERRORS,
               openapi_extra={"requestBody": _BATCH_BODY},
               summary="transcribe many images (multipart parts named 'image'), e.g. the lines of a page")
     async def transcribe_batch(request: Request, max_new_tokens: int | None = None) -> P.BatchResponse:
         rid = request.state.request_id
-        _admit()
-        try:
-            state.count(requests=1)
+        with _accounted() as deadline:
             new_tokens = _max_new(max_new_tokens)
-            deadline = time.monotonic() + limits.request_deadline_s
             ctype = request.headers.get("content-type", "")
             if not ctype.startswith("multipart/form-data"):
                 raise ApiError("bad_request", f"send multipart/form-data with parts named '{P.BATCH_PART_NAME}' "
@@ -438,11 +442,6 @@ def create_app(service: Service) -> FastAPI:
             if any(i.error for i in items_out):
                 state.count(errors=1)
             return P.BatchResponse(request_id=rid, model_digest=service.manifest_digest, items=items_out)
-        except ApiError:
-            state.count(errors=1)
-            raise
-        finally:
-            state.end_request()
 
     app.add_middleware(RequestContext, service=service)
     return app

@@ -448,22 +448,8 @@ class FastGenerator:
                 att, mlp = layer.self_attn, layer.mlp
                 if any(m.bias is not None for m in (att.q_proj, att.k_proj, att.v_proj)):
                     raise ValueError("fastgen expects bias-free attention projections (Qwen3-VL)")
-                parts = [att.q_proj, att.k_proj, att.v_proj]
-                fused = torch.cat([m.weight for m in parts])
-                off = 0
-                for m in parts:
-                    n = m.weight.shape[0]
-                    m.weight = nn.Parameter(fused[off : off + n], requires_grad=False)
-                    off += n
-                self._qkv_w.append(fused)
-                parts = [mlp.gate_proj, mlp.up_proj]
-                fused = torch.cat([m.weight for m in parts])
-                off = 0
-                for m in parts:
-                    n = m.weight.shape[0]
-                    m.weight = nn.Parameter(fused[off : off + n], requires_grad=False)
-                    off += n
-                self._gu_w.append(fused)
+                self._qkv_w.append(_fuse_rows([att.q_proj, att.k_proj, att.v_proj], torch, nn))
+                self._gu_w.append(_fuse_rows([mlp.gate_proj, mlp.up_proj], torch, nn))
 
     def _batch_vision_attention(self) -> None:
         """The vision tower's attention: one SDPA call per run of equal-sized images, not per image.
@@ -902,3 +888,15 @@ def _layer_kv(cache, li: int):
 
 def _round_up(n: int, m: int) -> int:
     return ((n + m - 1) // m) * m
+
+
+def _fuse_rows(linears, torch, nn):
+    """Concatenate the weights of *linears* (same input) into one matrix, one GEMM for all of them,
+    and make each module's weight a view of its rows, so both paths read the same memory."""
+    fused = torch.cat([m.weight for m in linears])
+    off = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight = nn.Parameter(fused[off : off + n], requires_grad=False)
+        off += n
+    return fused

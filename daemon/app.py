@@ -173,7 +173,10 @@ def pin_gpu(settings):
         return None, "cpu"
     from htrctl.gpus import select_gpu
 
-    required = _model_bytes(settings) + int(settings.gpu.min_free_headroom_gib * 1024**3)
+    from htrctl.modeldir import model_footprint
+
+    weights = model_footprint(Path(settings.model.dir), settings.model.variant)["weights_bytes"]
+    required = weights + int(settings.gpu.min_free_headroom_gib * 1024**3)
     gpu = select_gpu(select, required_bytes=required)
     if gpu is None:
         raise GpuError(f"gpu.select '{select}' selected no GPU")
@@ -181,20 +184,6 @@ def pin_gpu(settings):
     os.environ["CUDA_VISIBLE_DEVICES"] = gpu.uuid
     logger.info("device: cuda:0 = %s (pinned with CUDA_VISIBLE_DEVICES)", gpu.describe())
     return gpu, "cuda:0"
-
-
-def _model_bytes(settings) -> int:
-    d = Path(settings.model.dir)
-    merged = d / "merged"
-    if settings.model.variant != "adapter" and (merged / "config.json").is_file():
-        roots = [merged]
-    else:
-        roots = [d, d / "final_model"]
-    total = 0
-    for root in roots:
-        for f in root.glob("*.safetensors") if root.is_dir() else []:
-            total += f.stat().st_size
-    return total
 
 
 # -- model directory ----------------------------------------------------------------------------------------------

@@ -1,36 +1,32 @@
-"""The fast generation path: merged weights, a static KV cache and CUDA-graph decoding.
+"""The fast generator: merged weights, a static KV cache with slots, continuous batching, CUDA-graph decoding.
 
 What the engine gets from :class:`FastGenerator` compared with the naive
 ``base + PeftModel + generate`` path (DESIGN.md, "Reference measurements"):
 
-- **Merged LoRA.** The adapter is folded into the base weights at load
-  (``merge_and_unload``) unless the directory already holds a ``merged/``
-  variant (``htrctl provision --merge``); decoding then runs plain linear
-  layers, no per-layer adapter matmuls.
-- **SDPA attention** (``attn_implementation="sdpa"``) for the prefill (vision
-  tower and prompt), and ``scaled_dot_product_attention`` in the decode step.
-- **A static KV cache and a captured decode step.** The prompt is prefilled by
-  the HF model (eager, exact M-RoPE positions, deepstack features); its keys
-  and values are copied into a preallocated cache of fixed shape. Each decode
-  step -- embedding, 36 layers, the LM head, greedy argmax, EOS bookkeeping --
-  reads and writes only fixed buffers, so on CUDA it is captured once per
-  (batch bucket, cache-length bucket) as a CUDA graph and replayed: one launch
-  per token instead of ~1,000 kernel launches from Python. Optionally the step
-  is compiled with ``torch.compile`` first (``compile=True``), with its
-  inductor/triton caches in a persistent directory so restarts do not
-  recompile.
-- **Bucketed batch sizes** (the configured ``limits.batch_sizes``): a batch is
-  padded to the next bucket with inert rows; every bucket is captured during
-  :meth:`FastGenerator.warmup`, before the daemon reports READY.
-- **Preprocessing off the GPU thread:** :meth:`FastGenerator.prepare` (chat
-  template, tokenizer, image processor) is thread-safe CPU work the server can
-  run in request threads; :meth:`FastGenerator.generate` only collates and
-  runs the model.
+- **Merged LoRA** (:func:`htrd.model.load_model` folds the adapter in, or loads
+  ``merged/``): decoding runs plain linear layers.
+- **Slots.** The KV cache holds ``slots`` lines (the largest of
+  ``limits.batch_sizes``) of up to ``max_cache_len`` tokens each. A line joins
+  the running decode batch at a step boundary: its prompt is prefilled by the
+  HF model (vision tower, deepstack features, exact M-RoPE positions; several
+  newcomers together, at most ``prefill_chunk`` at a time so running lines are
+  never stalled for long) and its keys and values are copied into a free slot.
+  It leaves at its EOS or its own ``max_new_tokens`` and frees the slot at
+  once; a one-word line never waits for a long one.
+- **A captured decode step.** Every slot keeps its own cache index, rope offset,
+  token count and limits on the device. One decode step -- embedding, the
+  layers, the LM head, greedy argmax, EOS and limit bookkeeping -- reads and
+  writes only fixed buffers over slots ``[:B]``, attending over cache
+  positions ``[:L]``; on CUDA it is captured once per (B bucket, L bucket) as a
+  CUDA graph before READY and replayed: one launch per token. On the CPU the
+  same step runs eagerly (what the tests exercise).
+- **SDPA attention**; optionally the step's elementwise ops and the prefill's
+  norms/activations compiled with ``torch.compile`` (``compile=True``), with
+  inductor/triton caches in a persistent directory.
 
-Greedy decoding gives the same tokens as ``model.generate(do_sample=False)``
-on the same weights (tests/test_fastgen.py checks it against the naive path on
-the demo model). On CPU the same step runs eagerly (no graphs): that is what
-the tests exercise.
+Greedy decoding gives ``model.generate(do_sample=False)``'s tokens on the same
+weights (tests/test_fastgen.py checks it against the naive path on the demo
+model, in fp32, alone, batched and joining a running batch midway).
 
 Nothing here imports torch at module level; the engine imports this module
 only after the GPU is pinned.
@@ -38,23 +34,24 @@ only after the GPU is pinned.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import os
-import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from .generation import Finished, Generated, Seq, generate
+from .model import DEFAULT_PROMPT, Prepared, Preprocessor, load_model
 
 logger = logging.getLogger(__name__)
 
-MERGED_DIRNAME = "merged"
-ADAPTER_DIRNAME = "final_model"
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
-LENGTH_BUCKET = 64  # cache lengths are rounded up to a multiple of this
-CHECK_EVERY = 8  # decode steps between host checks for "all rows finished"
+LENGTH_BUCKET = 128  # attention spans (cache positions read per step) are multiples of this
+STEPS_PER_CALL = 4  # decode steps between host checks (finished lines, deadlines, newcomers)
+DEFAULT_PREFILL_CHUNK = 16
+KV_RESERVE_FRACTION = 0.10  # of the GPU's memory, kept free beside the KV cache (prefill activations)
 
 
 def configure_compile_cache(cache_dir: str | os.PathLike | None) -> Path | None:
@@ -77,89 +74,12 @@ def configure_compile_cache(cache_dir: str | os.PathLike | None) -> Path | None:
     return root
 
 
-def resolve_variant(model_dir: Path, variant: str = "auto") -> str:
-    """``merged`` when ``<dir>/merged/config.json`` exists (or is required), else ``adapter``."""
-    has_merged = (Path(model_dir) / MERGED_DIRNAME / "config.json").is_file()
-    if variant == "merged":
-        if not has_merged:
-            from htrctl.errors import ModelMissingError
-
-            raise ModelMissingError(
-                f"{model_dir}/{MERGED_DIRNAME}/ is missing but model.variant is 'merged'; "
-                f"run `htrctl provision --merge` or set model.variant: auto"
-            )
-        return "merged"
-    if variant == "adapter":
-        return "adapter"
-    return "merged" if has_merged else "adapter"
-
-
-def load_merged_model(model_dir: str | os.PathLike, *, device: str, dtype: Any, variant: str = "auto"):
-    """Load the model with the LoRA folded in; return ``(model, variant_used)``.
-
-    ``merged``: the pre-merged weights in ``<dir>/merged/``. ``adapter``: the
-    base at ``<dir>`` plus ``<dir>/final_model`` through PEFT, merged here with
-    ``merge_and_unload`` (same result, a second or so more at load). Local
-    files only, safetensors only, the whole model on *device*.
-    """
-    import torch
-    from transformers import Qwen3VLForConditionalGeneration
-
-    model_dir = Path(model_dir)
-    used = resolve_variant(model_dir, variant)
-    common = dict(
-        dtype=dtype,
-        attn_implementation="sdpa",
-        local_files_only=True,
-        use_safetensors=True,
-        device_map={"": device},
-    )
-    if used == "merged":
-        model = Qwen3VLForConditionalGeneration.from_pretrained(model_dir / MERGED_DIRNAME, **common)
-    else:
-        from peft import PeftModel
-
-        base = Qwen3VLForConditionalGeneration.from_pretrained(model_dir, **common)
-        adapter = model_dir / ADAPTER_DIRNAME
-        if (adapter / "adapter_config.json").is_file():
-            peft_model = PeftModel.from_pretrained(base, adapter, is_trainable=False, local_files_only=True)
-            model = peft_model.merge_and_unload()
-        else:
-            logger.warning("no adapter in %s: serving the base weights alone", adapter)
-            model = base
-    model.eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.requires_grad_(False)
-    return model, used
-
-
-@dataclass
-class Prepared:
-    """One image, preprocessed on the CPU and ready to be collated into a batch."""
-
-    input_ids: Any  # LongTensor (S,)
-    mm_token_type_ids: Any | None  # IntTensor (S,) or None (older transformers)
-    pixel_values: Any  # FloatTensor (patches, dim)
-    image_grid_thw: Any  # LongTensor (1, 3)
-    rope_span: int  # max M-RoPE position + 1 over the prompt
-    preprocess_ms: float = 0.0
-
-    @property
-    def prompt_len(self) -> int:
-        return int(self.input_ids.shape[0])
-
-
-@dataclass
-class Generated:
-    """Greedy output for one image: token ids (through the first EOS, if any) and text."""
-
-    token_ids: list[int]
-    text: str
-    prompt_tokens: int
-    batch_size: int
-    generate_ms: float = 0.0
-    stats: dict = field(default_factory=dict)
+def kv_bytes_per_slot(model, max_cache_len: int) -> int:
+    """Bytes of keys and values one slot of *max_cache_len* positions takes."""
+    tcfg = model.config.text_config
+    head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
+    elem = next(model.parameters()).element_size()
+    return 2 * tcfg.num_hidden_layers * tcfg.num_key_value_heads * head_dim * _round_up(max_cache_len, LENGTH_BUCKET) * elem
 
 
 class _Graph:
@@ -172,38 +92,46 @@ class _Graph:
 
 
 class FastGenerator:
-    """Greedy batched generation over a loaded, merged Qwen3-VL model.
+    """Continuous greedy batching over the slots of a static KV cache (see the module docstring).
 
-    Not thread-safe for :meth:`generate` (one GPU thread calls it);
-    :meth:`prepare` may be called from any thread.
+    Not thread-safe: one thread (the engine's inference thread) calls
+    :meth:`add`, :meth:`step` and :meth:`warmup`; :meth:`prepare` may be
+    called from any thread.
     """
+
+    variant: str = "merged"
 
     def __init__(
         self,
         model,
         processor,
         *,
-        prompt: str,
+        prompt: str = DEFAULT_PROMPT,
         batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
         max_cache_len: int = 1024,
         max_new_tokens: int = 256,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         cuda_graphs: bool | None = None,
         compile: bool = False,
+        preprocessor: Preprocessor | None = None,
     ) -> None:
         import torch
 
         self.torch = torch
         self.model = model
         self.processor = processor
-        self.prompt = prompt
-        self.batch_sizes = sorted({int(b) for b in batch_sizes})
-        self.max_batch = self.batch_sizes[-1]
-        self.max_new_tokens = int(max_new_tokens)
-        self.max_cache_len = _round_up(int(max_cache_len), LENGTH_BUCKET)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        self.pre = preprocessor or Preprocessor(processor, model, prompt=prompt,
+                                                one_cpu_thread=self.device.type == "cuda")
+        self.prompt = self.pre.prompt
+        self.max_new_tokens = int(max_new_tokens)
+        self.max_cache_len = _round_up(int(max_cache_len), LENGTH_BUCKET)
+        self.prefill_chunk = max(1, int(prefill_chunk))
         self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else bool(cuda_graphs)
         self.compile = bool(compile)
+        self.batch_sizes = self._fit_slots(sorted({int(b) for b in batch_sizes}))
+        self.slots = self.max_batch = self.batch_sizes[-1]
 
         cfg = model.config
         tcfg = cfg.text_config
@@ -213,30 +141,21 @@ class FastGenerator:
         self.n_heads = tcfg.num_attention_heads
         self.n_kv = tcfg.num_key_value_heads
         self.head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
-        self.merge = cfg.vision_config.spatial_merge_size
-        self.image_token_id = cfg.image_token_id
         self.eps = float(tcfg.rms_norm_eps)
+        self.eos_ids, self.pad_id = self.pre.eos_ids, self.pre.pad_id
 
-        gen = model.generation_config
-        eos = gen.eos_token_id if gen.eos_token_id is not None else tcfg.eos_token_id
-        self.eos_ids = sorted({int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None})
-        pad = gen.pad_token_id if gen.pad_token_id is not None else getattr(tcfg, "pad_token_id", None)
-        self.pad_id = int(pad if pad is not None else self.eos_ids[0])
-        self._chat_text = self._build_chat_text()
-        self._lock = threading.Lock()  # serialises generate() (one GPU stream)
-        self._gpu_thread = None
-        if self.device.type == "cuda":
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._gpu_thread = ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="htrd-gpu", initializer=torch.cuda.set_device, initargs=(self.device,)
-            )
-        self._tls = threading.local()
-        self._processors: list = []  # idle processor copies, one per concurrent prepare
-        self._proc_lock = threading.Lock()
-        self._spare_processors(min(16, os.cpu_count() or 4))  # requests right after READY find warm copies
+        # Host-side view of the slots (the device holds the rest).
+        self._seqs: list[Seq | None] = [None] * self.slots
+        self._free = list(range(self.slots))  # a heap: the lowest free slot first keeps B small
+        self._need = [0] * self.slots  # prompt + max_new: the cache span the line can reach
+        self._group = [1] * self.slots
+        self._prefill_ms = [0.0] * self.slots
+        self._prefill_end = [0.0] * self.slots
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool = None
+        self._missing_graphs: set[tuple[int, int]] = set()
+        self.steps_run = 0
+        self.occupied_sum = 0  # sum over steps of running lines (average occupancy = occupied_sum / steps_run)
         self._alloc_state()
         self._fuse_weights()
         self._batch_vision_attention()
@@ -245,144 +164,212 @@ class FastGenerator:
             self._compile_prefill()
         self._step_fn = self._decode_step
 
-    # ------------------------------------------------------------------ loading
     @classmethod
-    def load(
-        cls,
-        model_dir: str | os.PathLike,
-        *,
-        device: str = "cuda",
-        dtype: str | Any = "auto",
-        variant: str = "auto",
-        prompt: str,
-        batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
-        max_cache_len: int = 1024,
-        max_new_tokens: int = 256,
-        compile: bool = False,
-        cuda_graphs: bool | None = None,
-    ) -> FastGenerator:
-        import torch
-        from transformers import AutoProcessor
-
-        if isinstance(dtype, str):
-            if dtype == "auto":
-                dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-            else:
-                dtype = getattr(torch, dtype)
-        model, used = load_merged_model(model_dir, device=device, dtype=dtype, variant=variant)
-        processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
-        gen = cls(
-            model,
-            processor,
-            prompt=prompt,
-            batch_sizes=batch_sizes,
-            max_cache_len=max_cache_len,
-            max_new_tokens=max_new_tokens,
-            compile=compile,
-            cuda_graphs=cuda_graphs,
-        )
-        gen.variant = used
-        return gen
-
-    variant: str = "merged"
-
-    @classmethod
-    def from_loaded(cls, model, processor, settings) -> FastGenerator:
-        """Build from the daemon's loaded model (a PeftModel is merged here) and its settings."""
-        gen_s = settings.generation
-        variant = "merged"
-        if hasattr(model, "merge_and_unload"):  # base + adapter: fold the LoRA into the weights
-            t0 = time.perf_counter()
-            model = model.merge_and_unload()
-            variant = "adapter"
-            logger.info("LoRA merged into the weights in %.2f s", time.perf_counter() - t0)
-        model.eval()
-        cuda = next(model.parameters()).device.type == "cuda"
-        if cuda and gen_s.compile:
-            configure_compile_cache(gen_s.compile_cache_dir)
-        gen = cls(
-            model,
-            processor,
-            prompt=gen_s.prompt,
-            batch_sizes=settings.limits.batch_sizes,
-            max_cache_len=gen_s.max_cache_len,
-            max_new_tokens=gen_s.max_new_tokens,
-            compile=cuda and gen_s.compile,
-        )
-        gen.variant = variant
+    def load(cls, model_dir: str | os.PathLike, *, device: str = "cuda", dtype: str = "auto", variant: str = "auto",
+             **kwargs) -> FastGenerator:
+        """Load through :func:`htrd.model.load_model` (adapter merged) and build the generator."""
+        loaded = load_model(model_dir, device=device, dtype=dtype, variant=variant, merge=True)
+        gen = cls(loaded.model, loaded.processor, **kwargs)
+        gen.variant = loaded.variant
         return gen
 
     # ------------------------------------------------------------ preprocessing
-    def _build_chat_text(self) -> str:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
     def prepare(self, image) -> Prepared:
-        """Tokenise and preprocess one PIL image (CPU only; safe from any thread)."""
-        t0 = time.perf_counter()
-        image = image.convert("RGB")
-        self._one_cpu_thread()
-        proc = self._take_processor()
-        try:
-            enc = proc(text=[self._chat_text], images=[image], return_tensors="pt")
-        finally:
-            with self._proc_lock:
-                self._processors.append(proc)  # LIFO: a lone client keeps reusing one warm copy
-        input_ids = enc["input_ids"][0]
-        grid = enc["image_grid_thw"]
-        mm = enc.get("mm_token_type_ids")
-        n_img = int((input_ids == self.image_token_id).sum())
-        span = sum(int(max(int(h), int(w)) // self.merge) for _, h, w in grid.tolist())
-        return Prepared(
-            input_ids=input_ids,
-            mm_token_type_ids=None if mm is None else mm[0],
-            pixel_values=enc["pixel_values"].to(self.dtype),  # the vision tower casts to it anyway
-            image_grid_thw=grid,
-            rope_span=int(input_ids.shape[0]) - n_img + span,
-            preprocess_ms=(time.perf_counter() - t0) * 1000.0,
-        )
+        return self.pre.prepare(image)
 
-    def _one_cpu_thread(self) -> None:
-        """On a GPU host, this preprocessing thread's torch CPU ops run on one core.
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.pre.decode(ids)
 
-        The image processor's tensor ops (resize, normalise, patchify) parallelise
-        over every core by default; with dozens of requests preprocessed at once
-        that oversubscribes the CPU (each op waits for its whole thread team). The
-        requests themselves are the parallelism. Not on a CPU-only host, where the
-        model needs the cores.
-        """
-        if self.device.type != "cuda" or getattr(self._tls, "one_thread", False):
+    # ------------------------------------------------------------------- state
+    def _fit_slots(self, sizes: list[int]) -> list[int]:
+        """Drop batch sizes whose KV cache would not fit beside the model in the GPU's free memory."""
+        self.kv_cache_bytes_per_slot = kv_bytes_per_slot(self.model, self.max_cache_len)
+        if self.device.type != "cuda":
+            return sizes
+        free, total = self.torch.cuda.mem_get_info(self.device)
+        budget = free - int(total * KV_RESERVE_FRACTION)
+        fits = [b for b in sizes if b * self.kv_cache_bytes_per_slot <= budget]
+        if not fits:
+            from htrctl.errors import GpuError
+
+            raise GpuError(f"the KV cache for even {sizes[0]} line(s) of generation.max_cache_len="
+                           f"{self.max_cache_len} ({sizes[0] * self.kv_cache_bytes_per_slot / 2**30:.2f} GiB) does "
+                           f"not fit in the GPU's {free / 2**30:.1f} GiB free memory",
+                           remedy="lower generation.max_cache_len, or free the GPU (htrctl doctor)")
+        if len(fits) < len(sizes):
+            logger.warning("KV cache: %d slots x %d positions do not fit in %.1f GiB free; serving %d slots "
+                           "(limits.batch_sizes %s -> %s)", sizes[-1], self.max_cache_len, free / 2**30, fits[-1],
+                           sizes, fits)
+        return fits
+
+    def _alloc_state(self) -> None:
+        torch = self.torch
+        dev, S, L = self.device, self.slots, self.max_cache_len
+        shape = (S, self.n_kv, L, self.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in self.layers]
+        self.attend = torch.zeros((S, L), dtype=torch.bool, device=dev)  # which cache positions a slot sees
+        self.attend[:, 0] = True  # a free slot sees one position: no all-masked softmax
+        self.tok = torch.zeros((S, 1), dtype=torch.long, device=dev)  # last token, input of the next step
+        self.pos = torch.zeros((S,), dtype=torch.long, device=dev)  # cache position of self.tok
+        self.delta = torch.zeros((S,), dtype=torch.long, device=dev)  # rope position - cache position
+        self.nstep = torch.zeros((S,), dtype=torch.long, device=dev)  # tokens produced so far
+        self.lim_max = torch.ones((S,), dtype=torch.long, device=dev)  # the line's max_new_tokens
+        self.lim_min = torch.zeros((S,), dtype=torch.long, device=dev)  # the line's min_new_tokens
+        self.finished = torch.ones((S,), dtype=torch.bool, device=dev)
+        self.out = torch.zeros((S, self.max_new_tokens + 1), dtype=torch.long, device=dev)  # generated tokens
+        self.rows = torch.arange(S, dtype=torch.long, device=dev)
+        self.eos = torch.tensor(self.eos_ids, dtype=torch.long, device=dev)
+        vocab = self.lm_head.weight.shape[0]
+        self.eos_bias = torch.zeros((vocab,), dtype=torch.float32, device=dev)
+        self.eos_bias[self.eos] = float("-inf")
+        self.kv_cache_bytes = 2 * len(self.layers) * math.prod(shape) * self.k_cache[0].element_size()
+        logger.info("static KV cache: %d slots x %d positions, %.2f GiB", S, L, self.kv_cache_bytes / 2**30)
+
+    def _reset_slots(self, slots: list[int]) -> None:
+        """Mark *slots* free on the device (inert rows: finished, position 0, one visible position)."""
+        if not slots:
             return
-        self.torch.set_num_threads(1)
-        self._tls.one_thread = True
+        t = self.torch.tensor(slots, dtype=self.torch.long, device=self.device)
+        self.finished[t] = True
+        self.pos[t] = 0
+        self.nstep[t] = 0
+        self.attend[t] = False
+        self.attend[t, 0] = True
 
-    def _take_processor(self):
-        """An idle copy of the processor. A fast tokenizer must not serve two threads at once, and
-        one shared lock would serialise the image preprocessing of a whole batch; copies are cheap
-        (a few ms) and :meth:`warmup` makes some in advance."""
-        with self._proc_lock:
-            if self._processors:
-                return self._processors.pop()
-        return self._new_processor()
+    # ---------------------------------------------------------------- scheduling
+    def free_slots(self) -> int:
+        return len(self._free)
 
-    def _new_processor(self):
-        """A copy of the processor, used once on a blank line image: its first call is several
-        times slower than later ones, and that must not land on a request."""
-        import copy
+    def running(self) -> list[Seq]:
+        return [s for s in self._seqs if s is not None]
 
-        from PIL import Image
+    def occupancy(self) -> int:
+        return self.slots - len(self._free)
 
-        proc = copy.deepcopy(self.processor)
-        proc(text=[self._chat_text], images=[Image.new("RGB", (1200, 160), "white")], return_tensors="pt")
-        return proc
+    def bucket_for(self, n: int) -> int:
+        for b in self.batch_sizes:
+            if b >= n:
+                return b
+        raise ValueError(f"batch of {n} exceeds the largest batch size {self.max_batch}")
 
-    def _spare_processors(self, n: int) -> None:
-        from concurrent.futures import ThreadPoolExecutor
+    def add(self, seqs: Sequence[Seq]) -> list[Finished]:
+        """Prefill *seqs* into free slots; they decode from the next :meth:`step`.
 
-        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="htrd-proc-warm") as pool:
-            spare = list(pool.map(lambda _: self._new_processor(), range(n)))
-        with self._proc_lock:
-            self._processors.extend(spare)
+        Lines whose prompt plus ``max_new_tokens`` exceeds the cache are served
+        whole by the uncaptured HF path here and returned finished.
+        """
+        if len(seqs) > len(self._free):
+            raise ValueError(f"{len(seqs)} lines for {len(self._free)} free slots")
+        done: list[Finished] = []
+        fit = []
+        for s in seqs:
+            need = s.prepared.prompt_len + min(int(s.max_new_tokens), self.max_new_tokens)
+            if need > self.max_cache_len:
+                logger.warning("prompt %d + %d new tokens exceeds the cache (%d): uncaptured path",
+                               s.prepared.prompt_len, s.max_new_tokens, self.max_cache_len)
+                done.append(self._generate_eager(s))
+            else:
+                fit.append(s)
+        with self.torch.inference_mode():
+            for i in range(0, len(fit), self.prefill_chunk):
+                self._prefill(fit[i: i + self.prefill_chunk])
+        return done
+
+    def _prefill(self, seqs: Sequence[Seq]) -> None:
+        torch = self.torch
+        t0 = time.perf_counter()
+        n = len(seqs)
+        items = [s.prepared for s in seqs]
+        batch = self._collate(items)
+        P = int(batch["input_ids"].shape[1])
+        out = self.model(**batch, use_cache=True, logits_to_keep=1)
+        cache = out.get("cache") if "cache" in out else out.get("past_key_values")  # 5.2x: cache; 5.1x: pkv
+        slots = [heapq.heappop(self._free) for _ in range(n)]
+        st = torch.tensor(slots, dtype=torch.long, device=self.device)
+        for li in range(len(self.layers)):
+            lk, lv = _layer_kv(cache, li)
+            self.k_cache[li][st, :, :P] = lk
+            self.v_cache[li][st, :, :P] = lv
+        self.attend[st] = False
+        self.attend[st, :P] = batch["attention_mask"].bool()
+        spans = torch.tensor([it.rope_span for it in items], dtype=torch.long)
+        self.delta[st] = (spans - P).to(self.device)
+        self.pos[st] = P
+        max_new = [min(int(s.max_new_tokens), self.max_new_tokens) for s in seqs]
+        min_new = [max(0, min(int(s.min_new_tokens), m)) for s, m in zip(seqs, max_new)]
+        lim_max = torch.tensor(max_new, dtype=torch.long, device=self.device)
+        lim_min = torch.tensor(min_new, dtype=torch.long, device=self.device)
+        self.lim_max[st] = lim_max
+        self.lim_min[st] = lim_min
+        logits = out.logits[:, -1].float()
+        del out, cache
+        logits = torch.where((lim_min > 0)[:, None], logits + self.eos_bias, logits)
+        first = torch.argmax(logits, dim=-1)
+        self.out[st, 0] = first
+        self.tok[st, 0] = first
+        self.nstep[st] = 1
+        self.finished[st] = (first[:, None] == self.eos[None, :]).any(dim=1) | (lim_max <= 1)
+        t1 = time.perf_counter()
+        for s, slot, m in zip(seqs, slots, max_new):
+            self._seqs[slot] = s
+            self._need[slot] = P + m
+            self._group[slot] = n
+            self._prefill_ms[slot] = (t1 - t0) * 1000.0
+            self._prefill_end[slot] = t1
+
+    def step(self, stop: Callable[[Seq], bool] | None = None, steps: int = STEPS_PER_CALL) -> list[Finished]:
+        """Up to *steps* decode steps for every running line; returns (and frees) the lines that finished.
+
+        *stop(seq)* True takes a running line out now, with the tokens it has.
+        """
+        occupied = [i for i, s in enumerate(self._seqs) if s is not None]
+        if not occupied:
+            return []
+        torch = self.torch
+        B = self.bucket_for(occupied[-1] + 1)
+        L = _round_up(max(self._need[i] for i in occupied), LENGTH_BUCKET)
+        graph = self._graphs.get((B, L)) if self.cuda_graphs else None
+        if self.cuda_graphs and graph is None and (B, L) not in self._missing_graphs:
+            self._missing_graphs.add((B, L))
+            logger.warning("no decode graph for batch %d x span %d (not warmed up): uncaptured steps", B, L)
+        with torch.inference_mode():
+            for _ in range(steps):
+                if graph is not None:
+                    graph.graph.replay()
+                else:
+                    self._step_fn(B, L)
+            self.steps_run += steps
+            self.occupied_sum += steps * len(occupied)
+            fin = self.finished[:B].tolist()
+            t_end = time.perf_counter()
+            leaving = [i for i in occupied if fin[i] or (stop is not None and stop(self._seqs[i]))]
+            if not leaving:
+                return []
+            counts = self.nstep[:B].tolist()
+            width = max(counts[i] for i in leaving)
+            rows = self.out[torch.tensor(leaving, device=self.device), :width].tolist()
+        done = []
+        for i, row in zip(leaving, rows):
+            seq = self._seqs[i]
+            ids = []
+            for t in row[: counts[i]]:
+                ids.append(int(t))
+                if t in self.eos_ids:
+                    break
+            done.append(Finished(seq, ids, stopped=not fin[i], group=self._group[i], prefill_ms=self._prefill_ms[i],
+                                 decode_ms=(t_end - self._prefill_end[i]) * 1000.0))
+            self._seqs[i] = None
+            heapq.heappush(self._free, i)
+        with torch.inference_mode():
+            self._reset_slots(leaving)
+        return done
+
+    def generate(self, items: Sequence[Prepared], *, max_new_tokens: int | None = None, min_new_tokens: int = 0,
+                 decode_text: bool = True, stop: Callable[[], bool] | None = None) -> list[Generated]:
+        """Run *items* to completion (tests, benchmarks); see :func:`htrd.generation.generate`."""
+        return generate(self, items, max_new_tokens=int(max_new_tokens or self.max_new_tokens),
+                        min_new_tokens=min_new_tokens, decode_text=decode_text, stop=stop)
 
     def _collate(self, items: Sequence[Prepared]) -> dict:
         torch = self.torch
@@ -410,27 +397,22 @@ class FastGenerator:
             batch["mm_token_type_ids"] = mm.to(dev, non_blocking=True)
         return batch
 
-    # ------------------------------------------------------------------- state
-    def _alloc_state(self) -> None:
-        torch = self.torch
-        dev, Bm, L = self.device, self.max_batch, self.max_cache_len
-        shape = (Bm, self.n_kv, L, self.head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in self.layers]
-        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in self.layers]
-        self.attend = torch.zeros((Bm, L), dtype=torch.bool, device=dev)  # which cache slots a row sees
-        self.tok = torch.zeros((Bm, 1), dtype=torch.long, device=dev)  # last token, input of the next step
-        self.delta = torch.zeros((Bm,), dtype=torch.long, device=dev)  # rope position - cache index
-        self.finished = torch.zeros((Bm,), dtype=torch.bool, device=dev)
-        self.out = torch.zeros((Bm, L), dtype=torch.long, device=dev)  # generated tokens
-        self.idx = torch.zeros((1,), dtype=torch.long, device=dev)  # cache slot of self.tok
-        self.step = torch.zeros((1,), dtype=torch.long, device=dev)  # index of the token being produced
-        self.min_new = torch.zeros((1,), dtype=torch.long, device=dev)
-        self.eos = torch.tensor(self.eos_ids, dtype=torch.long, device=dev)
-        vocab = self.lm_head.weight.shape[0]
-        self.eos_bias = torch.zeros((vocab,), dtype=torch.float32, device=dev)
-        self.eos_bias[self.eos] = float("-inf")
-        nbytes = 2 * len(self.layers) * math.prod(shape) * self.k_cache[0].element_size()
-        logger.info("static KV cache: batch %d x %d slots, %.2f GiB", Bm, L, nbytes / 2**30)
+    def _generate_eager(self, seq: Seq) -> Finished:
+        """The uncaptured path for a line longer than the cache: HF ``generate`` on the merged model."""
+        t0 = time.perf_counter()
+        batch = self._collate([seq.prepared])
+        P = batch["input_ids"].shape[1]
+        max_new = min(int(seq.max_new_tokens), self.max_new_tokens)
+        with self.torch.inference_mode():
+            out = self.model.generate(**batch, max_new_tokens=max_new,
+                                      min_new_tokens=max(0, min(int(seq.min_new_tokens), max_new)),
+                                      do_sample=False, pad_token_id=self.pad_id, eos_token_id=self.eos_ids)
+        ids = []
+        for t in out[0, P:].tolist():
+            ids.append(int(t))
+            if t in self.eos_ids:
+                break
+        return Finished(seq, ids, group=1, decode_ms=(time.perf_counter() - t0) * 1000.0)
 
     # -------------------------------------------------------------- decode step
     def _fuse_weights(self) -> None:
@@ -495,27 +477,27 @@ class FastGenerator:
         logger.info("prefill: %d RMSNorms and %d MLPs use compiled kernels", n, len(self.layers))
 
     def _decode_step(self, B: int, L: int) -> None:
-        """One greedy token for rows [:B], reading cache slots [:L]. Only touches fixed buffers."""
+        """One greedy token for slots [:B], attending over cache positions [:L]. Only touches fixed buffers."""
         torch = self.torch
         F = torch.nn.functional
         ops = self._ops
-        idx = self.idx
-        self.attend[:B].index_fill_(1, idx, True)
+        rows = self.rows[:B]
+        pos = self.pos[:B]
+        self.attend[rows, pos] = True
         mask = self.attend[:B, None, None, :L]  # (B,1,1,L), True = attend
         h = self.text.embed_tokens(self.tok[:B, 0])  # (B,H)
-        pos = (idx + self.delta[:B]).view(1, B, 1).expand(3, B, 1)
-        cos, sin = self.text.rotary_emb(h, pos)  # (B,1,hd)
-        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
-        g = nh // nkv
+        rope = (pos + self.delta[:B]).view(1, B, 1).expand(3, B, 1)
+        cos, sin = self.text.rotary_emb(h, rope)  # (B,1,hd)
+        nh, hd = self.n_heads, self.head_dim
         x = ops.rms(h, self.layers[0].input_layernorm.weight, self.eps)
         for li, layer in enumerate(self.layers):
             att = layer.self_attn
             qkv = F.linear(x, self._qkv_w[li])
-            q, k, v = ops.qk(qkv, att.q_norm.weight, att.k_norm.weight, cos, sin, nh, nkv, hd, self.eps)
+            q, k, v = ops.qk(qkv, att.q_norm.weight, att.k_norm.weight, cos, sin, nh, self.n_kv, hd, self.eps)
+            self.k_cache[li][rows, :, pos] = k[:, :, 0]
+            self.v_cache[li][rows, :, pos] = v[:, :, 0]
             kc = self.k_cache[li][:B, :, :L]
             vc = self.v_cache[li][:B, :, :L]
-            kc.index_copy_(2, idx, k)
-            vc.index_copy_(2, idx, v)
             # GQA with one query token: each KV head's g query heads ride on the query-length axis.
             o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=att.scaling)
             h, x = ops.add_rms(h, F.linear(o.reshape(B, nh * hd), att.o_proj.weight),
@@ -525,28 +507,30 @@ class FastGenerator:
             h, x = ops.add_rms(h, F.linear(a, layer.mlp.down_proj.weight), nxt_w, self.eps)
         logits = F.linear(x, self.lm_head.weight).float()  # x: the final norm's output
         self._select(logits, B)
-        idx.add_(1)
 
     def _select(self, logits, B: int) -> None:
-        """Greedy choice for the token at index ``self.step``; EOS suppressed below ``min_new``."""
+        """Greedy next token per slot; EOS suppressed below the slot's min_new; finished slots frozen."""
         torch = self.torch
-        logits = torch.where(self.step < self.min_new, logits + self.eos_bias, logits)
-        nxt = torch.argmax(logits, dim=-1)
+        rows = self.rows[:B]
+        nstep = self.nstep[:B]
         fin = self.finished[:B]
+        logits = torch.where((nstep < self.lim_min[:B])[:, None], logits + self.eos_bias, logits)
+        nxt = torch.argmax(logits, dim=-1)
         nxt = torch.where(fin, torch.full_like(nxt, self.pad_id), nxt)
-        self.out[:B].index_copy_(1, self.step, nxt.view(B, 1))
-        fin |= (nxt[:, None] == self.eos[None, :]).any(dim=1)
+        self.out[rows, nstep.clamp(max=self.out.shape[1] - 1)] = nxt
+        active = (~fin).long()
+        eos_hit = (nxt[:, None] == self.eos[None, :]).any(dim=1)
+        nstep.add_(active)
+        self.pos[:B].add_(active)
+        fin |= eos_hit | (nstep >= self.lim_max[:B])
         self.tok[:B, 0] = nxt
-        self.step.add_(1)
 
     # ------------------------------------------------------------------ graphs
-    def _graph_for(self, B: int, L: int) -> _Graph | None:
-        if not self.cuda_graphs:
-            return None
+    def _capture(self, B: int, L: int) -> _Graph | None:
+        """Capture the decode step for (B, L). Runs the step on the live buffers: only while no line runs."""
         key = (B, L)
-        g = self._graphs.get(key)
-        if g is not None:
-            return g
+        if key in self._graphs:
+            return self._graphs[key]
         torch = self.torch
         t0 = time.perf_counter()
         with torch.cuda.device(self.device):
@@ -555,10 +539,8 @@ class FastGenerator:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self._scratch_state(B)
                     self._step_fn(B, L)
             torch.cuda.current_stream().wait_stream(side)
-            self._scratch_state(B)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
@@ -566,213 +548,58 @@ class FastGenerator:
                 self._step_fn(B, L)
             torch.cuda.synchronize(self.device)
         g = self._graphs[key] = _Graph(graph, B, L)
-        logger.info("captured decode graph batch=%d cache_len=%d in %.0f ms", B, L, (time.perf_counter() - t0) * 1e3)
+        logger.debug("captured decode graph batch=%d span=%d in %.0f ms", B, L, (time.perf_counter() - t0) * 1e3)
         return g
 
-    def _scratch_state(self, B: int) -> None:
-        """Harmless values for warm-up/capture runs (real batches reset everything they use)."""
-        self.idx.fill_(0)
-        self.step.fill_(0)
-        self.min_new.fill_(0)
-        self.finished[:B] = False
-        self.attend[:B] = False
-        self.tok[:B] = 0
-        self.delta[:B] = 0
-
-    # ---------------------------------------------------------------- generate
-    def bucket_for(self, n: int) -> int:
-        for b in self.batch_sizes:
-            if b >= n:
-                return b
-        raise ValueError(f"batch of {n} exceeds the largest batch size {self.max_batch}")
-
-    def generate(
-        self,
-        items: Sequence[Prepared],
-        *,
-        max_new_tokens: int | None = None,
-        min_new_tokens: int = 0,
-        decode_text: bool = True,
-        on_progress: Callable[[int], bool] | None = None,
-    ) -> list[Generated]:
-        """Greedy-decode a batch of prepared images; one :class:`Generated` per item, in order.
-
-        *on_progress(tokens_so_far)* is called after the prefill and every few
-        decode steps (the watchdog's heartbeat); returning True stops early
-        (e.g. every request's deadline has passed) with what exists so far.
-        """
-        if not items:
-            return []
-        if len(items) > self.max_batch:
-            out: list[Generated] = []
-            for i in range(0, len(items), self.max_batch):
-                out += self.generate(
-                    items[i : i + self.max_batch],
-                    max_new_tokens=max_new_tokens,
-                    min_new_tokens=min_new_tokens,
-                    decode_text=decode_text,
-                    on_progress=on_progress,
-                )
-            return out
-        with self._lock:
-            return self._on_gpu_thread(self._generate_inference, items, max_new_tokens, min_new_tokens, decode_text,
-                                       on_progress=on_progress)
-
-    def _generate_inference(self, *args, **kwargs) -> list[Generated]:
-        with self.torch.inference_mode():
-            return self._generate(*args, **kwargs)
-
-    def _on_gpu_thread(self, fn, *args, **kwargs):
-        """Run *fn* on the one thread that does all of this generator's GPU work.
-
-        Warm-up and serving then share that thread's cuBLAS handle, workspaces and
-        heuristics caches: the daemon warms up on its loader thread and serves from
-        its inference thread, and the first batch on a new thread paid ~0.1 s more
-        (the first request after READY at 1.4x the steady p50 on an H200).
-        """
-        if self._gpu_thread is None:
-            return fn(*args, **kwargs)
-        return self._gpu_thread.submit(fn, *args, **kwargs).result()
-
-    def _generate(self, items, max_new_tokens, min_new_tokens, decode_text, length=None,
-                  on_progress=None) -> list[Generated]:
-        torch = self.torch
-        t0 = time.perf_counter()
-        n = len(items)
-        max_new = int(max_new_tokens or self.max_new_tokens)
-        min_new = max(0, min(int(min_new_tokens), max_new))
-        B = self.bucket_for(n)
-        P = max(it.prompt_len for it in items)
-        need = max(P + max_new, length or 0)
-        if need > self.max_cache_len:
-            # Longer than the static cache: the plain (uncaptured) HF path, correct but slower.
-            logger.warning("prompt %d + %d new tokens exceeds cache %d: eager fallback", P, max_new, self.max_cache_len)
-            return self._generate_eager(items, max_new, min_new, decode_text, t0)
-        L = _round_up(need, LENGTH_BUCKET)
-        # Capture first: capturing runs the step on scratch state, which must not clobber this batch's.
-        graph = self._graph_for(B, L)
-
-        batch = self._collate(items)
-        # ---- prefill (HF forward: vision tower, deepstack, exact 3-D positions)
-        out = self.model(**batch, use_cache=True, logits_to_keep=1)
-        cache = out.get("cache") if "cache" in out else out.get("past_key_values")  # 5.2x: cache; 5.1x: pkv
-        for li in range(len(self.layers)):
-            lk, lv = _layer_kv(cache, li)
-            self.k_cache[li][:n, :, :P].copy_(lk)
-            self.v_cache[li][:n, :, :P].copy_(lv)
-        # ---- per-row decode state
-        self.attend[:B] = False
-        self.attend[:n, :P] = batch["attention_mask"].bool()
-        if B > n:
-            self.attend[n:B, 0] = True  # inert filler rows see one slot (no all-masked softmax)
-        spans = torch.tensor([it.rope_span for it in items], dtype=torch.long)
-        self.delta[:B] = 0
-        self.delta[:n] = (spans - P).to(self.device)
-        self.finished[:B] = False
-        if B > n:
-            self.finished[n:B] = True
-        self.min_new.fill_(min_new)
-        self.step.fill_(0)
-        self.idx.fill_(P)
-        self.tok[:B] = self.pad_id
-        first = out.logits[:, -1].float()
-        del out, cache
-        if B > n:
-            first = torch.cat([first, first.new_zeros((B - n, first.shape[-1]))])
-        self._select(first, B)  # token 0 from the prefill logits
-        t_prefill = time.perf_counter()
-
-        # ---- decode: one captured step per token
-        steps = 1
-        stop = on_progress is not None and on_progress(steps)
-        while steps < max_new and not stop:
-            if graph is not None:
-                graph.graph.replay()
-            else:
-                self._step_fn(B, L)
-            steps += 1
-            if steps % CHECK_EVERY == 0:
-                if bool(self.finished[:n].all()):
-                    break
-                stop = on_progress is not None and on_progress(steps)
-        tokens = self.out[:n, :steps].tolist()
-        t_end = time.perf_counter()
-        return self._results(items, tokens, B, decode_text, t0, t_prefill, t_end, steps)
-
-    def _results(self, items, tokens, B, decode_text, t0, t_prefill, t_end, steps) -> list[Generated]:
-        eos = set(self.eos_ids)
-        results = []
-        for it, row in zip(items, tokens):
-            ids = []
-            for t in row:
-                ids.append(int(t))
-                if t in eos:
-                    break
-            text = self.decode(ids) if decode_text else ""
-            results.append(
-                Generated(
-                    token_ids=ids,
-                    text=text,
-                    prompt_tokens=it.prompt_len,
-                    batch_size=B,
-                    generate_ms=(t_end - t0) * 1000.0,
-                    stats={"prefill_ms": (t_prefill - t0) * 1000.0, "decode_steps": steps},
-                )
-            )
-        return results
-
-    def decode(self, ids: Sequence[int]) -> str:
-        tok = self.processor.tokenizer
-        known = len(tok)
-        # Ids beyond the tokenizer (possible with random weights) carry no text.
-        return tok.decode([i for i in ids if i < known], skip_special_tokens=True).strip()
-
-    def _generate_eager(self, items, max_new, min_new, decode_text, t0) -> list[Generated]:
-        """The uncaptured path: HF ``generate`` on the merged model (same greedy tokens)."""
-        batch = self._collate(items)
-        P = batch["input_ids"].shape[1]
-        seqs = self.model.generate(
-            **batch,
-            max_new_tokens=max_new,
-            min_new_tokens=min_new,
-            do_sample=False,
-            pad_token_id=self.pad_id,
-            eos_token_id=self.eos_ids,
-        )
-        t_end = time.perf_counter()
-        tokens = seqs[:, P:].tolist()
-        return self._results(items, tokens, len(items), decode_text, t0, t0, t_end, len(tokens[0]))
+    def spans(self, min_prompt: int = 1) -> list[int]:
+        """The attention spans (L buckets) a line of at least *min_prompt* prompt tokens can need."""
+        lo = _round_up(min_prompt + 1, LENGTH_BUCKET)
+        return list(range(lo, self.max_cache_len + 1, LENGTH_BUCKET))
 
     # ------------------------------------------------------------------ warmup
-    def warmup(self, image, *, max_new_tokens: int | None = None, lengths: Sequence[int] = ()) -> dict:
-        """Run every batch bucket once (prefill shapes, cuBLAS heuristics) and capture its decode graph.
+    def warmup(self, image=None, *, max_new_tokens: int | None = None,
+               progress: Callable[[str], None] = lambda s: None) -> dict:
+        """Every shape served, before READY: a decode graph for every (batch bucket, span) pair on CUDA,
+        then prefills of every chunk size up to ``prefill_chunk`` (and a full generate) on a real line image.
 
-        *image* is a representative input (a text-line image); its prompt length
-        plus ``max_new_tokens`` fixes the cache-length bucket captured for each
-        batch size, plus any extra total *lengths* given. Returns timings.
+        Must run on the thread that will serve (the engine's inference thread): cuBLAS handles and
+        workspaces are per thread, and a first batch on a new thread costs ~0.1 s more.
         """
-        prep = self.prepare(image)
-        with self._lock:
-            return self._on_gpu_thread(self._warmup, prep, max_new_tokens, lengths)
+        from .model import warmup_image
 
-    def _warmup(self, prep: Prepared, max_new_tokens: int | None, lengths: Sequence[int]) -> dict:
+        if self.running():
+            raise RuntimeError("warmup while lines are running")
         t0 = time.perf_counter()
+        prep = self.prepare(image if image is not None else warmup_image())
         max_new = int(max_new_tokens or self.max_new_tokens)
-        report = {}
-        for b in self.batch_sizes:
-            tb = time.perf_counter()
-            # A short generate warms the prefill shapes; its decode graph is captured for the full length.
+        n_graphs = 0
+        if self.cuda_graphs:
+            spans = self.spans()
             with self.torch.inference_mode():
-                self._generate([prep] * b, min(max_new, 4), 0, False, length=prep.prompt_len + max_new)
-            for total in sorted(set(lengths)):
-                L = _round_up(min(total, self.max_cache_len), LENGTH_BUCKET)
-                with self.torch.inference_mode():
-                    self._graph_for(b, L)
+                for b in self.batch_sizes:
+                    progress(f"capturing decode graphs for batch size {b} (of {self.batch_sizes[-1]})")
+                    for L in spans:
+                        self._capture(b, L)
+                        n_graphs += 1
+                self._reset_slots(list(range(self.slots)))
+        t_graphs = time.perf_counter()
+        report = {}
+        sizes = sorted({b for b in self.batch_sizes if b <= self.prefill_chunk} | {min(self.prefill_chunk, self.slots)})
+        for b in sizes:
+            progress(f"warming up prefills of {b} line(s)")
+            tb = time.perf_counter()
+            self.generate([prep] * b, max_new_tokens=min(max_new, 4), decode_text=False)
             report[b] = round((time.perf_counter() - tb) * 1000.0, 1)
+        progress(f"warming up a full batch of {self.slots}")
+        self.generate([prep] * self.slots, max_new_tokens=min(max_new, 8), decode_text=False)
         if self.device.type == "cuda":
             self.torch.cuda.synchronize(self.device)
-        logger.info("fast path warm: batch sizes %s in %.1f s", self.batch_sizes, time.perf_counter() - t0)
-        return {"warmup_s": time.perf_counter() - t0, "per_batch_ms": report, "prompt_tokens": prep.prompt_len}
+        self.steps_run = self.occupied_sum = 0
+        took = time.perf_counter() - t0
+        logger.info("fast path warm in %.1f s: %d decode graphs in %.1f s, prefills of %s", took, n_graphs,
+                    t_graphs - t0, sizes)
+        return {"warmup_s": took, "graphs": n_graphs, "graphs_s": t_graphs - t0, "per_batch_ms": report,
+                "prompt_tokens": prep.prompt_len}
 
 
 def _rms(x, w, eps: float):

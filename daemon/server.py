@@ -299,6 +299,7 @@ def create_app(service: Service) -> FastAPI:
             in_flight=state.in_flight,
             batch_sizes=engine.batch_sizes,
             counters=state.counters_copy(),
+            engine=P.EngineInfo(**engine.slots_info()),
         )
 
     @app.get(P.PATH_METRICS, summary="Prometheus metrics", response_class=Response)
@@ -329,8 +330,8 @@ def create_app(service: Service) -> FastAPI:
         try:
             state.count(requests=1)
             yield time.monotonic() + limits.request_deadline_s
-        except ApiError:
-            state.count(errors=1)
+        except ApiError as err:
+            state.count(errors=1, deadline_exceeded=int(err.type == "deadline_exceeded"))
             raise
         finally:
             state.end_request()
@@ -365,7 +366,6 @@ def create_app(service: Service) -> FastAPI:
         except asyncio.TimeoutError:
             for i in items:
                 i.future.cancel()
-            state.count(deadline_exceeded=1)
             raise ApiError("deadline_exceeded", f"not done within limits.request_deadline_s "
                            f"({limits.request_deadline_s:g}s); retry later or raise the limit") from None
 
@@ -377,7 +377,7 @@ def create_app(service: Service) -> FastAPI:
         with _accounted() as deadline:
             new_tokens = _max_new(max_new_tokens)
             data = await _read_body(request, limits.max_body_bytes, limits.read_timeout_s)
-            prepared = await anyio.to_thread.run_sync(_decode_prepare, data, limits.max_images_per_request)
+            prepared = await asyncio.wrap_future(engine.run_cpu(_decode_prepare, data, limits.max_images_per_request))
             items = engine.submit([p for _, p in prepared], deadline=deadline, max_new_tokens=new_tokens,
                                   request_id=rid, pages=[i for i, _ in prepared])
             outcomes = await _wait(items, deadline)
@@ -406,7 +406,7 @@ def create_app(service: Service) -> FastAPI:
 
             async def decode_one(blob: bytes):
                 try:
-                    return await anyio.to_thread.run_sync(_decode_prepare, blob, max_pages)
+                    return await asyncio.wrap_future(engine.run_cpu(_decode_prepare, blob, max_pages))
                 except ApiError as err:
                     return err
 
@@ -433,6 +433,7 @@ def create_app(service: Service) -> FastAPI:
                     item = items_out[idx]
                     if isinstance(outcome, ApiError):
                         if item.error is None:
+                            service.metrics.errors.labels(outcome.type).inc()
                             item.error = outcome.body()
                             item.results = None
                     elif isinstance(outcome, BaseException):

@@ -118,8 +118,16 @@ class GenerationSettings(_Section):
         description="the instruction sent with every image",
     )
     max_new_tokens: int = Field(256, ge=1, le=8192, description="upper bound on tokens per line")
-    static_cache: bool = Field(
-        False, description="the fast path: merged LoRA, static KV cache, CUDA-graph decoding (htrd.fastgen; bench/)"
+    static_cache: Literal["auto"] | bool = Field(
+        "auto", description="auto/true: the fast generator (merged LoRA, static KV cache with slots, continuous "
+        "batching, CUDA graphs on a GPU); false: HF generate on static batches (reference, debugging)"
+    )
+    continuous_batching: bool = Field(
+        True, description="lines join the running batch at a step boundary; false: a batch runs to its end "
+        "before the next starts (static batching: for comparison in benchmarks)"
+    )
+    prefill_chunk: int = Field(
+        16, ge=1, le=1024, description="most lines prefilled together while others decode (bounds their stall)"
     )
     compile: bool = Field(True, description="static_cache on a GPU: fuse the decode step's ops with torch.compile")
     compile_cache_dir: Path | None = Field(

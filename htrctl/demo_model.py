@@ -23,10 +23,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .modeldir import ADAPTER_DIRNAME
+
 logger = logging.getLogger(__name__)
 
 HUB_BASE_ID = "Qwen/Qwen3-VL-8B-Instruct"
-ADAPTER_DIRNAME = "final_model"
 DEMO_SEED = 20261127
 DEMO_VERSION = "2"  # bump when the builder's output changes
 

@@ -49,8 +49,6 @@ logger = logging.getLogger(__name__)
 MANIFEST_NAME = "htr-manifest.json"
 LOCK_NAME = ".htr-lock"
 SCHEMA_VERSION = 1
-ADAPTER_DIRNAME = "final_model"
-MERGED_DIRNAME = "merged"
 # Paths (relative to the model directory) a manifest never lists.
 IGNORED_TOP = {MANIFEST_NAME, LOCK_NAME, ".cache"}
 CHUNK = 8 * 1024 * 1024

@@ -18,8 +18,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelError, require
-from .manifest import ADAPTER_DIRNAME, MERGED_DIRNAME
+from .errors import require
+from .modeldir import ADAPTER_DIRNAME, MERGED_DIRNAME
 
 logger = logging.getLogger(__name__)
 
@@ -27,37 +27,29 @@ _DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 KEEP = ("config.json", "generation_config.json")
 
 
-def load_base_and_adapter(root: Path, *, dtype: str | None = None):
-    """The base model from *root* and its adapter from ``final_model/`` (PeftModel), on CPU, offline."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch = require("torch", "model", "merging the adapter")
-    transformers = require("transformers", "model", "merging the adapter")
-    peft = require("peft", "model", "merging the adapter")
-    from .verify import load_weight_set, read_config, weights_dtype
+def load_base_and_adapter(root: Path, *, dtype: str | None = None, merge: bool = False):
+    """The base model from *root* with its adapter from ``final_model/``, on CPU, offline, through htrd's one
+    loader (:func:`htrd.model.load_model`); a PeftModel, or the merged model with *merge*. Returns
+    ``(model, dtype_name)``; *dtype* defaults to the base weights' own."""
+    require("torch", "model", "merging the adapter")
+    require("transformers", "model", "merging the adapter")
+    require("peft", "model", "merging the adapter")
+    from htrd.model import load_model
 
-    config = read_config(root) or {}
-    archs = config.get("architectures") or []
-    cls = getattr(transformers, archs[0], None) if archs else None
-    if cls is None:
-        raise ModelError(f"{root}/config.json: architecture {archs!r} is not in transformers",
-                         remedy="upgrade transformers ('model' extra) or check the base")
+    from .verify import load_weight_set, weights_dtype
+
     if dtype is None:
         ws, _ = load_weight_set(root)
         dtype = _DTYPES.get(weights_dtype(ws) or "", "float32") if ws else "float32"
-    model = cls.from_pretrained(root, dtype=getattr(torch, dtype), local_files_only=True, use_safetensors=True,
-                                device_map=None)
-    model.eval()
-    peft_model = peft.PeftModel.from_pretrained(model, root / ADAPTER_DIRNAME, is_trainable=False,
-                                                local_files_only=True)
-    return peft_model, dtype
+    loaded = load_model(root, device="cpu", dtype=dtype, variant="adapter", merge=merge)
+    return loaded.model, dtype
 
 
 def merge_adapter(root: Path, *, progress: bool = False, max_shard_size: str = "5GB") -> dict[str, Any]:
     """Write ``root/merged/`` (atomically, via a temp dir); returns the manifest's variant record."""
     root = Path(root)
-    peft_model, dtype = load_base_and_adapter(root)
-    logger.info("merging %s into the base (%s)", ADAPTER_DIRNAME, dtype)
-    merged = peft_model.merge_and_unload()
+    logger.info("merging %s into the base", ADAPTER_DIRNAME)
+    merged, dtype = load_base_and_adapter(root, merge=True)
     out = root / MERGED_DIRNAME
     tmp = root / f".{MERGED_DIRNAME}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -121,6 +121,20 @@ class Counters(BaseModel):
     generated_tokens: int = 0
 
 
+class EngineInfo(BaseModel):
+    """How htrd decodes: the generator, its slots (lines decoding at once) and their KV cache."""
+
+    generator: str | None = None  # "fast" (continuous batching over a static KV cache) | "plain" (HF generate)
+    slots: int | None = None
+    slots_occupied: int | None = None
+    avg_occupied_slots: float | None = None  # over every decode step since READY
+    decode_steps: int | None = None  # decode steps since READY (the plain generator: tokens of its batches)
+    occupied_slot_steps: int | None = None  # sum over those steps of the lines decoding
+    kv_cache_bytes: int | None = None
+    preprocess_ms_per_image: float | None = None  # CPU time to decode + preprocess one line, on average
+    preprocess_workers: int | None = None
+
+
 class StatusResponse(BaseModel):
     version: str
     state: State
@@ -136,3 +150,4 @@ class StatusResponse(BaseModel):
     in_flight: int = 0
     batch_sizes: list[int] = []
     counters: Counters = Counters()
+    engine: EngineInfo = EngineInfo()

@@ -52,10 +52,8 @@ from typing import Any, Callable
 
 from .errors import IncompatibleAdapterError, LockedError, ModelMissingError, ProvisionError
 from .manifest import (
-    ADAPTER_DIRNAME,
     CHUNK,
     MANIFEST_NAME,
-    MERGED_DIRNAME,
     FileEntry,
     Manifest,
     ManifestFormatError,
@@ -67,6 +65,7 @@ from .manifest import (
     walk_files,
     write_manifest,
 )
+from .modeldir import ADAPTER_DIRNAME, MERGED_DIRNAME
 from .verify import (
     ERROR,
     HeaderError,

@@ -29,7 +29,6 @@ from typing import Any
 
 from .errors import ModelCorruptError, ModelMissingError
 from .manifest import (
-    ADAPTER_DIRNAME,
     MANIFEST_NAME,
     ManifestFormatError,
     hash_files,
@@ -37,6 +36,7 @@ from .manifest import (
     unsafe_relpath,
     walk_files,
 )
+from .modeldir import ADAPTER_DIRNAME, MERGED_DIRNAME
 
 logger = logging.getLogger(__name__)
 
@@ -496,9 +496,9 @@ def _check_structure(root: Path, report: VerifyReport, redo: str) -> None:
         return
     if has_adapter:
         report.findings.extend(check_adapter_pair(config, ws, adapter_dir))
-    merged = root / "merged"
+    merged = root / MERGED_DIRNAME
     if merged.is_dir():
-        mws, mfs = load_weight_set(root, "merged")
+        mws, mfs = load_weight_set(root, MERGED_DIRNAME)
         report.findings.extend(mfs)
         if mws is None and not mfs:
             add(Finding("merged/", "merged variant has no weights", "re-run htrctl provision --merge", "no_weights"))

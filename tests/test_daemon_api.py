@@ -261,15 +261,18 @@ def test_max_new_tokens_and_openapi_and_metrics(daemon):
 
 
 @pytest.mark.slow
-def test_fast_path_gives_the_plain_paths_text(daemon, htrd):
-    """generation.static_cache (htrd.fastgen: merged LoRA, static KV cache) serves the same greedy text."""
-    fast = htrd(config={"generation": {"static_cache": True}})
+def test_default_fast_generator_gives_the_plain_paths_text(daemon, htrd):
+    """The default (generation.static_cache: auto -> the fast generator, continuous batching) serves the
+    same greedy text as the reference path (static_cache: false, HF generate on the unmerged adapter)."""
+    plain = htrd(config={"generation": {"static_cache": False}})
     images = [encode(line_image(i)) for i in range(3)]
-    want = [daemon.post(P.PATH_TRANSCRIBE, content=b).json()["results"][0]["text"] for b in images]
-    got = [fast.post(P.PATH_TRANSCRIBE, content=b).json()["results"][0]["text"] for b in images]
+    want = [plain.post(P.PATH_TRANSCRIBE, content=b).json()["results"][0]["text"] for b in images]
+    got = [daemon.post(P.PATH_TRANSCRIBE, content=b).json()["results"][0]["text"] for b in images]
     assert got == want
-    assert "fast (static cache)" in fast.stderr()
-    assert fast.status()["model_variant"].startswith("adapter")
+    assert daemon.status()["engine"]["generator"] == "fast" and plain.status()["engine"]["generator"] == "plain"
+    assert "generator=FastGenerator" in daemon.stderr() and "generator=PlainGenerator" in plain.stderr()
+    eng = daemon.status()["engine"]
+    assert eng["slots"] == 8 and eng["preprocess_ms_per_image"] > 0 and eng["kv_cache_bytes"] > 0
 
 
 @pytest.mark.slow

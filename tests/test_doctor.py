@@ -259,7 +259,7 @@ def test_no_gpu_can_hold_the_model(tmp_path, paths, monkeypatch):
 
 
 def test_model_size_from_safetensors_headers(demo_model_dir, tmp_path, paths, monkeypatch):
-    from htrctl.doctor.placement import model_footprint, safetensors_payload
+    from htrctl.modeldir import model_footprint, safetensors_payload
 
     host(tmp_path, INCIDENT, monkeypatch)
     fp = model_footprint(demo_model_dir, "adapter")

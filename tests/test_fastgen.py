@@ -1,8 +1,9 @@
-"""The fast generation path (htrd.fastgen) gives the naive path's greedy tokens, on the real demo model.
+"""The fast generator (htrd.fastgen) gives the naive path's greedy tokens, on the real demo model in fp32.
 
 Naive = what the incident's fix did: base ``from_pretrained`` + ``PeftModel.from_pretrained``
-(adapter NOT merged) + ``generate``, one image at a time. Fast = merged weights, static KV cache,
-bucketed batches with left padding, the hand-written decode step (uncaptured on the CPU).
+(adapter NOT merged) + ``generate``, one image at a time. Fast = merged weights, a static KV cache
+with slots, lines prefilled together with left padding or joining a running batch midway, the
+hand-written decode step (uncaptured on the CPU).
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ def test_batched_fast_path_equals_naive_one_at_a_time(naive, fast):
     assert fast.variant == "adapter"  # merged at load from final_model/
     preps = [fast.prepare(im) for im in IMAGES]
     assert len({p.prompt_len for p in preps}) > 1, "the images must give different prompt lengths (left padding)"
-    out = fast.generate(preps)  # 3 images -> bucket 4 with one inert row
-    assert [o.batch_size for o in out] == [4, 4, 4]
+    out = fast.generate(preps)  # 3 images in slots 0-2 -> decode bucket 4 with one inert row
+    assert [o.batch_size for o in out] == [3, 3, 3]  # prefilled together
     for got, want in zip(out, naive["tokens"]):
         assert got.token_ids == want[: len(got.token_ids)]
         assert len(got.token_ids) == len(want)
@@ -103,11 +104,12 @@ def test_single_requests_equal_naive(naive, fast):
 
 def test_eos_stops_a_row_and_min_new_tokens_suppresses_it(naive, demo_model_dir):
     """Make a token the model emits at step 3 the EOS: both paths stop there, or not before min_new_tokens."""
-    from htrd.fastgen import FastGenerator, load_merged_model
+    from htrd.fastgen import FastGenerator
+    from htrd.model import load_model
 
     target = naive["tokens"][0][3]
     assert target not in naive["tokens"][0][:3]
-    model, _ = load_merged_model(demo_model_dir, device="cpu", dtype=torch.float32)
+    model = load_model(demo_model_dir, device="cpu").model
     model.generation_config.eos_token_id = [target]
     gen = FastGenerator(model, naive["processor"], prompt=PROMPT, batch_sizes=[1, 2], max_cache_len=256,
                         max_new_tokens=NEW)
@@ -126,7 +128,7 @@ def test_eos_stops_a_row_and_min_new_tokens_suppresses_it(naive, demo_model_dir)
 def test_prompt_longer_than_the_static_cache_uses_the_eager_path(naive, demo_model_dir):
     from htrd.fastgen import FastGenerator
 
-    gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2], max_cache_len=64,
+    gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2], max_cache_len=100,
                              max_new_tokens=NEW)
     prep = gen.prepare(IMAGES[0])
     assert prep.prompt_len + NEW > gen.max_cache_len
@@ -134,23 +136,26 @@ def test_prompt_longer_than_the_static_cache_uses_the_eager_path(naive, demo_mod
     assert got.token_ids == naive["tokens"][0]
 
 
-def test_more_images_than_the_largest_bucket_are_split(naive, fast):
-    preps = [fast.prepare(IMAGES[i % 3]) for i in range(6)]  # largest bucket is 4
+def test_more_images_than_slots_wait_for_free_slots(naive, fast):
+    preps = [fast.prepare(IMAGES[i % 3]) for i in range(6)]  # 4 slots
     out = fast.generate(preps)
     assert [o.token_ids for o in out] == [naive["tokens"][i % 3] for i in range(6)]
+    assert fast.free_slots() == fast.slots == 4 and not fast.running()
 
 
-def test_warmup_runs_every_bucket(fast):
+def test_warmup_runs_every_prefill_size(fast):
     report = fast.warmup(IMAGES[0], max_new_tokens=8)
     assert set(report["per_batch_ms"]) == {1, 2, 4}
     assert report["prompt_tokens"] == fast.prepare(IMAGES[0]).prompt_len
+    assert fast.free_slots() == fast.slots
 
 
 def test_merged_variant_is_preferred_and_gives_the_same_tokens(naive, demo_model_copy):
     from peft import PeftModel
     from transformers import Qwen3VLForConditionalGeneration
 
-    from htrd.fastgen import FastGenerator, resolve_variant
+    from htrctl.modeldir import resolve_variant
+    from htrd.fastgen import FastGenerator
 
     assert resolve_variant(demo_model_copy) == "adapter"
     base = Qwen3VLForConditionalGeneration.from_pretrained(demo_model_copy, dtype=torch.float32, local_files_only=True)
@@ -167,10 +172,11 @@ def test_merged_variant_is_preferred_and_gives_the_same_tokens(naive, demo_model
 
 def test_variant_merged_without_merged_dir_is_a_named_error(demo_model_dir):
     from htrctl.errors import ModelMissingError
-    from htrd.fastgen import resolve_variant
+    from htrctl.modeldir import resolve_variant
 
-    with pytest.raises(ModelMissingError, match="provision --merge"):
+    with pytest.raises(ModelMissingError, match="merged/config.json does not exist") as exc:
         resolve_variant(demo_model_dir, "merged")
+    assert "provision --merge" in exc.value.remedy
 
 
 def test_compile_cache_dir_is_created_and_exported(tmp_path, monkeypatch):
@@ -190,20 +196,101 @@ def test_compile_cache_dir_is_created_and_exported(tmp_path, monkeypatch):
     assert os.environ["TRITON_CACHE_DIR"] == "/elsewhere"
 
 
-def test_generation_runs_on_one_dedicated_thread(naive, fast):
-    """On CUDA every generate and the warm-up run on one 'htrd-gpu' thread (shared cuBLAS state);
-    exercised here on the CPU by giving the generator that thread."""
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
+def _run(gen, schedule, until_done=True):
+    """Drive *gen* by hand: schedule = {step number: [Seq, ...]} joins; returns {tag: Finished}."""
+    done = {}
+    step = 0
+    while True:
+        for seq in schedule.pop(step, []):
+            for f in gen.add([seq]):
+                done[f.seq.tag] = f
+        for f in gen.step():
+            done[f.seq.tag] = f
+        step += 1
+        if not schedule and not gen.running():
+            return done
 
-    seen = []
-    fast._gpu_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="htrd-gpu")
-    try:
-        fast.warmup(IMAGES[1], max_new_tokens=8)
-        out = fast.generate([fast.prepare(IMAGES[1])],
-                            on_progress=lambda n: seen.append(threading.current_thread().name) and False)
-    finally:
-        fast._gpu_thread.shutdown()
-        fast._gpu_thread = None
-    assert out[0].token_ids == naive["tokens"][1]
-    assert seen and all(name.startswith("htrd-gpu") for name in seen)
+
+def test_a_line_joining_midway_gets_the_tokens_it_gets_alone(naive, fast):
+    """Continuous batching: a line's tokens do not depend on when it joined or who decodes beside it."""
+    from htrd.generation import Seq
+
+    preps = [fast.prepare(im) for im in IMAGES]
+    done = _run(fast, {0: [Seq(preps[0], NEW, tag="first")], 2: [Seq(preps[1], NEW, tag="late")],
+                       3: [Seq(preps[2], NEW, tag="later")]})
+    assert done["first"].token_ids == naive["tokens"][0]
+    assert done["late"].token_ids == naive["tokens"][1]
+    assert done["later"].token_ids == naive["tokens"][2]
+    assert all(f.group == 1 for f in done.values())
+
+
+def test_a_short_line_leaves_early_and_its_slot_is_reused(naive, fast):
+    """A 3-token line beside a 24-token one finishes after its own tokens, not the long line's; the freed
+    slot takes the next line while the long one still decodes."""
+    from htrd.generation import Seq
+
+    long_, short = fast.prepare(IMAGES[0]), fast.prepare(IMAGES[1])
+    fast.add([Seq(long_, NEW, tag="long"), Seq(short, 3, tag="short")])
+    steps_to = {}
+    n = 0
+    while fast.running():
+        n += 1
+        for f in fast.step():
+            steps_to[f.seq.tag] = (n, f)
+            if f.seq.tag == "short":
+                assert [s.tag for s in fast.running()] == ["long"]
+                fast.add([Seq(fast.prepare(IMAGES[2]), NEW, tag="next")])
+    assert steps_to["short"][1].token_ids == naive["tokens"][1][:3]
+    assert steps_to["short"][0] < steps_to["long"][0]
+    assert steps_to["long"][1].token_ids == naive["tokens"][0]
+    assert steps_to["next"][1].token_ids == naive["tokens"][2]
+
+
+def test_stop_takes_a_running_line_out_and_the_others_continue(naive, fast):
+    from htrd.generation import Seq
+
+    preps = [fast.prepare(im) for im in IMAGES[:2]]
+    fast.add([Seq(preps[0], NEW, tag="expired"), Seq(preps[1], NEW, tag="alive")])
+    out = fast.step(lambda s: s.tag == "expired")
+    assert [f.seq.tag for f in out] == ["expired"] and out[0].stopped
+    assert 1 <= len(out[0].token_ids) < NEW
+    rest = []
+    while fast.running():
+        rest += fast.step()
+    assert [f.seq.tag for f in rest] == ["alive"] and not rest[0].stopped
+    assert rest[0].token_ids == naive["tokens"][1]
+
+
+def test_generate_stop_callback_ends_every_line(fast):
+    preps = [fast.prepare(im) for im in IMAGES]
+    calls = []
+    out = fast.generate(preps, stop=lambda: calls.append(1) or len(calls) >= 2)
+    assert all(o.stopped for o in out)
+    assert all(len(o.token_ids) < NEW for o in out)
+    assert fast.free_slots() == fast.slots
+
+
+def test_preprocessing_equals_the_processor_and_caches_the_prompt_per_grid(fast):
+    """prepare() = image processor + prompt ids cached per image grid; equal to the processor's own encoding."""
+    pre = fast.pre
+    hits0 = pre.hits
+    for im in IMAGES + [_line(1200, 160, 9), _line(333, 48, 4), _line(2000, 120, 5)]:
+        p = pre.prepare(im)
+        full = pre.encode_full(im)
+        assert torch.equal(p.input_ids, full["input_ids"][0])
+        assert torch.equal(p.image_grid_thw, full["image_grid_thw"])
+        assert torch.equal(p.pixel_values, full["pixel_values"].to(p.pixel_values.dtype))
+        if "mm_token_type_ids" in full:
+            assert torch.equal(p.mm_token_type_ids, full["mm_token_type_ids"][0])
+    assert pre.hits > hits0  # the second 1200x160 line reused the first one's prompt ids
+
+
+def test_plain_generator_gives_the_same_tokens(naive, demo_model_dir):
+    """The reference path (static_cache: false): HF generate on the unmerged PeftModel, through the same contract."""
+    from htrd.plaingen import PlainGenerator
+
+    gen = PlainGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2], max_new_tokens=NEW)
+    assert gen.variant == "adapter"
+    out = gen.generate([gen.prepare(im) for im in IMAGES])
+    assert [o.token_ids for o in out] == naive["tokens"]
+    assert [o.batch_size for o in out] == [2, 2, 1]

@@ -51,10 +51,11 @@ def test_cuda_graphs_replay_the_eager_step_exactly(cuda, demo_model_dir):
 
 def test_compiled_fast_path_starts_like_hf_generate(cuda, demo_model_dir, tmp_path):
     """bf16 + fused kernels: the first tokens equal HF generate's on the same merged weights."""
-    from htrd.fastgen import FastGenerator, configure_compile_cache, load_merged_model
+    from htrd.fastgen import FastGenerator, configure_compile_cache
+    from htrd.model import load_model
 
     configure_compile_cache(tmp_path / "cc")
-    model, _ = load_merged_model(demo_model_dir, device=cuda, dtype=torch.bfloat16)
+    model = load_model(demo_model_dir, device=cuda, dtype="bfloat16").model
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(demo_model_dir, local_files_only=True)

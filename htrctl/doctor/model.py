@@ -7,8 +7,9 @@ import json
 import logging
 from pathlib import Path
 
+from ..modeldir import ADAPTER_DIRNAME as ADAPTER_DIR
+from ..modeldir import MERGED_DIRNAME, has_merged
 from .findings import FAIL, OK, WARN, Context, Finding
-from .placement import ADAPTER_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +40,8 @@ def _verify(ctx: Context, model_dir: Path) -> Finding:
 
 
 def _adapter_base(model_dir: Path, variant: str) -> Finding:
-    merged = model_dir / "merged"
-    if variant == "merged" or (variant == "auto" and (merged / "config.json").is_file()):
+    merged = model_dir / MERGED_DIRNAME
+    if variant == "merged" or (variant == "auto" and has_merged(model_dir)):
         if not (merged / "config.json").is_file():
             return Finding("model.adapter-base", FAIL, f"model.variant is 'merged' but {merged} has no merged weights",
                            remedy=f"htrctl provision --merge ... {model_dir}, or set model.variant: adapter")

@@ -5,66 +5,18 @@ without loading anything), which single GPU should hold it, and whether the conf
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import struct
 import tempfile
 from pathlib import Path
 
 from ..errors import ConfigError, GpuError
 from ..gpus import GIB, choose_gpu
+from ..modeldir import model_footprint
 from .findings import FAIL, OK, WARN, Context, Finding
 
 logger = logging.getLogger(__name__)
-
-ADAPTER_DIR = "final_model"
-_MAX_HEADER = 100 * 1024 * 1024
-
-
-def safetensors_payload(path: Path) -> int:
-    """Bytes of tensor data in one .safetensors file, from its header (falls back to the file size)."""
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read(8)
-            if len(raw) != 8:
-                return 0
-            (n,) = struct.unpack("<Q", raw)
-            if n > _MAX_HEADER:
-                return path.stat().st_size
-            header = json.loads(fh.read(n))
-        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
-        return max(ends, default=0)
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
-        try:
-            return path.stat().st_size
-        except OSError:
-            return 0
-
-
-def weights_bytes(d: Path) -> int:
-    """Size of the weights in directory *d*: the index's total_size, else the shards' headers."""
-    idx = d / "model.safetensors.index.json"
-    if idx.is_file():
-        try:
-            meta = json.loads(idx.read_text(encoding="utf-8")).get("metadata") or {}
-            if int(meta.get("total_size") or 0) > 0:
-                return int(meta["total_size"])
-        except (OSError, ValueError, TypeError):
-            pass
-    return sum(safetensors_payload(p) for p in sorted(d.glob("*.safetensors")))
-
-
-def model_footprint(model_dir: Path, variant: str) -> dict:
-    """{"variant", "weights_bytes", "parts"} for the variant the daemon would load."""
-    merged = model_dir / "merged"
-    use_merged = variant == "merged" or (variant == "auto" and (merged / "config.json").is_file())
-    if use_merged:
-        return {"variant": "merged", "weights_bytes": weights_bytes(merged), "parts": {"merged": weights_bytes(merged)}}
-    base = weights_bytes(model_dir)
-    adapter = weights_bytes(model_dir / ADAPTER_DIR) if (model_dir / ADAPTER_DIR).is_dir() else 0
-    return {"variant": "adapter", "weights_bytes": base + adapter, "parts": {"base": base, "adapter": adapter}}
 
 
 def _size(n: int) -> str:

@@ -1,0 +1,301 @@
+"""Benchmark: htrd with continuous batching against the same daemon with static batches, in one run.
+
+    python bench/bench_serving.py --model-dir /tmp/m8b                 # GPU (8B-shaped model, bench/make_model_8b.py)
+    python bench/bench_serving.py --cpu --model-dir /tmp/tiny8b --make-tiny --clients 4 --per-client 3
+
+Two real daemons, one after the other, on the same model and the same requests:
+``static`` (``generation.continuous_batching: false``: a batch runs until its
+longest line is done -- the engine before continuous batching) and
+``continuous`` (the default). Closed-loop clients (each sends its next line as
+soon as the previous one is answered) over the Unix socket, in two modes:
+
+- **fixed**: every line a 1200x160 image, exactly ``--new-tokens`` tokens;
+- **realistic**: widths drawn from 300-2,000 px, heights 64-160 px, and output
+  lengths from a fixed distribution over 5-120 tokens (20 % 5-20, 60 % 30-70,
+  20 % 80-120), forced per request (``max_new_tokens`` per request with
+  ``generation.min_new_tokens`` at the maximum, so random weights cannot stop early).
+
+For each: lines/s, generated tokens/s, p50/p95 latency, the average number of
+occupied slots per decode step (from ``/v1/status``) and, on a GPU, an MFU
+estimate: FLOPs per line (2 x parameters x (prompt + new tokens), prompt tokens
+from the model's own processor) / time / the bf16 matmul rate measured on the
+same GPU in this run. Prints a table with continuous/static ratios; ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_generate import Daemon, line_image, pct  # noqa: E402
+
+logger = logging.getLogger("bench_serving")
+REALISTIC_MAX_NEW = 120
+
+
+def realistic_requests(n: int, seed: int = 1) -> list[tuple[int, int, int]]:
+    """(width, height, new tokens) for *n* lines, deterministic."""
+    rnd = random.Random(seed)
+    out = []
+    for _ in range(n):
+        r = rnd.random()
+        new = rnd.randint(5, 20) if r < 0.2 else rnd.randint(30, 70) if r < 0.8 else rnd.randint(80, 120)
+        out.append((rnd.randint(300, 2000), rnd.randint(64, 160), new))
+    return out
+
+
+def encode(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def closed_loop(socket_path: Path, work: list[tuple[bytes, int]], clients: int) -> dict:
+    """*clients* threads take requests from *work* in order until it is empty."""
+    import httpx
+
+    lock = threading.Lock()
+    items = list(enumerate(work))
+    lat: list[float] = []
+    tokens: list[int] = []
+    errors: list[str] = []
+    done_ids: list[int] = []
+    start = threading.Event()
+
+    def client() -> None:
+        transport = httpx.HTTPTransport(uds=str(socket_path))
+        with httpx.Client(transport=transport, base_url="http://htr", timeout=900.0) as c:
+            start.wait()
+            while True:
+                with lock:
+                    if not items:
+                        return
+                    idx, (body, new) = items.pop(0)
+                t = time.perf_counter()
+                r = c.post("/v1/transcribe", content=body, headers={"Content-Type": "image/png"},
+                           params={"max_new_tokens": new})
+                dt = time.perf_counter() - t
+                with lock:
+                    if r.status_code == 200:
+                        lat.append(dt)
+                        tokens.append(r.json()["results"][0]["tokens"])
+                        done_ids.append(idx)
+                    else:
+                        errors.append(f"{r.status_code} {r.text[:200]}")
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    t0 = time.perf_counter()
+    start.set()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"clients": clients, "requests": len(lat), "n_errors": len(errors), "errors": errors[:3],
+            "wall_s": wall, "lines_per_s": len(lat) / wall, "tokens_per_s": sum(tokens) / wall,
+            "tokens": sum(tokens), "p50_s": pct(lat, 0.5), "p95_s": pct(lat, 0.95), "done_ids": done_ids}
+
+
+def status(socket_path: Path) -> dict:
+    import httpx
+
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path)), base_url="http://htr", timeout=30) as c:
+        return c.get("/v1/status").json()
+
+
+def bf16_peak_tflops(device: str) -> float | None:
+    """The bf16 matmul rate on this GPU now (8192^3, best of 20), in TFLOP/s."""
+    if device == "cpu":
+        return None
+    import torch
+
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(20):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        torch.cuda.synchronize()
+        best = min(best, s.elapsed_time(e) / 1000.0)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * 8192**3 / best / 1e12
+
+
+def model_params(model_dir: Path) -> int:
+    from htrctl.modeldir import model_footprint
+
+    fp = model_footprint(model_dir, "auto")
+    base = fp["parts"].get("merged") or fp["parts"].get("base") or fp["weights_bytes"]
+    cfg = json.loads((model_dir / "config.json").read_text())
+    dtype = (cfg.get("text_config") or {}).get("dtype") or cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"
+    return base // (4 if "32" in str(dtype) else 2)
+
+
+def prompt_lengths(model_dir: Path, images: list, prompt: str) -> list[int]:
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    cache: dict = {}
+    out = []
+    for img in images:
+        key = img.size
+        if key not in cache:
+            cache[key] = int(proc(text=[text], images=[img.convert("RGB")], return_tensors="pt")["input_ids"].shape[1])
+        out.append(cache[key])
+    return out
+
+
+def write_config(path: Path, args, socket_path: Path, *, continuous: bool, min_new: int, max_new: int) -> None:
+    import yaml
+
+    cfg = {
+        "model": {"dir": str(args.model_dir), "variant": "auto", "dtype": "auto", "verify_on_start": "off"},
+        "gpu": {"select": "cpu" if args.cpu else args.gpu_select},
+        "socket": {"path": str(socket_path), "group": None, "mode": 0o660},
+        "limits": {"queue_length": max(1024, 4 * max(args.clients)), "request_deadline_s": 900.0,
+                   "batch_sizes": list(args.batch_sizes)},
+        "generation": {"max_new_tokens": max_new, "min_new_tokens": min_new, "continuous_batching": continuous,
+                       "max_cache_len": args.max_cache_len, "compile": not args.no_compile,
+                       "compile_cache_dir": str(Path(args.state_dir) / "compile-cache"),
+                       "prefill_chunk": args.prefill_chunk},
+        "watchdog": {"generate_timeout_s": 900.0},
+        "log": {"level": "INFO"},
+    }
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def run_engine(args, name: str, continuous: bool, workloads: dict, work_dir: Path) -> dict:
+    import os
+
+    sock = work_dir / f"{name}.sock"
+    cfg = work_dir / f"{name}.yaml"
+    max_new = max(REALISTIC_MAX_NEW, args.new_tokens)
+    write_config(cfg, args, sock, continuous=continuous, min_new=max_new, max_new=max_new)
+    env = dict(os.environ, HTR_CONFIG=str(cfg))
+    d = Daemon(cfg, sock, work_dir / f"{name}.log", env)
+    res: dict = {"engine": name}
+    res["ready_s"] = d.start(args.timeout)
+    try:
+        for (mode, clients), work in workloads.items():
+            before = status(sock)["engine"]
+            r = closed_loop(sock, work, clients)
+            after = status(sock)["engine"]
+            steps = (after["decode_steps"] or 0) - (before["decode_steps"] or 0)
+            occ = (after["occupied_slot_steps"] or 0) - (before["occupied_slot_steps"] or 0)
+            r["avg_occupied_slots"] = occ / steps if steps else None
+            r.pop("done_ids")
+            res[f"{mode}@{clients}"] = r
+            logger.info("%s %s@%d: %.1f lines/s, p50 %.3f s, p95 %.3f s, slots %.1f", name, mode, clients,
+                        r["lines_per_s"], r["p50_s"], r["p95_s"], r["avg_occupied_slots"] or 0)
+        res["status"] = status(sock)
+    finally:
+        res["exit_code"] = d.stop()
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model-dir", type=Path, required=True)
+    ap.add_argument("--make-tiny", action="store_true", help="write the tiny 8B-layout model first (CPU smoke)")
+    ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--gpu-select", default="auto")
+    ap.add_argument("--clients", default="64,256", help="fixed-mode client counts; realistic uses the first")
+    ap.add_argument("--per-client", type=int, default=8, help="requests per client in each load")
+    ap.add_argument("--new-tokens", type=int, default=50)
+    ap.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128")
+    ap.add_argument("--max-cache-len", type=int, default=512)
+    ap.add_argument("--prefill-chunk", type=int, default=16)
+    ap.add_argument("--modes", default="fixed,realistic")
+    ap.add_argument("--engines", default="static,continuous")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--state-dir", default=None)
+    ap.add_argument("--timeout", type=float, default=900.0)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    args.clients = [int(x) for x in args.clients.split(",")]
+    args.batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
+    args.state_dir = args.state_dir or tempfile.mkdtemp(prefix="htrbs-state-")
+    device = "cpu" if args.cpu else "cuda:0"
+    if args.make_tiny:
+        import subprocess
+
+        subprocess.run([sys.executable, str(Path(__file__).parent / "make_model_8b.py"), str(args.model_dir),
+                        "--tiny"], check=True)
+    prompt = "Transcribe the handwritten text in this image exactly. Output only the text."
+    peak = bf16_peak_tflops(device)
+    params = model_params(args.model_dir)
+    modes = args.modes.split(",")
+    workloads: dict = {}
+    flops: dict = {}
+    if "fixed" in modes:
+        img = line_image()
+        body = encode(img)
+        (plen,) = prompt_lengths(args.model_dir, [img], prompt)
+        for c in args.clients:
+            n = c * args.per_client
+            workloads[("fixed", c)] = [(body, args.new_tokens)] * n
+            flops[("fixed", c)] = 2 * params * (plen + args.new_tokens) * n
+    if "realistic" in modes:
+        c = args.clients[0]
+        specs = realistic_requests(c * args.per_client)
+        imgs = [line_image(w, h, seed=i) for i, (w, h, _) in enumerate(specs)]
+        plens = prompt_lengths(args.model_dir, imgs, prompt)
+        workloads[("realistic", c)] = [(encode(im), new) for im, (_, _, new) in zip(imgs, specs)]
+        flops[("realistic", c)] = sum(2 * params * (p + new) for p, (_, _, new) in zip(plens, specs))
+    work_dir = Path(tempfile.mkdtemp(prefix="htrbs-"))
+    results = {"device": device, "bf16_peak_tflops": peak, "params": params, "engines": {}}
+    if device != "cpu":
+        import torch
+
+        results["gpu"] = torch.cuda.get_device_name(0)
+    for name in args.engines.split(","):
+        results["engines"][name] = run_engine(args, name, name == "continuous", workloads, work_dir)
+    rows = ["| load | engine | lines/s | tokens/s | p50 s | p95 s | p95/p50 | slots occupied | MFU |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for key in workloads:
+        label = f"{key[0]} @ {key[1]} clients"
+        for name, res in results["engines"].items():
+            r = res[f"{key[0]}@{key[1]}"]
+            mfu = flops[key] / r["wall_s"] / (peak * 1e12) if peak else None
+            r["mfu"] = mfu
+            rows.append(f"| {label} | {name} | {r['lines_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['p50_s']:.3f} | "
+                        f"{r['p95_s']:.3f} | {r['p95_s'] / r['p50_s']:.2f} | {r['avg_occupied_slots'] or 0:.1f} | "
+                        + (f"{mfu:.1%}" if mfu is not None else "-") + " |")
+        if {"static", "continuous"} <= set(results["engines"]):
+            s = results["engines"]["static"][f"{key[0]}@{key[1]}"]["lines_per_s"]
+            c = results["engines"]["continuous"][f"{key[0]}@{key[1]}"]["lines_per_s"]
+            rows.append(f"| {label} | **continuous / static** | **{c / s:.2f}x** | | | | | | |")
+    for name, res in results["engines"].items():
+        rows.append(f"| start -> READY | {name} | {res['ready_s']:.1f} s | | | | | | |")
+    head = f"device: {results.get('gpu', device)}; bf16 peak measured: " + (f"{peak:.0f} TFLOP/s" if peak else "-")
+    print(head)
+    print("\n".join(rows))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+    bad = [n for n, r in results["engines"].items() if r["exit_code"] != 0 or any(
+        isinstance(v, dict) and v.get("n_errors") for v in r.values())]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-dir", type=Path, required=True)
     ap.add_argument("--make-tiny", action="store_true", help="write the tiny 8B-layout model first (CPU smoke)")
     ap.add_argument("--cpu", action="store_true")
-    ap.add_argument("--gpu-select", default="auto")
+    ap.add_argument("--gpu-select", default="0", help="the daemon's gpu.select (default: index 0)")
     ap.add_argument("--clients", default="64,256", help="fixed-mode client counts; realistic uses the first")
     ap.add_argument("--per-client", type=int, default=8, help="requests per client in each load")
     ap.add_argument("--new-tokens", type=int, default=50)

@@ -80,6 +80,9 @@ def load_model(model_dir: str | os.PathLike, *, device: str, dtype: str = "auto"
                 f"torch cannot use the GPU pinned with CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}",
                 remedy="check the NVIDIA driver and that torch is a CUDA build (htrctl doctor); or set gpu.select: cpu",
             )
+        dev = torch.device(device)
+        if dev.index is None:
+            device = f"cuda:{torch.cuda.current_device()}"  # one explicit device, also for "cuda"
         torch.cuda.set_device(torch.device(device))
     progress(f"loading processor from {model_dir}")
     try:

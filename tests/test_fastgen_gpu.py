@@ -42,11 +42,22 @@ def test_cuda_graphs_replay_the_eager_step_exactly(cuda, demo_model_dir):
     graphs = FastGenerator.load(demo_model_dir, cuda_graphs=True, **kw)
     eager = FastGenerator.load(demo_model_dir, cuda_graphs=False, **kw)
     images = [_image(1200, 160, 1), _image(700, 120, 2), _image(1200, 160, 3)]
+    graphs.warmup(images[0], max_new_tokens=NEW)  # captures every (batch, span) graph, as before READY
     a = graphs.generate([graphs.prepare(im) for im in images], min_new_tokens=NEW)
     b = eager.generate([eager.prepare(im) for im in images], min_new_tokens=NEW)
     assert graphs._graphs, "no CUDA graph was captured"
     assert [x.token_ids for x in a] == [y.token_ids for y in b]
     assert all(len(x.token_ids) == NEW for x in a)
+
+    # a line joining a running batch midway gets the same tokens through the graphs
+    from htrd.generation import Seq
+
+    graphs.add([Seq(graphs.prepare(images[0]), NEW, NEW, tag=0)])
+    done = graphs.step()
+    graphs.add([Seq(graphs.prepare(images[1]), NEW, NEW, tag=1)])
+    while graphs.running():
+        done += graphs.step()
+    assert {f.seq.tag: f.token_ids for f in done} == {0: b[0].token_ids, 1: b[1].token_ids}
 
 
 def test_compiled_fast_path_starts_like_hf_generate(cuda, demo_model_dir, tmp_path):

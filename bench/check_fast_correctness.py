@@ -1,0 +1,118 @@
+"""Correctness of the fast generator on a GPU, against an fp32 reference (teacher-forced).
+
+    python bench/check_fast_correctness.py /tmp/m8b [--new-tokens 32] [--json out.json]
+
+For line images of 8 different widths, the fast generator (bf16, CUDA graphs)
+chooses tokens alone, all batched together, and joining a running batch
+midway; HF ``generate`` in bf16 on the same merged weights chooses its own.
+Every chosen token is then scored by the merged model in **fp32**, teacher-
+forced on that sequence: the gap between fp32's best logit and the chosen
+token's logit (0 where fp32 agrees). The fast path passes when its largest gap
+stays within what HF's own bf16 ``generate`` shows on the same inputs (x1.5,
+since both round differently), and its mean gap within twice HF's mean.
+Exit code 0 on pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_generate import PROMPT, line_image  # noqa: E402
+
+WIDTHS = [(300, 64), (520, 96), (800, 120), (1000, 140), (1200, 160), (1500, 128), (1800, 150), (2000, 110)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model_dir", type=Path)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--device", default="cuda", help="cuda (the check), or cpu (a smoke run of this script)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    import torch
+
+    from htrd.fastgen import FastGenerator
+    from htrd.generation import Seq
+    from htrd.model import load_model
+
+    new = args.new_tokens
+    images = [line_image(w, h, seed=i) for i, (w, h) in enumerate(WIDTHS)]
+    fast = FastGenerator.load(args.model_dir, device=args.device, dtype="bfloat16", prompt=PROMPT,
+                              batch_sizes=[1, 2, 4, 8], max_cache_len=1024, max_new_tokens=new, compile=args.device != "cpu")
+    fast.warmup(images[4], max_new_tokens=new)
+    preps = [fast.prepare(im) for im in images]
+    alone = [fast.generate([p], min_new_tokens=new)[0].token_ids for p in preps]
+    batched = [g.token_ids for g in fast.generate(preps, min_new_tokens=new)]
+    # joining: the odd lines join while the even ones are decoding
+    done = {}
+    fast.add([Seq(p, new, new, tag=i) for i, p in enumerate(preps) if i % 2 == 0])
+    for f in fast.step():
+        done[f.seq.tag] = f.token_ids
+    fast.add([Seq(p, new, new, tag=i) for i, p in enumerate(preps) if i % 2 == 1])
+    while fast.running():
+        for f in fast.step():
+            done[f.seq.tag] = f.token_ids
+    joined = [done[i] for i in range(len(preps))]
+    # HF bf16 generate on the same merged weights, one image at a time
+    hf = []
+    with torch.inference_mode():
+        for p in preps:
+            batch = fast._collate([p])
+            out = fast.model.generate(**batch, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                      pad_token_id=fast.pad_id, eos_token_id=fast.eos_ids)
+            hf.append(out[0, p.prompt_len:].tolist())
+    del fast
+    dev = args.device
+    if dev != "cpu":
+        torch.cuda.empty_cache()
+    ref = load_model(args.model_dir, device=dev, dtype="float32", merge=True).model
+
+    def gaps(p, chosen: list[int]) -> list[float]:
+        ids = torch.cat([p.input_ids, torch.tensor(chosen[:-1], dtype=torch.long)])[None].to(dev)
+        kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": p.pixel_values.float().to(dev),
+              "image_grid_thw": p.image_grid_thw.to(dev)}
+        if p.mm_token_type_ids is not None:
+            mm = torch.cat([p.mm_token_type_ids, torch.zeros(len(chosen) - 1, dtype=p.mm_token_type_ids.dtype)])
+            kw["mm_token_type_ids"] = mm[None].to(dev)
+        with torch.inference_mode():
+            logits = ref(**kw).logits[0, p.prompt_len - 1:].float()
+        best = logits.max(dim=-1).values
+        pick = logits[torch.arange(len(chosen)), torch.tensor(chosen).to(dev)]
+        return (best - pick).tolist()
+
+    report = {"gpu": torch.cuda.get_device_name(0) if dev != "cpu" else "cpu", "new_tokens": new, "widths": WIDTHS, "paths": {}}
+    for name, seqs in (("hf_bf16_generate", hf), ("fast_alone", alone), ("fast_batched", batched),
+                       ("fast_joined", joined)):
+        g = [x for p, s in zip(preps, seqs) for x in gaps(p, s)]
+        agree = sum(1 for x in g if x <= 0.0)
+        report["paths"][name] = {"max_gap": max(g), "mean_gap": sum(g) / len(g), "fp32_agrees": agree,
+                                 "tokens": len(g)}
+    report["prompt_tokens"] = [p.prompt_len for p in preps]
+    report["fast_alone_equals_batched"] = sum(a == b for a, b in zip(alone, batched))
+    report["fast_alone_equals_joined"] = sum(a == b for a, b in zip(alone, joined))
+    report["fast_alone_equals_hf_bf16"] = sum(a == b for a, b in zip(alone, hf))
+    h = report["paths"]["hf_bf16_generate"]
+    ok = all(report["paths"][n]["max_gap"] <= 1.5 * h["max_gap"] + 1e-3
+             and report["paths"][n]["mean_gap"] <= 2 * h["mean_gap"] + 1e-3
+             for n in ("fast_alone", "fast_batched", "fast_joined"))
+    report["pass"] = ok
+    print("| path | max gap (fp32 logits) | mean gap | tokens where fp32 agrees |")
+    print("|---|---|---|---|")
+    for name, r in report["paths"].items():
+        print(f"| {name} | {r['max_gap']:.4f} | {r['mean_gap']:.4f} | {r['fp32_agrees']} / {r['tokens']} |")
+    print(f"prompt tokens {report['prompt_tokens']}; fast alone == batched for {report['fast_alone_equals_batched']}/8, "
+          f"== joined {report['fast_alone_equals_joined']}/8, == HF bf16 {report['fast_alone_equals_hf_bf16']}/8; "
+          f"{'PASS' if ok else 'FAIL'}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

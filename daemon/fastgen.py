@@ -219,6 +219,7 @@ class FastGenerator:
         self.finished = torch.ones((S,), dtype=torch.bool, device=dev)
         self.out = torch.zeros((S, self.max_new_tokens + 1), dtype=torch.long, device=dev)  # generated tokens
         self.rows = torch.arange(S, dtype=torch.long, device=dev)
+        self._true = torch.ones((), dtype=torch.bool, device=dev)
         self.eos = torch.tensor(self.eos_ids, dtype=torch.long, device=dev)
         vocab = self.lm_head.weight.shape[0]
         self.eos_bias = torch.zeros((vocab,), dtype=torch.float32, device=dev)
@@ -483,7 +484,7 @@ class FastGenerator:
         ops = self._ops
         rows = self.rows[:B]
         pos = self.pos[:B]
-        self.attend[rows, pos] = True
+        self.attend.index_put_((rows, pos), self._true)  # a device scalar: no host copy inside a graph
         mask = self.attend[:B, None, None, :L]  # (B,1,1,L), True = attend
         h = self.text.embed_tokens(self.tok[:B, 0])  # (B,H)
         rope = (pos + self.delta[:B]).view(1, B, 1).expand(3, B, 1)

@@ -284,3 +284,39 @@ def test_merged_variant_required_but_absent_exits_65(tmp_path, demo_model_dir):
     code, err = run_to_exit(tmp_path, demo_model_dir, config={"model": {"variant": "merged"}})
     assert code == ExitCode.MODEL, err
     assert "merged" in err and "htrctl provision --merge" in err
+
+
+def _metric(d, name: str, labels: str) -> float:
+    m = re.search(r"^" + re.escape(name + "{" + labels + "}") + r" ([0-9.e+-]+)$", d.metrics(), re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+@pytest.mark.slow
+def test_an_expired_line_leaves_the_running_batch_and_its_error_is_counted_once(htrd):
+    """Deadlines stop work: a line forced to decode 2,000 tokens (many seconds on the CPU) is taken out of
+    the running batch at the next step after its deadline -- its slot is free long before it could have
+    finished -- and the 504 is counted once in /metrics and once in the status counters."""
+    d = htrd(config={"limits": {"request_deadline_s": 0.6, "batch_sizes": [1, 2]},
+                     "generation": {"max_new_tokens": 2000, "min_new_tokens": 2000, "max_cache_len": 4096}})
+    r = d.post(P.PATH_TRANSCRIBE, content=png(1))
+    assert r.status_code == 504 and r.json()["error"]["type"] == "deadline_exceeded", r.text
+    t_504 = time.monotonic()
+    wait_until(lambda: d.status()["engine"]["slots_occupied"] == 0, 3, what="the expired line's slot freed")
+    assert time.monotonic() - t_504 < 3
+    # the daemon serves the next line at once, and the running line was really taken out (tokens so far)
+    ok = d.post(P.PATH_TRANSCRIBE, content=png(2), params={"max_new_tokens": 3})
+    assert ok.status_code == 200 and ok.json()["results"][0]["tokens"] == 3, ok.text
+    assert _metric(d, "htrd_errors_total", 'type="deadline_exceeded"') == 1.0
+    counters = d.status()["counters"]
+    assert counters["deadline_exceeded"] == 1 and counters["errors"] == 1 and counters["requests"] == 2
+    assert "deadline" in d.stderr()
+
+
+@pytest.mark.slow
+def test_a_bad_image_is_one_error(htrd):
+    d = htrd()
+    r = d.post(P.PATH_TRANSCRIBE, content=b"this is not an image")
+    assert r.status_code in (415, 422), r.text
+    kind = r.json()["error"]["type"]
+    assert _metric(d, "htrd_errors_total", f'type="{kind}"') == 1.0
+    assert d.status()["counters"]["errors"] == 1

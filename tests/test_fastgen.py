@@ -294,3 +294,20 @@ def test_plain_generator_gives_the_same_tokens(naive, demo_model_dir):
     out = gen.generate([gen.prepare(im) for im in IMAGES])
     assert [o.token_ids for o in out] == naive["tokens"]
     assert [o.batch_size for o in out] == [2, 2, 1]
+
+
+def test_one_loader_provision_merge_and_htrd_serve_identical_weights(demo_model_copy):
+    """`provision --merge` (htrctl.merge) writes merged/ through htrd.model.load_model, the loader htrd uses:
+    the merged variant on disk equals the adapter merged at load, tensor for tensor."""
+    from htrctl.merge import merge_adapter
+    from htrd.model import load_model
+
+    at_load = load_model(demo_model_copy, device="cpu", variant="adapter", merge=True)
+    assert at_load.variant == "adapter" and not hasattr(at_load.model, "peft_config")
+    record = merge_adapter(demo_model_copy)
+    assert record["dtype"] == "float32"
+    on_disk = load_model(demo_model_copy, device="cpu", variant="auto")
+    assert on_disk.variant == "merged"
+    a, b = at_load.model.state_dict(), on_disk.model.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -38,7 +38,12 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.gpu, pytest.mark.timeout(1500)]
+try:  # the 8B model's write + a cold compile take longer than the suite's default 300 s
+    import pytest_timeout  # noqa: F401
+
+    pytestmark = [pytest.mark.gpu, pytest.mark.timeout(1500)]
+except ImportError:  # pytest-timeout absent on the GPU host: no marker (--strict-markers would refuse it)
+    pytestmark = pytest.mark.gpu
 
 REPO = Path(__file__).resolve().parent.parent
 HIDDEN = (Path("/home"), Path("/root"), Path("/tmp"), Path("/var/tmp"), Path("/run/user"))

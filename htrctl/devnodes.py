@@ -95,7 +95,7 @@ def minor_number(gpu, roots: NodeRoots) -> int | None:
         if _bus_key(d.name) != key:
             continue
         try:
-            m = re.search(r"^Device Minor:\s*(\d+)", (d / "information").read_text(errors="replace"), re.M)
+            m = re.search(r"^Device Minor:\s*(\d+)", (d / "information").read_text(errors="replace"), re.MULTILINE)
         except OSError:
             return None
         return int(m.group(1)) if m else None

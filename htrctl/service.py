@@ -606,6 +606,9 @@ def install(
                 _atomic_write(path, text, mode=mode)
             except PermissionError as exc:
                 raise _permission(exc, path) from exc
+            except OSError as exc:  # e.g. a read-only /usr for the script
+                raise ServiceError(f"cannot write {path}: {exc.strerror}",
+                                   remedy="make that directory writable for the install") from exc
         units_changed = True
         actions.append(Action("write", str(path), "new" if current is None else "updated", done=not dry_run))
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import platform
 import shutil
 import subprocess
@@ -176,7 +175,7 @@ _CHOWN_FILTER = textwrap.dedent("""
 def test_chown_refused_by_a_syscall_filter_says_so(tmp_path):
     sock = tmp_path / "s.sock"
     code = _CHOWN_FILTER.format(path=sys.path, sock=str(sock))
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
     assert res.returncode == ExitCode.CONFIG, res.stderr
     assert "system-call filter forbids chown" in res.stdout and "~@privileged" in res.stdout, res.stdout
     assert "socket.group: null" in res.stdout
@@ -211,7 +210,7 @@ def _script_host(tmp_path: Path, *, nvidia: bool, modprobe_tool: bool, minors=(0
     for real in ("cat", "sed", "basename"):
         (bin_ / real).symlink_to(shutil.which(real))
     env = {"PATH": str(bin_), "SYSFS": str(sysfs), "PROCFS": str(procfs), "DEVFS": str(devfs)}
-    res = subprocess.run(["/bin/sh", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=30)
+    res = subprocess.run(["/bin/sh", str(SCRIPT)], check=False, env=env, capture_output=True, text=True, timeout=30)
     calls = log.read_text().splitlines() if log.exists() else []
     return res, calls, devfs
 

@@ -180,6 +180,9 @@ def pin_gpu(settings):
     gpu = select_gpu(select, required_bytes=required)
     if gpu is None:
         raise GpuError(f"gpu.select '{select}' selected no GPU")
+    from htrctl.devnodes import preflight
+
+    preflight(gpu)  # the device nodes CUDA opens: a clear exit 69 now instead of "CUDA unknown error" later
     os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     os.environ["CUDA_VISIBLE_DEVICES"] = gpu.uuid
     logger.info("device: cuda:0 = %s (pinned with CUDA_VISIBLE_DEVICES)", gpu.describe())
@@ -283,6 +286,13 @@ def bind_socket(path: Path, *, mode: int, group: str | None) -> socket.socket:
     except PermissionError as exc:
         sock.close()
         path.unlink(missing_ok=True)
+        if gid != -1 and (gid == os.getegid() or gid in os.getgroups()):
+            # A member may chown to its own group: what refused it is a system-call filter
+            # (htr.service's SystemCallFilter=~@privileged includes chown).
+            raise ConfigError(f"socket.group: chown of {path} to group '{group}' was refused ({exc.strerror}) "
+                              "although htrd is a member of it: a system-call filter forbids chown (systemd: "
+                              "SystemCallFilter=~@privileged)", remedy="under systemd let htr.socket create the "
+                              "socket (SocketGroup=), or set socket.group: null") from None
         raise ConfigError(f"socket.group: cannot give {path} to group '{group}': {exc.strerror}",
                           remedy="run htrd as a member of that group (systemd: Group=) or set socket.group: null") from None
     sock.listen(128)

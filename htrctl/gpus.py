@@ -42,6 +42,7 @@ class GpuDevice:
     memory_free: int  # bytes
     nvml_index: int = -1
     compute_mode: int | None = None
+    minor: int | None = None  # N of /dev/nvidiaN (None: NVML did not say)
 
     def describe(self) -> str:
         return (f"{self.index}: {self.name} {self.uuid} ({self.pci_bus_id}, "
@@ -72,6 +73,7 @@ def devices_from_snapshot(snap: HostSnapshot) -> list[GpuDevice]:
             memory_free=g.memory_free or 0,
             nvml_index=g.index,
             compute_mode=g.compute_mode,
+            minor=g.minor_number,
         )
         for i, g in enumerate(ordered)
     ]

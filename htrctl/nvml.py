@@ -91,6 +91,7 @@ class GpuInfo:
     pcie_width: int | None = None
     nvlinks_active: int | None = None
     numa_node: int | None = None
+    minor_number: int | None = None  # N of /dev/nvidiaN
     errors: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -223,6 +224,8 @@ def _read_gpu(nv, index: int) -> GpuInfo | None:
     info.nvlinks_active = active
     numa = g("numa_node", getattr(nv, "nvmlDeviceGetNumaNodeId", lambda _h: None), h)
     info.numa_node = None if numa is None else int(numa)
+    minor = g("minor_number", getattr(nv, "nvmlDeviceGetMinorNumber", lambda _h: None), h)
+    info.minor_number = None if minor is None else int(minor)
     # "not supported" is a normal answer for many of these on consumer/virtual GPUs:
     # keep it in errors (the capture shows it) but do not log it as a problem.
     return info

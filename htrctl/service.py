@@ -42,8 +42,13 @@ REPO = Path(__file__).resolve().parent.parent
 TEMPLATE_DIR = REPO / "systemd"
 DEFAULT_CONFIG_TEMPLATE = REPO / "configs" / "htr.yaml"
 UNIT_DIR = Path("/etc/systemd/system")
-UNITS = ("htr.service", "htr.socket", "htr@.service", "htr@.socket")
+UNITS = ("htr.service", "htr.socket", "htr@.service", "htr@.socket", "htr-gpu-prepare.service")
 SERVICE = "htr.service"
+# The root oneshot that loads nvidia-uvm and creates the device nodes before htrd's sandbox is
+# built (htr.service and htr@.service want it); it runs this script, installed root-owned.
+PREPARE_UNIT = "htr-gpu-prepare.service"
+PREPARE_SCRIPT_TEMPLATE = "htr-gpu-prepare.sh"
+PREPARE_SCRIPT = Path("/usr/local/sbin/htr-gpu-prepare")
 SOCKET = "htr.socket"
 DEFAULT_USER = "htr"
 DEFAULT_GROUP = "htr"
@@ -90,6 +95,8 @@ class UnitContext:
     home_binds: tuple[Path, ...] = ()
     # TimeoutStopSec=: the config's limits.drain_timeout_s plus room to shut down.
     stop_timeout_s: int = 90
+    # Where the GPU-preparing script is installed (run as root by htr-gpu-prepare.service).
+    gpu_prepare: Path = PREPARE_SCRIPT
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -221,7 +228,7 @@ def make_context(
 
 
 def template_dir() -> Path:
-    if not all((TEMPLATE_DIR / u).is_file() for u in UNITS):
+    if not all((TEMPLATE_DIR / u).is_file() for u in (*UNITS, PREPARE_SCRIPT_TEMPLATE)):
         raise ServiceError(
             f"the unit templates are missing from {TEMPLATE_DIR}",
             remedy="install htrctl from its source tree (pip install -e .), which ships systemd/",
@@ -266,6 +273,7 @@ def render_unit(template: str, ctx: UnitContext) -> str:
         "SUPPLEMENTARY_GROUPS": supp,
         "PROTECT_HOME": protect_home,
         "TIMEOUT_STOP_SEC": str(int(ctx.stop_timeout_s)),
+        "GPU_PREPARE": _unit_path(ctx.gpu_prepare, "GPU-preparing script"),
     }
 
     def sub(m: re.Match) -> str:
@@ -286,6 +294,12 @@ def render_units(ctx: UnitContext) -> dict[str, str]:
     """Every unit file name -> its rendered text."""
     tdir = template_dir()
     return {name: render_unit((tdir / name).read_text(encoding="utf-8"), ctx) for name in UNITS}
+
+
+def render_prepare_script() -> str:
+    """The GPU-preparing script, marked as ours on its second line (after the #! line)."""
+    shebang, _, rest = (template_dir() / PREPARE_SCRIPT_TEMPLATE).read_text(encoding="utf-8").partition("\n")
+    return f"{shebang}\n{MARKER} {__version__} (`htrctl service install`); it rewrites this file.\n{rest}"
 
 
 # ---------------------------------------------------------------- running things
@@ -577,8 +591,9 @@ def install(
     result = InstallResult(context=ctx, unit_dir=target_dir, units=units, dry_run=dry_run)
 
     units_changed = False
-    for name, text in units.items():
-        path = target_dir / name
+    files = [(target_dir / name, text, 0o644) for name, text in units.items()]
+    files.append((_under(root, ctx.gpu_prepare), render_prepare_script(), 0o755))  # root-owned: a root unit runs it
+    for path, text, mode in files:
         try:
             current = path.read_text(encoding="utf-8") if path.exists() else None
         except OSError:
@@ -588,9 +603,12 @@ def install(
             continue
         if not dry_run:
             try:
-                _atomic_write(path, text, mode=0o644)
+                _atomic_write(path, text, mode=mode)
             except PermissionError as exc:
                 raise _permission(exc, path) from exc
+            except OSError as exc:  # e.g. a read-only /usr for the script
+                raise ServiceError(f"cannot write {path}: {exc.strerror}",
+                                   remedy="make that directory writable for the install") from exc
         units_changed = True
         actions.append(Action("write", str(path), "new" if current is None else "updated", done=not dry_run))
 
@@ -662,17 +680,16 @@ def uninstall(*, root: Path | None = None, unit_dir: Path | None = None, dry_run
     target_dir = Path(unit_dir) if unit_dir else _under(root, UNIT_DIR)
     res = UninstallResult()
     if live and systemd_running():
-        units = [SOCKET, SERVICE, *_instances()]
+        units = [SOCKET, SERVICE, *_instances(), PREPARE_UNIT]
         if not dry_run:
             systemctl("disable", "--now", *units, check=False, timeout=180)
         res.actions.append(Action("stop+disable", " ".join(units), done=not dry_run))
     removed = False
-    for name in UNITS:
-        path = target_dir / name
+    for path in [*(target_dir / name for name in UNITS), _under(root, PREPARE_SCRIPT)]:
         if not path.exists():
             continue
-        head = path.read_text(encoding="utf-8", errors="replace")[: len(MARKER)]
-        if head != MARKER:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()[:2]
+        if not any(line.startswith(MARKER) for line in lines):  # the script's marker follows its #! line
             res.actions.append(Action("keep", str(path), "not written by htrctl"))
             continue
         if not dry_run:

@@ -10,6 +10,7 @@ import copy
 import http.server
 import json
 import os
+import shutil
 import socketserver
 import subprocess
 import sys
@@ -83,8 +84,9 @@ def paths(tmp_path) -> DoctorPaths:
     (root / "proc" / "cmdline").write_text("BOOT_IMAGE=/vmlinuz root=/dev/sda1 ro quiet\n")
     (root / "proc" / "cpuinfo").write_text("processor\t: 0\nflags\t\t: fpu vme sse sse2\n")
     (root / "etc-systemd").mkdir()
+    (root / "dev").mkdir()
     return DoctorPaths(sys_root=root / "sys", proc_root=root / "proc", unit_dirs=(root / "etc-systemd",),
-                       systemctl=None)
+                       systemctl=None, dev_root=root / "dev")
 
 
 def settings_for(tmp_path, **gpu) -> Settings:
@@ -568,3 +570,131 @@ def test_vm_with_a_passing_p2p_test_is_ok(tmp_path, paths, monkeypatch):
     host(tmp_path, variant(probe={"pairs": {"0-1": "zeros"}}), monkeypatch, name="bad.json")
     rep = run_doctor(settings_for(tmp_path), sections=["p2p", "host"], paths=paths, p2p_timeout=20)
     assert rep.by_id("host.vm").severity == WARN
+
+
+# --------------------------------------------------------------------------- nvidia-uvm, torch.compile's needs
+
+
+def _uvm(paths: DoctorPaths, *, loaded: bool, node: bool) -> None:
+    (paths.proc_root / "devices").write_text("Character devices:\n195 nvidia\n" + ("508 nvidia-uvm\n" if loaded else "")
+                                            + "\nBlock devices:\n  8 sd\n")
+    if node:
+        (paths.dev_root / "nvidia-uvm").write_bytes(b"")
+
+
+def test_nvidia_uvm_loaded_with_its_node(tmp_path, paths, monkeypatch):
+    host(tmp_path, INCIDENT, monkeypatch)
+    _uvm(paths, loaded=True, node=True)
+    f = run_doctor(settings_for(tmp_path), sections=["host"], paths=paths).by_id("host.nvidia-uvm")
+    assert f.severity == OK and "major 508" in f.message
+
+
+def test_nvidia_uvm_missing_warns_before_install_and_fails_with_the_service_but_no_prepare_unit(
+        tmp_path, paths, monkeypatch):
+    host(tmp_path, INCIDENT, monkeypatch)
+    _uvm(paths, loaded=False, node=False)
+    f = run_doctor(settings_for(tmp_path), sections=["host"], paths=paths).by_id("host.nvidia-uvm")
+    assert f.severity == WARN and "not loaded" in f.message and "htr-gpu-prepare.service" in f.remedy
+    _unit(paths, "User=htr\n")  # a service without the oneshot: htrd will exit 69
+    f = run_doctor(settings_for(tmp_path), sections=["host"], paths=paths).by_id("host.nvidia-uvm")
+    assert f.severity == FAIL and "exits 69" in f.message
+    (paths.unit_dirs[0] / "htr-gpu-prepare.service").write_text("[Service]\nType=oneshot\n")
+    f = run_doctor(settings_for(tmp_path), sections=["host"], paths=paths).by_id("host.nvidia-uvm")
+    assert f.severity == WARN and "loads it before htrd starts" in f.message
+    _uvm(paths, loaded=True, node=False)
+    f = run_doctor(settings_for(tmp_path), sections=["host"], paths=paths).by_id("host.nvidia-uvm")
+    assert "loaded but" in f.message and "does not exist" in f.message
+
+
+def test_nvidia_uvm_is_not_judged_for_the_cpu(tmp_path, paths, monkeypatch):
+    host(tmp_path, INCIDENT, monkeypatch)
+    rep = run_doctor(settings_for(tmp_path, select="cpu"), sections=["host"], paths=paths)
+    assert rep.by_id("host.nvidia-uvm") is None
+
+
+def _compiling(tmp_path, **gen) -> Settings:
+    s = settings_for(tmp_path)
+    s.generation.static_cache = True
+    s.generation.compile = True
+    for k, v in gen.items():
+        setattr(s.generation, k, v)
+    return s
+
+
+def _include(tmp_path, with_header: bool) -> Path:
+    inc = tmp_path / ("inc-ok" if with_header else "inc-none")
+    inc.mkdir()
+    if with_header:
+        (inc / "Python.h").write_text("/* */\n")
+    return inc
+
+
+def test_compile_needs_a_compiler_headers_and_a_writable_cache(tmp_path, paths, monkeypatch):
+    host(tmp_path, INCIDENT, monkeypatch)
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    cc = bin_ / "gcc"
+    cc.write_text("#!/bin/sh\n")
+    cc.chmod(0o755)
+    cache = tmp_path / "cache"
+    paths.python_include = _include(tmp_path, True)
+    rep = run_doctor(_compiling(tmp_path, compile_cache_dir=cache), sections=["host"], paths=paths,
+                     env={"PATH": str(bin_)})
+    assert rep.by_id("host.compile.cc").severity == OK and str(cc) in rep.by_id("host.compile.cc").message
+    assert rep.by_id("host.compile.headers").severity == OK
+    for name in ("inductor", "triton"):
+        f = rep.by_id(f"host.compile.cache-{name}")
+        assert f.severity == OK and f.data["path"] == str(cache / name), f.message
+    # no compiler on the PATH, no headers
+    paths.python_include = _include(tmp_path, False)
+    rep = run_doctor(_compiling(tmp_path, compile_cache_dir=cache), sections=["host"], paths=paths,
+                     env={"PATH": str(tmp_path / "empty")})
+    cc_f, hdr = rep.by_id("host.compile.cc"), rep.by_id("host.compile.headers")
+    assert cc_f.severity == FAIL and "gcc" in cc_f.remedy
+    assert hdr.severity == FAIL and "python3-dev" in hdr.remedy
+    # compile off (or the eager path): nothing to build, nothing judged
+    rep = run_doctor(_compiling(tmp_path, compile=False), sections=["host"], paths=paths, env={"PATH": ""})
+    assert not [f for f in rep.findings if f.id.startswith("host.compile")]
+
+
+def test_compile_cache_under_noexecpaths_of_the_unit_fails(tmp_path, paths, monkeypatch):
+    host(tmp_path, INCIDENT, monkeypatch)
+    paths.python_include = _include(tmp_path, True)
+    _unit(paths, "User=root\nEnvironment=TORCHINDUCTOR_CACHE_DIR=%S/htr/torchinductor TRITON_CACHE_DIR=%S/htr/triton\n"
+          "NoExecPaths=/var/lib/htr\n")
+    rep = run_doctor(_compiling(tmp_path), sections=["host"], paths=paths)
+    for name, sub in (("inductor", "torchinductor"), ("triton", "triton")):
+        f = rep.by_id(f"host.compile.cache-{name}")
+        assert f.severity == FAIL and "NoExecPaths=/var/lib/htr" in f.message, f.message
+        assert f.data["path"] == f"/var/lib/htr/{sub}"  # %S resolved as systemd does for a system unit
+
+
+def test_compile_cache_on_a_noexec_mount_fails(tmp_path):
+    """A real noexec tmpfs, mounted in a private mount namespace of a child process."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare to mount a noexec tmpfs")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    inc = _include(tmp_path, True)
+    code = (
+        "import json; from htrctl.config import Settings; from htrctl.doctor import DoctorPaths, run_doctor\n"
+        "s = Settings(); s.generation.static_cache = True\n"
+        f"s.generation.compile_cache_dir = {str(mnt / 'cache')!r}\n"
+        "s.gpu.select = '0'\n"
+        f"p = DoctorPaths(unit_dirs=(), systemctl=None, python_include=__import__('pathlib').Path({str(inc)!r}))\n"
+        "f = run_doctor(s, sections=['host'], paths=p, env={}).by_id('host.compile.cache-triton')\n"
+        "print(json.dumps(f.to_dict()))\n"
+    )
+    env = {**os.environ, ENV_FAKE: str(host_file(tmp_path))}
+    res = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                          f"mount -t tmpfs -o noexec tmpfs {mnt} && exec {sys.executable} -c \"$0\"", code],
+                         check=False, capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    f = json.loads(res.stdout.strip().splitlines()[-1])
+    assert f["severity"] == FAIL and "noexec mount" in f["message"], f
+
+
+def host_file(tmp_path) -> Path:
+    p = tmp_path / "incident.json"
+    p.write_text(json.dumps(INCIDENT))
+    return p

@@ -142,5 +142,6 @@ def test_real_backend_guards_and_int_caps_index(monkeypatch):
     g0 = snap.gpus[0]
     assert g0.mig_mode is None and "NotSupported" in g0.errors["mig_mode"]  # guarded, not raised
     assert g0.nvlinks_active == 0
+    assert [g.minor_number for g in snap.gpus] == [0, 1]  # /dev/nvidiaN, checked by htrd before CUDA starts
     assert snap.nvml_version == "12.550"  # bytes decoded
     assert [p.pid for p in snap.gpus[1].processes] == [123]

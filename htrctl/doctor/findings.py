@@ -82,6 +82,8 @@ class DoctorPaths:
 
     sys_root: Path = Path("/sys")
     proc_root: Path = Path("/proc")
+    dev_root: Path = Path("/dev")
+    python_include: Path | None = None  # None: this Python's (sysconfig), where Triton looks for Python.h
     unit_dirs: tuple[Path, ...] = (Path("/etc/systemd/system"), Path("/usr/lib/systemd/system"),
                                    Path("/lib/systemd/system"))
     service_unit: str = "htr.service"
@@ -109,6 +111,11 @@ class Context:
         self.p2p_failed_pairs: set[tuple[int, int]] = set()
         self.recommendation: dict[str, Any] | None = None
         self.started = time.monotonic()
+        # nvidia-uvm as the host had it before doctor ran: doctor's own CUDA probe (p2p) loads it
+        # through the set-uid nvidia-modprobe, which the sandboxed service cannot do.
+        from ..devnodes import NodeRoots, uvm_state
+
+        self.uvm_before = uvm_state(NodeRoots(dev=self.paths.dev_root, proc=self.paths.proc_root))
 
     # NVML, read once
     def snapshot(self):

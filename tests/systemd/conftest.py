@@ -42,6 +42,20 @@ def _under(p: Path, parent: Path) -> bool:
     return p == parent or parent in p.parents
 
 
+def _pth_dirs() -> list[Path]:
+    """Directories the environment adds through .pth files (a venv that reuses another's packages)."""
+    import site
+
+    out = []
+    for sp in site.getsitepackages():
+        for pth in Path(sp).glob("*.pth"):
+            for line in pth.read_text(errors="replace").splitlines():
+                p = Path(line.strip())
+                if line.strip() and not line.startswith(("#", "import")) and p.is_absolute() and p.is_dir():
+                    out.append(p)
+    return out
+
+
 @pytest.fixture(scope="session")
 def container():
     ok, what = can_boot()
@@ -50,9 +64,11 @@ def container():
     scratch = CACHE / f"nspawn-{os.getpid()}"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
-    binds = [REPO, scratch]
+    # /usr is the host's, read-only: a writable /usr/local/sbin for htr-gpu-prepare's script.
+    (scratch / "sbin").mkdir()
+    binds = [REPO, scratch, Path(f"{scratch / 'sbin'}:/usr/local/sbin")]
     binds_ro = [Path(sys.base_prefix)]
-    for extra in (VENV, CACHE):
+    for extra in (VENV, CACHE, *_pth_dirs()):
         if not _under(extra, REPO):
             binds_ro.append(extra.resolve())
     box = Container(f"htr-test-{os.getpid()}", binds=binds, binds_ro=binds_ro, log=scratch / "nspawn.log")

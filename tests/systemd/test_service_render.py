@@ -31,7 +31,7 @@ def _directives(text: str) -> list[str]:
 
 def test_render_fills_every_placeholder_with_this_installation():
     units = service.render_units(_ctx())
-    assert set(units) == {"htr.service", "htr.socket", "htr@.service", "htr@.socket"}
+    assert set(units) == {"htr.service", "htr.socket", "htr@.service", "htr@.socket", "htr-gpu-prepare.service"}
     for name, text in units.items():
         assert not re.search(r"@[A-Z_]+@", text), name
         assert text.startswith(service.MARKER)
@@ -114,7 +114,10 @@ def test_install_into_a_root_is_idempotent(tmp_path):
     first = service.install(root=root)
     assert first.changed and first.summary() == "installed"
     units = root / "etc/systemd/system"
-    assert sorted(p.name for p in units.iterdir()) == ["htr.service", "htr.socket", "htr@.service", "htr@.socket"]
+    assert sorted(p.name for p in units.iterdir()) == ["htr-gpu-prepare.service", "htr.service", "htr.socket",
+                                                       "htr@.service", "htr@.socket"]
+    script = root / "usr/local/sbin/htr-gpu-prepare"
+    assert oct(script.stat().st_mode & 0o777) == "0o755"
     cfg = root / "etc/htr/htr.yaml"
     assert cfg.read_text() == (REPO / "configs/htr.yaml").read_text()
     assert oct(cfg.stat().st_mode & 0o777) == "0o640"
@@ -181,6 +184,7 @@ def test_uninstall_removes_only_what_htrctl_wrote(tmp_path):
     res = service.uninstall(root=root)
     assert sorted(p.name for p in units.iterdir()) == ["htr@.socket"]
     assert any(a.what == "keep" and a.target.endswith("htr@.socket") for a in res.actions)
+    assert not (root / "usr/local/sbin/htr-gpu-prepare").exists()
     assert (root / "etc/htr/htr.yaml").exists()  # data stays
 
 
@@ -197,7 +201,7 @@ def test_cli_dry_run_prints_the_units_on_stdout(tmp_path, capsys):
     rc = main(["service", "install", "--root", str(tmp_path / "r"), "--dry-run"])
     out, err = capsys.readouterr()
     assert rc == 0
-    assert out.count("# ==> ") == 4 and "[Service]\nType=notify" in out
+    assert out.count("# ==> ") == 5 and "[Service]\nType=notify" in out
     assert "dry run: nothing written" in err
     assert not (tmp_path / "r").exists()
 
@@ -241,3 +245,38 @@ def test_unreadable_model_files_are_reported(tmp_path):
     assert len(acts) == 1 and acts[0].what == "warn" and "chmod -R a+rX" in acts[0].detail
     missing = service._readability_warnings(tmp_path / "absent.yaml", tmp_path / "nope", "htr", "htr")
     assert "does not exist" in missing[0].detail
+
+
+# ---------------------------------------------------------------- the GPU-preparing oneshot
+
+
+def test_every_htrd_unit_wants_and_follows_the_gpu_preparing_oneshot():
+    units = service.render_units(_ctx())
+    for name in ("htr.service", "htr@.service"):
+        lines = _directives(units[name])
+        assert "Wants=htr-gpu-prepare.service" in lines, name
+        after = next(ln for ln in lines if ln.startswith("After="))
+        assert "htr-gpu-prepare.service" in after.split("=", 1)[1].split(), name
+    prep = _directives(units["htr-gpu-prepare.service"])
+    assert "Type=oneshot" in prep and "RemainAfterExit=yes" in prep
+    assert "ExecStart=/bin/sh /usr/local/sbin/htr-gpu-prepare" in prep
+    assert not any(ln.startswith(("User=", "NoNewPrivileges", "ProtectKernelModules")) for ln in prep)  # root
+
+
+def test_unit_comments_state_what_was_measured():
+    """The claims issue 16 corrected: MemoryDenyWriteExecute breaks oneDNN on the CPU, not CUDA; persistenced
+    does not create the uvm nodes; the compile caches must be executable."""
+    svc = (REPO / "systemd" / "htr.service").read_text()
+    assert "could not create a primitive" in svc and "torch fails to initialise CUDA" not in svc
+    assert "--uvm-persistence-mode" in svc and "nvidia-persistenced or" not in svc
+    assert "NoExecPaths=" in svc and "python3-dev" in svc
+
+
+def test_install_writes_the_prepare_script_marked_and_idempotent(tmp_path):
+    root = tmp_path / "root"
+    service.install(root=root)
+    script = (root / "usr/local/sbin/htr-gpu-prepare").read_text()
+    first, second = script.splitlines()[:2]
+    assert first == "#!/bin/sh" and second.startswith(service.MARKER)
+    again = service.install(root=root)
+    assert any(a.what == "keep" and a.target.endswith("htr-gpu-prepare") for a in again.actions)

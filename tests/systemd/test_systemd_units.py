@@ -83,8 +83,8 @@ def test_install_creates_the_account_and_units_and_is_idempotent(installed):
 
 
 def test_systemd_analyze_verify_is_clean(installed):
-    res = installed.run(["systemd-analyze", "verify", "htr.service", "htr.socket", "htr@0.service", "htr@0.socket"],
-                        check=False)
+    res = installed.run(["systemd-analyze", "verify", "htr.service", "htr.socket", "htr@0.service", "htr@0.socket",
+                         "htr-gpu-prepare.service"], check=False)
     assert res.returncode == 0 and res.stderr.strip() == "", res.stderr
 
 
@@ -356,6 +356,40 @@ def test_replica_on_a_missing_gpu_exits_69_without_restarting(installed):
         box.run(["systemctl", "reset-failed", unit], check=False)
 
 
+# ---------------------------------------------------------------- the GPU-preparing oneshot
+
+PREP = "htr-gpu-prepare.service"
+PREP_DROPIN = f"/etc/systemd/system/{PREP}.d/50-test.conf"
+
+
+def test_gpu_prepare_oneshot_finishes_before_the_daemon_starts(clean_service):
+    """htr.service (and every htr@ instance) pulls the root oneshot in and starts only after it: a
+    second of extra work in the oneshot (a test drop-in) still ends before htrd's process exists.
+    The container has no NVIDIA device, so the script itself only says so."""
+    box = clean_service
+    assert box.run(["test", "-x", "/usr/local/sbin/htr-gpu-prepare"], check=False).returncode == 0
+    for unit in ("htr.service", "htr@0.service"):
+        deps = box.show(unit, "Wants", "After")
+        assert PREP in deps["Wants"].split() and PREP in deps["After"].split(), (unit, deps)
+    # A slower oneshot makes the ordering observable: without After= htrd would start ~1 s before it ends.
+    box.write(PREP_DROPIN, "[Service]\nExecStartPost=/bin/sleep 1\n")
+    try:
+        box.run(["systemctl", "daemon-reload"])
+        box.run(["systemctl", "stop", PREP])  # RemainAfterExit: stop it so the next htr start runs it again
+        cursor = box.cursor()
+        box.run(["systemctl", "start", "htr.service"], timeout=START_S)  # returns at READY=1
+        prep = box.show(PREP, "ActiveState", "Result", "ActiveEnterTimestampMonotonic")
+        svc = box.show("htr.service", "ActiveState", "ExecMainStartTimestampMonotonic")
+        assert prep["ActiveState"] == "active" and prep["Result"] == "success", prep
+        assert svc["ActiveState"] == "active", svc
+        assert 0 < int(prep["ActiveEnterTimestampMonotonic"]) <= int(svc["ExecMainStartTimestampMonotonic"]), \
+            (prep, svc)
+        assert "no NVIDIA PCI device on this host: nothing to prepare" in box.journal(PREP, since_cursor=cursor)
+    finally:
+        box.run(["rm", "-rf", str(Path(PREP_DROPIN).parent)])
+        box.run(["systemctl", "daemon-reload"])
+
+
 # ---------------------------------------------------------------- uninstall (last: it re-installs after itself)
 
 
@@ -368,6 +402,7 @@ def test_uninstall_removes_the_units_and_keeps_the_data(installed):
         assert left == ["htr.service.d"]  # the test's drop-in directory is not htrctl's
         assert box.run(["systemctl", "is-active", "htr.socket"], check=False).stdout.strip() == "inactive"
         assert box.run(["test", "-f", CONFIG], check=False).returncode == 0
+        assert box.run(["test", "-e", "/usr/local/sbin/htr-gpu-prepare"], check=False).returncode == 1
         assert box.run(["getent", "passwd", "htr"], check=False).returncode == 0
     finally:
         again = box.run([str(HTRCTL), "service", "install", "--start"], check=False, timeout=120)

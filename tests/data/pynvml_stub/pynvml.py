@@ -33,6 +33,7 @@ def nvmlDeviceGetCurrPcieLinkGeneration(h): return 4
 def nvmlDeviceGetCurrPcieLinkWidth(h): return 16
 def nvmlDeviceGetNvLinkState(h,l): raise NVMLError_NotSupported("Not Supported")
 def nvmlDeviceGetNumaNodeId(h): return 0
+def nvmlDeviceGetMinorNumber(h): return h
 def nvmlDeviceGetTopologyCommonAncestor(a,b): return 30
 def nvmlDeviceGetP2PStatus(a,b,i):
     if not isinstance(i,int): raise TypeError("Don't know how to convert parameter 3")

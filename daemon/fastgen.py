@@ -273,9 +273,27 @@ class FastGenerator:
             else:
                 fit.append(s)
         with self.torch.inference_mode():
-            for i in range(0, len(fit), self.prefill_chunk):
-                self._prefill(fit[i: i + self.prefill_chunk])
+            for chunk in self._chunks(fit):
+                self._prefill(chunk)
         return done
+
+    def _chunks(self, seqs: Sequence[Seq]) -> list[list[Seq]]:
+        """Consecutive prefill groups of at most ``prefill_chunk`` lines. A group's prompts are left-padded
+        to its longest, so every member's padded prompt plus its new tokens must fit the cache."""
+        out: list[list[Seq]] = []
+        cur: list[Seq] = []
+        width = longest = 0
+        for s in seqs:
+            m = min(int(s.max_new_tokens), self.max_new_tokens)
+            w, lg = max(width, s.prepared.prompt_len), max(longest, m)
+            if cur and (len(cur) >= self.prefill_chunk or w + lg > self.max_cache_len):
+                out.append(cur)
+                cur, w, lg = [], s.prepared.prompt_len, m
+            cur.append(s)
+            width, longest = w, lg
+        if cur:
+            out.append(cur)
+        return out
 
     def _prefill(self, seqs: Sequence[Seq]) -> None:
         torch = self.torch
@@ -539,7 +557,8 @@ class FastGenerator:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(2):
+                # Twice for a batch size not seen yet (torch.compile specialises, cuBLAS picks kernels), then once.
+                for _ in range(1 if any(b == B for b, _ in self._graphs) else 2):
                     self._step_fn(B, L)
             torch.cuda.current_stream().wait_stream(side)
             if self._pool is None:

@@ -311,3 +311,26 @@ def test_one_loader_provision_merge_and_htrd_serve_identical_weights(demo_model_
     a, b = at_load.model.state_dict(), on_disk.model.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prefill_groups_keep_padded_prompts_inside_the_cache(fast):
+    """Lines of different widths prefilled together are left-padded to the longest: a group never holds a
+    line whose padded prompt plus its new tokens would pass the cache's end (found on the GPU: a short
+    prompt with many new tokens grouped with a long prompt wrote past the cache)."""
+    from dataclasses import replace
+
+    from htrd.generation import Seq
+
+    base = fast.prepare(IMAGES[0])
+
+    def prep(n):
+        return replace(base, input_ids=torch.zeros(n, dtype=torch.long))
+
+    cache = fast.max_cache_len  # 512
+    seqs = [Seq(prep(60), NEW), Seq(prep(cache - NEW), NEW), Seq(prep(40), NEW), Seq(prep(cache - 10), 10)]
+    groups = fast._chunks(seqs)
+    assert [len(g) for g in groups] == [3, 1]  # the 4th would pad the others to cache - 10, past the end
+    for group in groups:
+        width = max(s.prepared.prompt_len for s in group)
+        assert all(width + s.max_new_tokens <= cache for s in group)
+    assert fast.prefill_chunk == 16 and [len(g) for g in fast._chunks([Seq(prep(60), NEW)] * 20)] == [16, 4]

@@ -173,10 +173,11 @@ def pin_gpu(settings):
         return None, "cpu"
     from htrctl.gpus import select_gpu
 
+    from htrctl.doctor.placement import serving_kv_bytes
     from htrctl.modeldir import model_footprint
 
     weights = model_footprint(Path(settings.model.dir), settings.model.variant)["weights_bytes"]
-    required = weights + int(settings.gpu.min_free_headroom_gib * 1024**3)
+    required = weights + serving_kv_bytes(settings) + int(settings.gpu.min_free_headroom_gib * 1024**3)
     gpu = select_gpu(select, required_bytes=required)
     if gpu is None:
         raise GpuError(f"gpu.select '{select}' selected no GPU")

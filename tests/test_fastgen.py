@@ -334,3 +334,13 @@ def test_prefill_groups_keep_padded_prompts_inside_the_cache(fast):
         width = max(s.prepared.prompt_len for s in group)
         assert all(width + s.max_new_tokens <= cache for s in group)
     assert fast.prefill_chunk == 16 and [len(g) for g in fast._chunks([Seq(prep(60), NEW)] * 20)] == [16, 4]
+
+
+def test_doctor_sizes_the_kv_cache_htrd_allocates(fast, demo_model_dir):
+    """One way to size: htrctl.modeldir.kv_cache_bytes (doctor's placement, htrd's GPU choice) equals the
+    cache the fast generator allocates (fp32 on the CPU here: 4 bytes an element)."""
+    from htrctl.modeldir import kv_cache_bytes
+
+    assert fast.kv_cache_bytes > 0
+    assert kv_cache_bytes(demo_model_dir, "auto", slots=fast.slots, max_cache_len=fast.max_cache_len,
+                          dtype_bytes=4) == fast.kv_cache_bytes

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, GpuError
 from ..gpus import GIB, choose_gpu
-from ..modeldir import model_footprint
+from ..modeldir import kv_cache_bytes, model_footprint
 from .findings import FAIL, OK, WARN, Context, Finding
 
 logger = logging.getLogger(__name__)
@@ -40,22 +40,33 @@ def _healthy(ctx: Context, dev) -> list[str]:
     return why
 
 
+def serving_kv_bytes(s) -> int:
+    """The KV cache htrd's fast generator allocates for these settings (0 for the plain generator)."""
+    if s.generation.static_cache is False:
+        return 0
+    return kv_cache_bytes(Path(s.model.dir), s.model.variant, slots=max(s.limits.batch_sizes),
+                          max_cache_len=s.generation.max_cache_len)
+
+
 def check(ctx: Context) -> list[Finding]:
     s = ctx.settings
     out: list[Finding] = []
     model_dir = Path(s.model.dir)
     headroom = int(s.gpu.min_free_headroom_gib * GIB)
     fp = model_footprint(model_dir, s.model.variant) if model_dir.is_dir() else None
-    need = (fp["weights_bytes"] + headroom) if fp and fp["weights_bytes"] else None
+    kv = serving_kv_bytes(s) if fp else 0
+    need = (fp["weights_bytes"] + kv + headroom) if fp and fp["weights_bytes"] else None
     if fp is None:
         out.append(Finding("placement.size", WARN, f"model directory {model_dir} does not exist: cannot size the model",
                            remedy="provision it (htrctl provision SRC " + str(model_dir) + ")"))
     elif not fp["weights_bytes"]:
         out.append(Finding("placement.size", WARN, f"no safetensors weights found in {model_dir}", data=fp))
     else:
+        cache = (f" + {_size(kv)} of KV cache ({max(s.limits.batch_sizes)} slots x "
+                 f"{s.generation.max_cache_len} positions)") if kv else ""
         out.append(Finding("placement.size", OK, f"model ({fp['variant']}) needs {_size(fp['weights_bytes'])} "
-                           f"of weights + {s.gpu.min_free_headroom_gib:g} GiB headroom = {_size(need)}",
-                           data={**fp, "headroom_bytes": headroom, "required_bytes": need}))
+                           f"of weights{cache} + {s.gpu.min_free_headroom_gib:g} GiB headroom = {_size(need)}",
+                           data={**fp, "kv_cache_bytes": kv, "headroom_bytes": headroom, "required_bytes": need}))
     devs = ctx.devices()
     if s.gpu.select == "cpu":
         sev = WARN if devs else OK

@@ -14,8 +14,8 @@ line's text is not split into words with invented geometry: a line that had
 one ``String`` keeps it (its ID and attributes; ``CONTENT`` replaced, stale
 ``WC``, ``SUBS_*``, glyphs and alternatives removed); a line with several
 words gets one ``String`` with the first word's ID and the line's box. This is
-how eScriptorium exports lines. A ``Processing`` step (v3, v4) or an
-``OCRProcessing`` step (v2) names htrctl and the model digest.
+how eScriptorium exports lines. A ``Processing`` step (v4) or an
+``OCRProcessing`` step (v2, v3) names htrctl and the model digest.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 
 from ..errors import ArchivalError
 from .crop import LineGeometry
-from .doc import Document, Line, localname, parse_points
+from .doc import Document, Line, localname, parse_points, usable_polygon
 
 _STRING_STALE = ("WC", "CC", "SUBS_TYPE", "SUBS_CONTENT")
 
@@ -89,11 +89,12 @@ class AltoDocument(Document):
         poly = None
         pg = el.find(f"{q('Shape')}/{q('Polygon')}")
         if pg is not None:
-            poly = parse_points(pg.get("POINTS"), where)
-        if not poly or len(poly) < 3:
+            poly = usable_polygon(parse_points(pg.get("POINTS"), where))
+        if poly is None:
             x, y = _f(el, "HPOS", where), _f(el, "VPOS", where)
             w, h = _f(el, "WIDTH", where), _f(el, "HEIGHT", where)
-            poly = [(x, y), (x + w, y), (x + w, y + h), (x, y + h)] if None not in (x, y, w, h) else None
+            box = [(x, y), (x + w, y), (x + w, y + h), (x, y + h)] if None not in (x, y, w, h) else None
+            poly = usable_polygon(box)
         base = None
         b = el.get("BASELINE")
         if b and len(b.replace(",", " ").split()) >= 4:
@@ -183,7 +184,7 @@ class AltoDocument(Document):
             n += 1
         pid = f"htrctl_{n}"
         now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
-        v2 = self.version in ("ALTO v2", "ALTO (no namespace)")
+        v2 = not self.version.startswith("ALTO v4")  # Processing came with v4; v2 and v3 have OCRProcessing
         step = desc.makeelement(q("ocrProcessingStep" if v2 else "Processing"), {} if v2 else {"ID": pid})
 
         def sub(parent, tag, text=None):

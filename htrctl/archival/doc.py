@@ -28,6 +28,21 @@ def parse_points(text: str | None, where: str) -> list[Point] | None:
     return list(zip(vals[0::2], vals[1::2]))
 
 
+def area(points: list[Point]) -> float:
+    """The polygon's area (shoelace formula)."""
+    n = len(points)
+    return abs(sum(points[i][0] * points[(i + 1) % n][1] - points[(i + 1) % n][0] * points[i][1]
+                   for i in range(n))) / 2.0
+
+
+def usable_polygon(points: list[Point] | None) -> list[Point] | None:
+    """*points* when they bound an area; None for a missing or degenerate outline (some producers repeat
+    the baseline in ``Coords`` when they have no polygon)."""
+    if not points or len(points) < 3 or area(points) < 4.0:
+        return None
+    return points
+
+
 def localname(el: Any) -> str:
     tag = el.tag
     if not isinstance(tag, str):

@@ -13,7 +13,7 @@ gives no calibrated confidence) placed where the schema wants it (after
 ``Word``, before ``TextStyle``/``UserDefined``/``Labels``); a region's own
 ``TextEquiv``, where it has one, becomes its lines' texts joined by newlines;
 ``Metadata/LastChange`` is updated, and a ``MetadataItem type="processingStep"``
-(2016 schema and later) or a line in ``Comments`` (older ones) names htrctl
+(2018 schema and later) or a line in ``Comments`` (older ones) names htrctl
 and the model digest. ``Word`` elements and everything else are left as they
 are (the model gives no word positions).
 """
@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 
 from ..errors import ArchivalError
 from .crop import LineGeometry
-from .doc import Document, Line, localname, parse_points
+from .doc import Document, Line, localname, parse_points, usable_polygon
 
 NS_PREFIXES = ("http://schema.primaresearch.org/PAGE/gts/pagecontent/",
                "https://schema.primaresearch.org/PAGE/gts/pagecontent/")
@@ -109,7 +109,7 @@ class PageDocument(Document):
         if te is not None:
             u = te.find(self.q("Unicode"))
             text = u.text if u is not None else None
-        return Line(lid, el, LineGeometry(polygon=poly if poly and len(poly) >= 3 else None, baseline=base), text)
+        return Line(lid, el, LineGeometry(polygon=usable_polygon(poly), baseline=base), text)
 
     def _lines_in_order(self, page) -> list[Line]:
         q = self.q
@@ -202,7 +202,7 @@ class PageDocument(Document):
         if model_digest:
             value += f" with model {model_digest}"
         year = self.ns.rstrip("/").rsplit("/", 1)[-1][:4]
-        if year.isdigit() and int(year) >= 2016:
+        if year.isdigit() and int(year) >= 2018:
             item = md.makeelement(q("MetadataItem"), {"type": "processingStep", "name": "htrctl",
                                                         "value": value, "date": now})
             last = md[-1] if len(md) else None

@@ -521,6 +521,8 @@ class Transcriber:
                 self._complete(item, resp, (time.monotonic() - t0) * 1000.0)
             except ArchivalError as exc:  # a PAGE/ALTO answer that cannot be written back
                 self._fail(item, _without_name(exc, item), "archival")
+            except OSError as exc:  # the output cannot be written (disk full, permissions): that input failed
+                self._fail(item, f"cannot write the output: {exc.strerror or exc}", "unwritable")
             self._release(item, requeue=False)
 
     def _retry_wait(self, replica: _Replica, exc: DaemonError) -> bool:

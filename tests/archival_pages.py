@@ -10,11 +10,47 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
+from lxml import etree
 from PIL import Image, ImageDraw
+
+DATA = Path(__file__).resolve().parent / "data" / "archival"
+XSD = DATA / "xsd"
+TRANSKRIBUS = DATA / "transkribus" / "170025120000003,0074.xml"
+ESCRIPTORIUM = DATA / "escriptorium" / "0014.xml"
+PRIMA = DATA / "prima" / "SimplePage.xml"
+_SCHEMAS: dict[str, object] = {}
+
+
+def schema(name: str):
+    """An official schema, its xlink import pointed at the local copy (no network)."""
+    if name not in _SCHEMAS:
+        text = (XSD / name).read_text(encoding="utf-8").replace(
+            'schemaLocation="http://www.loc.gov/standards/xlink/xlink.xsd"',
+            f'schemaLocation="{(XSD / "xlink.xsd").resolve().as_uri()}"')
+        parser = etree.XMLParser(no_network=True, resolve_entities=False)
+        _SCHEMAS[name] = etree.XMLSchema(etree.fromstring(text.encode(), parser, base_url=XSD.resolve().as_uri() + "/"))
+    return _SCHEMAS[name]
+
+
+def assert_valid(xml: bytes, xsd: str) -> None:
+    s = schema(xsd)
+    ok = s.validate(etree.fromstring(xml))
+    assert ok, [e.message for e in s.error_log][:5]
+
+
+def copy_fixture(xml: Path, dest: Path) -> Path:
+    """The XML and its image into *dest* (tests never write into tests/data)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in xml.parent.iterdir():
+        if p.stem == xml.stem:
+            shutil.copyfile(p, dest / p.name)
+    return dest / xml.name
+
 
 PARCHMENT = (233, 221, 190)
 INK = (60, 40, 30)

@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from archival_pages import GLAGOLITIC, PAGE_NS, glagolitic, make_page
+from archival_pages import (
+    DATA, ESCRIPTORIUM, GLAGOLITIC, PAGE_NS, PRIMA, TRANSKRIBUS, assert_valid, copy_fixture, glagolitic, make_page,
+)
 
 from htrctl import protocol as P
 from htrctl.archival import crop as C
@@ -22,48 +24,14 @@ from htrctl.archival import load, prepare, whole_image_document
 from htrctl.archival.xmlsafe import parse
 from htrctl.errors import ArchivalError
 
-etree = pytest.importorskip("lxml.etree")
+from lxml import etree  # noqa: E402
 from PIL import Image  # noqa: E402
-
-DATA = Path(__file__).parent / "data" / "archival"
-XSD = DATA / "xsd"
-TRANSKRIBUS = DATA / "transkribus" / "170025120000003,0074.xml"
-ESCRIPTORIUM = DATA / "escriptorium" / "0014.xml"
-PRIMA = DATA / "prima" / "SimplePage.xml"
-_SCHEMAS: dict[str, object] = {}
-
-
-def schema(name: str):
-    """An official schema, its xlink import pointed at the local copy (no network)."""
-    if name not in _SCHEMAS:
-        text = (XSD / name).read_text(encoding="utf-8").replace(
-            'schemaLocation="http://www.loc.gov/standards/xlink/xlink.xsd"',
-            f'schemaLocation="{(XSD / "xlink.xsd").resolve().as_uri()}"')
-        parser = etree.XMLParser(no_network=True, resolve_entities=False)
-        _SCHEMAS[name] = etree.XMLSchema(etree.fromstring(text.encode(), parser, base_url=XSD.resolve().as_uri() + "/"))
-    return _SCHEMAS[name]
-
-
-def assert_valid(xml: bytes, xsd: str) -> None:
-    s = schema(xsd)
-    ok = s.validate(etree.fromstring(xml))
-    assert ok, [e.message for e in s.error_log][:5]
-
 
 def answer(job: J.PageJob, texts=None, digest: str | None = "sha256:" + "ab" * 32) -> P.TranscribeResponse:
     """What the daemon would answer for *job*'s lines."""
     texts = texts or [f"text of {ln.id}" for ln in job.todo]
     return P.TranscribeResponse(request_id="r1", model_digest=digest,
                                 results=[P.PageResult(page=i, text=t) for i, t in enumerate(texts)])
-
-
-def copy_fixture(xml: Path, dest: Path) -> Path:
-    """The XML and its image into *dest* (tests never write into tests/data)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for p in xml.parent.iterdir():
-        if p.stem == xml.stem:
-            shutil.copyfile(p, dest / p.name)
-    return dest / xml.name
 
 
 def without(tree_bytes: bytes, *local_names: str) -> bytes:
@@ -348,6 +316,15 @@ def test_page_textequiv_placed_before_textstyle(tmp_path):
     assert_valid(out, "pagecontent-2019-07-15.xsd")
     kids = [etree.QName(c).localname for c in etree.fromstring(out).find(f".//{{{ns}}}TextLine")]
     assert kids == ["Coords", "Baseline", "Word", "TextEquiv", "TextStyle"]
+
+
+def test_characters_xml_cannot_hold_are_dropped(tmp_path, caplog):
+    xml, _, _ = make_page(tmp_path, "p", n_lines=2)
+    job = prepare(xml.read_bytes(), name="p.xml", xml_path=xml)
+    out = job.render(answer(job, ["a\x00b\x1bc", "Ⰰ\ufffe"]))  # a model can emit these
+    assert_valid(out, "pagecontent-2019-07-15.xsd")
+    assert [ln.text for ln in load(out, "p.xml").lines] == ["abc", "Ⰰ"]
+    assert "3 character(s) that XML cannot hold dropped" in caplog.text
 
 
 def test_prima_example_region_without_lines_kept(tmp_path):

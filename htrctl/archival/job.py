@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -18,8 +20,12 @@ from .doc import Document, Line
 from .page import PageDocument, is_page
 from .xmlsafe import parse, serialize
 
+logger = logging.getLogger(__name__)
 XML_SUFFIXES = (".xml",)
 LINES_PER_REQUEST = 256  # the daemon's default limits.max_images_per_request
+# Characters XML 1.0 cannot hold (C0 controls but tab/newline/CR, surrogates, U+FFFE/U+FFFF): a model can emit
+# them; they are dropped from its text rather than making the file unwritable.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".jp2", ".webp", ".bmp")
 
 
@@ -122,8 +128,14 @@ class PageJob:
         """The file with the recognised texts in place."""
         if len(resp.results) != len(self.todo):
             raise ArchivalError(f"{self.doc.name}: {len(resp.results)} texts for {len(self.todo)} lines")
+        dropped = 0
         for ln, r in zip(self.todo, resp.results):
-            self.doc.set_text(ln, r.text)
+            text, n = _NOT_XML.subn("", r.text)
+            dropped += n
+            self.doc.set_text(ln, text)
+        if dropped:
+            logger.warning("%s: %d character(s) that XML cannot hold dropped from the model's texts",
+                           self.doc.name, dropped)
         if self.todo:
             self.doc.finish(self.todo, model_digest=resp.model_digest, software_version=__version__)
         return serialize(self.doc.tree, self.source)
@@ -217,7 +229,7 @@ def whole_image_document(fmt: str, image_name: str, data: bytes, resp: P.Transcr
         line.append(E("Coords", points=box))
         for holder in (line, region):
             te = etree.SubElement(holder, f"{{{PAGE_2019}}}TextEquiv")
-            etree.SubElement(te, f"{{{PAGE_2019}}}Unicode").text = resp.results[0].text
+            etree.SubElement(te, f"{{{PAGE_2019}}}Unicode").text = _NOT_XML.sub("", resp.results[0].text)
     else:
         q = lambda tag: f"{{{ALTO_V4}}}{tag}"  # noqa: E731
         root = etree.Element(q("alto"), nsmap={None: ALTO_V4, "xsi": XSI})
@@ -242,5 +254,6 @@ def whole_image_document(fmt: str, image_name: str, data: bytes, resp: P.Transcr
             ps = etree.SubElement(pg, q("PrintSpace"), **dims)
             tb = etree.SubElement(ps, q("TextBlock"), ID=f"p{r.page}b0", **dims)
             tl = etree.SubElement(tb, q("TextLine"), ID=f"p{r.page}l0", **dims)
-            etree.SubElement(tl, q("String"), ID=f"p{r.page}s0", CONTENT=" ".join(r.text.split()), **dims)
+            etree.SubElement(tl, q("String"), ID=f"p{r.page}s0", CONTENT=" ".join(_NOT_XML.sub("", r.text).split()),
+                             **dims)
     return etree.tostring(root, xml_declaration=True, encoding="UTF-8", pretty_print=True)

@@ -183,14 +183,23 @@ def crop_line(img, g: LineGeometry, fill) -> object | None:
     flat = Image.new(region.mode, region.size, fill)
     line = Image.composite(region, flat, mask)
     angle = baseline_angle(g.baseline)
-    if abs(angle) > MIN_ANGLE_DEG:
-        # PIL rotates counter-clockwise; a baseline falling to the right (angle > 0) needs exactly that.
-        line = line.rotate(angle, resample=Image.Resampling.BICUBIC, expand=True, fillcolor=fill)
-        mask = mask.rotate(angle, resample=Image.Resampling.NEAREST, expand=True, fillcolor=0)
-    box = mask.getbbox()
-    if box is None or box[2] - box[0] < 2 or box[3] - box[1] < 2:
+    if abs(angle) <= MIN_ANGLE_DEG:
+        box = mask.getbbox()
+        return line.crop(box) if box[2] - box[0] >= 2 and box[3] - box[1] >= 2 else None
+    # Straighten with one affine map: output x runs along the baseline, output y along its normal; the
+    # output is exactly the straightened polygon's box (clipped to the page), so nothing else is resampled.
+    t = math.radians(angle)
+    cos, sin = math.cos(t), math.sin(t)
+    pts = [(min(max(x, x0), x1) - x0, min(max(y, y0), y1) - y0) for x, y in poly]
+    us = [x * cos + y * sin for x, y in pts]
+    vs = [-x * sin + y * cos for x, y in pts]
+    u0, v0 = min(us), min(vs)
+    size = (math.ceil(max(us) - u0), math.ceil(max(vs) - v0))
+    if size[0] < 2 or size[1] < 2:
         return None
-    return line.crop(box)
+    ox, oy = u0 * cos - v0 * sin, u0 * sin + v0 * cos
+    return line.transform(size, Image.Transform.AFFINE, (cos, -sin, ox, sin, cos, oy),
+                          resample=Image.Resampling.BILINEAR, fillcolor=fill)
 
 
 def to_png(img) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 import re
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from .xmlsafe import parse, serialize
 
 logger = logging.getLogger(__name__)
 XML_SUFFIXES = (".xml",)
+PREPARE_THREADS = min(4, os.cpu_count() or 1)
 LINES_PER_REQUEST = 256  # the daemon's default limits.max_images_per_request
 # Characters XML 1.0 cannot hold (C0 controls but tab/newline/CR, surrogates, U+FFFE/U+FFFF): a model can emit
 # them; they are dropped from its text rather than making the file unwritable.
@@ -158,13 +160,19 @@ def prepare(data: bytes, *, name: str, xml_path: Path | None, images_dir: Path |
     for ln in doc.lines:
         if ln.has_text and not replace:
             job.kept += 1
-            continue
+        else:
+            job.todo.append(ln)
+
+    def cut(ln: Line) -> bytes | None:
         line_img = C.crop_line(img, ln.geometry, fill)
-        if line_img is None:
-            job.empty.append(ln.id)
-            continue
-        job.todo.append(ln)
-        job.crops.append(C.to_png(line_img))
+        return None if line_img is None else C.to_png(line_img)
+
+    # Pillow releases the GIL while it resamples and zlib while it compresses: lines are cut in parallel.
+    with ThreadPoolExecutor(max_workers=min(PREPARE_THREADS, max(1, len(job.todo)))) as pool:
+        pngs = list(pool.map(cut, job.todo))
+    job.empty = [ln.id for ln, png in zip(job.todo, pngs) if png is None]
+    job.crops = [png for png in pngs if png is not None]
+    job.todo = [ln for ln, png in zip(job.todo, pngs) if png is not None]
     if job.empty:
         doc.warnings.append(f"{len(job.empty)} line(s) without area inside the image left as they were: "
                             + ", ".join(job.empty[:5]) + (" ..." if len(job.empty) > 5 else ""))

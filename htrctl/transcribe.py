@@ -428,7 +428,7 @@ class Transcriber:
                 rec["_index"] = item.index
                 self.summary.results.append(rec)
             self.summary.done += 1
-            self.summary.pages += len(resp.results)
+            self.summary.pages += len(resp.results) if item.job is None else 1  # a PAGE/ALTO file: one page
             self._advance()
 
     def _fail(self, item: InputItem, message: str, etype: str = "error") -> None:

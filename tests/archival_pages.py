@@ -82,7 +82,7 @@ def _layout(n_lines: int, width: int, spacing: int, angle_deg: float, top: int =
     for i in range(n_lines):
         x0, y0 = left, top + (i + 1) * spacing
         x1, y1 = x0 + length * math.cos(a), y0 + length * math.sin(a)
-        out.append([(x0, y0), (int(round(x1)), int(round(y1)))])
+        out.append([(x0, y0), (round(x1), round(y1))])
     return out
 
 
@@ -92,7 +92,7 @@ def _polygon(baseline, height: int):
     nx, ny = math.sin(a), -math.cos(a)
     up = [(x + nx * 0.75 * height, y + ny * 0.75 * height) for x, y in baseline]
     down = [(x - nx * 0.3 * height, y - ny * 0.3 * height) for x, y in baseline]
-    return [(int(round(x)), int(round(y))) for x, y in up + down[::-1]]
+    return [(round(x), round(y)) for x, y in up + down[::-1]]
 
 
 def draw_page(size, lines: list[SynthLine], spacing: int, seed: int = 0) -> Image.Image:
@@ -151,9 +151,9 @@ def _bbox(points):
 def _page_xml(fname, size, lines, version, geometry, empty_region) -> str:
     ns = PAGE_NS[version]
     w, h = size
-    out = [f'<?xml version="1.0" encoding="UTF-8"?>',
-           f'<PcGts xmlns="{ns}" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
-           f'xsi:schemaLocation="{ns} {ns}/pagecontent.xsd">',
+    out = ['<?xml version="1.0" encoding="UTF-8"?>',
+           (f'<PcGts xmlns="{ns}" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
+            f'xsi:schemaLocation="{ns} {ns}/pagecontent.xsd">'),
            "  <Metadata>", "    <Creator>tests/archival_pages.py</Creator>",
            "    <Created>2026-01-01T00:00:00</Created>", "    <LastChange>2026-01-01T00:00:00</LastChange>",
            "  </Metadata>",

@@ -8,14 +8,23 @@ XSD schemas committed in tests/data/archival/xsd.
 from __future__ import annotations
 
 import io
-import shutil
 import time
-from pathlib import Path
 
 import pytest
 from archival_pages import (
-    DATA, ESCRIPTORIUM, GLAGOLITIC, PAGE_NS, PRIMA, TRANSKRIBUS, assert_valid, copy_fixture, glagolitic, make_page,
+    DATA,
+    ESCRIPTORIUM,
+    GLAGOLITIC,
+    PAGE_NS,
+    PRIMA,
+    TRANSKRIBUS,
+    assert_valid,
+    copy_fixture,
+    glagolitic,
+    make_page,
 )
+from lxml import etree
+from PIL import Image
 
 from htrctl import protocol as P
 from htrctl.archival import crop as C
@@ -24,8 +33,6 @@ from htrctl.archival import load, prepare, whole_image_document
 from htrctl.archival.xmlsafe import parse
 from htrctl.errors import ArchivalError
 
-from lxml import etree  # noqa: E402
-from PIL import Image  # noqa: E402
 
 def answer(job: J.PageJob, texts=None, digest: str | None = "sha256:" + "ab" * 32) -> P.TranscribeResponse:
     """What the daemon would answer for *job*'s lines."""
@@ -107,7 +114,7 @@ def test_unknown_xml_is_named():
 def test_billion_laughs_is_refused_quickly(levels):
     """Nine levels: libxml2's own amplification limit stops it while parsing; three (only 1000 'lol's,
     below that limit): refused because the document declares entities at all."""
-    ents = '<!ENTITY a0 "lol">' + "".join(f'<!ENTITY a{i} "{("&a%d;" % (i - 1)) * 10}">' for i in range(1, levels + 1))
+    ents = '<!ENTITY a0 "lol">' + "".join(f'<!ENTITY a{i} "{f"&a{i - 1};" * 10}">' for i in range(1, levels + 1))
     xml = (f'<?xml version="1.0"?><!DOCTYPE PcGts [{ents}]>'
            f'<PcGts xmlns="{PAGE_NS["2019"]}"><Metadata/><Page>&a{levels};</Page></PcGts>').encode()
     t0 = time.monotonic()
@@ -237,7 +244,7 @@ def test_baseline_only_height_from_neighbours():
 
 
 def test_polygon_outside_image_clipped_and_line_outside_left_alone(tmp_path):
-    xml, img, lines = make_page(tmp_path, "p", n_lines=3)
+    xml, _, lines = make_page(tmp_path, "p", n_lines=3)
     text = xml.read_text().replace(
         'points="' + " ".join(f"{x},{y}" for x, y in lines[0].polygon) + '"',
         'points="-100,-50 5000,-50 5000,200 -100,200"').replace(
@@ -309,8 +316,8 @@ def test_page_replace_and_region_text_updated(tmp_path):
 def test_page_textequiv_placed_before_textstyle(tmp_path):
     xml, _, _ = make_page(tmp_path, "p", n_lines=1)
     ns = PAGE_NS["2019"]
-    text = xml.read_text().replace("      </TextLine>", f'        <Word id="w1"><Coords points="50,100 60,100 60,90"/>'
-                                   f'</Word>\n        <TextStyle fontSize="12"/>\n      </TextLine>')
+    text = xml.read_text().replace("      </TextLine>", '        <Word id="w1"><Coords points="50,100 60,100 60,90"/>'
+                                   '</Word>\n        <TextStyle fontSize="12"/>\n      </TextLine>')
     job = prepare(text.encode(), name="p.xml", xml_path=xml)
     out = job.render(answer(job))
     assert_valid(out, "pagecontent-2019-07-15.xsd")
@@ -378,8 +385,7 @@ def test_alto_words_become_one_string_per_line(tmp_path, version, xsd):
 
 
 def test_alto_mm10_coordinates_scaled_to_pixels(tmp_path):
-    xml, img, _ = make_page(tmp_path, "p", fmt="alto", n_lines=2, empty_region=False)
-    w, h = Image.open(img).size
+    xml, _, _ = make_page(tmp_path, "p", fmt="alto", n_lines=2, empty_region=False)
     doc_px = prepare(xml.read_bytes(), name="p.xml", xml_path=xml)
     text = xml.read_text().replace("<MeasurementUnit>pixel", "<MeasurementUnit>mm10")
     # the same page described in tenths of a millimetre at 300 dpi: every coordinate * 254/300
@@ -400,7 +406,7 @@ def test_alto_mm10_coordinates_scaled_to_pixels(tmp_path):
 
 
 def test_baseline_only_page_lines_are_cut(tmp_path):
-    xml, _, lines = make_page(tmp_path, "p", n_lines=4, geometry="baseline", angle_deg=-3.0)
+    xml, _, _ = make_page(tmp_path, "p", n_lines=4, geometry="baseline", angle_deg=-3.0)
     job = prepare(xml.read_bytes(), name="p.xml", xml_path=xml)
     assert len(job.crops) == 4
     for png in job.crops:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -221,7 +221,7 @@ def whole_image_document(fmt: str, image_name: str, data: bytes, resp: P.Transcr
             raise ArchivalError(f"{image_name}: {len(resp.results)} pages; a PAGE file holds one",
                                 remedy="use -f alto (one Page per image page) or split the TIFF")
         w, h = sizes[0]
-        E = lambda tag, **a: etree.Element(f"{{{PAGE_2019}}}{tag}", {k: str(v) for k, v in a.items()})  # noqa: E731
+        E = lambda tag, **a: etree.Element(f"{{{PAGE_2019}}}{tag}", {k: str(v) for k, v in a.items()})
         root = etree.Element(f"{{{PAGE_2019}}}PcGts", nsmap={None: PAGE_2019, "xsi": XSI})
         root.set(f"{{{XSI}}}schemaLocation", f"{PAGE_2019} {PAGE_2019}/pagecontent.xsd")
         md = etree.SubElement(root, f"{{{PAGE_2019}}}Metadata")
@@ -239,7 +239,7 @@ def whole_image_document(fmt: str, image_name: str, data: bytes, resp: P.Transcr
             te = etree.SubElement(holder, f"{{{PAGE_2019}}}TextEquiv")
             etree.SubElement(te, f"{{{PAGE_2019}}}Unicode").text = _NOT_XML.sub("", resp.results[0].text)
     else:
-        q = lambda tag: f"{{{ALTO_V4}}}{tag}"  # noqa: E731
+        q = lambda tag: f"{{{ALTO_V4}}}{tag}"
         root = etree.Element(q("alto"), nsmap={None: ALTO_V4, "xsi": XSI})
         root.set(f"{{{XSI}}}schemaLocation", f"{ALTO_V4} http://www.loc.gov/standards/alto/v4/alto-4-4.xsd")
         desc = etree.SubElement(root, q("Description"))

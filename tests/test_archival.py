@@ -102,6 +102,18 @@ def test_transkribus_custom_reading_order_inside_a_region():
     assert ids.index("line_1469098657875_466") < ids.index("line_1469098653078_465")
 
 
+def test_page_2010_point_children(tmp_path):
+    ns = "http://schema.primaresearch.org/PAGE/gts/pagecontent/2010-01-12"
+    xml = (f'<PcGts xmlns="{ns}"><Metadata><Creator/><Created>2010-01-01T00:00:00</Created>'
+           f'<LastChange>2010-01-01T00:00:00</LastChange></Metadata>'
+           f'<Page imageFilename="a.png" imageWidth="100" imageHeight="50"><TextRegion id="r"><TextLine id="l">'
+           f'<Coords><Point x="1" y="2"/><Point x="90" y="2"/><Point x="90" y="30"/><Point x="1" y="30"/></Coords>'
+           f'</TextLine></TextRegion></Page></PcGts>').encode()
+    doc = load(xml, "old.xml")
+    assert doc.version == "PAGE 2010-01-12"
+    assert doc.lines[0].geometry.polygon == [(1, 2), (90, 2), (90, 30), (1, 30)]
+
+
 def test_unknown_xml_is_named():
     with pytest.raises(ArchivalError, match="neither PAGE-XML nor ALTO"):
         load(b"<html><body/></html>", "a.xml")

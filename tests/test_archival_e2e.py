@@ -100,6 +100,18 @@ def test_existing_texts_kept_resume_and_in_place(daemon, tmp_path):
     assert sorted(p.name for p in xml.parent.iterdir()) == ["folio 2v.png", "folio 2v.xml"]
 
 
+def test_transkribus_folder_layout_with_include(daemon, tmp_path):
+    doc = tmp_path / "export" / "Codex 1"
+    xml, _, _ = make_page(doc, "0001", n_lines=2)
+    (doc / "page").mkdir()
+    xml = xml.rename(doc / "page" / xml.name)  # the XML in page/, the image beside page/
+    out = tmp_path / "out"
+    r = htrctl("transcribe", "-s", str(daemon.socket_path), "--include", "*.xml", "--out", str(out), str(doc / "page"))
+    assert r.returncode == 0, r.stderr.decode()
+    assert sorted(p.name for p in out.iterdir()) == ["0001.xml"]
+    assert all(page_texts((out / "0001.xml").read_bytes()).values())
+
+
 def test_missing_image_fails_that_file_only(daemon, tmp_path):
     good, _, _ = make_page(tmp_path / "in", "good", n_lines=2)
     bad, img, _ = make_page(tmp_path / "in", "bad", n_lines=2)

@@ -100,16 +100,23 @@ class PageDocument(Document):
     def _line(self, el) -> Line:
         lid = el.get("id") or f"(line {el.sourceline})"
         where = f"{self.name}: TextLine {lid}"
-        coords = el.find(self.q("Coords"))
-        poly = parse_points(coords.get("points"), where) if coords is not None else None
-        base_el = el.find(self.q("Baseline"))
-        base = parse_points(base_el.get("points"), where) if base_el is not None else None
+        poly = self._points(el.find(self.q("Coords")), where)
+        base = self._points(el.find(self.q("Baseline")), where)
         text = None
         te = el.find(self.q("TextEquiv"))
         if te is not None:
             u = te.find(self.q("Unicode"))
             text = u.text if u is not None else None
         return Line(lid, el, LineGeometry(polygon=usable_polygon(poly), baseline=base), text)
+
+    def _points(self, el, where: str):
+        """``@points`` (2010-03-19 schema and later) or ``Point`` children (the 2009 and early 2010 ones)."""
+        if el is None:
+            return None
+        if el.get("points") is not None:
+            return parse_points(el.get("points"), where)
+        pts = el.findall(self.q("Point"))
+        return parse_points(" ".join(f"{p.get('x')},{p.get('y')}" for p in pts), where) if pts else None
 
     def _lines_in_order(self, page) -> list[Line]:
         q = self.q

@@ -472,7 +472,7 @@ class Transcriber:
                 self._release(item, requeue=False)
                 self._fail(item, f"cannot read: {exc.strerror or exc}", "unreadable")
                 continue
-            except ArchivalError as exc:
+            except HtrError as exc:  # a PAGE/ALTO file that cannot be used (or the archival extra missing)
                 self._release(item, requeue=False)
                 self._fail(item, _without_name(exc, item), "archival")
                 continue
@@ -497,6 +497,7 @@ class Transcriber:
                     return
                 continue
             except ArchivalError as exc:  # a line of a PAGE/ALTO page refused by the daemon
+                item.job = None
                 self._release(item, requeue=False)
                 self._fail(item, _without_name(exc, item), "archival")
                 continue
@@ -523,6 +524,7 @@ class Transcriber:
                 self._fail(item, _without_name(exc, item), "archival")
             except OSError as exc:  # the output cannot be written (disk full, permissions): that input failed
                 self._fail(item, f"cannot write the output: {exc.strerror or exc}", "unwritable")
+            item.job = None  # a page's tree and line images are not kept for the rest of the run
             self._release(item, requeue=False)
 
     def _retry_wait(self, replica: _Replica, exc: DaemonError) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from .xmlsafe import parse, serialize
 logger = logging.getLogger(__name__)
 XML_SUFFIXES = (".xml",)
 PREPARE_THREADS = min(4, os.cpu_count() or 1)
+# Decoded page images held at once, whatever the client's concurrency (a 600 dpi folio is ~100 MB decoded).
+_PAGES_IN_MEMORY = threading.BoundedSemaphore(max(2, os.cpu_count() or 1))
 LINES_PER_REQUEST = 256  # the daemon's default limits.max_images_per_request
 # Characters XML 1.0 cannot hold (C0 controls but tab/newline/CR, surrogates, U+FFFE/U+FFFF): a model can emit
 # them; they are dropped from its text rather than making the file unwritable.
@@ -151,6 +154,13 @@ def prepare(data: bytes, *, name: str, xml_path: Path | None, images_dir: Path |
     t0 = time.monotonic()
     doc = load(data, name)
     image = find_image(doc, xml_path, images_dir)
+    with _PAGES_IN_MEMORY:
+        job = _cut(doc, image, data, replace)
+    job.prepare_ms = (time.monotonic() - t0) * 1000.0
+    return job
+
+
+def _cut(doc: Document, image: Path, data: bytes, replace: bool) -> PageJob:
     img = C.open_page_image(image.read_bytes(), str(image))
     doc.scale_to(img.size)
     geoms = [ln.geometry for ln in doc.lines]
@@ -176,7 +186,6 @@ def prepare(data: bytes, *, name: str, xml_path: Path | None, images_dir: Path |
     if job.empty:
         doc.warnings.append(f"{len(job.empty)} line(s) without area inside the image left as they were: "
                             + ", ".join(job.empty[:5]) + (" ..." if len(job.empty) > 5 else ""))
-    job.prepare_ms = (time.monotonic() - t0) * 1000.0
     return job
 
 

@@ -310,7 +310,10 @@ def test_page_written_back_valid_and_everything_else_kept(tmp_path, version, xsd
 def test_page_replace_and_region_text_updated(tmp_path):
     dest = copy_fixture(TRANSKRIBUS, tmp_path)
     src = dest.read_bytes()
-    assert len(prepare(src, name=dest.name, xml_path=dest).todo) == 0  # every line has a text: nothing to do
+    (dest.parent / "170025120000003,0074.jpg").unlink()
+    idle = prepare(src, name=dest.name, xml_path=dest)  # every line has a text: nothing to do, no image needed
+    assert idle.todo == [] and idle.kept == 44 and idle.image is None
+    copy_fixture(TRANSKRIBUS, tmp_path)
     job = prepare(src, name=dest.name, xml_path=dest, replace=True)
     assert len(job.todo) == 44
     out = job.render(answer(job))

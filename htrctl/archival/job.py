@@ -98,7 +98,7 @@ class PageJob:
     """A parsed file, its lines cut out, waiting for the daemon's texts."""
 
     doc: Document
-    image: Path
+    image: Path | None  # None when no line needs recognising
     todo: list[Line] = field(default_factory=list)  # lines to recognise, in reading order
     crops: list[bytes] = field(default_factory=list)  # their PNGs, same order
     kept: int = 0  # lines that already had a text (kept: no --replace)
@@ -153,25 +153,27 @@ def prepare(data: bytes, *, name: str, xml_path: Path | None, images_dir: Path |
     Without *replace* a line that already has a text keeps it and is not sent; with it every line is."""
     t0 = time.monotonic()
     doc = load(data, name)
-    image = find_image(doc, xml_path, images_dir)
-    with _PAGES_IN_MEMORY:
-        job = _cut(doc, image, data, replace)
-    job.prepare_ms = (time.monotonic() - t0) * 1000.0
-    return job
-
-
-def _cut(doc: Document, image: Path, data: bytes, replace: bool) -> PageJob:
-    img = C.open_page_image(image.read_bytes(), str(image))
-    doc.scale_to(img.size)
-    geoms = [ln.geometry for ln in doc.lines]
-    C.estimate_heights(geoms, img.size[1])
-    fill = C.background(img)
-    job = PageJob(doc, image, source=data[:200])
+    job = PageJob(doc, None, source=data[:200])
     for ln in doc.lines:
         if ln.has_text and not replace:
             job.kept += 1
         else:
             job.todo.append(ln)
+    if job.todo:  # a page whose lines all have their text needs no image
+        job.image = find_image(doc, xml_path, images_dir)
+        with _PAGES_IN_MEMORY:
+            _cut(job)
+    job.prepare_ms = (time.monotonic() - t0) * 1000.0
+    return job
+
+
+def _cut(job: PageJob) -> None:
+    """Decode the page image and cut ``job.todo``'s lines out of it (lines with no area are dropped)."""
+    doc = job.doc
+    img = C.open_page_image(job.image.read_bytes(), str(job.image))
+    doc.scale_to(img.size)
+    C.estimate_heights([ln.geometry for ln in doc.lines], img.size[1])
+    fill = C.background(img)
 
     def cut(ln: Line) -> bytes | None:
         line_img = C.crop_line(img, ln.geometry, fill)
@@ -186,7 +188,6 @@ def _cut(doc: Document, image: Path, data: bytes, replace: bool) -> PageJob:
     if job.empty:
         doc.warnings.append(f"{len(job.empty)} line(s) without area inside the image left as they were: "
                             + ", ".join(job.empty[:5]) + (" ..." if len(job.empty) > 5 else ""))
-    return job
 
 
 # --------------------------------------------------------------------- plain images -> PAGE / ALTO

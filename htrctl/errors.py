@@ -170,6 +170,13 @@ class RequestError(DaemonError):
     exit_code = ExitCode.FAILURE
 
 
+class ArchivalError(HtrError):
+    """A PAGE-XML or ALTO input that cannot be used: malformed, hostile, an unknown format, its page image
+    missing. Reported for that file; the run goes on with the others."""
+
+    exit_code = ExitCode.FAILURE
+
+
 class WatchdogError(HtrError):
     """htrd: inference made no progress within its deadline."""
 

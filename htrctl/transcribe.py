@@ -38,14 +38,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from . import archival
 from . import protocol as P
 from .client import HtrClient, is_retryable
-from .errors import DaemonError, DaemonPermissionError, ExitCode, HtrError, UsageError
+from .errors import ArchivalError, DaemonError, DaemonPermissionError, ExitCode, HtrError, UsageError
 
 logger = logging.getLogger(__name__)
 
-Format = Literal["txt", "jsonl", "json"]
-FORMATS = ("txt", "jsonl", "json")
+Format = Literal["txt", "jsonl", "json", "page", "alto"]
+FORMATS = ("txt", "jsonl", "json", "page", "alto")
+XML_FORMATS = ("page", "alto")  # a PAGE/ALTO file around each image's text (``<name>.xml``)
 DEFAULT_INCLUDE = ("*.png", "*.jpg", "*.jpeg", "*.tif", "*.tiff", "*.webp", "*.bmp")
 TEMP_SUFFIX = ".htr-part"
 AUTO_CONCURRENCY_MAX = 128
@@ -63,6 +65,7 @@ class InputItem:
     path: Path | None = None  # None for stdin
     data: bytes | None = None  # stdin's bytes (read once)
     attempts: int = 0
+    job: archival.PageJob | None = None  # a PAGE/ALTO input: its lines, cut out (htrctl.archival)
 
     def read(self) -> bytes:
         if self.data is not None:
@@ -138,8 +141,11 @@ def discover_inputs(
 
 # --------------------------------------------------------------------------- outputs
 def output_path(out_dir: Path, item: InputItem, fmt: str) -> Path:
-    """``<out_dir>/<relative input name>.<fmt>`` (the full input name is kept: no collisions)."""
-    return out_dir / f"{item.rel}.{fmt}"
+    """``<out_dir>/<relative input name>.<fmt>`` (the full input name is kept: no collisions); a PAGE/ALTO
+    input is written back under its own name."""
+    if archival.is_xml(item.rel):
+        return out_dir / item.rel
+    return out_dir / f"{item.rel}.{'xml' if fmt in XML_FORMATS else fmt}"
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -207,6 +213,10 @@ def input_record(item: InputItem, resp: P.TranscribeResponse, client_ms: float) 
 
 def render_file(item: InputItem, resp: P.TranscribeResponse, client_ms: float, fmt: str) -> bytes:
     """The content of one output file."""
+    if item.job is not None:
+        return item.job.render(resp)
+    if fmt in XML_FORMATS:
+        return archival.whole_image_document(fmt, item.display, item.read(), resp)
     if fmt == "txt":
         # Pages of a multi-page TIFF are separated by a form feed (as pdftotext does).
         return ("\f\n".join(r.text + "\n" for r in resp.results)).encode()
@@ -232,6 +242,9 @@ class TranscribeOptions:
     max_new_tokens: int | None = None
     progress: bool = True  # a progress bar when stderr is a terminal
     quiet: bool = False
+    images_dir: Path | None = None  # PAGE/ALTO inputs: where their page images are (else beside the XML)
+    replace: bool = False  # PAGE/ALTO inputs: recognise lines that already have a text too, replacing it
+    in_place: bool = False  # PAGE/ALTO inputs: write the texts into the input files themselves
 
 
 @dataclass
@@ -318,6 +331,12 @@ class _Replica:
         return min(max(2 * max(self.batch_sizes or [4]), 2), AUTO_CONCURRENCY_MAX)
 
 
+def _without_name(exc: HtrError, item: InputItem) -> str:
+    """An archival error's line without the file name it starts with (the failure line names the input)."""
+    msg = exc.one_line()
+    return msg[len(item.display) + 2:] if msg.startswith(item.display + ": ") else msg
+
+
 class Transcriber:
     """One run of ``htrctl transcribe`` (see the module docstring)."""
 
@@ -329,6 +348,10 @@ class Transcriber:
             raise UsageError("--resume needs --out DIR (it skips inputs whose output file is complete)")
         if opts.fmt not in FORMATS:
             raise UsageError(f"unknown format {opts.fmt!r} (allowed: {', '.join(FORMATS)})")
+        if opts.in_place and (opts.out_dir is not None or opts.resume):
+            raise UsageError("--in-place writes into the PAGE/ALTO inputs themselves: not with --out or --resume")
+        if opts.fmt in XML_FORMATS and opts.out_dir is None:
+            raise UsageError(f"--format {opts.fmt} writes one file per image: it needs --out DIR")
         self.opts = opts
         self.stdout = stdout or sys.stdout
         self.stderr = stderr or sys.stderr
@@ -386,7 +409,9 @@ class Transcriber:
         with self._write_lock:
             if self._stop.is_set() and self.summary.interrupted:
                 return  # interrupted: no new output after Ctrl-C
-            if o.out_dir is not None:
+            if o.in_place and item.job is not None and item.path is not None:
+                atomic_write(item.path, render_file(item, resp, client_ms, o.fmt))
+            elif o.out_dir is not None:
                 atomic_write(output_path(o.out_dir, item, o.fmt), render_file(item, resp, client_ms, o.fmt))
             elif o.fmt == "jsonl":
                 for rec in page_records(item, resp, client_ms):
@@ -403,7 +428,7 @@ class Transcriber:
                 rec["_index"] = item.index
                 self.summary.results.append(rec)
             self.summary.done += 1
-            self.summary.pages += len(resp.results)
+            self.summary.pages += len(resp.results) if item.job is None else 1  # a PAGE/ALTO file: one page
             self._advance()
 
     def _fail(self, item: InputItem, message: str, etype: str = "error") -> None:
@@ -438,13 +463,25 @@ class Transcriber:
                 return
             try:
                 data = item.read()
+                if item.job is None and archival.is_xml(item.rel):
+                    item.job = archival.prepare(data, name=item.display, xml_path=item.path,
+                                                images_dir=o.images_dir, replace=o.replace)
+                    for w in item.job.doc.warnings:
+                        self._note(f"htrctl: {item.display}: warning: {w}")
             except OSError as exc:
                 self._release(item, requeue=False)
                 self._fail(item, f"cannot read: {exc.strerror or exc}", "unreadable")
                 continue
+            except HtrError as exc:  # a PAGE/ALTO file that cannot be used (or the archival extra missing)
+                self._release(item, requeue=False)
+                self._fail(item, _without_name(exc, item), "archival")
+                continue
             t0 = time.monotonic()
             try:
-                resp = replica.client.transcribe(data, timeout=o.timeout, max_new_tokens=o.max_new_tokens)
+                if item.job is not None:
+                    resp = item.job.send(replica.client, timeout=o.timeout, max_new_tokens=o.max_new_tokens)
+                else:
+                    resp = replica.client.transcribe(data, timeout=o.timeout, max_new_tokens=o.max_new_tokens)
             except DaemonPermissionError as exc:
                 self._release(item, requeue=True)
                 self._set_fatal(exc)
@@ -458,6 +495,11 @@ class Transcriber:
                 self._release(item, requeue=True)
                 if not self._retry_wait(replica, exc):
                     return
+                continue
+            except ArchivalError as exc:  # a line of a PAGE/ALTO page refused by the daemon
+                item.job = None
+                self._release(item, requeue=False)
+                self._fail(item, _without_name(exc, item), "archival")
                 continue
             except Exception as exc:  # noqa: BLE001 -- one bad answer must not stop the run
                 logger.debug("unexpected error on %s", item.display, exc_info=True)
@@ -476,7 +518,13 @@ class Transcriber:
                 replica.refresh_status()
             if resp.model_digest is None:
                 resp.model_digest = replica.manifest_digest
-            self._complete(item, resp, (time.monotonic() - t0) * 1000.0)
+            try:
+                self._complete(item, resp, (time.monotonic() - t0) * 1000.0)
+            except ArchivalError as exc:  # a PAGE/ALTO answer that cannot be written back
+                self._fail(item, _without_name(exc, item), "archival")
+            except OSError as exc:  # the output cannot be written (disk full, permissions): that input failed
+                self._fail(item, f"cannot write the output: {exc.strerror or exc}", "unwritable")
+            item.job = None  # a page's tree and line images are not kept for the rest of the run
             self._release(item, requeue=False)
 
     def _retry_wait(self, replica: _Replica, exc: DaemonError) -> bool:

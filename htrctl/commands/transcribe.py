@@ -12,11 +12,16 @@ from ._common import globals_of
 
 def transcribe(
     ctx: typer.Context,
-    paths: List[str] = typer.Argument(..., help="image files, directories (recursive) or - for stdin"),
+    paths: List[str] = typer.Argument(
+        ..., help="image files, PAGE/ALTO files (.xml), directories (recursive) or - for stdin"
+    ),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="write one file per input here (<name>.<format>), atomically"
     ),
-    fmt: str = typer.Option("jsonl", "--format", "-f", help="txt | jsonl | json"),
+    fmt: str = typer.Option(
+        "jsonl", "--format", "-f",
+        help="txt | jsonl | json | page | alto (page/alto: an XML file around each image's text, with --out)",
+    ),
     include: List[str] = typer.Option(
         [], "--include", help="glob of files to take from directories (repeatable; default: common image types)"
     ),
@@ -35,8 +40,21 @@ def transcribe(
     ),
     resume: bool = typer.Option(False, "--resume", help="skip inputs whose output in --out is complete"),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="cap tokens per image"),
+    images: Optional[Path] = typer.Option(
+        None, "--images", help="PAGE/ALTO inputs: their page images are here (default: beside the XML file)"
+    ),
+    replace: bool = typer.Option(
+        False, "--replace", help="PAGE/ALTO inputs: recognise lines that already have a text too, replacing it"
+    ),
+    in_place: bool = typer.Option(
+        False, "--in-place", help="PAGE/ALTO inputs: write the texts into the input files (atomically)"
+    ),
 ) -> None:
     """Transcribe images through htrd. Data on stdout (or --out), progress and errors on stderr.
+
+    A PAGE-XML or ALTO file (its lines already segmented) gets its lines cut out of its page image, sent
+    as one batch, and the texts written back into a copy under --out (same file name) or, with --in-place,
+    into the file itself. Directories give only images unless --include '*.xml' is passed.
 
     Exit 0 when every input is done, 4 when some failed (the rest are done), 75 when the daemon is down.
     """
@@ -51,7 +69,7 @@ def transcribe(
     opts = TranscribeOptions(
         inputs=list(paths), sockets=sockets, fmt=fmt, out_dir=out, include=list(include), exclude=list(exclude),
         concurrency=concurrency, timeout=timeout, wait=wait, retry_for=retry_for, resume=resume,
-        max_new_tokens=max_new_tokens, quiet=g.quiet,
+        max_new_tokens=max_new_tokens, quiet=g.quiet, images_dir=images, replace=replace, in_place=in_place,
     )
     summary = run_transcribe(opts)
     raise typer.Exit(summary.exit_code)

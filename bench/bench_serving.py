@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-client", type=int, default=8, help="requests per client in each load")
     ap.add_argument("--new-tokens", type=int, default=50)
     ap.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128")
-    ap.add_argument("--max-cache-len", type=int, default=512)
+    ap.add_argument("--max-cache-len", type=int, default=1024, help="generation.max_cache_len (the shipped default)")
     ap.add_argument("--prefill-chunk", type=int, default=16)
     ap.add_argument("--modes", default="fixed,realistic")
     ap.add_argument("--engines", default="static,continuous")

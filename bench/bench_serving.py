@@ -175,7 +175,7 @@ def write_config(path: Path, args, socket_path: Path, *, continuous: bool, min_n
         "generation": {"max_new_tokens": max_new, "min_new_tokens": min_new, "continuous_batching": continuous,
                        "max_cache_len": args.max_cache_len, "compile": not args.no_compile,
                        "compile_cache_dir": str(Path(args.state_dir) / "compile-cache"),
-                       "prefill_chunk": args.prefill_chunk},
+                       "prefill_chunk": args.prefill_chunk, "join_wait_ms": args.join_wait_ms},
         "watchdog": {"generate_timeout_s": 900.0},
         "log": {"level": "INFO"},
     }
@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128")
     ap.add_argument("--max-cache-len", type=int, default=1024, help="generation.max_cache_len (the shipped default)")
     ap.add_argument("--prefill-chunk", type=int, default=16)
+    ap.add_argument("--join-wait-ms", type=float, default=30.0)
     ap.add_argument("--modes", default="fixed,realistic")
     ap.add_argument("--engines", default="static,continuous")
     ap.add_argument("--no-compile", action="store_true")

@@ -59,9 +59,6 @@ logger = logging.getLogger(__name__)
 
 # Longest extra wait, when nothing runs, for requests admitted but not yet queued (see Engine._take).
 HOLD_FOR_ARRIVING_S = 0.05
-# While lines decode, newcomers wait this long at most for others to join their prefill (a prefill of one
-# line costs nearly what a prefill of eight does).
-JOIN_WAIT_S = 0.03
 
 
 @dataclass(eq=False)
@@ -99,6 +96,7 @@ class Engine:
         self.max_batch = max(self.batch_sizes)
         self.capacity = settings.limits.queue_length
         self.window_s = settings.limits.batch_window_ms / 1000.0
+        self.join_wait_s = settings.generation.join_wait_ms / 1000.0
         self._queue: deque[WorkItem] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -334,8 +332,8 @@ class Engine:
                     self._cond.wait(min(left, 0.002))
             elif len(self._queue) < min(free, gen_chunk(gen)):
                 # Lines are decoding: a newcomer joins at the next step boundary, but a few more may join
-                # its prefill -- unless it has waited JOIN_WAIT_S already.
-                if time.monotonic() - self._queue[0].enqueued_at < JOIN_WAIT_S:
+                # its prefill -- unless it has waited generation.join_wait_ms already.
+                if time.monotonic() - self._queue[0].enqueued_at < self.join_wait_s:
                     return []
             n = min(free, len(self._queue))
             taken = [self._queue.popleft() for _ in range(n)]

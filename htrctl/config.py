@@ -126,6 +126,10 @@ class GenerationSettings(_Section):
         True, description="lines join the running batch at a step boundary; false: a batch runs to its end "
         "before the next starts (static batching: for comparison in benchmarks)"
     )
+    join_wait_ms: float = Field(
+        30.0, ge=0, le=5000, description="while lines decode, how long a newcomer waits at most for others to "
+        "share its prefill (a prefill of one line costs nearly what one of eight does)"
+    )
     prefill_chunk: int = Field(
         16, ge=1, le=1024, description="most lines prefilled together while others decode (bounds their stall)"
     )

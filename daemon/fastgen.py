@@ -48,7 +48,11 @@ from .model import DEFAULT_PROMPT, Prepared, Preprocessor, load_model
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
-LENGTH_BUCKET = 128  # attention spans (cache positions read per step) are multiples of this
+LENGTH_BUCKET = 64  # the cache's positions per slot are a multiple of this
+# Attention spans (cache positions a decode step reads) are multiples of this, capped at the cache's length:
+# one CUDA graph per (batch size, span), each ~0.5 s to capture on an H200 -- 4 spans for a 1024-position
+# cache instead of 8 keeps a warm start under 30 s, for at most 255 masked positions read per line and step.
+SPAN_BUCKET = 256
 STEPS_PER_CALL = 4  # decode steps between host checks (finished lines, deadlines, newcomers)
 DEFAULT_PREFILL_CHUNK = 16
 KV_RESERVE_FRACTION = 0.10  # of the GPU's memory, kept free beside the KV cache (prefill activations)
@@ -347,7 +351,7 @@ class FastGenerator:
             return []
         torch = self.torch
         B = self.bucket_for(occupied[-1] + 1)
-        L = _round_up(max(self._need[i] for i in occupied), LENGTH_BUCKET)
+        L = min(_round_up(max(self._need[i] for i in occupied), SPAN_BUCKET), self.max_cache_len)
         graph = self._graphs.get((B, L)) if self.cuda_graphs else None
         if self.cuda_graphs and graph is None and (B, L) not in self._missing_graphs:
             self._missing_graphs.add((B, L))
@@ -573,8 +577,8 @@ class FastGenerator:
 
     def spans(self, min_prompt: int = 1) -> list[int]:
         """The attention spans (L buckets) a line of at least *min_prompt* prompt tokens can need."""
-        lo = _round_up(min_prompt + 1, LENGTH_BUCKET)
-        return list(range(lo, self.max_cache_len + 1, LENGTH_BUCKET))
+        lo = min(_round_up(min_prompt + 1, SPAN_BUCKET), self.max_cache_len)
+        return sorted(set(range(lo, self.max_cache_len, SPAN_BUCKET)) | {self.max_cache_len})
 
     # ------------------------------------------------------------------ warmup
     def warmup(self, image=None, *, max_new_tokens: int | None = None,

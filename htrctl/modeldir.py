@@ -117,7 +117,7 @@ def model_footprint(model_dir: Path, variant: str = "auto") -> dict:
 
 
 def kv_cache_bytes(model_dir: Path, variant: str, *, slots: int, max_cache_len: int, dtype_bytes: int = 2,
-                   length_bucket: int = 128) -> int:
+                   length_bucket: int = 64) -> int:
     """Bytes of the fast generator's KV cache: slots x positions x (2 x layers x KV heads x head size), from the
     loaded variant's ``config.json`` (0 when it cannot be read). htrd allocates exactly this (daemon/fastgen.py)."""
     model_dir = Path(model_dir)

@@ -4,8 +4,9 @@ Lookup order for the file: ``--config`` > ``$HTR_CONFIG`` > ``/etc/htr/htr.yaml`
 > built-in defaults. Then ``HTR_<SECTION>__<FIELD>`` environment variables
 override single fields (``HTR_GPU__SELECT=cpu``, ``HTR_LIMITS__QUEUE_LENGTH=8``).
 Unknown keys and bad values fail with the file, the dotted field name and what
-is allowed. ``configs/htr.yaml`` documents every field with its default; a test
-keeps it in step with this module.
+is allowed. ``configs/htr.yaml`` documents every field with its default (shipped in
+the package: ``htrctl config template`` prints it); a test keeps it in step with
+this module.
 """
 
 from __future__ import annotations
@@ -281,7 +282,7 @@ def load_settings(path: str | os.PathLike | None = None, *, env: dict | None = N
             where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             raise ConfigError(
                 f"{source}:{where} is not valid YAML: {getattr(exc, 'problem', exc)}",
-                remedy="fix the syntax (configs/htr.yaml shows every setting)",
+                remedy="fix the syntax (`htrctl config template` prints every setting)",
             ) from exc
         if loaded is None:
             loaded = {}
@@ -296,7 +297,7 @@ def load_settings(path: str | os.PathLike | None = None, *, env: dict | None = N
     except ValidationError as exc:
         raise ConfigError(
             "invalid configuration: " + _format_validation(exc, source, env_keys),
-            remedy="see configs/htr.yaml for every setting, its default and allowed values",
+            remedy="`htrctl config template` prints every setting, its default and allowed values",
         ) from exc
     settings.source = source
     return settings

@@ -1,7 +1,8 @@
 """Rendering, installing and querying htrd's systemd units.
 
 The templates live in ``systemd/`` (``htr.service``, ``htr.socket`` and the
-per-GPU ``htr@.service`` / ``htr@.socket``); their ``@PLACEHOLDERS@`` are
+per-GPU ``htr@.service`` / ``htr@.socket``), shipped in the package as
+``htrctl/data/systemd`` (:mod:`htrctl.packaged`); their ``@PLACEHOLDERS@`` are
 filled with *this* installation's paths: the environment's ``htrd``, the
 config file, the model directory (read-only in the unit), the service user
 and group, the GPU device groups present on the host, and -- when Python or
@@ -12,7 +13,8 @@ the service see just those paths while ``ProtectHome=`` hides the rest.
 changes, and a re-install that changes nothing says so and does not even
 reload systemd. ``root`` (like ``systemctl --root``) writes everything under
 another directory and touches neither users nor the running systemd: that is
-how the unit tests exercise it without a systemd.
+how the unit tests exercise it without a systemd. ``unit_dir`` alone writes
+only the unit files there: no account, no config file, no ``systemctl``.
 """
 
 from __future__ import annotations
@@ -32,15 +34,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, packaged
 from .config import SYSTEM_CONFIG, load_settings
-from .errors import ConfigError, ExitCode, ServiceError
+from .errors import ConfigError, ExitCode, HtrError, ServiceError
 
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parent.parent
-TEMPLATE_DIR = REPO / "systemd"
-DEFAULT_CONFIG_TEMPLATE = REPO / "configs" / "htr.yaml"
 UNIT_DIR = Path("/etc/systemd/system")
 UNITS = ("htr.service", "htr.socket", "htr@.service", "htr@.socket", "htr-gpu-prepare.service")
 SERVICE = "htr.service"
@@ -227,15 +226,6 @@ def make_context(
     )
 
 
-def template_dir() -> Path:
-    if not all((TEMPLATE_DIR / u).is_file() for u in (*UNITS, PREPARE_SCRIPT_TEMPLATE)):
-        raise ServiceError(
-            f"the unit templates are missing from {TEMPLATE_DIR}",
-            remedy="install htrctl from its source tree (pip install -e .), which ships systemd/",
-        )
-    return TEMPLATE_DIR
-
-
 def _check_name(name: str, what: str) -> str:
     if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", name):
         raise ServiceError(f"{what} {name!r} is not a valid user/group name", remedy="use e.g. 'htr'")
@@ -292,13 +282,12 @@ def render_unit(template: str, ctx: UnitContext) -> str:
 
 def render_units(ctx: UnitContext) -> dict[str, str]:
     """Every unit file name -> its rendered text."""
-    tdir = template_dir()
-    return {name: render_unit((tdir / name).read_text(encoding="utf-8"), ctx) for name in UNITS}
+    return {name: render_unit(packaged.unit_template(name), ctx) for name in UNITS}
 
 
 def render_prepare_script() -> str:
     """The GPU-preparing script, marked as ours on its second line (after the #! line)."""
-    shebang, _, rest = (template_dir() / PREPARE_SCRIPT_TEMPLATE).read_text(encoding="utf-8").partition("\n")
+    shebang, _, rest = packaged.unit_template(PREPARE_SCRIPT_TEMPLATE).partition("\n")
     return f"{shebang}\n{MARKER} {__version__} (`htrctl service install`); it rewrites this file.\n{rest}"
 
 
@@ -414,14 +403,6 @@ def _permission(exc: OSError, path: Path) -> ServicePermissionError:
     )
 
 
-def _default_config_text() -> str:
-    if DEFAULT_CONFIG_TEMPLATE.is_file():
-        return DEFAULT_CONFIG_TEMPLATE.read_text(encoding="utf-8")
-    from .config import Settings, dump_settings
-
-    return "# htr.yaml -- every setting with its default (see the htrctl README).\n" + dump_settings(Settings())
-
-
 def _user_exists(name: str) -> bool:
     try:
         pwd.getpwnam(name)
@@ -441,7 +422,7 @@ def _group_exists(name: str) -> bool:
 def _ensure_account(user: str, group: str, extra_groups: Sequence[str], *, live: bool, dry_run: bool) -> list[Action]:
     actions: list[Action] = []
     if not live:
-        actions.append(Action("note", f"user {user}, group {group}", "not created with --root"))
+        actions.append(Action("note", f"user {user}, group {group}", "not created with --root/--unit-dir"))
         return actions
     if _group_exists(group):
         actions.append(Action("keep", f"group {group}", "exists"))
@@ -533,10 +514,12 @@ def install(
     the daemon. ``replicas`` (GPU UUIDs or indices) use ``htr@.service``
     instead of ``htr.service``.
     """
+    # --root or --unit-dir: only write files (no account, no systemctl); --unit-dir alone not even the config.
+    live = root is None and unit_dir is None
+    units_only = root is None and unit_dir is not None
     root = Path(root) if root else Path("/")
-    live = root == Path("/")
     if not live and (enable or start):
-        raise ServiceError("--enable/--start act on the running systemd and cannot be combined with --root")
+        raise ServiceError("--enable/--start act on the running systemd and cannot be combined with --root/--unit-dir")
     booted = live and systemd_running()
     if live and not booted and (enable or start):
         raise ServiceError("systemd is not running on this machine: cannot --enable/--start",
@@ -546,6 +529,7 @@ def install(
             "installing the service needs root (it writes /etc/systemd/system, creates the htr user, runs systemctl)",
             remedy="sudo htrctl service install (or --dry-run to see what it would do)",
         )
+    given_config = Path(config) if config else None
     config = Path(config) if config else SYSTEM_CONFIG
     if not config.is_absolute():
         config = Path(os.path.abspath(config))
@@ -562,17 +546,27 @@ def install(
     extra_groups = gpu_groups(root)
     actions: list[Action] = _ensure_account(user, group, extra_groups, live=live, dry_run=dry_run)
     # The config: written from the documented defaults when absent, never overwritten.
+    # Under --root, a -c FILE of this host that the root lacks is its content (model.dir included).
     cfg_file = _under(root, config)
+    seed = given_config if (given_config is not None and not live and given_config.is_file()) else None
+    seed_settings = load_settings(seed, env={}) if seed is not None else None  # invalid: refused before writing
     if cfg_file.exists():
         actions.append(Action("keep", str(cfg_file), "config exists"))
+    elif units_only:
+        actions.append(Action("note", str(cfg_file), "absent: the units use the defaults' model.dir; "
+                              "not written with --unit-dir", done=False))
     else:
+        text = seed.read_text(encoding="utf-8") if seed is not None else packaged.config_template()
         if not dry_run:
             try:
-                _atomic_write(cfg_file, _default_config_text(), mode=0o640, group=group if live else None)
+                _atomic_write(cfg_file, text, mode=0o640, group=group if live else None)
             except PermissionError as exc:
                 raise _permission(exc, cfg_file) from exc
-        actions.append(Action("write", str(cfg_file), "config from the documented defaults; set model.dir", done=not dry_run))
-    if cfg_file.exists():
+        what = f"config from {seed}" if seed is not None else "config from the documented defaults; set model.dir"
+        actions.append(Action("write", str(cfg_file), what, done=not dry_run))
+    if seed_settings is not None and not cfg_file.exists():  # dry run
+        settings = seed_settings
+    elif cfg_file.exists():
         settings = load_settings(cfg_file, env={})
     else:  # dry run on a fresh machine: the defaults it would write
         from .config import Settings
@@ -592,7 +586,10 @@ def install(
 
     units_changed = False
     files = [(target_dir / name, text, 0o644) for name, text in units.items()]
-    files.append((_under(root, ctx.gpu_prepare), render_prepare_script(), 0o755))  # root-owned: a root unit runs it
+    if units_only:  # --unit-dir: nothing outside that directory, the host's /usr/local/sbin included
+        actions.append(Action("note", str(ctx.gpu_prepare), "not written with --unit-dir", done=False))
+    else:
+        files.append((_under(root, ctx.gpu_prepare), render_prepare_script(), 0o755))  # root-owned: a root unit runs it
     for path, text, mode in files:
         try:
             current = path.read_text(encoding="utf-8") if path.exists() else None
@@ -674,9 +671,11 @@ def uninstall(*, root: Path | None = None, unit_dir: Path | None = None, dry_run
 
     The config (/etc/htr), the state and cache directories, the model and the
     ``htr`` account are kept: they are data, and a re-install reuses them.
+    With ``root`` or ``unit_dir`` only files are removed (no ``systemctl``).
     """
+    live = root is None and unit_dir is None
+    units_only = root is None and unit_dir is not None
     root = Path(root) if root else Path("/")
-    live = root == Path("/")
     target_dir = Path(unit_dir) if unit_dir else _under(root, UNIT_DIR)
     res = UninstallResult()
     if live and systemd_running():
@@ -685,7 +684,7 @@ def uninstall(*, root: Path | None = None, unit_dir: Path | None = None, dry_run
             systemctl("disable", "--now", *units, check=False, timeout=180)
         res.actions.append(Action("stop+disable", " ".join(units), done=not dry_run))
     removed = False
-    for path in [*(target_dir / name for name in UNITS), _under(root, PREPARE_SCRIPT)]:
+    for path in [*(target_dir / name for name in UNITS), *([] if units_only else [_under(root, PREPARE_SCRIPT)])]:
         if not path.exists():
             continue
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()[:2]
@@ -767,12 +766,10 @@ def status(*, instance: str | None = None, config: Path | None = None) -> Servic
             ctx = make_context(config=cfg, model_dir=settings.model.dir,
                                drain_timeout_s=settings.limits.drain_timeout_s)
             tmpl = "htr@.service" if instance else "htr.service"
-            current = Path(frag).read_text(encoding="utf-8") == render_unit(
-                (template_dir() / tmpl).read_text(encoding="utf-8"), ctx
-            )
+            current = Path(frag).read_text(encoding="utf-8") == render_unit(packaged.unit_template(tmpl), ctx)
     except ConfigError as exc:  # a broken config is what status must still report on
         config_error = exc.one_line()
-    except (OSError, ServiceError) as exc:
+    except (OSError, HtrError) as exc:
         logger.debug("cannot compare the installed units: %s", exc)
     return ServiceStatus(service=svc_props, socket=show(sock), units_current=current, config_error=config_error)
 

@@ -1,4 +1,4 @@
-"""``htrctl config show|check``."""
+"""``htrctl config show|check|template``."""
 
 from __future__ import annotations
 
@@ -36,6 +36,14 @@ def check(
     """Validate a config file; exit 78 with the field and the allowed values when invalid."""
     settings = globals_of(ctx).settings(path)
     typer.echo(f"{settings.source}: ok")
+
+
+@config_app.command("template")
+def template() -> None:
+    """Print the documented config (every setting, its default and allowed values), e.g. to start /etc/htr/htr.yaml."""
+    from ..packaged import config_template
+
+    typer.echo(config_template(), nl=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -280,3 +280,86 @@ def test_install_writes_the_prepare_script_marked_and_idempotent(tmp_path):
     assert first == "#!/bin/sh" and second.startswith(service.MARKER)
     again = service.install(root=root)
     assert any(a.what == "keep" and a.target.endswith("htr-gpu-prepare") for a in again.actions)
+
+
+def test_templates_come_from_the_package_and_are_the_source_files():
+    """One source of truth: the packaged data are the top-level systemd/ and configs/htr.yaml (symlinked)."""
+    from htrctl import packaged
+
+    for name in (*service.UNITS, service.PREPARE_SCRIPT_TEMPLATE):
+        assert packaged.unit_template(name) == (REPO / "systemd" / name).read_text()
+    assert packaged.config_template() == (REPO / "configs" / "htr.yaml").read_text()
+    assert (REPO / "htrctl/data/systemd").resolve() == (REPO / "systemd").resolve()
+
+
+def test_config_template_command_prints_the_documented_config(capsys):
+    from htrctl.cli import main
+
+    assert main(["config", "template"]) == 0
+    out = capsys.readouterr().out
+    assert out == (REPO / "configs" / "htr.yaml").read_text()
+    assert yaml.safe_load(out)["model"]["dir"] == "/var/lib/htr/model"
+
+
+def _no_host_changes(monkeypatch):
+    """Fail the test if install tries to run groupadd/useradd/systemctl on this host."""
+    def refuse(argv, **kw):
+        raise AssertionError(f"ran {argv} on the host")
+
+    monkeypatch.setattr(service, "_run", refuse)
+
+
+def test_unit_dir_only_writes_the_unit_files(tmp_path, monkeypatch):
+    _no_host_changes(monkeypatch)
+    units = tmp_path / "units"
+    cfg = tmp_path / "etc" / "htr.yaml"  # absent: must stay absent
+    system_cfg_existed = service.SYSTEM_CONFIG.exists()
+    res = service.install(unit_dir=units, config=cfg)
+    assert sorted(p.name for p in units.iterdir()) == sorted(service.UNITS)
+    assert not cfg.exists() and not cfg.parent.exists()
+    assert service.SYSTEM_CONFIG.exists() == system_cfg_existed
+    assert not any(a.what in ("create-user", "create-group", "daemon-reload") for a in res.actions)
+    assert [a.target for a in res.actions if a.what == "write"] == [str(units / n) for n in service.UNITS]
+    assert any(a.what == "note" and a.target == str(service.PREPARE_SCRIPT) for a in res.actions)  # not on the host
+    # without -c either: /etc/htr/htr.yaml is never written
+    res = service.install(unit_dir=tmp_path / "u2")
+    assert service.SYSTEM_CONFIG.exists() == system_cfg_existed
+    assert not any(a.what == "write" and "htr.yaml" in a.target for a in res.actions)
+
+
+def test_unit_dir_follows_an_existing_config(tmp_path, monkeypatch):
+    _no_host_changes(monkeypatch)
+    cfg = tmp_path / "htr.yaml"
+    cfg.write_text("model:\n  dir: /srv/models/from-c\n")
+    service.install(unit_dir=tmp_path / "units", config=cfg)
+    unit = (tmp_path / "units" / "htr.service").read_text()
+    assert "ReadOnlyPaths=-/srv/models/from-c\n" in unit
+    assert f"--config {cfg}\n" in unit
+    assert cfg.read_text() == "model:\n  dir: /srv/models/from-c\n"
+
+
+def test_root_takes_the_config_named_with_c(tmp_path, monkeypatch):
+    """`htrctl -c FILE service install --root DIR`: FILE's settings (model.dir) reach the units and the root."""
+    from htrctl.cli import main
+
+    _no_host_changes(monkeypatch)
+    cfg = tmp_path / "site" / "htr.yaml"
+    cfg.parent.mkdir()
+    cfg.write_text("model:\n  dir: /srv/models/glagolitic\nlimits:\n  drain_timeout_s: 10\n")
+    root = tmp_path / "root"
+    assert main(["-c", str(cfg), "service", "install", "--root", str(root)]) == 0
+    unit = (root / "etc/systemd/system/htr.service").read_text()
+    assert "ReadOnlyPaths=-/srv/models/glagolitic\n" in unit
+    assert "TimeoutStopSec=40s\n" in unit
+    assert f"--config {cfg}\n" in unit
+    assert (root / cfg.relative_to("/")).read_text() == cfg.read_text()
+
+
+def test_root_refuses_an_invalid_c_config_before_writing(tmp_path):
+    from htrctl.errors import ConfigError
+
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model:\n  colour: blue\n")
+    with pytest.raises(ConfigError, match="colour"):
+        service.install(root=tmp_path / "root", config=cfg)
+    assert not (tmp_path / "root").exists()

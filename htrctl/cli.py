@@ -7,9 +7,11 @@ with ``--debug`` (or ``HTR_DEBUG=1``).
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -17,13 +19,14 @@ from typing import Optional
 import typer
 
 from . import __version__
-from .errors import ExitCode, HtrError
+from .errors import ExitCode, HtrError, from_os_error
 
 logger = logging.getLogger(__name__)
 
 app = typer.Typer(
     name="htrctl",
-    help="Deploy, check and use the handwritten-text-recognition service (htrd).",
+    help="Deploy, check and use the handwritten-text-recognition service (htrd). "
+    "The options below may also follow the command (htrctl transcribe ... -q).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -78,23 +81,106 @@ for _name in COMMAND_MODULES:
     importlib.import_module(f"htrctl.commands.{_name}").register(app)
 
 
+_STDOUT_ERRNOS = (errno.EPIPE, errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG)
+
+
+def _report(exc: HtrError, debug: bool) -> int:
+    """The one error path: one line on stderr (a traceback with --debug), the documented exit code."""
+    if exc.quiet:
+        _silence_stdout()
+    else:
+        if debug:
+            logger.error("error", exc_info=exc)
+        try:
+            typer.echo(f"htrctl: error: {exc.one_line()}", err=True)
+        except OSError:  # stderr is gone too: the exit code still says it
+            pass
+    return int(exc.exit_code)
+
+
+def _silence_stdout() -> None:
+    """Point fd 1 at /dev/null so that the interpreter's last flush of a broken stdout cannot fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (tests capture it)
+        pass
+
+
+def _flush_stdout() -> Optional[HtrError]:
+    """Flush stdout now, inside the error path: a full disk or a closed pipe is an error, not a traceback."""
+    try:
+        sys.stdout.flush()
+    except OSError as exc:
+        _silence_stdout()
+        return from_os_error(exc, target="stdout")
+    return None
+
+
+_GLOBAL_FLAGS = {"--debug", "--quiet", "-q", "--verbose", "-v"}
+_GLOBAL_WITH_VALUE = {"--config", "-c"}
+
+
+def hoist_global_options(argv: list[str]) -> list[str]:
+    """Move the root's options (--config/-c, --debug, -q, -v) written after the command before it.
+
+    click only accepts a group's options before the subcommand; people write
+    ``htrctl transcribe ... -q`` or ``htrctl config check --config F``. No
+    command reuses these names; everything after ``--`` is left alone. A
+    hoisted option comes after the ones already in front, so it wins.
+    """
+    i = 0
+    while i < len(argv) and argv[i].startswith("-") and argv[i] != "--":  # the root's own options
+        i += 2 if argv[i] in _GLOBAL_WITH_VALUE else 1
+    lead, hoisted, rest = argv[:i], [], []
+    if i < len(argv):
+        rest.append(argv[i])  # the command (or "--")
+        i += 1
+    while i < len(argv):
+        a = argv[i]
+        if a == "--" or rest[:1] == ["--"]:
+            rest += argv[i:]
+            break
+        if a in _GLOBAL_FLAGS or re.fullmatch(r"-v+", a):
+            hoisted.append(a)
+        elif a in _GLOBAL_WITH_VALUE and i + 1 < len(argv):
+            hoisted += argv[i:i + 2]
+            i += 1
+        elif a.startswith("--config=") or (a.startswith("-c") and not a.startswith("--") and len(a) > 2):
+            hoisted.append(a)
+        else:
+            rest.append(a)
+        i += 1
+    return lead + hoisted + rest
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: run the app, translate known errors into one line + exit code."""
-    debug = os.environ.get("HTR_DEBUG", "") not in ("", "0") or "--debug" in (argv or sys.argv[1:])
+    argv = hoist_global_options(list(sys.argv[1:] if argv is None else argv))
+    debug = os.environ.get("HTR_DEBUG", "") not in ("", "0") or "--debug" in argv
     try:
         # standalone mode: click prints usage errors itself (exit 2) and handles Ctrl-C.
         app(args=argv, prog_name="htrctl")
+        code = 0
     except HtrError as exc:
-        if debug:
-            logger.exception("error")
-        typer.echo(f"htrctl: error: {exc.one_line()}", err=True)
-        return int(exc.exit_code)
+        code = _report(exc, debug)
+    except OSError as exc:  # an OS error no library call translated: the same one-line path
+        # Without a file name, a write error of this kind comes from writing stdout (click flushes each echo).
+        on_stdout = exc.filename is None and exc.errno in _STDOUT_ERRNOS
+        code = _report(from_os_error(exc, target="stdout" if on_stdout else None), debug)
     except KeyboardInterrupt:
         typer.echo("htrctl: interrupted", err=True)
-        return int(ExitCode.INTERRUPTED)
+        code = int(ExitCode.INTERRUPTED)
     except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return 0
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if type(sys.stdout).__name__ == "PacifyFlushWrapper":  # click met EPIPE on stdout and exited 1
+            code = _report(from_os_error(BrokenPipeError(errno.EPIPE, "Broken pipe"), target="stdout"), debug)
+    failed_flush = _flush_stdout()
+    if failed_flush is not None:
+        flush_code = _report(failed_flush, debug)
+        code = code or flush_code  # output that did not arrive is never a success
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,16 +21,24 @@ code  name                   meaning
 65    MODEL                  model directory missing, incomplete or corrupt
 69    GPU                    the configured GPU is absent or unusable
 73    PROVISION              provisioning/sync failed (nothing was lost)
+74    IO                     a file or stdout could not be written (disk full, I/O error)
 75    UNAVAILABLE            the daemon is not running / not ready (retry)
 77    PERMISSION             permission denied (socket group, files)
 78    CONFIG                 invalid configuration
 86    WATCHDOG               htrd: inference stalled past its deadline
 130   INTERRUPTED            Ctrl-C
+141   PIPE                   stdout's reader went away (``| head``): ends quietly
 ====  =====================  ===============================================
+
+An :class:`OSError` that reaches the entry point (a full disk, a directory the
+user may not write, a closed pipe) goes through the same path:
+:func:`from_os_error` turns it into one line with the file, the cause and the
+fix.
 """
 
 from __future__ import annotations
 
+import errno
 from enum import IntEnum
 from typing import Any
 
@@ -45,11 +53,13 @@ class ExitCode(IntEnum):
     MODEL = 65
     GPU = 69
     PROVISION = 73
+    IO = 74
     UNAVAILABLE = 75
     PERMISSION = 77
     CONFIG = 78
     WATCHDOG = 86
     INTERRUPTED = 130
+    PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer killed by SIGPIPE
 
 
 # The daemon's "do not restart, a human must fix this" codes.
@@ -60,6 +70,8 @@ class HtrError(Exception):
     """Base of every error htrctl/htrd reports to a user."""
 
     exit_code: ExitCode = ExitCode.FAILURE
+    # True: the entry point prints nothing (e.g. the reader of stdout went away).
+    quiet: bool = False
 
     def __init__(self, message: str, *, remedy: str | None = None, detail: Any = None) -> None:
         super().__init__(message)
@@ -181,6 +193,53 @@ class WatchdogError(HtrError):
     """htrd: inference made no progress within its deadline."""
 
     exit_code = ExitCode.WATCHDOG
+
+
+class FileAccessError(HtrError):
+    """An OS error on a file or directory (permission denied, read-only filesystem)."""
+
+    exit_code = ExitCode.PERMISSION
+
+
+class OutputError(HtrError):
+    """A file or stdout could not be written (disk full, I/O error)."""
+
+    exit_code = ExitCode.IO
+
+
+class OutputClosedError(OutputError):
+    """stdout's reader went away (``htrctl ... | head``): end quietly, as SIGPIPE would."""
+
+    exit_code = ExitCode.PIPE
+    quiet = True
+
+
+_REMEDIES = {
+    errno.ENOSPC: "free space on that filesystem, or write somewhere else",
+    errno.EDQUOT: "your disk quota is used up: free space, or write somewhere else",
+    errno.EROFS: "that filesystem is mounted read-only: choose another place",
+    errno.EACCES: "you may not write there: choose a place you own, or run it as a user who may (e.g. sudo)",
+    errno.EPERM: "the operation is not permitted there: choose a place you own, or run it as a user who may",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a directory: check the path",
+    errno.EISDIR: "give a file, not a directory",
+    errno.EIO: "the device reported an I/O error: check the disk (dmesg)",
+}
+
+
+def from_os_error(exc: OSError, *, target: str | None = None) -> HtrError:
+    """One :class:`HtrError` for an :class:`OSError`: the file (or *target*), the cause, the fix."""
+    if isinstance(exc, BrokenPipeError) or exc.errno == errno.EPIPE:
+        return OutputClosedError(f"{target or 'output'}: the reader went away")
+    where = target or exc.filename
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    message = f"{where}: {cause}" if where else cause
+    if exc.filename2:
+        message += f" (-> {exc.filename2})"
+    remedy = _REMEDIES.get(exc.errno or 0)
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return FileAccessError(message, remedy=remedy)
+    return OutputError(message, remedy=remedy)
 
 
 class ServiceError(HtrError):

@@ -41,7 +41,7 @@ from typing import IO, Any, Literal
 from . import archival
 from . import protocol as P
 from .client import HtrClient, is_retryable
-from .errors import ArchivalError, DaemonError, DaemonPermissionError, ExitCode, HtrError, UsageError
+from .errors import ArchivalError, DaemonError, DaemonPermissionError, ExitCode, HtrError, UsageError, from_os_error
 
 logger = logging.getLogger(__name__)
 
@@ -454,6 +454,13 @@ class Transcriber:
 
     # -- one worker thread -------------------------------------------------
     def _worker(self, replica: _Replica) -> None:
+        try:
+            self._work(replica)
+        except OSError as exc:  # an output cannot be written (disk full, stdout closed): the run ends with it
+            where = None if exc.filename else ("stdout" if self.opts.out_dir is None else str(self.opts.out_dir))
+            self._set_fatal(from_os_error(exc, target=where))
+
+    def _work(self, replica: _Replica) -> None:
         o = self.opts
         while True:
             if replica.dead:
@@ -523,6 +530,8 @@ class Transcriber:
             except ArchivalError as exc:  # a PAGE/ALTO answer that cannot be written back
                 self._fail(item, _without_name(exc, item), "archival")
             except OSError as exc:  # the output cannot be written (disk full, permissions): that input failed
+                if o.out_dir is None and not (o.in_place and item.job is not None):
+                    raise  # stdout itself (full, or its reader gone): the run ends with one line (_worker)
                 self._fail(item, f"cannot write the output: {exc.strerror or exc}", "unwritable")
             item.job = None  # a page's tree and line images are not kept for the rest of the run
             self._release(item, requeue=False)
@@ -685,7 +694,8 @@ class Transcriber:
             self._note(f"htrctl: interrupted: {s.line()}"
                        + ("; rerun with --resume to finish" if self.opts.out_dir is not None else ""), always=True)
             return  # exit_code says 130; only complete outputs exist
-        self._note(f"htrctl: {s.line()}", always=bool(s.failed or self._fatal))
+        if self._fatal is None or not self._fatal.quiet:  # stdout's reader went away: end quietly
+            self._note(f"htrctl: {s.line()}", always=bool(s.failed or self._fatal))
         if self._fatal is not None:
             s.not_done = s.total - s.done - s.failed - s.skipped
             raise self._fatal

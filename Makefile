@@ -12,8 +12,9 @@ TORCH_SPEC ?= torch==2.9.1 torchvision==0.24.1
 else
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 endif
-# Debian packages the tests use: rsync + sshd on loopback, systemd-nspawn.
-DEB_PACKAGES := rsync openssh-server openssh-client systemd-container
+# Debian packages: python3-venv (`python3 -m venv` needs it on Debian/Ubuntu: .venv and the wheel test),
+# and what the tests use: rsync + sshd on loopback, systemd-nspawn.
+DEB_PACKAGES := python3-venv rsync openssh-server openssh-client systemd-container
 PYTEST_ARGS ?=
 
 .PHONY: all venv system-deps demo test test-fast bench-cpu lint clean
@@ -21,7 +22,8 @@ PYTEST_ARGS ?=
 all: test
 
 $(VENV)/.installed: pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -x $(VENV)/bin/pip || $(PYTHON) -m venv $(VENV) || \
+	  { $(MAKE) system-deps DEB_PACKAGES=python3-venv && $(PYTHON) -m venv --clear $(VENV); }
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e '.[daemon,test]'
 	touch $@
@@ -41,7 +43,7 @@ system-deps:
 demo: venv
 	$(VENV)/bin/htrctl demo
 
-test: venv system-deps
+test: system-deps venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: venv

@@ -101,7 +101,8 @@ def time_verify(root: Path) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", type=float, default=1.0, help="file sizes as a fraction of the real ones")
-    ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp dir under /var/tmp)")
+    ap.add_argument("--dir", type=Path, default=None,
+                    help="where the work directory is made (default /var/tmp); only that new directory is removed")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
     ap.add_argument("--json", type=Path, default=None)
@@ -109,11 +110,15 @@ def main() -> int:
 
     from htrctl.provision import provision
 
-    work = args.dir or Path(tempfile.mkdtemp(prefix="htr-bench-", dir="/var/tmp"))
+    parent = args.dir or Path("/var/tmp")
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="htr-bench-", dir=parent))  # ours alone: removed at the end, never --dir
+
     need = int(sum(SHARD_SIZES) * args.scale * 2.1)
     free = shutil.disk_usage(work).free
     if need > free:
         print(f"needs {need / 1e9:.1f} GB free in {work}, has {free / 1e9:.1f} GB: use --scale", file=sys.stderr)
+        work.rmdir()
         return 2
     out: dict = {"scale": args.scale, "cpus": os.cpu_count()}
     try:

@@ -26,6 +26,12 @@ the same value the Hugging Face hub uses as the etag of LFS files.
 
 The manifest is written last and atomically (temp file in the same directory,
 fsync, rename): a directory with a manifest is complete, one without is not.
+
+The model's digest (``manifest_digest`` in ``/v1/status``, ``htrctl status``,
+``verify --json`` and every transcription record) is :func:`content_digest`:
+the sha256 of the ``sha256sum``-style listing of the files -- content only, so
+the same files give the same digest on every host, whenever and from wherever
+they were provisioned (``created``, ``sources``, ``provenance`` do not count).
 """
 
 from __future__ import annotations
@@ -79,6 +85,11 @@ class Manifest:
     tool: dict[str, str] = field(default_factory=lambda: {"name": "htrctl", "version": __version__})
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
     schema_version: int = SCHEMA_VERSION
+
+    @property
+    def digest(self) -> str:
+        """The model's identity from its content alone (see :func:`content_digest`)."""
+        return content_digest(self.files)
 
     def by_path(self) -> dict[str, FileEntry]:
         return {f.path: f for f in self.files}
@@ -142,12 +153,22 @@ class Manifest:
         )
 
 
+def content_digest(files: Iterable[FileEntry]) -> str:
+    """sha256 of ``<sha256>  <path>\n`` for every file, sorted by path: what ``sha256sum`` prints for them.
+
+    ``(cd DIR && find . -type f ! -name htr-manifest.json -printf '%P\\0' | LC_ALL=C sort -z |
+    xargs -0 sha256sum | sha256sum)`` gives the same value.
+    """
+    listing = "".join(f"{f.sha256}  {f.path}\n" for f in sorted(files, key=lambda f: f.path.encode()))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
 def manifest_path(root: Path) -> Path:
     return Path(root) / MANIFEST_NAME
 
 
 def read_manifest(root: Path) -> tuple[Manifest, str] | None:
-    """The manifest of *root* and the sha256 of its bytes; None when there is none.
+    """The manifest of *root* and the model's digest (:func:`content_digest`); None when there is none.
 
     Raises :class:`ManifestFormatError` when it exists but is invalid.
     """
@@ -156,7 +177,8 @@ def read_manifest(root: Path) -> tuple[Manifest, str] | None:
         data = p.read_bytes()
     except FileNotFoundError:
         return None
-    return Manifest.from_bytes(data), hashlib.sha256(data).hexdigest()
+    manifest = Manifest.from_bytes(data)
+    return manifest, manifest.digest
 
 
 def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644) -> None:
@@ -192,10 +214,9 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_manifest(root: Path, manifest: Manifest) -> str:
-    """Write the manifest atomically; returns the sha256 of its bytes."""
-    data = manifest.to_bytes()
-    atomic_write_bytes(manifest_path(root), data)
-    return hashlib.sha256(data).hexdigest()
+    """Write the manifest atomically; returns the model's digest (:func:`content_digest`)."""
+    atomic_write_bytes(manifest_path(root), manifest.to_bytes())
+    return manifest.digest
 
 
 # --------------------------------------------------------------------------- paths

@@ -1188,7 +1188,7 @@ def _provision_to_remote(
             mfile = work / MANIFEST_NAME
             data = manifest.to_bytes()
             mfile.write_bytes(data)
-            result.manifest_digest = hashlib.sha256(data).hexdigest()
+            result.manifest_digest = manifest.digest
             _rsync([str(mfile), f"{dst.host}:{rwork}/tree/{MANIFEST_NAME}"], ssh=ssh, progress=False)
             _ssh_run(dst.host, _remote_swap_script(parent, name), ssh=ssh)
             result.actions.append(Action("manifest", MANIFEST_NAME))

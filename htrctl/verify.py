@@ -83,6 +83,11 @@ class VerifyReport:
         return not any(f.severity == ERROR for f in self.findings)
 
     @property
+    def verified(self) -> bool:
+        """Everything holds, checked against a manifest (without one, sizes and hashes are unchecked)."""
+        return self.ok and self.manifest_digest is not None
+
+    @property
     def errors(self) -> list[Finding]:
         return [f for f in self.findings if f.severity == ERROR]
 
@@ -90,6 +95,7 @@ class VerifyReport:
         return {
             "path": self.path,
             "ok": self.ok,
+            "verified": self.verified,
             "quick": self.quick,
             "manifest_digest": self.manifest_digest,
             "files_checked": self.files_checked,
@@ -441,6 +447,7 @@ def verify_model_dir(path: str | Path, *, quick: bool = False, progress: bool = 
         for rel in sorted(present - listed):
             add(Finding(rel, "extra file not in the manifest", f"remove it, or re-provision: htrctl provision "
                         f"SOURCE {root}", "extra"))
+        _check_identity(root, manifest, report, redo)
         if not quick and to_hash:
             expected = manifest.by_path()
             digests = hash_files(root, to_hash, progress=progress, label="verifying")
@@ -466,6 +473,45 @@ def verify_model_dir(path: str | Path, *, quick: bool = False, progress: bool = 
     _check_structure(root, report, redo)
     report.findings.sort(key=lambda f: (f.severity != ERROR,))
     return report
+
+
+def _check_identity(root: Path, manifest: Any, report: VerifyReport, redo: str) -> None:
+    """The manifest's own identity fields (adapter.sha256, the base's and adapter's config) agree with the files."""
+    bad: list[str] = []
+    by_path = manifest.by_path()
+    adapter = manifest.adapter if isinstance(manifest.adapter, dict) else None
+    if adapter is not None:
+        apath = adapter.get("path") or ADAPTER_DIRNAME
+        entry = by_path.get(f"{apath}/adapter_model.safetensors")
+        if adapter.get("sha256") and (entry is None or entry.sha256 != adapter["sha256"]):
+            bad.append(f"adapter.sha256 is not the sha256 of {apath}/adapter_model.safetensors in its file list")
+        acfg = _json_file(root / apath / "adapter_config.json")
+        if acfg is not None:
+            for key in ("base_model_name_or_path", "peft_type", "r", "target_modules"):
+                if key in adapter and _canon(adapter[key]) != _canon(acfg.get(key)):
+                    bad.append(f"adapter.{key} {adapter[key]!r} differs from {apath}/adapter_config.json's "
+                               f"{acfg.get(key)!r}")
+    base = manifest.base if isinstance(manifest.base, dict) else None
+    config = read_config(root)
+    if base is not None and config is not None:
+        for key in ("model_type", "architectures"):
+            if key in base and _canon(base[key]) != _canon(config.get(key)):
+                bad.append(f"base.{key} {base[key]!r} differs from config.json's {config.get(key)!r}")
+    for problem in bad:
+        report.findings.append(Finding(MANIFEST_NAME, f"manifest disagrees with the directory: {problem}", redo,
+                                       "manifest_inconsistent"))
+
+
+def _canon(v: Any) -> Any:
+    return sorted(v) if isinstance(v, list) and all(isinstance(x, str) for x in v) else v
+
+
+def _json_file(p: Path) -> dict[str, Any] | None:
+    try:
+        v = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return v if isinstance(v, dict) else None
 
 
 def _check_structure(root: Path, report: VerifyReport, redo: str) -> None:
@@ -494,7 +540,9 @@ def _check_structure(root: Path, report: VerifyReport, redo: str) -> None:
             add(Finding("model.safetensors.index.json", "no weights: neither model.safetensors nor an index",
                         redo, "no_weights"))
         return
-    if has_adapter:
+    broken = {f.path for f in report.findings if f.severity == ERROR}
+    if has_adapter and not broken.intersection(ws.files):
+        # (a truncated or corrupt shard hides its tensors: its own finding names it, not the adapter pair)
         report.findings.extend(check_adapter_pair(config, ws, adapter_dir))
     merged = root / MERGED_DIRNAME
     if merged.is_dir():

@@ -27,7 +27,9 @@ def test_roundtrip_and_digest(tmp_path):
                  base={"id": "Qwen/Qwen3-VL-8B-Instruct"}, sources={"model": "/src"})
     digest = write_manifest(tmp_path, m)
     data = (tmp_path / MANIFEST_NAME).read_bytes()
-    assert digest == hashlib.sha256(data).hexdigest()
+    # the model's digest is its content: sha256sum's listing of the files, sorted by path
+    listing = f"{'b' * 64}  a/x.safetensors\n{'a' * 64}  b.json\n"
+    assert digest == hashlib.sha256(listing.encode()).hexdigest() != hashlib.sha256(data).hexdigest()
     back, d2 = read_manifest(tmp_path)
     assert d2 == digest
     assert [f.path for f in back.files] == ["a/x.safetensors", "b.json"]  # sorted on write
@@ -35,6 +37,21 @@ def test_roundtrip_and_digest(tmp_path):
     assert json.loads(data)["schema_version"] == 1
     # no temp files left next to it
     assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST_NAME]
+
+
+def test_digest_is_content_only(tmp_path):
+    """The same files provisioned at another time, from another source, on another host: the same digest."""
+    files = [FileEntry("config.json", 2, "c" * 64), FileEntry("final_model/adapter_model.safetensors", 9, "d" * 64)]
+    one = Manifest(files=list(files), sources={"model": "/a"}, created="2026-01-01T00:00:00Z",
+                   provenance={"config.json": [2, 1, 1]}, tool={"name": "htrctl", "version": "0.1.0"})
+    two = Manifest(files=list(reversed(files)), sources={"model": "host:/b"}, created="2026-11-29T12:00:00Z",
+                   provenance={"config.json": [2, 7, 9]}, tool={"name": "htrctl", "version": "9.9"})
+    (tmp_path / "1").mkdir()
+    (tmp_path / "2").mkdir()
+    assert write_manifest(tmp_path / "1", one) == write_manifest(tmp_path / "2", two)
+    assert read_manifest(tmp_path / "1")[1] == read_manifest(tmp_path / "2")[1]
+    changed = Manifest(files=[files[0], FileEntry(files[1].path, 9, "e" * 64)])
+    assert changed.digest != one.digest
 
 
 @pytest.mark.parametrize(

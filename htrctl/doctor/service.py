@@ -5,7 +5,6 @@ GPU UUID, model dir) matches the configuration."""
 from __future__ import annotations
 
 import grp
-import hashlib
 import logging
 import os
 import pwd
@@ -179,13 +178,13 @@ def _match(ctx: Context, st: dict) -> Finding:
     s = ctx.settings
     mismatches = []
     model_dir = Path(s.model.dir)
-    man = model_dir / "htr-manifest.json"
-    want_digest = None
-    if man.is_file():
-        try:
-            want_digest = hashlib.sha256(man.read_bytes()).hexdigest()
-        except OSError:
-            want_digest = None
+    from ..manifest import ManifestFormatError, read_manifest
+
+    try:  # the model's digest, computed the one way htrd computes it (content only)
+        got = read_manifest(model_dir)
+        want_digest = got[1] if got else None
+    except (OSError, ManifestFormatError):
+        want_digest = None
     got_digest = st.get("manifest_digest")
     if want_digest and got_digest and want_digest != got_digest:
         mismatches.append(f"serves manifest {got_digest[:12]}, the directory has {want_digest[:12]} "

@@ -295,12 +295,15 @@ class HtrClient:
         on_state: Callable[[str], None] | None = None,
         stop: threading.Event | None = None,
         max_interval: float = 1.0,
+        wait_if_down: bool = True,
     ) -> P.ReadyResponse:
         """Poll readiness with bounded backoff until ready or *timeout* seconds pass.
 
         *on_state* is called whenever the observed state changes ("loading",
         "warming", "no socket", ...). A permission error is raised at once;
         the last unavailable/not-ready error is raised (with the state) on timeout.
+        ``wait_if_down=False`` waits only for a daemon that answers (loading,
+        warming): one that is not running at all is reported at once.
         """
         deadline = time.monotonic() + max(0.0, timeout)
         interval = 0.05
@@ -324,6 +327,8 @@ class HtrClient:
             except DaemonNotReadyError as exc:
                 state, last_exc = (exc.detail or {}).get("state", "not ready"), exc
             except DaemonUnavailableError as exc:
+                if not wait_if_down:
+                    raise
                 state, last_exc = "down", exc
             if on_state and state != last_state:
                 on_state(state)

@@ -48,9 +48,10 @@ logger = logging.getLogger(__name__)
 Format = Literal["txt", "jsonl", "json", "page", "alto"]
 FORMATS = ("txt", "jsonl", "json", "page", "alto")
 XML_FORMATS = ("page", "alto")  # a PAGE/ALTO file around each image's text (``<name>.xml``)
-DEFAULT_INCLUDE = ("*.png", "*.jpg", "*.jpeg", "*.tif", "*.tiff", "*.webp", "*.bmp")
+DEFAULT_INCLUDE = ("*.png", "*.jpg", "*.jpeg", "*.tif", "*.tiff", "*.webp")  # what htrd decodes (protocol)
 TEMP_SUFFIX = ".htr-part"
 AUTO_CONCURRENCY_MAX = 128
+PLAIN_PROGRESS_S = 30.0
 STDIN = "-"
 
 
@@ -211,6 +212,13 @@ def input_record(item: InputItem, resp: P.TranscribeResponse, client_ms: float) 
     }
 
 
+def plain_text(item: InputItem, resp: P.TranscribeResponse) -> str:
+    """``-f txt`` on stdout: an image's pages separated by a form feed line; a PAGE/ALTO file's lines in order."""
+    if item.job is not None:
+        return "".join(r.text + "\n" for r in resp.results)
+    return "\f\n".join(r.text + "\n" for r in resp.results)
+
+
 def render_file(item: InputItem, resp: P.TranscribeResponse, client_ms: float, fmt: str) -> bytes:
     """The content of one output file."""
     if item.job is not None:
@@ -236,7 +244,8 @@ class TranscribeOptions:
     exclude: list[str] = field(default_factory=list)
     concurrency: int = 0  # requests in flight per socket; 0: twice the daemon's largest batch size
     timeout: float = 120.0  # per request
-    wait: float = 0.0  # wait this long for readiness at the start
+    # wait this long for readiness at the start; None: as long as retry_for while the daemon loads (not when down)
+    wait: float | None = None
     retry_for: float = 120.0  # keep retrying a restarting daemon this long
     resume: bool = False
     max_new_tokens: int | None = None
@@ -366,6 +375,11 @@ class Transcriber:
         self._progress = None
         self._task = None
         self._started = 0.0
+        # -f txt on stdout: texts in input order (a completed input waits for the ones before it)
+        self._txt_next = 0
+        self._txt_pending: dict[int, str | None] = {}
+        self._last_line = 0.0  # the last plain progress line (stderr not a terminal)
+        self._n_todo, self._plain_progress = 0, False
 
     # -- diagnostics -----------------------------------------------------
     def _note(self, msg: str, *, always: bool = False) -> None:
@@ -399,10 +413,19 @@ class Transcriber:
 
     # -- results -----------------------------------------------------------
     def _advance(self) -> None:
+        s = self.summary
+        elapsed = max(time.monotonic() - self._started, 1e-6)
         if self._progress is not None and self._task is not None:
-            s = self.summary
-            elapsed = max(time.monotonic() - self._started, 1e-6)
             self._progress.update(self._task, completed=s.done + s.failed, rate=s.done / elapsed, failed=s.failed)
+        elif self._plain_progress:  # stderr is not a terminal (cron, journal): a line every 10 % or 30 s
+            n, total = s.done + s.failed, self._n_todo
+            now = time.monotonic()
+            step = max(total // 10, 1)
+            if n < total and (n % step == 0 or now - self._last_line >= PLAIN_PROGRESS_S):
+                self._last_line = now
+                rate = s.done / elapsed
+                eta = f", about {(total - n) / rate:.0f} s left" if rate > 0 else ""
+                self._note(f"htrctl: {n} of {total} done ({s.failed} failed), {rate:.1f} images/s{eta}")
 
     def _complete(self, item: InputItem, resp: P.TranscribeResponse, client_ms: float) -> None:
         o = self.opts
@@ -418,11 +441,7 @@ class Transcriber:
                     self.stdout.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 self.stdout.flush()
             elif o.fmt == "txt":
-                multi = self.summary.total > 1 or len(resp.results) > 1
-                for r in resp.results:
-                    label = item.display + (f"#{r.page}" if len(resp.results) > 1 else "")
-                    self.stdout.write(f"{label}\t{r.text}\n" if multi else f"{r.text}\n")
-                self.stdout.flush()
+                self._txt_put(item.index, plain_text(item, resp))
             if self.collect:
                 rec = input_record(item, resp, client_ms)
                 rec["_index"] = item.index
@@ -430,6 +449,21 @@ class Transcriber:
             self.summary.done += 1
             self.summary.pages += len(resp.results) if item.job is None else 1  # a PAGE/ALTO file: one page
             self._advance()
+
+    def _txt_put(self, index: int, text: str | None, *, flush_all: bool = False) -> None:
+        """``-f txt`` on stdout: write texts in input order, pages and inputs separated by a form feed."""
+        if not flush_all:
+            self._txt_pending[index] = text
+        while self._txt_pending and (flush_all or self._txt_next in self._txt_pending):
+            nxt = self._txt_next if self._txt_next in self._txt_pending else min(self._txt_pending)
+            text = self._txt_pending.pop(nxt)
+            self._txt_next = nxt + 1
+            if text is not None:
+                self.stdout.write(("\f\n" if self._txt_written else "") + text)
+                self._txt_written = True
+        self.stdout.flush()
+
+    _txt_written = False
 
     def _fail(self, item: InputItem, message: str, etype: str = "error") -> None:
         with self._write_lock:
@@ -442,6 +476,8 @@ class Transcriber:
             if self.collect:
                 self.summary.results.append({"_index": item.index, "input": item.display,
                                              "error": {"type": etype, "message": message}})
+            if self.opts.out_dir is None and self.opts.fmt == "txt" and item.index >= 0:
+                self._txt_put(item.index, None)
             self._advance()
         self._note(f"htrctl: {item.display}: {message}", always=True)
 
@@ -565,17 +601,19 @@ class Transcriber:
     # -- the run -------------------------------------------------------------
     def _preflight(self) -> None:
         errors: list[DaemonError] = []
+        # Default: a daemon that is loading is waited for as long as a restart mid-run would be retried.
+        wait = self.opts.retry_for if self.opts.wait is None else self.opts.wait
         for r in self._replicas:
             shown: list[str] = []
 
             def on_state(state: str, _r=r, _shown=shown) -> None:
-                if state != "ready" and self.opts.wait > 0:
+                if state != "ready" and wait > 0:
                     self._note(f"htrctl: {_r.client.socket_path}: daemon state: {state}; waiting up to "
-                               f"{self.opts.wait:g} s")
+                               f"{wait:g} s")
                 _shown.append(state)
 
             try:
-                r.client.wait_ready(self.opts.wait, on_state=on_state, stop=self._stop)
+                r.client.wait_ready(wait, on_state=on_state, stop=self._stop, wait_if_down=self.opts.wait is not None)
                 r.refresh_status()
             except DaemonError as exc:
                 errors.append(exc)
@@ -639,6 +677,7 @@ class Transcriber:
 
         show = self.opts.progress and not self.opts.quiet and n_todo > 1
         progress = self._make_progress() if show else None
+        self._n_todo, self._plain_progress = n_todo, show and progress is None
         with progress if progress is not None else nullcontext():
             if progress is not None:
                 self._progress = progress
@@ -682,6 +721,8 @@ class Transcriber:
 
     def _finish(self) -> None:
         s = self.summary
+        if self._txt_pending:  # inputs before these never completed: what is done is still written, in order
+            self._txt_put(-1, None, flush_all=True)
         if self.collect:
             s.results.sort(key=lambda r: r["_index"])
             for r in s.results:

@@ -126,3 +126,91 @@ def test_bench_verify_keeps_an_existing_dir(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "verify / sha256sum" in r.stdout
     assert sorted(p.name for p in work.iterdir()) == ["keep.txt"]  # its own work directory is gone, --dir is not
+
+
+# ------------------------------------------------------------------ row 4: transcribe defaults (real htrd)
+SAMPLES = REPO / "htrctl" / "data" / "samples"
+
+
+def htrctl(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "htrctl", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory, provisioned_model, open_dir):
+    from daemon_harness import start_daemon
+
+    own = open_dir / "first-contact"
+    own.mkdir(mode=0o755)
+    d = start_daemon(tmp_path_factory.mktemp("fc"), provisioned_model, socket_path=own / "htr.sock")
+    yield d
+    assert d.stop() == 0, d.stderr()[-3000:]
+
+
+@pytest.mark.slow
+def test_txt_on_stdout_is_the_text_in_input_order_with_form_feeds(daemon, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    names = []
+    for i in range(6):
+        sample = ["line-01.png", "line-02.png", "line-03.jpg"][i % 3]
+        names.append(f"{i:02d}-{sample}")
+        shutil.copyfile(SAMPLES / sample, src / names[-1])
+    shutil.copyfile(SAMPLES / "page-2p.tif", src / "03b-pages.tif")
+    recs = [json.loads(x) for x in htrctl("transcribe", "-s", str(daemon.socket_path), str(src)).stdout.splitlines()]
+    by_input = {}
+    for r in recs:
+        by_input.setdefault(Path(r["input"]).name, []).append((r["page"], r["text"]))
+    pages = [t + "\n" for name in sorted(by_input) for _, t in sorted(by_input[name])]
+    r = htrctl("transcribe", "-s", str(daemon.socket_path), "-f", "txt", "-j", "4", str(src))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "\f\n".join(pages)  # no "path#page<TAB>", pages and inputs in order, form feeds between
+    assert "\t" not in r.stdout and len(pages) == 8
+
+
+@pytest.mark.slow
+def test_default_include_takes_only_what_htrd_decodes(daemon, tmp_path):
+    from htrctl.transcribe import DEFAULT_INCLUDE
+
+    assert "*.bmp" not in DEFAULT_INCLUDE
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copyfile(SAMPLES / "line-01.png", src / "a.png")
+    from PIL import Image
+
+    Image.open(SAMPLES / "line-01.png").save(src / "b.bmp")
+    r = htrctl("transcribe", "-s", str(daemon.socket_path), str(src))
+    assert r.returncode == 0, r.stderr  # was 4: the .bmp taken, then refused by htrd (415)
+    assert [Path(json.loads(x)["input"]).name for x in r.stdout.splitlines()] == ["a.png"]
+
+
+@pytest.mark.slow
+def test_progress_lines_when_stderr_is_not_a_terminal(daemon, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(12):
+        shutil.copyfile(SAMPLES / "line-01.png", src / f"l{i:02d}.png")
+    r = htrctl("transcribe", "-s", str(daemon.socket_path), "-f", "txt", str(src))
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if re.fullmatch(r"htrctl: \d+ of 12 done .*images/s.*", ln)]
+    assert len(lines) >= 5, r.stderr  # one every 10 % (at least)
+    q = htrctl("transcribe", "-q", "-s", str(daemon.socket_path), "-f", "txt", str(src))
+    assert q.stderr == "", q.stderr
+
+
+@pytest.mark.slow
+def test_a_loading_daemon_is_waited_for_by_default(tmp_path, provisioned_model):
+    from daemon_harness import launch, wait_until
+
+    d = launch(tmp_path, provisioned_model, faults="slow_load=5")
+    try:
+        wait_until(lambda: d.state() == "loading", 120, what="state loading")
+        r = htrctl("transcribe", "-s", str(d.socket_path), "-f", "txt", str(SAMPLES / "line-01.png"))
+        assert r.returncode == 0, r.stderr
+        assert "daemon state: loading; waiting up to 120 s" in r.stderr and r.stdout.strip()
+    finally:
+        d.stop()
+    # a daemon that is not running at all: at once, as before
+    r = htrctl("transcribe", "-s", str(tmp_path / "none.sock"), str(SAMPLES / "line-01.png"), timeout=30)
+    assert r.returncode == 75 and "htrd is not running" in r.stderr

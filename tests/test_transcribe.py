@@ -158,7 +158,7 @@ def test_not_ready_then_wait_shows_the_state(tmp_path, model):
     d = launch(tmp_path, model, faults="slow_load=10")
     try:
         wait_until(lambda: d.state() == "loading", 60, what="state loading")
-        r = htrctl("transcribe", "-s", str(d.socket_path), str(SAMPLES / "line-01.png"))
+        r = htrctl("transcribe", "-s", str(d.socket_path), "--wait", "0", str(SAMPLES / "line-01.png"))
         err = r.stderr.decode()
         assert r.returncode == ExitCode.UNAVAILABLE, err
         assert "htrd is not ready (state: loading)" in err and "--wait SECONDS" in err

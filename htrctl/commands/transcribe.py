@@ -34,7 +34,11 @@ def transcribe(
         help="requests in flight per socket (0: twice the daemon's largest batch size, keeping its batches full)",
     ),
     timeout: float = typer.Option(120.0, "--timeout", min=0.1, help="seconds per request"),
-    wait: float = typer.Option(0.0, "--wait", min=0.0, help="wait up to this many seconds for the daemon to be ready"),
+    wait: Optional[float] = typer.Option(
+        None, "--wait", min=0.0,
+        help="wait up to this many seconds for the daemon to be ready, also when it is not running yet "
+        "(default: a daemon that is loading is waited for as long as --retry-for; one that is down fails at once)",
+    ),
     retry_for: float = typer.Option(
         120.0, "--retry-for", min=0.0, help="keep retrying a daemon that restarts mid-run for this many seconds"
     ),

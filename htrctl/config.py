@@ -4,13 +4,18 @@ Lookup order for the file: ``--config`` > ``$HTR_CONFIG`` > ``/etc/htr/htr.yaml`
 > built-in defaults. Then ``HTR_<SECTION>__<FIELD>`` environment variables
 override single fields (``HTR_GPU__SELECT=cpu``, ``HTR_LIMITS__QUEUE_LENGTH=8``).
 Unknown keys and bad values fail with the file, the dotted field name and what
-is allowed. ``configs/htr.yaml`` documents every field with its default (shipped in
+is allowed. From the environment, ``null`` sets None (``HTR_SOCKET__GROUP=null``),
+a socket mode is octal (``HTR_SOCKET__MODE=660``), and a variable that maps to
+nothing is refused (``HTR_GPU_SELECT``) or logged, never ignored silently -- the
+behaviour of pydantic-settings (``env_nested_delimiter="__"``,
+``env_parse_none_str="null"``, ``extra="forbid"``). ``configs/htr.yaml`` documents every field with its default (shipped in
 the package: ``htrctl config template`` prints it); a test keeps it in step with
 this module.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -20,6 +25,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 SYSTEM_CONFIG = Path("/etc/htr/htr.yaml")
 ENV_CONFIG = "HTR_CONFIG"
@@ -199,19 +206,48 @@ def resolve_config_path(explicit: str | os.PathLike | None = None, env: dict | N
     return None
 
 
+# HTR_* variables that are not settings (read by htrctl, htrd, the tests and benchmarks themselves).
+ENV_NOT_SETTINGS = frozenset({
+    "HTR_CONFIG", "HTR_DEBUG", "HTR_SSH", "HTR_RSYNC_OPTS", "HTR_TEST_FAULTS", "HTR_NVML_FAKE", "HTR_CI",
+    "HTR_TEST_CACHE", "HTR_LOAD_REQUESTS", "HTR_RELIABILITY_RESULTS",
+})
+# Fields whose value is kept as typed: a GPU index stays "0", a socket mode "660" is octal.
+_RAW_FIELDS = {"dir", "path", "prompt", "select", "group", "mode"}
+NULL = "null"  # HTR_SOCKET__GROUP=null sets None (pydantic-settings' env_parse_none_str)
+
+
 def _env_overrides(env: dict) -> dict[str, Any]:
-    """``HTR_SECTION__FIELD=value`` → nested dict; values parsed as YAML scalars."""
+    """``HTR_SECTION__FIELD=value`` → nested dict; values parsed as YAML scalars, ``null`` is None.
+
+    An ``HTR_*`` variable that is neither a setting nor one of :data:`ENV_NOT_SETTINGS`
+    is refused when it looks like a setting (``HTR_GPU_SELECT``: the section's name,
+    one underscore) and logged otherwise -- never ignored silently.
+    """
     out: dict[str, Any] = {}
+    sections = [k for k in Settings.model_fields if k != "source"]
     for key, raw in env.items():
-        if not key.startswith(ENV_PREFIX) or "__" not in key:
+        if not key.startswith(ENV_PREFIX) or key in ENV_NOT_SETTINGS:
+            continue
+        if "__" not in key:
+            rest = key[len(ENV_PREFIX):].lower()
+            near = next((sec for sec in sections if rest.startswith(sec + "_")), None)
+            if near is not None:
+                hint = f"{ENV_PREFIX}{near.upper()}__{rest[len(near) + 1:].upper()}"
+                raise ConfigError(f"${key} is not a setting (sections and fields are separated by two "
+                                  f"underscores: ${hint})", remedy=f"rename it to {hint}, or unset it")
+            logger.warning("$%s is not a setting htrctl knows; ignored (settings are %sSECTION__FIELD)",
+                           key, ENV_PREFIX)
             continue
         section, _, field = key[len(ENV_PREFIX):].lower().partition("__")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
+        if raw == NULL:
+            value = None
+        elif field in _RAW_FIELDS:
             value = raw
-        if field == "dir" or field == "path" or field == "prompt" or field == "select" or field == "group":
-            value = raw  # keep strings as typed (a GPU index stays "0")
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw != "" else None
+            except yaml.YAMLError:
+                value = raw
         out.setdefault(section, {})[field] = value
     return out
 

@@ -107,6 +107,38 @@ def test_hoisting_leaves_values_and_the_end_of_options_alone():
     assert hoist_global_options(["provision", "--ssh", "ssh -v", "a", "b"]) == ["provision", "--ssh", "ssh -v", "a", "b"]
 
 
+# ------------------------------------------------------------------ row 8: config from the environment
+def test_env_null_octal_and_unknown_variables(caplog):
+    from htrctl.config import load_settings
+    from htrctl.errors import ConfigError
+
+    s = load_settings(None, env={"HTR_SOCKET__GROUP": "null", "HTR_SOCKET__MODE": "660",
+                                 "HTR_GENERATION__COMPILE_CACHE_DIR": "null"})
+    assert s.socket.group is None and s.socket.mode == 0o660 and s.generation.compile_cache_dir is None
+    assert load_settings(None, env={"HTR_SOCKET__MODE": "0640"}).socket.mode == 0o640
+    with pytest.raises(ConfigError, match=r"\$HTR_GPU_SELECT is not a setting .*\$HTR_GPU__SELECT") as e:
+        load_settings(None, env={"HTR_GPU_SELECT": "cpu"})
+    assert e.value.exit_code == 78
+    with pytest.raises(ConfigError, match=r"\$HTR_GPU__SELEKT: gpu.selekt: unknown setting"):
+        load_settings(None, env={"HTR_GPU__SELEKT": "cpu"})
+    with caplog.at_level("WARNING"):
+        load_settings(None, env={"HTR_SOMETHING": "1", "HTR_DEBUG": "1", "HTR_SSH": "ssh -p 2"})
+    assert [r.getMessage() for r in caplog.records] == [
+        "$HTR_SOMETHING is not a setting htrctl knows; ignored (settings are HTR_SECTION__FIELD)"]
+
+
+def test_env_mistake_on_the_command_line_is_one_line_exit_78():
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HTR_")}
+    r = subprocess.run([sys.executable, "-m", "htrctl", "config", "show"], capture_output=True, text=True,
+                       env={**env, "HTR_SOCKET_GROUP": "video"}, cwd=REPO, timeout=60)
+    assert r.returncode == 78
+    assert r.stderr.strip().splitlines() == [
+        "htrctl: error: $HTR_SOCKET_GROUP is not a setting (sections and fields are separated by two underscores: "
+        "$HTR_SOCKET__GROUP) -- rename it to HTR_SOCKET__GROUP, or unset it"]
+
+
 # ------------------------------------------------------------------ row 9: bench, Makefile
 def test_makefile_installs_python3_venv():
     """`python3 -m venv` needs python3-venv on Debian/Ubuntu (ensurepip is split out)."""

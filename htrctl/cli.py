@@ -28,8 +28,9 @@ app = typer.Typer(
     help="Deploy, check and use the handwritten-text-recognition service (htrd). "
     "The options below may also follow the command (htrctl transcribe ... -q).",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish)
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: flags without "<bool>", arguments as SOURCE DEST
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -96,6 +97,18 @@ def _report(exc: HtrError, debug: bool) -> int:
         except OSError:  # stderr is gone too: the exit code still says it
             pass
     return int(exc.exit_code)
+
+
+def _json_error(exc: HtrError, argv: list[str]) -> None:
+    """With --json, a script gets its JSON document on stdout even when the command failed: {"error": {...}}."""
+    from .commands import _common
+
+    if "--json" not in argv or exc.quiet or _common.json_emitted:
+        return
+    try:
+        _common.emit_json({"error": exc.to_dict()})
+    except OSError:
+        pass  # stdout is broken as well: the line on stderr and the exit code remain
 
 
 def _silence_stdout() -> None:
@@ -165,6 +178,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         code = 0
     except HtrError as exc:
         code = _report(exc, debug)
+        _json_error(exc, argv)
     except OSError as exc:  # an OS error no library call translated: the same one-line path
         # Without a file name, a write error of this kind comes from writing stdout (click flushes each echo).
         on_stdout = exc.filename is None and exc.errno in _STDOUT_ERRNOS

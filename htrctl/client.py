@@ -79,6 +79,10 @@ def _errno_of(exc: BaseException) -> int | None:
     return None
 
 
+# Groups no one should be told to join to reach a socket.
+PRIVILEGED_GROUPS = frozenset({"root", "0", "wheel", "sudo", "admin", "adm", "shadow", "disk", "docker"})
+
+
 def _group_of(path: Path) -> str:
     try:
         gid = path.stat().st_gid
@@ -104,10 +108,16 @@ def permission_error(socket_path: Path) -> DaemonPermissionError:
         mode = stat.filemode(socket_path.stat().st_mode)
     except OSError:
         mode = "?"
+    if group in PRIVILEGED_GROUPS:  # joining root (or wheel...) is never the fix
+        remedy = (f"the socket belongs to group '{group}': give it a group of its own (socket.group: htr in the "
+                  "config, SocketGroup=htr in htr.socket; `sudo htrctl service install` sets both), then "
+                  "sudo usermod -aG htr $USER and log out and in again")
+    else:
+        remedy = f"join the socket's group: sudo usermod -aG {group} $USER, then log out and in again"
     return DaemonPermissionError(
         f"permission denied on {'the daemon socket ' if not socket_path.is_dir() else ''}{socket_path}"
         f" (group '{group}', mode {mode})",
-        remedy=f"join the socket's group: sudo usermod -aG {group} $USER, then log out and in again",
+        remedy=remedy,
         detail={"socket": str(socket_path), "group": group},
     )
 

@@ -339,6 +339,27 @@ def load_settings(path: str | os.PathLike | None = None, *, env: dict | None = N
     return settings
 
 
+def host_problems(settings: Settings) -> list[ConfigError]:
+    """What the settings need from this host that it lacks: htrd would exit 78 on it at start.
+
+    Today: ``socket.group`` must exist (htrd gives its socket to that group).
+    ``htrctl config check`` and ``htrctl doctor`` report these.
+    """
+    import grp
+
+    problems: list[ConfigError] = []
+    group = settings.socket.group
+    if group:
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            problems.append(ConfigError(
+                f"{settings.source}: socket.group: group '{group}' does not exist on this host (htrd would exit 78)",
+                remedy=f"create it (sudo groupadd --system {group}; `sudo htrctl service install` does), "
+                       "or set socket.group: null"))
+    return problems
+
+
 def dump_settings(settings: Settings) -> str:
     """The effective settings as YAML (``htrctl config show``)."""
     data = settings.model_dump(mode="json")

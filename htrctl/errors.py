@@ -39,6 +39,7 @@ fix.
 from __future__ import annotations
 
 import errno
+import re
 from enum import IntEnum
 from typing import Any
 
@@ -79,6 +80,14 @@ class HtrError(Exception):
         self.remedy = remedy
         self.detail = detail
 
+    @property
+    def kind(self) -> str:
+        """The error's type for scripts (``--json``): stable, snake_case, without "Error"
+        (``ConfigError`` -> ``config``, ``DaemonUnavailableError`` -> ``daemon_unavailable``)."""
+        name = type(self).__name__
+        name = name[: -len("Error")] if name.endswith("Error") and name != "Error" else name
+        return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+
     def one_line(self) -> str:
         """The message and the remedy, as printed on stderr."""
         if self.remedy:
@@ -87,7 +96,7 @@ class HtrError(Exception):
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "type": type(self).__name__,
+            "type": self.kind,
             "message": self.message,
             "remedy": self.remedy,
             "detail": self.detail,

@@ -99,6 +99,103 @@ def test_root_options_may_follow_the_command(tmp_path, capsys):
     assert capsys.readouterr().out == f"{cfg}: ok\n"
 
 
+def test_permission_remedy_never_says_join_root(tmp_path):
+    import grp
+    import os
+
+    from htrctl.client import permission_error
+
+    sock = tmp_path / "htr.sock"
+    sock.write_text("")
+    os.chown(sock, -1, 0)
+    e = permission_error(sock)
+    assert "group 'root'" in e.message and "usermod -aG root" not in e.remedy
+    assert "socket.group: htr" in e.remedy and "usermod -aG htr" in e.remedy
+    other = next((g for g in grp.getgrall() if g.gr_name not in ("root", "wheel", "sudo", "adm") and g.gr_gid > 0), None)
+    if other is not None and os.geteuid() == 0:
+        os.chown(sock, -1, other.gr_gid)
+        assert f"sudo usermod -aG {other.gr_name} $USER" in permission_error(sock).remedy
+
+
+def test_json_gets_a_json_error_on_stdout_with_a_stable_type(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("gpu:\n  select: all\n")
+    assert main(["doctor", "--json", "-s", "host", "--config", str(bad)]) == 78
+    out, err = capsys.readouterr()
+    doc = json.loads(out)  # was: nothing on stdout
+    assert doc["error"]["type"] == "config" and doc["error"]["exit_code"] == 78
+    assert "gpu.select" in doc["error"]["message"] and err.startswith("htrctl: error: ")
+    # one document only, also when the command already wrote its own (status --json with its error inside)
+    assert main(["status", "--json", "-s", str(tmp_path / "none.sock")]) == 75
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["error"]["type"] == "daemon_unavailable"
+
+
+def test_error_kinds_are_snake_case_names_not_class_names():
+    from htrctl import errors
+
+    kinds = {cls.__name__: cls("x").kind for cls in vars(errors).values()
+             if isinstance(cls, type) and issubclass(cls, errors.HtrError) and cls is not errors.MissingExtraError}
+    assert kinds["ConfigError"] == "config" and kinds["DaemonPermissionError"] == "daemon_permission"
+    assert kinds["HtrError"] == "htr" and kinds["FileAccessError"] == "file_access"
+    assert all(re.fullmatch(r"[a-z]+(_[a-z]+)*", k) for k in kinds.values()), kinds
+
+
+def test_a_missing_socket_group_is_found_before_htrd_exits_78(tmp_path, capsys):
+    cfg = tmp_path / "htr.yaml"
+    cfg.write_text("socket:\n  group: no-such-group-htr\n")
+    assert main(["config", "check", str(cfg)]) == 78
+    err = capsys.readouterr().err
+    assert "socket.group: group 'no-such-group-htr' does not exist" in err and "groupadd --system" in err
+    assert main(["doctor", "--json", "-s", "service", "--config", str(cfg)]) in (1, 5)
+    found = {f["id"]: f for f in json.loads(capsys.readouterr().out)["findings"]}
+    assert found["service.socket_group"]["severity"] in ("warn", "fail")
+    assert "null" in found["service.socket_group"]["remedy"]
+    cfg.write_text("socket:\n  group: null\n")
+    assert main(["config", "check", str(cfg)]) == 0
+
+
+def test_help_has_no_type_noise_and_completion_exists():
+    r = subprocess.run([sys.executable, "-m", "htrctl", "doctor", "--help"], capture_output=True, text=True, cwd=REPO,
+                       env={"COLUMNS": "100", "PATH": "/usr/bin:/bin"}, timeout=60)
+    assert r.returncode == 0 and "--json" in r.stdout and "<bool>" not in r.stdout
+    r = subprocess.run([sys.executable, "-m", "htrctl", "provision", "--help"], capture_output=True, text=True,
+                       cwd=REPO, timeout=60)
+    assert "SOURCE" in r.stdout and "{source}" not in r.stdout
+    r = subprocess.run([sys.executable, "-m", "htrctl", "--show-completion", "bash"], capture_output=True, text=True,
+                       cwd=REPO, timeout=60)
+    assert r.returncode == 0 and "_HTRCTL_COMPLETE" in r.stdout.upper()
+
+
+def test_doctor_colours_fail_and_warn_on_a_terminal_only(tmp_path):
+    import os
+    import pty
+
+    cfg = tmp_path / "htr.yaml"
+    cfg.write_text("socket:\n  group: no-such-group-htr\n")
+    argv = [sys.executable, "-m", "htrctl", "doctor", "-s", "service", "--config", str(cfg)]
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "TERM")}
+    plain = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
+    assert "\033[" not in plain.stdout and ("WARN" in plain.stdout or "FAIL" in plain.stdout)
+    main_fd, tty_fd = pty.openpty()
+    try:
+        p = subprocess.run(argv, stdout=tty_fd, stderr=subprocess.PIPE, cwd=REPO, env=env, timeout=60)
+        os.close(tty_fd)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(main_fd, 65536)
+            except OSError:  # EIO: the other side is closed and drained
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(main_fd)
+    assert p.returncode in (1, 5)
+    assert b"\033[33;1mWARN\033[0m" in out or b"\033[31;1mFAIL\033[0m" in out, out[:2000]
+
+
 def test_hoisting_leaves_values_and_the_end_of_options_alone():
     assert hoist_global_options(["transcribe", "-q", "-s", "x.sock", "d"]) == ["-q", "transcribe", "-s", "x.sock", "d"]
     assert hoist_global_options(["-c", "a", "config", "check", "--config", "b"]) == ["-c", "a", "--config", "b",

@@ -9,9 +9,28 @@ from typing import Any
 import typer
 
 
+# Set once a command wrote its JSON document: an error after it must not add a second one.
+json_emitted = False
+
+
 def emit_json(data: Any) -> None:
     """Write *data* as JSON on stdout (data on stdout, diagnostics on stderr)."""
+    global json_emitted
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    json_emitted = True
+
+
+def use_color(stream: Any = None) -> bool:
+    """Colour for a terminal, unless NO_COLOR is set (no-color.org) or TERM=dumb."""
+    import os
+
+    stream = stream if stream is not None else sys.stdout
+    if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+        return False
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def info(msg: str, *, quiet: bool = False) -> None:

@@ -31,10 +31,17 @@ def show(
 @config_app.command("check")
 def check(
     ctx: typer.Context,
-    path: Optional[Path] = typer.Argument(None, help="config file (default: the lookup order)"),
+    path: Optional[Path] = typer.Argument(None, metavar="[PATH]", help="config file (default: the lookup order)"),
 ) -> None:
-    """Validate a config file; exit 78 with the field and the allowed values when invalid."""
+    """Validate a config file, and what it needs from this host; exit 78 naming the field and the fix."""
+    from ..config import host_problems
+
     settings = globals_of(ctx).settings(path)
+    problems = host_problems(settings)
+    for p in problems[1:]:
+        info(f"htrctl: error: {p.one_line()}")
+    if problems:
+        raise problems[0]
     typer.echo(f"{settings.source}: ok")
 
 

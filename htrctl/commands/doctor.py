@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from ._common import emit_json, globals_of, info
+from ._common import emit_json, globals_of, info, use_color
 
 
 def doctor(
@@ -42,7 +42,7 @@ def doctor(
         data["config_written"] = str(written) if written else None
         emit_json(data)
     else:
-        typer.echo(render_table(report, verbose=g.verbose > 0), nl=False)
+        typer.echo(render_table(report, verbose=g.verbose > 0, color=use_color()), nl=False)
     if write_config:
         info(f"wrote gpu.select: {report.recommendation['uuid']} to {written}" if written
              else "no GPU to recommend: config not changed", quiet=g.quiet)

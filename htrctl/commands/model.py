@@ -10,7 +10,7 @@ from ._common import emit_json
 
 
 def demo_model(
-    dest: Path = typer.Argument(..., help="directory to write (replaced atomically)"),
+    dest: Path = typer.Argument(..., metavar="DEST", help="directory to write (replaced atomically)"),
     force: bool = typer.Option(False, "--force", help="rebuild even if an identical build is there"),
     json_out: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:

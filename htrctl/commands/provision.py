@@ -12,8 +12,8 @@ from ._common import emit_json, globals_of, info
 
 def provision_cmd(
     ctx: typer.Context,
-    source: str = typer.Argument(..., help="model directory, adapter, [user@]host:/path or hf://org/name[@rev]"),
-    dest: str = typer.Argument(..., help="directory to produce: local or [user@]host:/path"),
+    source: str = typer.Argument(..., metavar="SOURCE", help="model directory, adapter, [user@]host:/path or hf://org/name[@rev]"),
+    dest: str = typer.Argument(..., metavar="DEST", help="directory to produce: local or [user@]host:/path"),
     base: Optional[str] = typer.Option(None, "--base", help="the adapter's base: directory, host:path or hf://repo"),
     merge: bool = typer.Option(False, "--merge", help="also write the adapter folded into the base (merged/)"),
     dry_run: bool = typer.Option(False, "--dry-run", "-n", help="say what would move; change nothing"),
@@ -42,7 +42,7 @@ def provision_cmd(
 
 def verify_cmd(
     ctx: typer.Context,
-    path: Path = typer.Argument(..., help="model directory"),
+    path: Path = typer.Argument(..., metavar="DIR", help="model directory"),
     quick: bool = typer.Option(False, "--quick", help="sizes, headers and structure only (no full sha256)"),
     json_out: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:

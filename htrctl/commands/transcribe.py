@@ -13,7 +13,7 @@ from ._common import globals_of
 def transcribe(
     ctx: typer.Context,
     paths: List[str] = typer.Argument(
-        ..., help="image files, PAGE/ALTO files (.xml), directories (recursive) or - for stdin"
+        ..., metavar="PATH...", help="image files, PAGE/ALTO files (.xml), directories (recursive) or - for stdin"
     ),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="write one file per input here (<name>.<format>), atomically"

@@ -207,8 +207,17 @@ def _match(ctx: Context, st: dict) -> Finding:
                    f"{str(got_digest or '-')[:12]}) on {got_uuid or gpu.get('device')}", data=data)
 
 
+def _socket_group(ctx: Context) -> list[Finding]:
+    from ..config import host_problems
+
+    # Before `service install` (which creates the group) it is a step still to do, not a fault.
+    sev = FAIL if ctx.service_env().installed else WARN
+    return [Finding("service.socket_group", sev, p.message, remedy=p.remedy,
+                    data={"group": ctx.settings.socket.group}) for p in host_problems(ctx.settings)]
+
+
 def check(ctx: Context) -> list[Finding]:
-    out = _units(ctx)
+    out = _units(ctx) + _socket_group(ctx)
     path = socket_path(ctx)
     sock = _socket(ctx, path)
     if not path.exists() and not ctx.service_env().installed:

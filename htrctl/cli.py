@@ -188,6 +188,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         code = int(ExitCode.INTERRUPTED)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if code == ExitCode.INTERRUPTED and isinstance(getattr(exc.__context__, "__cause__", None), KeyboardInterrupt):
+            typer.echo("htrctl: interrupted", err=True)  # typer turned Ctrl-C into a silent exit 130
         if type(sys.stdout).__name__ == "PacifyFlushWrapper":  # click met EPIPE on stdout and exited 1
             code = _report(from_os_error(BrokenPipeError(errno.EPIPE, "Broken pipe"), target="stdout"), debug)
     failed_flush = _flush_stdout()

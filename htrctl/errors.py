@@ -204,6 +204,12 @@ class WatchdogError(HtrError):
     exit_code = ExitCode.WATCHDOG
 
 
+class InterruptedRunError(HtrError):
+    """Ctrl-C: the message says what was left where, the remedy how to go on."""
+
+    exit_code = ExitCode.INTERRUPTED
+
+
 class FileAccessError(HtrError):
     """An OS error on a file or directory (permission denied, read-only filesystem)."""
 

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import IncompatibleAdapterError, LockedError, ModelMissingError, ProvisionError
+from .errors import IncompatibleAdapterError, InterruptedRunError, LockedError, ModelMissingError, ProvisionError
 from .manifest import (
     CHUNK,
     MANIFEST_NAME,
@@ -397,7 +397,13 @@ def _check_pair(files: dict[str, Path], plan_root_base: Path | None) -> dict[str
 
 
 class _Lock:
-    """An exclusive flock on ``<parent>/.<name>.htr-lock`` (never deleted: no unlink races)."""
+    """An exclusive flock on ``<parent>/.<name>.htr-lock``, removed again when released.
+
+    The holder unlinks the file before it unlocks; a process that opened the
+    same file meanwhile gets the lock on an unlinked inode, sees that the path
+    no longer names its file, and starts over on a new one (no unlink races,
+    and no lock files left behind DEST).
+    """
 
     def __init__(self, dest: Path) -> None:
         self.path = dest.parent / f".{dest.name}.htr-lock"
@@ -405,14 +411,22 @@ class _Lock:
 
     def __enter__(self) -> "_Lock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise LockedError(f"{self.path.parent / self.path.name[1:-9]} is being provisioned by another "
-                              f"process (pid {holder})", remedy="wait for it to finish, or stop that process") from None
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise LockedError(f"{self.path.parent / self.path.name[1:-9]} is being provisioned by another "
+                                  f"process (pid {holder})", remedy="wait for it to finish, or stop that process") from None
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the previous holder removed it after we opened it: take a fresh one
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
@@ -420,9 +434,13 @@ class _Lock:
 
     def __exit__(self, *exc: object) -> None:
         if self.fd is not None:
-            os.ftruncate(self.fd, 0)
+            try:
+                os.unlink(self.path)  # still locked: whoever opened it meanwhile starts over
+            except FileNotFoundError:
+                pass
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
+            self.fd = None
 
 
 class _Journal:
@@ -572,6 +590,25 @@ def provision(
     src_loc, dst_loc = parse_location(source), parse_location(dest)
     if isinstance(dst_loc, Hub):
         raise ProvisionError("DEST cannot be hf://", remedy="give a local directory or host:path")
+    try:
+        result = _provision(source, dest, src_loc, dst_loc, base=base, merge=merge, dry_run=dry_run,
+                            allow_download=allow_download, progress=progress, ssh=ssh)
+    except KeyboardInterrupt:
+        if isinstance(dst_loc, Remote):
+            rpath = dst_loc.path.rstrip("/") or "/"
+            kept = f"{dst_loc.host}:{os.path.dirname(rpath) or '.'}/.{os.path.basename(rpath)}.htr-work"
+        else:
+            kept = str(Path(dst_loc.path).absolute().parent / f".{Path(dst_loc.path).name}.htr-work")
+        raise InterruptedRunError(
+            f"interrupted: {dest} is as it was; what was copied so far is kept in {kept}",
+            remedy="run the same command again: it resumes there (complete files are not copied again)") from None
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+def _provision(source: str, dest: str, src_loc: Local | Remote | Hub, dst_loc: Local | Remote, *,
+               base: str | None, merge: bool, dry_run: bool, allow_download: bool, progress: bool,
+               ssh: str | None) -> ProvisionResult:
     if isinstance(dst_loc, Remote):
         if isinstance(src_loc, Remote):
             raise ProvisionError("remote to remote is not supported",
@@ -597,7 +634,6 @@ def provision(
                 + (f" ({free // 1024} KiB free on that file system)" if free >= 0 else ""),
                 remedy="free space there (or choose another DEST), then rerun the same command: it resumes "
                        "where it stopped; DEST is untouched") from None
-    result.seconds = time.monotonic() - t0
     return result
 
 
@@ -960,6 +996,7 @@ def _rsync(args: list[str], *, ssh: str | None, progress: bool, dry_run: bool = 
     cmd = ["rsync", "-rt", "--partial", "--partial-dir=.rsync-partial", "--stats", "-i",
            "-e", shlex.join(ssh_command(ssh))]
     cmd += shlex.split(os.environ.get("HTR_RSYNC_OPTS", ""))
+    progress = progress and _stderr_is_terminal()  # "\r" progress only where it redraws: not cron, the journal
     if dry_run:
         cmd.append("-n")
     elif progress:
@@ -973,15 +1010,24 @@ def _rsync(args: list[str], *, ssh: str | None, progress: bool, dry_run: bool = 
     drain.start()
     out = bytearray()
     pending = b""
-    while chunk := proc.stdout.read1(65536):
-        out += chunk
-        if progress and not dry_run:  # progress2 lines end in \r: show the last one on stderr
-            pending = (pending + chunk).split(b"\n")[-1]
-            last = pending.split(b"\r")
-            line = next((x for x in reversed(last) if b"%" in x), None)
-            if line:
-                sys.stderr.write("\r" + line.decode(errors="replace").strip()[:100])
-                sys.stderr.flush()
+    try:
+        while chunk := proc.stdout.read1(65536):
+            out += chunk
+            if progress and not dry_run:  # progress2 lines end in \r: show the last one on stderr
+                pending = (pending + chunk).split(b"\n")[-1]
+                last = pending.split(b"\r")
+                line = next((x for x in reversed(last) if b"%" in x), None)
+                if line:
+                    sys.stderr.write("\r" + line.decode(errors="replace").strip()[:100])
+                    sys.stderr.flush()
+    except BaseException:  # Ctrl-C: no rsync (and ssh) left running behind us; --partial keeps its work
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
     rc = proc.wait()
     drain.join(timeout=10)
     if progress and not dry_run:
@@ -989,13 +1035,30 @@ def _rsync(args: list[str], *, ssh: str | None, progress: bool, dry_run: bool = 
     text = out.decode(errors="replace")
     if rc != 0:
         err = b"".join(err_chunks).decode(errors="replace")
-        last = (err.strip().splitlines() or [f"exit {rc}"])[-1]
-        raise ProvisionError(f"rsync failed (exit {rc}): {last}",
+        raise ProvisionError(f"rsync failed (exit {rc}): {rsync_cause(err, rc)}",
                              remedy="check the host, the path and the ssh command (--ssh / $HTR_SSH); "
                                     "run again to resume, complete files are not copied again")
     m = re.search(r"Literal data: ([\d,.]+)", text)
     literal = int(re.sub(r"[,.]", "", m.group(1))) if m else 0
     return literal, text
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def rsync_cause(stderr: str, rc: int) -> str:
+    """The line of rsync's stderr that says why: ssh's own message (host unreachable, key refused, remote
+    shell errors) before rsync's generic "connection unexpectedly closed" / "rsync error: ..." lines."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    own = [ln for ln in lines if not ln.startswith(("rsync:", "rsync error:", "rsync warning:"))]
+    if own:
+        return own[0]
+    specific = [ln for ln in lines if ln.startswith("rsync:") and "connection unexpectedly closed" not in ln]
+    return (specific or lines or [f"exit {rc}"])[0]
 
 
 def _itemized(out: str) -> list[tuple[str, str]]:
@@ -1061,7 +1124,7 @@ def _ssh_run(host: str, script: str, *, ssh: str | None, check: bool = True) -> 
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if check and proc.returncode != 0:
         raise ProvisionError(f"{host}: remote command failed (exit {proc.returncode}): "
-                             f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}",
+                             f"{rsync_cause(proc.stderr, proc.returncode)}",
                              remedy="check ssh access (--ssh / $HTR_SSH) and permissions on the remote path")
     return proc
 

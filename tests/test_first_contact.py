@@ -204,6 +204,86 @@ def test_hoisting_leaves_values_and_the_end_of_options_alone():
     assert hoist_global_options(["provision", "--ssh", "ssh -v", "a", "b"]) == ["provision", "--ssh", "ssh -v", "a", "b"]
 
 
+# ------------------------------------------------------------------ row 7: provision feedback
+def _need_rsync_ssh():
+    from conftest import require_system
+
+    require_system(shutil.which("rsync") is not None and shutil.which("ssh") is not None, "rsync and ssh")
+
+
+def test_a_failed_remote_provision_names_sshs_cause(tmp_path):
+    """Was: rsync's last line ("rsync error: unexplained error (code 255) at io.c...")."""
+    _need_rsync_ssh()
+    r = subprocess.run([sys.executable, "-m", "htrctl", "provision", "127.0.0.1:/srv/none/model", str(tmp_path / "m"),
+                        "--ssh", "ssh -p 1 -o BatchMode=yes -o ConnectTimeout=5"], capture_output=True, text=True,
+                       cwd=REPO, timeout=120)
+    assert r.returncode == 73, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ssh: connect to host 127.0.0.1 port 1: Connection refused" in lines[0], r.stderr
+    assert "rsync error" not in lines[0]
+
+
+def test_rsync_cause_prefers_the_remote_shells_words():
+    from htrctl.provision import rsync_cause
+
+    err = ("Permission denied (publickey).\r\nrsync: connection unexpectedly closed (0 bytes received so far) "
+           "[Receiver]\nrsync error: unexplained error (code 255) at io.c(232) [Receiver=3.2.7]\n")
+    assert rsync_cause(err, 255) == "Permission denied (publickey)."
+    err = ('rsync: [sender] change_dir "/srv/none" failed: No such file or directory (2)\n'
+           "rsync error: some files/attrs were not transferred (code 23) at main.c(1338) [Receiver=3.2.7]\n")
+    assert rsync_cause(err, 23).startswith('rsync: [sender] change_dir "/srv/none" failed')
+    assert rsync_cause("", 12) == "exit 12"
+
+
+def test_rsync_progress_stays_off_a_stderr_that_is_not_a_terminal(tmp_path, capfd):
+    _need_rsync_ssh()
+    from htrctl.provision import _rsync
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(b"x" * (4 << 20))
+    _rsync([str(src) + "/", str(tmp_path / "dst") + "/"], ssh=None, progress=True)
+    assert (tmp_path / "dst" / "big").stat().st_size == 4 << 20
+    err = capfd.readouterr().err
+    assert "\r" not in err and "%" not in err, err
+
+
+def test_ctrl_c_says_where_the_work_is_kept_and_that_a_rerun_resumes(tmp_path):
+    """SIGINT while rsync waits on the remote: exit 130, one line naming the staging tree, no lock file, no
+    rsync left running."""
+    import os
+    import signal
+
+    from daemon_harness import wait_until
+
+    _need_rsync_ssh()
+    fake_ssh = tmp_path / "fake-ssh"
+    fake_ssh.write_text(f"#!/bin/sh\necho $$ > {tmp_path}/ssh.pid\nexec sleep 600\n")
+    fake_ssh.chmod(0o755)
+    dest = tmp_path / "srv" / "model"
+    proc = subprocess.Popen([sys.executable, "-m", "htrctl", "provision", "gpu-host:/data/model", str(dest), "--ssh",
+                             str(fake_ssh)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        wait_until(lambda: (tmp_path / "ssh.pid").exists() or proc.poll() is not None, 60, what="rsync started")
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        try:
+            os.kill(int((tmp_path / "ssh.pid").read_text()), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+    assert proc.returncode == 130, err
+    work = dest.parent / ".model.htr-work"
+    assert err.strip().splitlines() == [
+        f"htrctl: error: interrupted: {dest} is as it was; what was copied so far is kept in {work} -- run the same "
+        "command again: it resumes there (complete files are not copied again)"]
+    assert work.is_dir() and not dest.exists()
+    assert sorted(p.name for p in dest.parent.iterdir()) == [".model.htr-work"]  # no .model.htr-lock left
+
+
 # ------------------------------------------------------------------ row 8: config from the environment
 def test_env_null_octal_and_unknown_variables(caplog):
     from htrctl.config import load_settings

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from htrctl.errors import ExitCode, IncompatibleAdapterError, LockedError, ModelMissingError, ProvisionError
+from htrctl.errors import (ExitCode, IncompatibleAdapterError, InterruptedRunError, LockedError, ModelMissingError,
+                           ProvisionError)
 from htrctl.manifest import MANIFEST_NAME, read_manifest
 from htrctl.provision import parse_location, Hub, Local, Remote, provision
 from htrctl.verify import verify_model_dir
@@ -46,8 +47,8 @@ def test_full_model_provisions_and_verifies(demo_model_dir, tmp_path):
     assert m.adapter["sha256"] == hashlib.sha256(
         (demo_model_dir / "final_model/adapter_model.safetensors").read_bytes()).hexdigest()
     assert m.tool["name"] == "htrctl" and m.schema_version == 1
-    # nothing left beside DEST but the (empty, reusable) lock file
-    assert siblings(dest) == [".model.htr-lock", "model"]
+    # nothing left beside DEST: the lock file goes with the lock
+    assert siblings(dest) == ["model"]
 
 
 def test_reprovision_is_a_noop(demo_model_dir, tmp_path):
@@ -197,8 +198,9 @@ def test_interrupted_run_resumes_without_copying_complete_files(demo_model_dir, 
     monkeypatch.setattr(prov, "COPY_WORKERS", 1)
     monkeypatch.setattr(prov, "_copy_hash", failing)
     dest = tmp_path / "model"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(InterruptedRunError, match=r"kept in .*/\.model\.htr-work") as stopped:
         provision(str(demo_model_dir), str(dest), progress=False)
+    assert stopped.value.exit_code == 130 and "run the same command again" in stopped.value.remedy
     assert not dest.exists()  # never looks complete
     monkeypatch.setattr(prov, "_copy_hash", real)
     r = provision(str(demo_model_dir), str(dest), progress=False)
@@ -226,7 +228,7 @@ def test_partial_file_resumes_from_its_offset(demo_model_dir, tmp_path, monkeypa
     monkeypatch.setattr(prov, "COPY_WORKERS", 1)
     monkeypatch.setattr(prov, "_copy_hash", half_then_die)
     dest = tmp_path / "model"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(InterruptedRunError):
         provision(str(demo_model_dir), str(dest), progress=False)
     monkeypatch.setattr(prov, "_copy_hash", real)
     r = provision(str(demo_model_dir), str(dest), progress=False)
@@ -241,7 +243,7 @@ def test_dry_run_changes_nothing(demo_model_dir, tmp_path):
     assert r.dry_run and not dest.exists()
     assert {a.kind for a in r.actions} == {"copy"}
     assert r.bytes_copied == r.total_size > 0
-    assert siblings(dest) == [".model.htr-lock"]
+    assert siblings(dest) == []
 
 
 def test_refuses_to_replace_a_foreign_directory(demo_model_dir, tmp_path):

@@ -171,6 +171,9 @@ def hoist_global_options(argv: list[str]) -> list[str]:
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: run the app, translate known errors into one line + exit code."""
     argv = hoist_global_options(list(sys.argv[1:] if argv is None else argv))
+    from .commands import _common
+
+    _common.json_emitted = False  # per run (main may be called again in one process)
     debug = os.environ.get("HTR_DEBUG", "") not in ("", "0") or "--debug" in argv
     try:
         # standalone mode: click prints usage errors itself (exit 2) and handles Ctrl-C.

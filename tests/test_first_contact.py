@@ -92,7 +92,7 @@ def test_a_truncated_shard_is_blamed_not_the_adapter_pair(provisioned_copy):
 # ------------------------------------------------------------------ row 6: CLI conventions
 def test_root_options_may_follow_the_command(tmp_path, capsys):
     cfg = tmp_path / "htr.yaml"
-    cfg.write_text("gpu:\n  select: cpu\n")
+    cfg.write_text("gpu:\n  select: cpu\nsocket:\n  group: null\n")
     assert main(["config", "show", "--json", "--config", str(cfg)]) == 0
     assert json.loads(capsys.readouterr().out)["settings"]["gpu"]["select"] == "cpu"
     assert main(["config", "check", "-c", str(cfg), "-q"]) == 0

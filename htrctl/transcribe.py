@@ -533,7 +533,7 @@ class Transcriber:
                 if not is_retryable(exc):
                     self._release(item, requeue=False)
                     info = exc.detail if isinstance(exc.detail, dict) else {}
-                    self._fail(item, exc.message, str(info.get("type") or type(exc).__name__))
+                    self._fail(item, exc.message, str(info.get("type") or exc.kind))
                     continue
                 self._release(item, requeue=True)
                 if not self._retry_wait(replica, exc):

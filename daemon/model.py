@@ -11,6 +11,14 @@ benchmarks -- so what is tested is what runs:
   base plus ``final_model/`` through PEFT, folded into the weights with
   ``merge_and_unload`` unless ``merge=False``. Every parameter and buffer is
   asserted to sit on the device.
+  An adapter is checked first by :func:`htrctl.verify.inspect_adapter` (headers
+  only; its errors are the loader's, so ``htrctl verify`` ok <=> this loads) and
+  loaded as it was trained: when its ``embed_tokens``/``lm_head`` were resized
+  (added tokens), the base's embeddings are resized to the saved rows before
+  ``PeftModel.from_pretrained``; ``modules_to_save`` load with it.
+- The processor: the adapter's own files when ``final_model/`` has them (what
+  training used; a tokenizer alone is paired with the base's image processor),
+  else the base's -- :func:`htrctl.modeldir.processor_source`.
 - :class:`Preprocessor`: the chat prompt (rendered once), image preprocessing,
   and the prompt's token ids -- tokenised once per image-grid shape and cached,
   since every line of the same patch grid has the same ids. Thread-safe.
@@ -30,8 +38,8 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
-from htrctl.errors import GpuError, ModelError
-from htrctl.modeldir import variant_paths
+from htrctl.errors import GpuError, IncompatibleAdapterError, ModelCorruptError, ModelError, ModelMissingError
+from htrctl.modeldir import CHAT_TEMPLATE_FILES, processor_source, variant_paths
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +61,8 @@ class Loaded:
     variant: str  # "merged" (merged/) | "adapter" (base + final_model/, folded in at load when merge=True)
     dtype_name: str
     device: str
+    processor_from: str = "base"  # "base" | "adapter" | "adapter-tokenizer" (htrctl.modeldir.processor_source)
+    vocab_resized: int | None = None  # rows the base's embeddings were resized to for the adapter
 
 
 def load_model(model_dir: str | os.PathLike, *, device: str, dtype: str = "auto", variant: str = "auto",
@@ -63,14 +73,13 @@ def load_model(model_dir: str | os.PathLike, *, device: str, dtype: str = "auto"
     model_dir = Path(model_dir)
     used, weights, adapter = variant_paths(model_dir, variant)  # a missing variant fails before the slow imports
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
-        from htrctl.errors import ModelMissingError
-
         raise ModelMissingError(f"{adapter}/adapter_config.json does not exist (the LoRA adapter)",
                                 remedy="provision the complete model directory with `htrctl provision`")
+    plan = _adapter_plan(model_dir, adapter) if adapter is not None else None  # headers only, before the imports
     progress("importing torch and transformers")
     import torch
     import transformers
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     transformers.utils.logging.disable_progress_bar()
     dtype_name = resolve_dtype_name(dtype, device)
@@ -84,11 +93,12 @@ def load_model(model_dir: str | os.PathLike, *, device: str, dtype: str = "auto"
         if dev.index is None:
             device = f"cuda:{torch.cuda.current_device()}"  # one explicit device, also for "cuda"
         torch.cuda.set_device(torch.device(device))
-    progress(f"loading processor from {model_dir}")
+    processor_from, processor_dir = processor_source(model_dir)
+    progress(f"loading processor from {processor_dir}")
     try:
-        processor = AutoProcessor.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load the processor/tokenizer from {model_dir}: {_first_line(exc)}",
+        processor = _load_processor(model_dir, processor_from, processor_dir)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelError(f"cannot load the processor/tokenizer from {processor_dir}: {_first_line(exc)}",
                          remedy="run `htrctl verify` and re-provision the directory") from exc
     progress(f"loading {used} weights from {weights} ({dtype_name}, {device})")
     kwargs: dict[str, Any] = dict(local_files_only=True, use_safetensors=True, dtype=getattr(torch, dtype_name),
@@ -104,6 +114,11 @@ def load_model(model_dir: str | os.PathLike, *, device: str, dtype: str = "auto"
         progress(f"applying the LoRA adapter from {adapter}")
         from peft import PeftModel
 
+        if plan is not None and plan.vocab is not None:
+            # as training did (resize_token_embeddings after adding tokens); the rows it trained come with the
+            # adapter (modules_to_save), a shrunk vocabulary is a plain cut. No mean-resizing: nothing random.
+            progress(f"resizing the embeddings from {plan.base_vocab} to the adapter's {plan.vocab} rows")
+            model.resize_token_embeddings(plan.vocab, mean_resizing=False)
         try:
             model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False, local_files_only=True)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
@@ -111,7 +126,13 @@ def load_model(model_dir: str | os.PathLike, *, device: str, dtype: str = "auto"
                              remedy="run `htrctl verify`; the adapter must match the base model") from exc
         if merge:
             t0 = time.perf_counter()
-            model = model.merge_and_unload()
+            try:
+                model = model.merge_and_unload()
+            except (ValueError, NotImplementedError, RuntimeError, TypeError) as exc:
+                raise IncompatibleAdapterError(
+                    f"PEFT cannot merge the LoRA adapter from {adapter} into the weights: {_first_line(exc)}",
+                    remedy="merge it where it was trained and provision the merged model, or train without "
+                           "this option") from exc
             logger.info("LoRA merged into the weights in %.2f s", time.perf_counter() - t0)
     if str(device) == "cpu":
         model = model.to("cpu")
@@ -119,7 +140,59 @@ def load_model(model_dir: str | os.PathLike, *, device: str, dtype: str = "auto"
     for p in model.parameters():
         p.requires_grad_(False)
     assert_one_device(model, device)
-    return Loaded(model=model, processor=processor, variant=used, dtype_name=dtype_name, device=str(device))
+    return Loaded(model=model, processor=processor, variant=used, dtype_name=dtype_name, device=str(device),
+                  processor_from=processor_from, vocab_resized=plan.vocab if plan is not None else None)
+
+
+def _adapter_plan(model_dir: Path, adapter: Path):
+    """verify's adapter<->base check (headers and configs only); its errors refuse the load with verify's words."""
+    from htrctl.verify import HeaderError, inspect_adapter, load_weight_set, read_config, read_safetensors_header
+
+    config = read_config(model_dir)
+    ws, _ = load_weight_set(model_dir)
+    if config is None or ws is None:
+        raise ModelMissingError(f"{model_dir}: the base model's config.json or weights cannot be read",
+                                remedy="run `htrctl verify` and re-provision the directory")
+    for rel in ws.files:  # a truncated or corrupt shard hides its tensors: name it, not the adapter pair
+        try:
+            read_safetensors_header(model_dir / rel)
+        except (HeaderError, OSError) as exc:
+            raise ModelCorruptError(f"{model_dir / rel}: {exc}",
+                                    remedy="run `htrctl verify` and re-provision the directory") from exc
+    plan = inspect_adapter(config, ws, adapter)
+    if plan.errors:
+        first = plan.errors[0]
+        raise IncompatibleAdapterError(f"cannot load the LoRA adapter: {first.path}: {first.problem}",
+                                       remedy=first.remedy, detail=[f.to_dict() for f in plan.errors])
+    return plan
+
+
+def _load_processor(model_dir: Path, source: str, processor_dir: Path):
+    """The processor htrd serves with: the adapter's whole processor, the base's image processor with the
+    adapter's tokenizer (and chat template), or the base's."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    if source == "adapter":
+        return AutoProcessor.from_pretrained(str(processor_dir), local_files_only=True)
+    if source == "base":
+        return AutoProcessor.from_pretrained(str(model_dir), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(processor_dir), local_files_only=True)
+    processor = AutoProcessor.from_pretrained(str(model_dir), local_files_only=True, tokenizer=tokenizer)
+    template = _chat_template(processor_dir) or getattr(tokenizer, "chat_template", None)
+    if template:
+        processor.chat_template = template
+    return processor
+
+
+def _chat_template(d: Path) -> str | None:
+    import json
+
+    for name in CHAT_TEMPLATE_FILES:
+        p = d / name
+        if p.is_file():
+            text = p.read_text(encoding="utf-8")
+            return json.loads(text).get("chat_template") if name.endswith(".json") else text
+    return None
 
 
 def assert_one_device(model, device: str) -> None:

@@ -7,7 +7,9 @@ GPU selection) must agree on::
       final_model/               the LoRA adapter       (ADAPTER_DIRNAME)
       merged/                    optional: adapter folded into the base (MERGED_DIRNAME)
 
-``resolve_variant`` decides which of them loads; ``model_footprint`` sizes that
+``resolve_variant`` decides which of them loads; ``processor_source`` where the
+processor/tokenizer comes from (the adapter's own files, saved at training
+time, win over the base's); ``model_footprint`` sizes that
 variant from the safetensors headers without loading anything -- doctor's
 placement and htrd's GPU choice both call it, so they cannot disagree.
 No torch here.
@@ -24,6 +26,12 @@ from .errors import ModelMissingError
 ADAPTER_DIRNAME = "final_model"
 MERGED_DIRNAME = "merged"
 VARIANTS = ("auto", "merged", "adapter")
+# What a training run saves next to its adapter with tokenizer.save_pretrained / processor.save_pretrained.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
+                   "special_tokens_map.json")
+PROCESSOR_ONLY_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+PROCESSOR_FILES = TOKENIZER_FILES + PROCESSOR_ONLY_FILES + CHAT_TEMPLATE_FILES
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -52,6 +60,22 @@ def resolve_variant(model_dir: Path, variant: str = "auto") -> str:
     if variant == "auto" and has_merged(model_dir):
         return "merged"
     return "adapter"
+
+
+def processor_source(model_dir: Path) -> tuple[str, Path]:
+    """Where the processor comes from: ``("adapter", final_model/)`` when the adapter holds a whole processor
+    (``processor_config.json`` or ``preprocessor_config.json`` and a tokenizer), ``("adapter-tokenizer",
+    final_model/)`` when it holds a tokenizer only (the image processor then comes from the base), else
+    ``("base", model_dir)``. The adapter's files are what training used; they also serve a ``merged/`` variant,
+    which was made from that adapter."""
+    model_dir = Path(model_dir)
+    adapter = model_dir / ADAPTER_DIRNAME
+    if not has_adapter(model_dir) or not any((adapter / n).is_file() for n in ("tokenizer.json",
+                                                                               "tokenizer_config.json")):
+        return "base", model_dir
+    if any((adapter / n).is_file() for n in ("processor_config.json", "preprocessor_config.json")):
+        return "adapter", adapter
+    return "adapter-tokenizer", adapter
 
 
 def variant_paths(model_dir: Path, variant: str = "auto") -> tuple[str, Path, Path | None]:

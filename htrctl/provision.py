@@ -368,10 +368,9 @@ def _check_pair(files: dict[str, Path], plan_root_base: Path | None) -> dict[str
     # a temporary view of the DEST layout (symlinks), so the same checks as verify run on it
     with tempfile.TemporaryDirectory(prefix="htr-view-") as tmp:
         view = Path(tmp)
-        for rel, p in files.items():
-            if rel.endswith((".json",)) or rel.endswith(".safetensors"):
-                (view / rel).parent.mkdir(parents=True, exist_ok=True)
-                (view / rel).symlink_to(p.resolve())
+        for rel, p in files.items():  # every file: the adapter check also reads tokenizers, templates, .bin names
+            (view / rel).parent.mkdir(parents=True, exist_ok=True)
+            (view / rel).symlink_to(p.resolve())
         config = read_config(view) or {}
         ws, findings = load_weight_set(view)
         errs = [f for f in findings if f.severity == ERROR]
@@ -386,7 +385,8 @@ def _check_pair(files: dict[str, Path], plan_root_base: Path | None) -> dict[str
             "dtype": weights_dtype(ws),
         }
         if (view / ADAPTER_DIRNAME / "adapter_config.json").exists():
-            errs = [f for f in check_adapter_pair(config, ws, view / ADAPTER_DIRNAME) if f.severity == ERROR]
+            errs = [f for f in check_adapter_pair(config, ws, view / ADAPTER_DIRNAME, base_dir=view)
+                    if f.severity == ERROR]
             if errs:
                 raise IncompatibleAdapterError(f"{errs[0].path}: {errs[0].problem}", remedy=errs[0].remedy,
                                                detail=[e.to_dict() for e in errs])

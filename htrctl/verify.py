@@ -36,7 +36,7 @@ from .manifest import (
     unsafe_relpath,
     walk_files,
 )
-from .modeldir import ADAPTER_DIRNAME, MERGED_DIRNAME
+from .modeldir import ADAPTER_DIRNAME, MERGED_DIRNAME, PROCESSOR_FILES
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ SUB_BYTE = {"F4": 0.5, "F6_E2M3": 0.75, "F6_E3M2": 0.75}
 
 ERROR = "error"
 WARNING = "warning"
+INFO = "info"
 # Finding codes (stable, for --json consumers).
 MISSING_CODES = {"not_found", "missing", "base_missing", "no_weights", "index_missing_shard"}
 
@@ -202,6 +203,31 @@ def _norm(s: str) -> str:
     return re.sub(r"[^a-z0-9]", "", s.lower())
 
 
+PICKLE_TO_SAFETENSORS = (
+    "python -c \"import torch, safetensors.torch as st; st.save_file(torch.load('adapter_model.bin', "
+    "map_location='cpu', weights_only=True), 'adapter_model.safetensors')\""
+)
+# One adapter tensor: <module>.<kind> (PEFT strips "base_model.model." and the adapter name when it saves).
+_LORA_KEY = re.compile(
+    r"^(?P<mod>.+)\.(?P<kind>lora_A(?:\.[\w-]+)?\.weight|lora_B(?:\.[\w-]+)?\.(?:weight|bias)|lora_embedding_[AB]"
+    r"|lora_magnitude_vector(?:\.weight)?|token_adapter\.trainable_tokens_delta)$")
+_FULL_KEY = re.compile(r"^(?P<mod>.+?)(?:\.base_layer)?\.(?P<param>weight|bias)$")
+
+
+@dataclass
+class AdapterPlan:
+    """What loading this adapter onto the base does, from headers and configs only (htrd's loader applies it)."""
+
+    findings: list[Finding]
+    vocab: int | None = None  # resize the base's embed_tokens/lm_head to this many rows before applying
+    base_vocab: int | None = None  # the base's embedding rows
+    tokenizer_size: int | None = None  # the adapter's own tokenizer (largest id + 1), when it has one
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == ERROR]
+
+
 def check_adapter_pair(
     base_config: dict[str, Any],
     base: WeightSet,
@@ -209,33 +235,78 @@ def check_adapter_pair(
     *,
     rel_prefix: str = ADAPTER_DIRNAME,
     base_label: str = "the base",
+    base_dir: Path | None = None,
 ) -> list[Finding]:
     """Does the LoRA adapter in *adapter_dir* fit this base? Headers and configs only."""
-    findings: list[Finding] = []
+    return inspect_adapter(base_config, base, adapter_dir, rel_prefix=rel_prefix, base_label=base_label,
+                           base_dir=base_dir).findings
+
+
+def inspect_adapter(
+    base_config: dict[str, Any],
+    base: WeightSet,
+    adapter_dir: Path,
+    *,
+    rel_prefix: str = ADAPTER_DIRNAME,
+    base_label: str = "the base",
+    base_dir: Path | None = None,
+) -> AdapterPlan:
+    """Every tensor of the adapter against the base's shapes, by the rules loading applies.
+
+    htrd's loader (:func:`htrd.model.load_model`) refuses an adapter with any error here and applies
+    :attr:`AdapterPlan.vocab`, so verify's verdict and the loader's agree. The rules: LoRA A/B (linear, conv,
+    embedding), DoRA magnitudes and LoRA biases fit the module they adapt; full tensors (``modules_to_save``,
+    saved embedding layers) equal the base tensor's shape, except the rows of ``embed_tokens``/``lm_head``,
+    which say how far training resized the vocabulary (all of them must agree); a grown vocabulary needs the
+    trained rows of both (an untied ``lm_head`` too), since the base cannot supply them; the adapter's tokenizer
+    must fit the (resized) embedding. With *base_dir*, processor files that differ from the base's are an
+    informational finding (htrd serves with the adapter's).
+    """
+    plan = AdapterPlan(findings=[])
+    findings = plan.findings
     cfg_rel = f"{rel_prefix}/adapter_config.json"
     remedy = ("provision the base the adapter was trained on: htrctl provision ADAPTER_SRC DEST --base "
               "<that base's directory, host:path or hf://repo>")
     try:
         acfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return [Finding(cfg_rel, "adapter_config.json is missing", "copy the whole adapter directory", "missing")]
+        findings.append(Finding(cfg_rel, "adapter_config.json is missing", "copy the whole adapter directory",
+                                "missing"))
+        return plan
     except (ValueError, UnicodeDecodeError) as exc:
-        return [Finding(cfg_rel, f"not valid JSON ({exc})", "copy the adapter again", "bad_json")]
+        findings.append(Finding(cfg_rel, f"not valid JSON ({exc})", "copy the adapter again", "bad_json"))
+        return plan
+    if not isinstance(acfg, dict):
+        findings.append(Finding(cfg_rel, "not a JSON object", "copy the adapter again", "bad_json"))
+        return plan
+    peft_type = str(acfg.get("peft_type") or "LORA").upper()
+    if peft_type != "LORA":
+        findings.append(Finding(cfg_rel, f"peft_type {peft_type!r}: htrd serves LoRA adapters only",
+                                "train a LoRA adapter (peft.LoraConfig), or merge this one into the base where it "
+                                "was trained and provision the merged model", "adapter_unsupported"))
+        return plan
     # 1. architecture: the base's model_type against the base the adapter names
     named = acfg.get("base_model_name_or_path") or ""
     model_type = base_config.get("model_type") or ""
     archs = base_config.get("architectures") or []
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", named) and model_type:
+    if isinstance(named, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", named) and model_type:
         repo_name = _norm(named.split("/", 1)[1])
         if not repo_name.startswith(_norm(model_type)):
             findings.append(Finding(cfg_rel, f"the adapter was trained on {named!r} but {base_label} is model_type "
                                     f"{model_type!r} ({', '.join(archs) or 'no architectures'})", remedy,
                                     "adapter_mismatch"))
-    # 2. target modules exist in the base
+    # 2. target modules exist in the base (PEFT: a list entry matches a module name or its dotted suffix, a
+    #    string is a regex that must match a whole name)
     modules = {n.rsplit(".", 1)[0] for n in base.tensors if "." in n}
     targets = acfg.get("target_modules")
     if isinstance(targets, str):
-        if not any(re.fullmatch(targets, m) for m in modules):
+        try:
+            hit = any(re.fullmatch(targets, m) for m in modules)
+        except re.error as exc:
+            findings.append(Finding(cfg_rel, f"target_modules regex {targets!r} is invalid ({exc})",
+                                    "fix the adapter's config", "adapter_mismatch"))
+            hit = True
+        if not hit:
             findings.append(Finding(cfg_rel, f"target_modules regex {targets!r} matches no module of {base_label}",
                                     remedy, "adapter_mismatch"))
     elif isinstance(targets, list):
@@ -243,59 +314,266 @@ def check_adapter_pair(
         if absent:
             findings.append(Finding(cfg_rel, f"target_modules {absent} do not exist in {base_label}", remedy,
                                     "adapter_mismatch"))
-    # 3. LoRA tensor shapes agree with the base weights
+    # 3. every tensor of the adapter against the base
     weights = adapter_dir / "adapter_model.safetensors"
     w_rel = f"{rel_prefix}/adapter_model.safetensors"
     if not weights.is_file():
         if (adapter_dir / "adapter_model.bin").exists():
-            findings.append(Finding(w_rel, "the adapter is a pickle (adapter_model.bin); only safetensors are loaded",
-                                    "convert it to safetensors where it was trained", "pickle_weights"))
+            findings.append(Finding(f"{rel_prefix}/adapter_model.bin",
+                                    "the adapter is a pickle (adapter_model.bin); only safetensors are loaded",
+                                    f"convert it in the adapter's directory where it was trained: "
+                                    f"{PICKLE_TO_SAFETENSORS}; then remove adapter_model.bin", "pickle_weights"))
         else:
             findings.append(Finding(w_rel, "the adapter weights are missing", "copy the whole adapter directory",
                                     "missing"))
-        return findings
+        return plan
     try:
         header, _, _ = read_safetensors_header(weights)
     except OSError:
-        return findings  # unreadable: reported by verify's per-file check
+        return plan  # unreadable: reported by verify's per-file check
     except HeaderError as exc:
-        return findings + [Finding(w_rel, str(exc), "copy the adapter again", "bad_header")]
-    fan_in_fan_out = bool(acfg.get("fan_in_fan_out"))
+        findings.append(Finding(w_rel, str(exc), "copy the adapter again", "bad_header"))
+        return plan
+    _check_adapter_tensors(plan, acfg, header, base_config, base, base_label, w_rel, remedy)
+    # 4. the adapter's own tokenizer and processor files
+    tok_size = tokenizer_size(adapter_dir)
+    plan.tokenizer_size = tok_size
+    rows = plan.vocab or plan.base_vocab
+    if tok_size is not None and rows is not None and tok_size > rows:
+        findings.append(Finding(f"{rel_prefix}/tokenizer.json",
+                                f"the adapter's tokenizer has {tok_size} tokens but the model's embedding has {rows} "
+                                f"rows{' (as the adapter resizes it)' if plan.vocab else ''}: ids {rows}..{tok_size - 1}"
+                                " have no embedding",
+                                "save the adapter with the resized embed_tokens and lm_head (resize_token_embeddings("
+                                "len(tokenizer)) before training, both in modules_to_save), or ship the tokenizer "
+                                "training used", "tokenizer_too_large"))
+    if base_dir is not None:
+        differ = [n for n in PROCESSOR_FILES if (adapter_dir / n).is_file() and not _same_file(adapter_dir / n,
+                                                                                               base_dir / n)]
+        if differ:
+            findings.append(Finding(rel_prefix, f"the adapter carries its own processor files that differ from the "
+                                    f"base's ({', '.join(differ)}): htrd serves with the adapter's, as training used",
+                                    "nothing to do; remove them from the adapter to serve with the base's", "adapter_processor",
+                                    INFO))
+    return plan
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
+    except OSError:
+        return False
+
+
+def tokenizer_size(d: Path) -> int | None:
+    """``len(tokenizer)`` as the embedding must hold it (largest id + 1), from the tokenizer files in *d*."""
+    ids: list[int] = []
+    try:
+        tj = d / "tokenizer.json"
+        if tj.is_file():
+            data = json.loads(tj.read_text(encoding="utf-8"))
+            vocab = (data.get("model") or {}).get("vocab")
+            if isinstance(vocab, dict):
+                ids.extend(v for v in vocab.values() if isinstance(v, int))
+            elif isinstance(vocab, list) and vocab:  # Unigram: [piece, score] by id
+                ids.append(len(vocab) - 1)
+            ids.extend(t["id"] for t in data.get("added_tokens") or [] if isinstance(t, dict)
+                       and isinstance(t.get("id"), int))
+        elif (d / "vocab.json").is_file():
+            vocab = json.loads((d / "vocab.json").read_text(encoding="utf-8"))
+            ids.extend(v for v in vocab.values() if isinstance(v, int))
+        tc = d / "tokenizer_config.json"
+        if tc.is_file():
+            added = json.loads(tc.read_text(encoding="utf-8")).get("added_tokens_decoder") or {}
+            ids.extend(int(k) for k in added if str(k).isdigit())
+        at = d / "added_tokens.json"
+        if at.is_file():
+            ids.extend(v for v in json.loads(at.read_text(encoding="utf-8")).values() if isinstance(v, int))
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
+        return None
+    return max(ids) + 1 if ids else None
+
+
+def _check_adapter_tensors(plan: AdapterPlan, acfg: dict[str, Any], header: dict[str, Any],
+                           base_config: dict[str, Any], base: WeightSet, base_label: str, w_rel: str,
+                           remedy: str) -> None:
+    tensors = base.tensors
+    emb_name = next((n for n in sorted(tensors) if n.endswith("embed_tokens.weight") and "visual" not in n), None)
+    text_cfg = base_config.get("text_config") if isinstance(base_config.get("text_config"), dict) else {}
+    tied = bool(base_config.get("tie_word_embeddings", text_cfg.get("tie_word_embeddings", False)))
+    head_name = "lm_head.weight" if "lm_head.weight" in tensors else None
+    base_rows = tensors[emb_name][1][0] if emb_name else None
+    plan.base_vocab = base_rows
+
+    def base_shape(module: str, param: str = "weight") -> tuple[str | None, list[int] | None]:
+        name = _find_base_weight(tensors, module, param)
+        if name is not None:
+            return name, list(tensors[name][1])
+        if module.rsplit(".", 1)[-1] == "lm_head" and param == "weight" and emb_name and (tied or not head_name):
+            return "lm_head.weight", list(tensors[emb_name][1])  # tied: the embedding is the head
+        return None, None
+
+    def is_vocab(name: str | None) -> bool:
+        return name is not None and (name == emb_name or name == "lm_head.weight")
+
     bad: list[str] = []
-    pairs: dict[str, dict[str, list[int]]] = {}
-    for key, info in header.items():
-        m = re.match(r"^(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight$", key)
-        if not m:
+    sizes: list[tuple[str, int]] = []  # (what, rows) for the vocabulary, from every tensor that has it
+    full_vocab: set[str] = set()  # "embed" / "head" whose whole (trained) matrix the adapter holds
+    lora: dict[str, dict[str, list[int]]] = {}
+    n_full = 0
+    for key, info in sorted(header.items()):
+        name = key.removeprefix("base_model.model.")
+        shape = list(info["shape"])
+        m = _LORA_KEY.match(name)
+        if m:
+            lora.setdefault(m.group("mod"), {})[_lora_kind(m.group("kind"))] = shape
             continue
-        pairs.setdefault(m.group(1), {})[m.group(2)] = info["shape"]
-    for module, ab in sorted(pairs.items()):
-        target = _find_base_weight(base.tensors, module)
+        f = _FULL_KEY.match(name)
+        if not f:
+            bad.append(f"{key}: not a tensor PEFT loads into {base_label}")
+            continue
+        n_full += 1
+        target, wshape = base_shape(f.group("mod"), f.group("param"))
+        if target is None:
+            bad.append(f"{key}: {base_label} has no such tensor (loading would ignore it)")
+            continue
+        if is_vocab(target) and f.group("param") == "weight" and len(shape) == 2:
+            if shape[1:] != wshape[1:]:
+                bad.append(f"{key}: {shape} does not fit {base_label}'s {target} {wshape}")
+                continue
+            sizes.append((target.rsplit(".", 1)[0].rsplit(".", 1)[-1], shape[0]))
+            full_vocab.add("embed" if target == emb_name else "head")
+        elif shape != wshape:
+            bad.append(f"{key}: {shape} does not fit {base_label}'s {target} {wshape}")
+    fan_in_fan_out = bool(acfg.get("fan_in_fan_out"))
+    token_indices: list[int] = []
+    tti = acfg.get("trainable_token_indices")
+    if isinstance(tti, list):
+        token_indices = [i for i in tti if isinstance(i, int)]
+    elif isinstance(tti, dict):
+        token_indices = [i for v in tti.values() if isinstance(v, list) for i in v if isinstance(i, int)]
+    for module, kinds in sorted(lora.items()):
+        target, w = base_shape(module)
         if target is None:
             bad.append(f"{module}: not in {base_label}")
             continue
-        wshape = base.tensors[target][1]
-        a, b = ab.get("lora_A"), ab.get("lora_B")
-        if a is None or b is None:
-            bad.append(f"{module}: lora_A/lora_B pair incomplete")
+        vocab_mod = is_vocab(target)
+        a, b = kinds.get("lora_A"), kinds.get("lora_B")
+        ea, eb = kinds.get("lora_embedding_A"), kinds.get("lora_embedding_B")
+        mag, delta = kinds.get("lora_magnitude_vector"), kinds.get("token_adapter.trainable_tokens_delta")
+        out_f = None
+        if ea is not None or eb is not None:  # LoRA on an embedding: A (r, rows), B (dim, r)
+            if ea is None or eb is None:
+                bad.append(f"{module}: lora_embedding_A/lora_embedding_B pair incomplete")
+                continue
+            if len(w) != 2 or len(ea) != 2 or len(eb) != 2 or ea[0] != eb[1] or eb[0] != w[1]:
+                bad.append(f"{module}: lora_embedding_A {ea} / lora_embedding_B {eb} do not fit base weight {w}")
+                continue
+            if vocab_mod:
+                sizes.append((module.rsplit(".", 1)[-1] + " (LoRA)", ea[1]))
+            elif ea[1] != w[0]:
+                bad.append(f"{module}: lora_embedding_A {ea} does not fit base weight {w}")
+                continue
+            out_f = w[1]
+        elif a is not None or b is not None:
+            if a is None or b is None:
+                bad.append(f"{module}: lora_A/lora_B pair incomplete")
+                continue
+            if len(w) == 2:  # Linear: A (r, in), B (out, r)
+                out_f, in_f = (w[1], w[0]) if fan_in_fan_out else (w[0], w[1])
+                ok = len(a) == 2 and len(b) == 2 and a[0] == b[1] and a[1] == in_f
+                if ok and vocab_mod and not fan_in_fan_out:
+                    sizes.append((module.rsplit(".", 1)[-1] + " (LoRA)", b[0]))
+                    out_f = b[0]
+                elif ok and b[0] != out_f:
+                    ok = False
+            elif len(w) > 2:  # Conv: A (r, in, *kernel), B (out, r, 1, ...)
+                out_f = w[0]
+                ok = (len(a) == len(w) == len(b) and a[0] == b[1] and a[1] == w[1] and a[2:] == w[2:]
+                      and b[0] == w[0] and all(x == 1 for x in b[2:]))
+            else:
+                ok = False
+            if not ok:
+                bad.append(f"{module}: lora_A {a} / lora_B {b} do not fit base weight {w}")
+                continue
+            bias = kinds.get("lora_B.bias")
+            if bias is not None and bias != [out_f]:
+                bad.append(f"{module}: lora_B.bias {bias} does not fit base weight {w}")
+                continue
+            if bias is not None and _find_base_weight(tensors, module, "bias") is None:
+                bad.append(f"{module}: a LoRA bias (lora_bias=True) on a layer without bias, which PEFT cannot merge")
+                continue
+        elif delta is None:
+            bad.append(f"{module}: {', '.join(sorted(kinds))} without LoRA A/B")
             continue
-        if len(wshape) != 2 or len(a) != 2 or len(b) != 2:
-            continue  # conv/embedding LoRA: shapes follow other rules
-        out_f, in_f = (wshape[1], wshape[0]) if fan_in_fan_out else (wshape[0], wshape[1])
-        if a[0] != b[1] or a[1] != in_f or b[0] != out_f:
-            bad.append(f"{module}: lora_A {a} / lora_B {b} do not fit base weight {wshape}")
-    if pairs and bad:
-        findings.append(Finding(w_rel, f"{len(bad)} of {len(pairs)} LoRA modules do not fit {base_label}: "
-                                f"{'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}", remedy, "adapter_mismatch"))
-    return findings
+        if mag is not None:  # DoRA: one magnitude per output feature
+            numel = 1
+            for x in mag:
+                numel *= x
+            if out_f is None or numel != out_f or max(mag) != out_f:
+                bad.append(f"{module}: lora_magnitude_vector {mag} does not fit base weight {w}")
+                continue
+        if delta is not None and (len(w) != 2 or len(delta) != 2 or delta[1] != w[1]
+                                  or (token_indices and delta[0] != len(token_indices))):  # one row per token index
+            bad.append(f"{module}: trainable_tokens_delta {delta} does not fit base weight {w} and "
+                       "trainable_token_indices")
+    if not lora and not n_full:
+        bad.append("no tensors")
+    # modules_to_save named in the config must be in the file, else PEFT would serve the base's untrained copy
+    mts = acfg.get("modules_to_save") or []
+    if isinstance(mts, list):
+        saved = {_FULL_KEY.match(k.removeprefix("base_model.model."))
+                 for k in header}
+        saved_mods = {m.group("mod") for m in saved if m}
+        for entry in mts:
+            if isinstance(entry, str) and not any(m == entry or m.endswith("." + entry) for m in saved_mods):
+                bad.append(f"modules_to_save {entry!r}: the adapter holds no tensor for it (its training is lost)")
+    if bad:
+        total = len(lora) + n_full
+        plan.findings.append(Finding(w_rel, f"{len(bad)} of {total} adapter modules do not fit {base_label}: "
+                                     f"{'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}", remedy,
+                                     "adapter_mismatch"))
+        return
+    # the vocabulary: every tensor that has it agrees; loading resizes the base to it, exactly as training did
+    rows = sorted({r for _, r in sizes})
+    if len(rows) > 1:
+        plan.findings.append(Finding(w_rel, "the adapter's vocabulary sizes disagree: " + ", ".join(
+            f"{what} {r}" for what, r in sizes), "save the adapter again after resize_token_embeddings", "adapter_vocab"))
+        return
+    if rows and base_rows is not None and rows[0] != base_rows:
+        if rows[0] > base_rows:
+            need = {"embed": "embed_tokens"} | ({} if tied else {"head": "lm_head"})
+            lacking = [v for k, v in need.items() if k not in full_vocab]
+            if lacking:
+                plan.findings.append(Finding(
+                    w_rel, f"the adapter grows the vocabulary from {base_rows} to {rows[0]} rows but does not hold the "
+                    f"trained {' and '.join(lacking)}: the new tokens' rows cannot be reproduced",
+                    f"train with modules_to_save=[{', '.join(repr(x) for x in need.values())}] (or save the "
+                    "embedding layers) and save the adapter again", "adapter_vocab"))
+                return
+        plan.vocab = rows[0]
+    rows_now = plan.vocab or base_rows
+    if token_indices and rows_now is not None and max(token_indices) >= rows_now:
+        plan.findings.append(Finding(w_rel, f"trainable_token_indices reach {max(token_indices)} but the embedding "
+                                     f"has {rows_now} rows", remedy, "adapter_vocab"))
 
 
-def _find_base_weight(tensors: dict[str, Any], module: str) -> str | None:
-    candidates = [module + ".weight"]
+def _lora_kind(kind: str) -> str:
+    """``lora_A[.name].weight`` -> ``lora_A``; ``lora_B[.name].bias`` -> ``lora_B.bias``; DoRA's ``.weight`` dropped."""
+    if kind.startswith(("lora_A", "lora_B")) and "." in kind:
+        return kind[:6] + (".bias" if kind.endswith(".bias") else "")
+    if kind.startswith("lora_magnitude_vector"):
+        return "lora_magnitude_vector"
+    return kind
+
+
+def _find_base_weight(tensors: dict[str, Any], module: str, param: str = "weight") -> str | None:
+    candidates = [f"{module}.{param}"]
     # checkpoints written before/after transformers moved the text model under model.language_model
     if module.startswith("model.language_model."):
-        candidates.append("model." + module[len("model.language_model."):] + ".weight")
+        candidates.append("model." + module[len("model.language_model."):] + "." + param)
     elif module.startswith("model."):
-        candidates.append("model.language_model." + module[len("model."):] + ".weight")
+        candidates.append("model.language_model." + module[len("model."):] + "." + param)
     for c in candidates:
         if c in tensors:
             return c
@@ -543,7 +821,7 @@ def _check_structure(root: Path, report: VerifyReport, redo: str) -> None:
     broken = {f.path for f in report.findings if f.severity == ERROR}
     if has_adapter and not broken.intersection(ws.files):
         # (a truncated or corrupt shard hides its tensors: its own finding names it, not the adapter pair)
-        report.findings.extend(check_adapter_pair(config, ws, adapter_dir))
+        report.findings.extend(check_adapter_pair(config, ws, adapter_dir, base_dir=root))
     merged = root / MERGED_DIRNAME
     if merged.is_dir():
         mws, mfs = load_weight_set(root, MERGED_DIRNAME)

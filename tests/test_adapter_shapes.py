@@ -282,3 +282,41 @@ def test_adapter_tokenizer_alone_pairs_with_the_base_image_processor(demo_model_
     assert len(loaded.processor.tokenizer) == 657
     assert "assistant ⰀⰁ" in loaded.processor.chat_template
     assert loaded.processor.image_processor.to_dict() == processor.image_processor.to_dict()
+
+
+@pytest.mark.slow
+def test_htrd_serves_an_added_tokens_adapter_through_both_paths(demo_model_dir, tmp_path):
+    """The incident's shape with a training-time tokenizer: provision -> verify ok -> htrd READY (it used to exit
+    65 on the state_dict size mismatch) -> the fast and the plain path transcribe the training model's text."""
+    import io
+
+    from daemon_harness import start_daemon
+    from htrd.model import warmup_image
+
+    from htrctl import protocol as P
+
+    src = tmp_path / "adapter"
+    want, new_id, trained = _grown_adapter(demo_model_dir, src)
+    eos = set(trained.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
+    ids = []
+    for t in want:
+        if t in eos:
+            break
+        ids.append(t)
+    text = trained.tokenizer.decode(ids, skip_special_tokens=True).strip()
+    assert GLAGOLITIC[59] in text
+    dest = tmp_path / "model"
+    provision(str(src), str(dest), base=str(demo_model_dir), progress=False)
+    assert verify_model_dir(dest).ok
+    buf = io.BytesIO()
+    warmup_image().save(buf, "PNG")
+    got = {}
+    for name, static in (("fast", "auto"), ("plain", False)):
+        (tmp_path / name).mkdir()
+        with start_daemon(tmp_path / name, dest, config={"generation": {"max_new_tokens": NEW,
+                                                                         "static_cache": static}}) as d:
+            assert d.status()["engine"]["generator"] == name
+            r = d.post(P.PATH_TRANSCRIBE, content=buf.getvalue())
+            assert r.status_code == 200, r.text
+            got[name] = r.json()["results"][0]["text"]
+    assert got == {"fast": text, "plain": text}

@@ -26,7 +26,7 @@ def _verify(ctx: Context, model_dir: Path) -> Finding:
     data = rep.to_dict()
     data["findings"] = data.get("findings", [])[:20]
     if rep.ok:
-        warns = [f for f in rep.findings if getattr(f, "severity", "") != "error"]
+        warns = [f for f in rep.findings if getattr(f, "severity", "") == "warning"]  # "info" is no warning
         if warns:
             w = warns[0]
             return Finding("model.verify", WARN, f"verify --quick {model_dir}: {w.path}: {w.problem}", remedy=w.remedy,

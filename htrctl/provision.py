@@ -24,6 +24,13 @@ What happens, in order:
    When every source file's size and mtime and every DEST file match what the
    manifest recorded, nothing is done (a no-op costs a ``stat`` per file).
 
+A ``host:path`` SOURCE (or ``--base``) without rsync on the remote -- Windows' OpenSSH
+server, ``internal-sftp`` accounts -- is pulled over SFTP (:mod:`htrctl.sftp`, with
+``transport="sftp"``, or ``"auto"`` when ``command -v rsync`` finds nothing there):
+into the same staging tree, resumable by offset, hashed on arrival and checked
+against the source's manifest when it has one; then the same manifest and swap.
+Windows paths (``C:/models/htr``, a quoted ``D:\\models\\htr``) are accepted.
+
 Remote DEST: the same, with rsync into the staging tree on the remote host
 (``--link-dest`` to the current DEST, ``--partial-dir`` for resume) and an
 ``mv`` swap over ssh; the remote lock is ``flock`` held by an ssh session.
@@ -162,6 +169,7 @@ class ProvisionResult:
     total_size: int = 0
     seconds: float = 0.0
     merged: bool = False
+    transport: str | None = None  # "rsync" | "sftp" for a host:path SOURCE
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -175,6 +183,7 @@ class ProvisionResult:
             "bytes_copied": self.bytes_copied,
             "manifest_digest": self.manifest_digest,
             "merged": self.merged,
+            "transport": self.transport,
             "seconds": round(self.seconds, 3),
             "actions": [a.to_dict() for a in self.actions],
         }
@@ -324,7 +333,7 @@ def _cmd_for(source: str, dest: str, extra: str) -> str:
 
 def _resolve_base(
     source: str, dest: str, base: str | None, acfg: dict[str, Any], *, allow_download: bool, progress: bool,
-    ssh: str | None, work: Path,
+    ssh: str | None, work: Path, transport: str = "auto",
 ) -> tuple[Path, str]:
     """A local directory holding the base model for an adapter-only source, and its label."""
     named = acfg.get("base_model_name_or_path") or ""
@@ -335,7 +344,10 @@ def _resolve_base(
         if isinstance(loc, Remote):
             target = work / "base"
             target.mkdir(parents=True, exist_ok=True)
-            _rsync([f"{loc.host}:{_rdir(loc.path)}", str(target) + "/"], ssh=ssh, progress=progress)
+            if pick_transport(loc, transport, ssh) == "sftp":
+                _fetch_sftp(loc, target, None, work / "sftp-base-journal.json", ssh=ssh, progress=progress)
+            else:
+                _rsync([f"{loc.host}:{_rdir(loc.path)}", str(target) + "/"], ssh=ssh, progress=progress)
             return target, str(loc)
         if not (loc.path / "config.json").is_file():
             raise ModelMissingError(f"--base {base}: no config.json there (not a model directory)",
@@ -584,9 +596,16 @@ def provision(
     allow_download: bool = False,
     progress: bool = True,
     ssh: str | None = None,
+    transport: str = "auto",
 ) -> ProvisionResult:
-    """Provision DEST from SOURCE (see the module docstring). Raises HtrError subclasses."""
+    """Provision DEST from SOURCE (see the module docstring). Raises HtrError subclasses.
+
+    *transport* for a ``host:path`` SOURCE or ``--base``: ``rsync``, ``sftp`` (no rsync on the remote:
+    Windows' OpenSSH server, ``internal-sftp`` accounts) or ``auto`` (rsync when both ends have it)."""
     t0 = time.monotonic()
+    if transport not in TRANSPORTS:
+        raise ProvisionError(f"--transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}",
+                             remedy="use --transport auto")
     src_loc, dst_loc = parse_location(source), parse_location(dest)
     if isinstance(dst_loc, Hub):
         raise ProvisionError("DEST cannot be hf://", remedy="give a local directory or host:path")
@@ -615,12 +634,16 @@ def _provision(source: str, dest: str, src_loc: Local | Remote | Hub, dst_loc: L
                                  remedy="provision to a local directory first, then from it to the other host")
         if merge:
             raise ProvisionError("--merge needs a local DEST", remedy="merge locally, then provision the result")
+        if transport == "sftp":
+            raise ProvisionError("--transport sftp pulls only: a remote DEST is written with rsync",
+                                 remedy="run htrctl provision on the receiving machine, pulling from this one")
         result = _provision_to_remote(source, src_loc, dst_loc, base=base, dry_run=dry_run,
                                       allow_download=allow_download, progress=progress, ssh=ssh)
     else:
         try:
             result = _provision_local(source, src_loc, dst_loc.path, base=base, merge=merge, dry_run=dry_run,
-                                      allow_download=allow_download, progress=progress, ssh=ssh)
+                                      allow_download=allow_download, progress=progress, ssh=ssh,
+                                      transport=transport)
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 raise
@@ -639,7 +662,7 @@ def _provision(source: str, dest: str, src_loc: Local | Remote | Hub, dst_loc: L
 
 def _gather(
     source: str, src_loc: Local | Remote | Hub, dest: str, *, base: str | None, allow_download: bool,
-    progress: bool, ssh: str | None, work: Path, fetched: Path | None = None,
+    progress: bool, ssh: str | None, work: Path, fetched: Path | None = None, transport: str = "auto",
 ) -> tuple[list[PlanFile], dict[str, Any], str | None, Manifest | None]:
     """The plan: every DEST file with the local path it comes from; base and adapter identity."""
     src_manifest = None
@@ -663,7 +686,7 @@ def _gather(
     origins = {rel: "model" for rel in files}
     if not has_base:
         base_root, base_label = _resolve_base(source, dest, base, acfg or {}, allow_download=allow_download,
-                                              progress=progress, ssh=ssh, work=work)
+                                              progress=progress, ssh=ssh, work=work, transport=transport)
         base_files = _local_tree(base_root, trusted_links=_in_hf_cache(base_root))
         base_files = {r: p for r, p in base_files.items() if not r.startswith(f"{ADAPTER_DIRNAME}/")}
         merged_files = dict(base_files)
@@ -721,7 +744,7 @@ def _trusted_hashes(plan: list[PlanFile], src_manifest: Manifest | None, src_roo
 
 def _provision_local(
     source: str, src_loc: Local | Remote | Hub, dest: Path, *, base: str | None, merge: bool, dry_run: bool,
-    allow_download: bool, progress: bool, ssh: str | None,
+    allow_download: bool, progress: bool, ssh: str | None, transport: str = "auto",
 ) -> ProvisionResult:
     dest = dest.absolute()
     result = ProvisionResult(source=source, dest=str(dest), dry_run=dry_run)
@@ -732,18 +755,34 @@ def _provision_local(
         _recover_swap(dest, work)
         old = None if in_place else _check_dest_replaceable(dest)
         fetched = None
+        sftp_got: dict[str, Any] | None = None
         if isinstance(src_loc, Remote):
+            use = pick_transport(src_loc, transport, ssh)
+            result.transport = use
             if dry_run:
+                if use == "sftp":
+                    return _sftp_dry_run(result, src_loc, dest, ssh)
                 return _remote_dry_run(result, src_loc, dest, ssh)
             work.mkdir(parents=True, exist_ok=True)
             fetched = work / "tree"
             fetched.mkdir(exist_ok=True)
-            result.bytes_copied += _fetch_remote(src_loc, fetched, dest, ssh=ssh, progress=progress)
+            if use == "sftp":
+                sftp_got = _fetch_sftp(src_loc, fetched, dest, work / "sftp-journal.json", ssh=ssh,
+                                       progress=progress)
+                result.bytes_copied += sftp_got["bytes"]
+                for rel in sftp_got["resumed"]:
+                    result.actions.append(Action("resume", rel, sftp_got["files"][rel]["size"], f"{source} (sftp)"))
+            else:
+                result.bytes_copied += _fetch_remote(src_loc, fetched, dest, ssh=ssh, progress=progress)
         if dry_run and base and isinstance(parse_location(base), Remote) and isinstance(src_loc, Local):
             return _dry_run_remote_base(result, src_loc.path.absolute(), parse_location(base), ssh)
         plan, identity, base_label, src_manifest = _gather(
             source, src_loc, str(dest), base=base, allow_download=allow_download, progress=progress, ssh=ssh,
-            work=work, fetched=fetched)
+            work=work, fetched=fetched, transport=transport)
+        if sftp_got is not None:  # hashed as they arrived: not read again
+            for pf in plan:
+                if pf.origin == "model" and pf.rel in sftp_got["hashes"]:
+                    pf.sha256 = sftp_got["hashes"][pf.rel]
         result.base = base_label
         if in_place:
             return _adopt_in_place(result, dest, plan, identity, merge=merge, dry_run=dry_run, progress=progress)
@@ -811,11 +850,16 @@ def _provision_local(
         for dirpath, _dirs, _names in sorted(os.walk(tree), reverse=True):  # and the directories left empty
             if Path(dirpath) != tree and not any(Path(dirpath).iterdir()):
                 Path(dirpath).rmdir()
-        if src_manifest is not None:
-            for e in src_manifest.files:
+        for ref in (src_manifest, (sftp_got or {}).get("manifest")):
+            if ref is None:
+                continue
+            for e in ref.files:
                 if e.path in hashes and hashes[e.path] != e.sha256:
+                    if fetched is not None:
+                        (fetched / e.path).unlink(missing_ok=True)  # fetched again by the next run
                     raise ProvisionError(f"{source}/{e.path}: sha256 differs from the source's own manifest",
-                                         remedy=f"the source is damaged: run htrctl verify {source}")
+                                         remedy=f"the source is damaged or changed: run htrctl verify {source} "
+                                                "there, then provision again")
         manifest = Manifest(
             files=[FileEntry(pf.rel, pf.size, hashes[pf.rel]) for pf in plan],
             base=identity["base"],
@@ -1074,6 +1118,68 @@ def _itemized(out: str) -> list[tuple[str, str]]:
         if m:
             names.append(("send", m.group(2)))
     return names
+
+
+TRANSPORTS = ("auto", "rsync", "sftp")
+
+
+def pick_transport(src: Remote, transport: str, ssh: str | None) -> str:
+    """``rsync`` or ``sftp`` for pulling *src*; ``auto``: rsync when it runs here and on the remote (a shell
+    that finds it: not Windows' cmd.exe, not an ``internal-sftp`` account), else SFTP."""
+    if transport != "auto":
+        return transport
+    if shutil.which("rsync") is None:
+        return "sftp"
+    try:
+        proc = subprocess.run(ssh_command(ssh) + [src.host, "command -v rsync"], stdin=subprocess.DEVNULL,
+                              capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return "sftp"
+    found = proc.returncode == 0 and b"rsync" in proc.stdout
+    logger.info("%s: %s", src.host, "rsync found: pulling with rsync" if found else "no rsync: pulling over SFTP")
+    return "rsync" if found else "sftp"
+
+
+def _fetch_sftp(src: Remote, tree: Path, dest: Path | None, journal: Path, *, ssh: str | None,
+                progress: bool) -> dict[str, Any]:
+    """Pull a remote SOURCE over SFTP into the staging tree (htrctl.sftp): resumable, hashed on arrival,
+    checked against the source's own manifest when it has one."""
+    from .sftp import SftpClient, fetch_tree, read_remote_manifest, remote_path
+
+    with SftpClient(src.host, ssh_command(ssh)) as client:
+        listed = client.walk(remote_path(src.path))
+        total = sum(int(a["size"]) for r, a in listed.items() if r not in (MANIFEST_NAME, ".htr-lock"))
+        with byte_progress(progress, "fetching (sftp)", total) as advance:
+            got = fetch_tree(client, src.path, tree, dest, exclude={MANIFEST_NAME, ".htr-lock"}, journal=journal,
+                             advance=advance)
+        raw = read_remote_manifest(client, src.path, MANIFEST_NAME)
+    got["manifest"] = None
+    if raw is not None:
+        ref = journal.parent / "source-manifest"
+        ref.mkdir(exist_ok=True)
+        (ref / MANIFEST_NAME).write_bytes(raw)
+        try:
+            parsed = read_manifest(ref)
+            got["manifest"] = parsed[0] if parsed else None
+        except ManifestFormatError:
+            logger.warning("%s: the source's %s is not valid; files are not checked against it", src, MANIFEST_NAME)
+        shutil.rmtree(ref, ignore_errors=True)
+    return got
+
+
+def _sftp_dry_run(result: ProvisionResult, src: Remote, dest: Path, ssh: str | None) -> ProvisionResult:
+    from .sftp import SftpClient, remote_path
+
+    with SftpClient(src.host, ssh_command(ssh)) as client:
+        listed = client.walk(remote_path(src.path))
+    for rel, a in sorted(listed.items()):
+        if rel in (MANIFEST_NAME, ".htr-lock"):
+            continue
+        d = dest / rel
+        same = d.is_file() and d.stat().st_size == a["size"] and int(d.stat().st_mtime) == a["mtime"]
+        result.actions.append(Action("link" if same else "fetch", rel, 0 if same else int(a["size"]), str(src)))
+    result.base = None
+    return result
 
 
 def _fetch_remote(src: Remote, tree: Path, dest: Path, *, ssh: str | None, progress: bool) -> int:

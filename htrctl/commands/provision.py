@@ -21,6 +21,9 @@ def provision_cmd(
         False, "--allow-download", help="allow fetching a missing base from the Hugging Face hub (never implicit)"
     ),
     ssh: Optional[str] = typer.Option(None, "--ssh", envvar="HTR_SSH", help="ssh command for host:path (default ssh)"),
+    transport: str = typer.Option(
+        "auto", "--transport", help="pulling from host:path: rsync, sftp (no rsync there: Windows OpenSSH, "
+        "internal-sftp accounts) or auto (rsync when the remote has it)"),
     json_out: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Bring a complete, verified model directory (base + adapter) to DEST; never downloads implicitly."""
@@ -28,7 +31,8 @@ def provision_cmd(
 
     g = globals_of(ctx)
     result = provision(source, dest, base=base, merge=merge, dry_run=dry_run, allow_download=allow_download,
-                       progress=not (g.quiet or json_out), ssh=ssh)
+                       progress=not (g.quiet or json_out), ssh=ssh,
+                       transport=transport)
     if json_out:
         emit_json(result.to_dict())
         return

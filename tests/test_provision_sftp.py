@@ -151,3 +151,18 @@ def test_windows_style_paths_over_sftp(sftp_only, demo_model_dir, tmp_path):
     with pytest.raises(ProvisionError, match="no such file"):
         provision(f"{host}:E:/models/htr", str(tmp_path / "none"), ssh=ssh, progress=False, transport="sftp")
     assert not os.path.exists(tmp_path / "none")
+
+
+def test_sftp_pull_is_checked_against_the_sources_manifest(sftp_only, demo_model_dir, tmp_path):
+    host, ssh = sftp_only["host"], sftp_only["ssh"]
+    src = tmp_path / "src" / "model"
+    provision(str(demo_model_dir), str(src), progress=False)  # a provisioned source: it has htr-manifest.json
+    ok = provision(f"{host}:{src}", str(tmp_path / "a"), ssh=ssh, progress=False, transport="sftp")
+    assert ok.files == 13 and verify_model_dir(tmp_path / "a").ok
+    shard = src / "model-00002-of-00003.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1  # same size, other bytes: only the sha256 can tell
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ProvisionError, match="sha256 differs from the source's own manifest"):
+        provision(f"{host}:{src}", str(tmp_path / "b"), ssh=ssh, progress=False, transport="sftp")
+    assert not (tmp_path / "b").exists()

@@ -33,6 +33,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
@@ -120,10 +121,18 @@ def load_model(model_dir: str | os.PathLike, *, device: str, dtype: str = "auto"
             progress(f"resizing the embeddings from {plan.base_vocab} to the adapter's {plan.vocab} rows")
             model.resize_token_embeddings(plan.vocab, mean_resizing=False)
         try:
-            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False, local_files_only=True)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False, local_files_only=True)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise ModelError(f"cannot load the LoRA adapter from {adapter}: {_first_line(exc)}",
                              remedy="run `htrctl verify`; the adapter must match the base model") from exc
+        for w in caught:
+            if "missing adapter keys" in str(w.message):  # PEFT would serve those modules untrained
+                raise IncompatibleAdapterError(
+                    f"cannot load the LoRA adapter from {adapter}: {_first_line(w.message)}",
+                    remedy="run `htrctl verify`; the adapter's weights do not cover what its config targets")
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if merge:
             t0 = time.perf_counter()
             try:

@@ -129,7 +129,7 @@ class SftpClient:
         self._id = 0
         try:
             self._send(FXP_INIT, struct.pack(">I", 3))
-            kind, msg = self._recv()
+            kind, _ = self._recv()
         except (EOFError, BrokenPipeError, OSError) as exc:
             raise self._session_error("cannot start an SFTP session") from exc
         if kind != FXP_VERSION:
@@ -252,7 +252,7 @@ class SftpClient:
     def read_into(self, path: str, out, *, offset: int, size: int, hasher, advance: Callable[[int], None]) -> int:
         """Read ``path[offset:size]`` into the open binary file *out* (positioned at *offset*), pipelined;
         returns the bytes read."""
-        k, msg = self._call(FXP_OPEN, _s(path) + struct.pack(">II", 0x1, 0), path)
+        _, msg = self._call(FXP_OPEN, _s(path) + struct.pack(">II", 0x1, 0), path)
         handle = msg.string()
         pending: dict[int, tuple[int, int]] = {}  # request id -> (offset, length)
         ready: dict[int, bytes] = {}

@@ -519,6 +519,15 @@ def _check_adapter_tensors(plan: AdapterPlan, acfg: dict[str, Any], header: dict
                        "trainable_token_indices")
     if not lora and not n_full:
         bad.append("no tensors")
+    old_names = sorted(m for m in set(lora) | {k.rsplit(".", 1)[0] for k in header} if _old_style(
+        m.removeprefix("base_model.model.")))
+    if old_names:
+        bad.insert(0, f"{old_names[0]}: named as transformers < 4.52 named modules (PEFT would not apply it); "
+                   "load and save the adapter again with current transformers")
+    untrained = _untrained_targets(acfg, tensors, set(lora))
+    if untrained:
+        bad.insert(0, f"the config targets {len(untrained)} module(s) the adapter holds no LoRA weights for, e.g. "
+                   f"{untrained[0]} (PEFT would leave them untrained)")
     # modules_to_save named in the config must be in the file, else PEFT would serve the base's untrained copy
     mts = acfg.get("modules_to_save") or []
     if isinstance(mts, list):
@@ -530,7 +539,8 @@ def _check_adapter_tensors(plan: AdapterPlan, acfg: dict[str, Any], header: dict
                 bad.append(f"modules_to_save {entry!r}: the adapter holds no tensor for it (its training is lost)")
     if bad:
         total = len(lora) + n_full
-        plan.findings.append(Finding(w_rel, f"{len(bad)} of {total} adapter modules do not fit {base_label}: "
+        plan.findings.append(Finding(w_rel, f"the adapter ({total} modules) does not fit {base_label}, {len(bad)} "
+                                     "problem(s): "
                                      f"{'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}", remedy,
                                      "adapter_mismatch"))
         return
@@ -567,13 +577,73 @@ def _lora_kind(kind: str) -> str:
     return kind
 
 
+_OLD_PREFIXES = ("model.layers.", "model.embed_tokens", "model.norm.", "visual.")
+
+
+def _old_style(module: str) -> bool:
+    """A module name as transformers < 4.52 gave Qwen-VL models (the text model at ``model.``, the vision
+    tower at ``visual.``); today's names (``model.language_model.``, ``model.visual.``) are what PEFT matches."""
+    return module.startswith(_OLD_PREFIXES) or module == "model.embed_tokens"
+
+
+def _runtime_name(checkpoint_module: str) -> str:
+    """The module's name in the loaded model, for a base checkpoint written with either naming."""
+    if checkpoint_module.startswith("visual."):
+        return "model." + checkpoint_module
+    if checkpoint_module.startswith("model.") and _old_style(checkpoint_module):
+        return "model.language_model." + checkpoint_module[len("model."):]
+    return checkpoint_module
+
+
+def _untrained_targets(acfg: dict[str, Any], tensors: dict[str, Any], have: set[str]) -> list[str]:
+    """Modules PEFT wraps with LoRA (target_modules as a list, a regex or "all-linear", less exclude_modules)
+    for which the adapter holds no LoRA tensor. Not decided (empty) with layers_to_transform."""
+    if acfg.get("layers_to_transform") is not None:
+        return []
+    targets = acfg.get("target_modules")
+    exclude = acfg.get("exclude_modules")
+    skip = set(acfg.get("modules_to_save") or []) | ({"embed_tokens"} if acfg.get("trainable_token_indices") else set())
+    mods = {}
+    for name, (_, shape) in tensors.items():
+        if name.endswith(".weight") and len(shape) >= 2:
+            mods[_runtime_name(name[: -len(".weight")])] = shape
+    out = []
+    for m, shape in sorted(mods.items()):
+        leaf = m.rsplit(".", 1)[-1]
+        if any(m == x or m.endswith("." + x) for x in skip if isinstance(x, str)):
+            continue
+        if targets == "all-linear" or (isinstance(targets, list) and "all-linear" in targets):
+            hit = len(shape) == 2 and leaf not in ("lm_head", "embed_tokens", "pos_embed")
+        elif isinstance(targets, str):
+            try:
+                hit = re.fullmatch(targets, m) is not None
+            except re.error:
+                return []
+        elif isinstance(targets, list):
+            hit = any(m == t or m.endswith("." + t) for t in targets if isinstance(t, str))
+        else:
+            return []
+        if hit and isinstance(exclude, str):
+            try:
+                hit = re.fullmatch(exclude, m) is None
+            except re.error:
+                return []
+        elif hit and isinstance(exclude, list):
+            hit = not any(m == e or m.endswith("." + e) for e in exclude if isinstance(e, str))
+        if hit and m not in have:
+            out.append(m)
+    return out
+
+
 def _find_base_weight(tensors: dict[str, Any], module: str, param: str = "weight") -> str | None:
+    """The base checkpoint's tensor for *module* (named as the loaded model names it)."""
     candidates = [f"{module}.{param}"]
-    # checkpoints written before/after transformers moved the text model under model.language_model
+    # a base checkpoint written before transformers moved the text model under model.language_model
+    # and the vision tower under model.visual
     if module.startswith("model.language_model."):
         candidates.append("model." + module[len("model.language_model."):] + "." + param)
-    elif module.startswith("model."):
-        candidates.append("model.language_model." + module[len("model."):] + "." + param)
+    elif module.startswith("model.visual."):
+        candidates.append(module[len("model."):] + "." + param)
     for c in candidates:
         if c in tensors:
             return c

@@ -105,6 +105,15 @@ def _drop_head(t):
     del t[HEAD]
 
 
+def _old_transformers_names(t):
+    for k in list(t):
+        t[k.replace("model.language_model.", "model.")] = t.pop(k)
+
+
+def _one_module_lost(t):
+    del t[Q0_B], t[Q0_B.replace("lora_B", "lora_A")]
+
+
 MTS = {"modules_to_save": ["embed_tokens", "lm_head"]}
 # id: (adapter recipe, mutation of the saved tensors, the finding code verify must give, or None for ok)
 CASES = {
@@ -132,6 +141,13 @@ CASES = {
                             "adapter_vocab"),
     "lora-shape-mismatch": (dict(lora=dict(r=4, target_modules=["q_proj"])), _bad_lora_shape, "adapter_mismatch"),
     "tensor-not-in-base": (dict(lora=dict(r=4, target_modules=["q_proj"])), _tensor_not_in_base, "adapter_mismatch"),
+    "old-transformers-module-names": (dict(lora=dict(r=4, target_modules=["q_proj"])), _old_transformers_names,
+                                      "adapter_mismatch"),
+    "a-targeted-module-without-weights": (dict(lora=dict(r=4, target_modules=["q_proj", "v_proj"])),
+                                          _one_module_lost, "adapter_mismatch"),
+    "all-linear": (dict(lora=dict(r=2, target_modules="all-linear")), None, None),
+    "exclude-modules": (dict(lora=dict(r=2, target_modules=["q_proj", "qkv"], exclude_modules=r".*layers\.1\..*")),
+                        None, None),
     "modules-to-save-lost": (dict(add=3, lora=dict(r=4, target_modules=["q_proj"], **MTS)), _drop_head,
                              "adapter_mismatch"),
 }

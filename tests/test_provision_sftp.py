@@ -148,6 +148,12 @@ def test_windows_style_paths_over_sftp(sftp_only, demo_model_dir, tmp_path):
         assert verify_model_dir(dest).ok
         assert sha(dest / "final_model" / "adapter_model.safetensors") == \
             sha(demo_model_dir / "final_model" / "adapter_model.safetensors")
+    dry = provision(f"{host}:C:/models/htr", str(tmp_path / "m0"), ssh=ssh, progress=False, transport="sftp",
+                    dry_run=True)
+    assert {a.kind for a in dry.actions} == {"link"} and len(dry.actions) == 13  # m0 holds them all already
+    dry = provision(f"{host}:C:/models/htr", str(tmp_path / "dry"), ssh=ssh, progress=False, transport="sftp",
+                    dry_run=True)
+    assert {a.kind for a in dry.actions} == {"fetch"} and len(dry.actions) == 13 and not (tmp_path / "dry").exists()
     with pytest.raises(ProvisionError, match="no such file"):
         provision(f"{host}:E:/models/htr", str(tmp_path / "none"), ssh=ssh, progress=False, transport="sftp")
     assert not os.path.exists(tmp_path / "none")

@@ -611,7 +611,7 @@ def provision(
         raise ProvisionError("DEST cannot be hf://", remedy="give a local directory or host:path")
     try:
         result = _provision(source, dest, src_loc, dst_loc, base=base, merge=merge, dry_run=dry_run,
-                            allow_download=allow_download, progress=progress, ssh=ssh)
+                            allow_download=allow_download, progress=progress, ssh=ssh, transport=transport)
     except KeyboardInterrupt:
         if isinstance(dst_loc, Remote):
             rpath = dst_loc.path.rstrip("/") or "/"
@@ -627,7 +627,7 @@ def provision(
 
 def _provision(source: str, dest: str, src_loc: Local | Remote | Hub, dst_loc: Local | Remote, *,
                base: str | None, merge: bool, dry_run: bool, allow_download: bool, progress: bool,
-               ssh: str | None) -> ProvisionResult:
+               ssh: str | None, transport: str = "auto") -> ProvisionResult:
     if isinstance(dst_loc, Remote):
         if isinstance(src_loc, Remote):
             raise ProvisionError("remote to remote is not supported",

@@ -757,15 +757,17 @@ def _provision_local(
         fetched = None
         sftp_got: dict[str, Any] | None = None
         if isinstance(src_loc, Remote):
+            if not dry_run:  # the staging tree exists before the first connection (an interrupt names it)
+                work.mkdir(parents=True, exist_ok=True)
+                fetched = work / "tree"
+                fetched.mkdir(exist_ok=True)
             use = pick_transport(src_loc, transport, ssh)
             result.transport = use
             if dry_run:
                 if use == "sftp":
                     return _sftp_dry_run(result, src_loc, dest, ssh)
                 return _remote_dry_run(result, src_loc, dest, ssh)
-            work.mkdir(parents=True, exist_ok=True)
-            fetched = work / "tree"
-            fetched.mkdir(exist_ok=True)
+            assert fetched is not None
             if use == "sftp":
                 sftp_got = _fetch_sftp(src_loc, fetched, dest, work / "sftp-journal.json", ssh=ssh,
                                        progress=progress)

@@ -201,12 +201,13 @@ def verify_model(settings) -> str | None:
     if mode == "off":
         logger.warning("model.verify_on_start is off: the directory %s is not checked", d)
         return None
-    from htrctl.verify import verify_model_dir
+    from htrctl.verify import ERROR, INFO, verify_model_dir
 
     report = verify_model_dir(d, quick=(mode == "quick"))
     for f in report.findings:
-        if f.severity != "error":
-            logger.warning("model directory: %s: %s (%s)", f.path, f.problem, f.remedy)
+        if f.severity != ERROR:
+            logger.log(logging.INFO if f.severity == INFO else logging.WARNING, "model directory: %s: %s (%s)",
+                       f.path, f.problem, f.remedy)
     report.raise_for_problems()
     logger.info("model directory %s verified (%s, manifest %s)", d, mode, (report.manifest_digest or "none")[:12])
     return report.manifest_digest

@@ -171,9 +171,8 @@ def pin_gpu(settings):
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the CPU was asked for: no GPU is touched
         logger.info("device: cpu (gpu.select: cpu)")
         return None, "cpu"
-    from htrctl.gpus import select_gpu
-
     from htrctl.doctor.placement import serving_kv_bytes
+    from htrctl.gpus import select_gpu
     from htrctl.modeldir import model_footprint
 
     weights = model_footprint(Path(settings.model.dir), settings.model.variant)["weights_bytes"]

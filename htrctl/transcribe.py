@@ -249,6 +249,7 @@ class TranscribeOptions:
     retry_for: float = 120.0  # keep retrying a restarting daemon this long
     resume: bool = False
     max_new_tokens: int | None = None
+    shard: Any = None  # a htrctl.shard.Shard: only this part of the sorted input list
     progress: bool = True  # a progress bar when stderr is a terminal
     quiet: bool = False
     images_dir: Path | None = None  # PAGE/ALTO inputs: where their page images are (else beside the XML)
@@ -268,6 +269,7 @@ class RunSummary:
     interrupted: bool = False
     failures: list[dict[str, str]] = field(default_factory=list)
     not_done: int = 0
+    completed: list[str] = field(default_factory=list)  # relative names of the inputs this run wrote
     results: list[dict[str, Any]] = field(default_factory=list)  # in-memory records (library use, json)
 
     @property
@@ -447,6 +449,7 @@ class Transcriber:
                 rec["_index"] = item.index
                 self.summary.results.append(rec)
             self.summary.done += 1
+            self.summary.completed.append(item.rel)
             self.summary.pages += len(resp.results) if item.job is None else 1  # a PAGE/ALTO file: one page
             self._advance()
 
@@ -634,6 +637,12 @@ class Transcriber:
                 f"no images found in {', '.join(o.inputs)}",
                 remedy=f"the default --include is {' '.join(DEFAULT_INCLUDE)}",
             )
+        if o.shard is not None:
+            from .shard import names_digest, shard_inputs
+
+            every = names_digest([it.rel for it in items]), len(items)
+            items, missing = shard_inputs(o.shard, items, missing)
+            self._note(f"htrctl: shard {o.shard}: {len(items)} of {every[1]} inputs (input list {every[0]})")
         s.total = len(items) + len(missing)
         self._started = time.monotonic()
         if o.out_dir is not None:

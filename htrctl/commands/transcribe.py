@@ -53,6 +53,9 @@ def transcribe(
     in_place: bool = typer.Option(
         False, "--in-place", help="PAGE/ALTO inputs: write the texts into the input files (atomically)"
     ),
+    shard: Optional[str] = typer.Option(
+        None, "--shard", help="only part I of N of the sorted inputs (I/N, 0-based), or 'slurm' (the array task's)"
+    ),
 ) -> None:
     """Transcribe images through htrd. Data on stdout (or --out), progress and errors on stderr.
 
@@ -62,6 +65,7 @@ def transcribe(
 
     Exit 0 when every input is done, 4 when some failed (the rest are done), 75 when the daemon is down.
     """
+    from ..shard import parse_shard
     from ..transcribe import FORMATS, TranscribeOptions, run_transcribe
 
     if fmt not in FORMATS:
@@ -74,6 +78,7 @@ def transcribe(
         inputs=list(paths), sockets=sockets, fmt=fmt, out_dir=out, include=list(include), exclude=list(exclude),
         concurrency=concurrency, timeout=timeout, wait=wait, retry_for=retry_for, resume=resume,
         max_new_tokens=max_new_tokens, quiet=g.quiet, images_dir=images, replace=replace, in_place=in_place,
+        shard=parse_shard(shard),
     )
     summary = run_transcribe(opts)
     raise typer.Exit(summary.exit_code)

@@ -15,6 +15,9 @@ endif
 # Debian packages: python3-venv (`python3 -m venv` needs it on Debian/Ubuntu: .venv and the wheel test),
 # and what the tests use: rsync + sshd on loopback, systemd-nspawn.
 DEB_PACKAGES := python3-venv rsync openssh-server openssh-client systemd-container
+# A private one-node Slurm for the job-array tests (tests/slurm_harness.py).
+DEB_PACKAGES_SLURM := munge slurmctld slurmd slurm-client
+DEB_PACKAGES += $(DEB_PACKAGES_SLURM)
 PYTEST_ARGS ?=
 
 .PHONY: all venv system-deps demo test test-fast bench-cpu lint clean
@@ -47,7 +50,7 @@ test: system-deps venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: venv
-	$(PY) -m pytest -m "not systemd and not ssh and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not systemd and not ssh and not slurm and not slow" $(PYTEST_ARGS)
 
 lint: venv
 	$(PY) -m ruff check htrctl daemon tests bench || true

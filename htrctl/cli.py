@@ -36,7 +36,7 @@ app = typer.Typer(
 
 # Each module in htrctl/commands registers its commands with `register(app)`.
 # They import their heavy dependencies lazily, inside the command functions.
-COMMAND_MODULES = ["config", "model", "transcribe", "status", "demo", "service", "provision", "doctor"]
+COMMAND_MODULES = ["config", "model", "transcribe", "status", "demo", "service", "provision", "doctor", "job", "slurm"]
 
 
 class Globals:

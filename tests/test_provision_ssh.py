@@ -6,13 +6,10 @@ configuration is touched. Needs ``sshd`` and ``rsync`` (``make test`` installs t
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
-import shlex
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -21,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import sshd_harness
 
 from conftest import require_system
 from htrctl.manifest import read_manifest
@@ -29,7 +27,6 @@ from htrctl.verify import verify_model_dir
 
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(180)]
 
-SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
 SHARD = "model-00002-of-00003.safetensors"
 
 
@@ -43,44 +40,11 @@ def wait_until(cond, timeout: float, what: str, interval: float = 0.05):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory):
-    require_system(bool(SSHD and shutil.which("rsync") and shutil.which("ssh-keygen")), "sshd and rsync")
-    d = tmp_path_factory.mktemp("sshd")
-    for name in ("host_key", "user_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
-    (d / "authorized_keys").write_text((d / "user_key.pub").read_text())
-    port = free_port()
-    (d / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\nPidFile {d / 'sshd.pid'}\n"
-        f"AuthorizedKeysFile {d / 'authorized_keys'}\nStrictModes no\nPubkeyAuthentication yes\n"
-        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nPermitRootLogin prohibit-password\n"
-        "LogLevel ERROR\n"
-    )
-    host_pub = (d / "host_key.pub").read_text().split()
-    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
-    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
-    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stderr=subprocess.PIPE)
-    ssh = (f"ssh -p {port} -i {d / 'user_key'} -o IdentitiesOnly=yes -o BatchMode=yes "
-           f"-o UserKnownHostsFile={d / 'known_hosts'} -o StrictHostKeyChecking=yes -o LogLevel=ERROR")
-
-    def ready():
-        if proc.poll() is not None:
-            raise AssertionError(f"sshd exited: {proc.stderr.read().decode()}")
-        return subprocess.run(shlex.split(ssh) + ["127.0.0.1", "true"], capture_output=True).returncode == 0
-
-    try:
-        wait_until(ready, 30, "sshd to accept the key")
-        yield {"ssh": ssh, "host": f"{getpass.getuser()}@127.0.0.1"}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    require_system(sshd_harness.available() and bool(shutil.which("rsync")), "sshd and rsync")
+    with sshd_harness.sshd_server(tmp_path_factory.mktemp("sshd")) as server:
+        yield server
 
 
 def test_local_to_remote_and_back(sshd, demo_model_copy, tmp_path):

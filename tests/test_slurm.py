@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import require_system
 from slurm_harness import SlurmCluster, missing_binaries, wait_until
 
-from conftest import require_system
 from htrctl.shard import Shard
 
 REPO = Path(__file__).resolve().parent.parent

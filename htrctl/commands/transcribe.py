@@ -27,7 +27,8 @@ def transcribe(
     ),
     exclude: List[str] = typer.Option([], "--exclude", help="glob of files to leave out (repeatable)"),
     socket: List[str] = typer.Option(
-        [], "--socket", "-s", help="daemon socket (repeatable: spread work over replicas); default: socket.path"
+        [], "--socket", "-s", help="daemon socket, or ssh://[user@]host[:port]/run/htr/htr.sock (repeatable: "
+        "spread work over replicas, local and remote); default: socket.path"
     ),
     concurrency: int = typer.Option(
         0, "--concurrency", "-j", min=0, max=1024,
@@ -65,6 +66,7 @@ def transcribe(
 
     Exit 0 when every input is done, 4 when some failed (the rest are done), 75 when the daemon is down.
     """
+    from ..replicas import open_sockets
     from ..shard import parse_shard
     from ..transcribe import FORMATS, TranscribeOptions, run_transcribe
 
@@ -73,7 +75,9 @@ def transcribe(
     if resume and out is None:
         raise typer.BadParameter("--resume needs --out DIR", param_hint="--resume")
     g = globals_of(ctx)
-    sockets = [Path(x) for x in socket] or [g.settings().socket.path]
+    # ssh://[user@]host[:port]/path sockets are forwarded by ssh while the command runs (htrctl/replicas.py).
+    sockets = ctx.with_resource(open_sockets(list(socket), note=lambda m: typer.echo(m, err=True))) if socket \
+        else [g.settings().socket.path]
     opts = TranscribeOptions(
         inputs=list(paths), sockets=sockets, fmt=fmt, out_dir=out, include=list(include), exclude=list(exclude),
         concurrency=concurrency, timeout=timeout, wait=wait, retry_for=retry_for, resume=resume,

@@ -1,0 +1,162 @@
+"""Remote replicas: ``--socket ssh://user@host:port/path`` through a real sshd on loopback to real htrd.
+
+Each ``ssh://`` socket is an OpenSSH stream-local forward that htrctl opens and
+closes itself (htrctl/replicas.py); the daemons are real htrd processes on the
+demo model (CPU). Needs sshd (``make test`` installs it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import sshd_harness
+from daemon_harness import htrd, wait_until  # noqa: F401 -- htrd: the fixture
+
+from conftest import require_system
+from htrctl.errors import UsageError
+from htrctl.replicas import SshSocket, parse_socket
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "htrctl" / "data" / "samples"
+DAEMON = {"limits": {"batch_sizes": [1, 2], "batch_window_ms": 5.0}, "generation": {"max_new_tokens": 4},
+          "log": {"level": "INFO"}}
+
+
+def test_parse_socket():
+    assert parse_socket("/run/htr/htr.sock") == Path("/run/htr/htr.sock")
+    s = parse_socket("ssh://alice@gpu1.example.org:2222/run/htr/htr.sock")
+    assert s == SshSocket(host="gpu1.example.org", path="/run/htr/htr.sock", user="alice", port=2222)
+    assert str(s) == "ssh://alice@gpu1.example.org:2222/run/htr/htr.sock" and s.destination == "alice@gpu1.example.org"
+    v6 = parse_socket("ssh://[fe80::1]/run/htr/htr@0.sock")
+    assert v6.host == "fe80::1" and v6.port is None and v6.path == "/run/htr/htr@0.sock"
+    assert str(v6) == "ssh://[fe80::1]/run/htr/htr@0.sock"
+    for bad in ("ssh://host", "ssh://host:port/x", "ssh:///x.sock", "ssh://a@/x"):
+        with pytest.raises(UsageError):
+            parse_socket(bad)
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    require_system(sshd_harness.available(), "sshd and ssh")
+    with sshd_harness.sshd_server(tmp_path_factory.mktemp("sshd")) as server:
+        yield server
+
+
+def url(sshd, sock: Path) -> str:
+    return f"ssh://{sshd['user']}@127.0.0.1:{sshd['port']}{sock}"
+
+
+def make_inputs(root: Path, n: int) -> list[str]:
+    lines = sorted(p for p in SAMPLES.iterdir() if p.suffix in (".png", ".jpg"))
+    rels = []
+    for i in range(n):
+        rel = f"p{i % 3}/l{i:03d}{lines[i % len(lines)].suffix}"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(lines[i % len(lines)], root / rel)
+        rels.append(rel)
+    return rels
+
+
+def outputs(out: Path) -> list[str]:
+    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) if out.exists() else []
+
+
+def forward_dirs() -> set[str]:
+    return {p.name for p in Path(tempfile.gettempdir()).glob("htr-ssh-*")}
+
+
+def transcribe(sshd, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "htrctl", "transcribe", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=REPO, env={**os.environ, "HTR_SSH": sshd["ssh_opts"]})
+
+
+@pytest.mark.ssh
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_remote_replicas_one_killed_mid_run(sshd, htrd, tmp_path):
+    """Two htrd behind ssh forwards; one is SIGKILLed mid-run: its in-flight inputs go to the other, each once."""
+    d1 = htrd(config=DAEMON, faults="slow_generate=0.3")
+    d2 = htrd(config=DAEMON, faults="slow_generate=0.3")
+    rels = make_inputs(tmp_path / "in", 16)
+    out = tmp_path / "out"
+    before = forward_dirs()
+    p = transcribe(sshd, "-s", url(sshd, d1.socket_path), "-s", url(sshd, d2.socket_path), "--out", str(out),
+                   "-f", "json", "--retry-for", "10", str(tmp_path / "in"))
+
+    def both_working():
+        assert p.poll() is None, p.communicate()
+        return len(outputs(out)) >= 3 and d1.status()["counters"]["images"] >= 1 and \
+            d2.status()["counters"]["images"] >= 1
+
+    wait_until(both_working, 240, what="both replicas to have answered")
+    d1.signal(signal.SIGKILL)
+    _, err = p.communicate(timeout=300)
+    err = err.decode()
+    assert p.returncode == 0, err
+    assert outputs(out) == sorted(f"{r}.json" for r in rels)
+    assert "transcribed 16 of 16 inputs" in err and "retries" in err, err  # done counts writes: 16, not more
+    assert d2.status()["counters"]["images"] < 16  # d1 did part of the work before it died
+    assert all(json.loads((out / f"{r}.json").read_text())["input"].endswith(r) for r in rels)
+    assert forward_dirs() == before  # the forwards are closed and their directory removed
+
+
+@pytest.mark.ssh
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_remote_and_local_mixed_and_unreachable_host(sshd, htrd, tmp_path):
+    d = htrd(config=DAEMON)
+    local = htrd(config=DAEMON)
+    rels = make_inputs(tmp_path / "in", 6)
+    out = tmp_path / "out"
+    p = transcribe(sshd, "-s", url(sshd, d.socket_path), "-s", str(local.socket_path), "--out", str(out),
+                   "-f", "txt", str(tmp_path / "in"))
+    _, err = p.communicate(timeout=240)
+    assert p.returncode == 0, err.decode()
+    assert outputs(out) == sorted(f"{r}.txt" for r in rels)
+    assert d.status()["counters"]["images"] >= 1 and local.status()["counters"]["images"] >= 1
+    assert d.status()["counters"]["images"] + local.status()["counters"]["images"] == 6
+
+    # an ssh that cannot log in: one line naming the URL, exit 75 (unavailable), nothing written
+    bad = f"ssh://nobody-here@127.0.0.1:{sshd['port']}{d.socket_path}"
+    p = transcribe(sshd, "-s", bad, "--out", str(tmp_path / "none"), str(tmp_path / "in"))
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 75, err.decode()
+    assert f"{bad}: ssh exited with 255" in err.decode()
+    assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.ssh
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_throughput_one_two_three_remote_replicas(sshd, htrd, tmp_path):
+    """Images/s with 1, 2 and 3 replicas over ssh in the same run (printed; the note quotes it).
+
+    Each daemon's generate is lengthened by 0.25 s (slow_generate) so a replica behaves like one with
+    its own accelerator: this two-core machine cannot give three CPU daemons three times the compute.
+    """
+    ds = [htrd(config={**DAEMON, "limits": {"batch_sizes": [1, 2, 4], "batch_window_ms": 5.0}},
+               faults="slow_generate=0.25") for _ in range(3)]
+    n = 48
+    make_inputs(tmp_path / "in", n)
+    rates = {}
+    for k in (1, 2, 3):
+        out = tmp_path / f"out{k}"
+        t0 = time.monotonic()
+        args = [a for d in ds[:k] for a in ("-s", url(sshd, d.socket_path))]
+        p = transcribe(sshd, *args, "--out", str(out), "-f", "txt", str(tmp_path / "in"))
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err.decode()
+        assert len(outputs(out)) == n
+        rates[k] = n / (time.monotonic() - t0)
+    print("\nreplicas over ssh, images/s (whole command): " + ", ".join(
+        f"{k}: {r:.2f} ({r / rates[1]:.2f}x)" for k, r in rates.items()))
+    assert rates[2] > rates[1] * 1.3 and rates[3] > rates[2]  # the work is spread, not serialised

@@ -325,6 +325,7 @@ class _Replica:
         self.lock = threading.Lock()
         self.manifest_digest: str | None = None  # for records when the daemon's answer lacks model_digest
         self.batch_sizes: list[int] = []
+        self.queue_capacity = 0
 
     def refresh_status(self) -> None:
         try:
@@ -334,12 +335,16 @@ class _Replica:
             return
         self.manifest_digest = st.manifest_digest
         self.batch_sizes = list(st.batch_sizes)
+        self.queue_capacity = st.queue_capacity
 
     def workers(self, concurrency: int) -> int:
-        """*concurrency*, or (0: auto) twice the daemon's largest batch: one batch generating, the next queued."""
+        """*concurrency*, or (0: auto) twice the daemon's largest batch: one batch generating, the next queued
+        (no more than one batch plus its queue holds: more would only be refused with queue_full)."""
         if concurrency > 0:
             return concurrency
-        return min(max(2 * max(self.batch_sizes or [4]), 2), AUTO_CONCURRENCY_MAX)
+        biggest = max(self.batch_sizes or [4])
+        cap = biggest + self.queue_capacity if self.queue_capacity else AUTO_CONCURRENCY_MAX
+        return min(max(2 * biggest, 2), cap, AUTO_CONCURRENCY_MAX)
 
 
 def _without_name(exc: HtrError, item: InputItem) -> str:

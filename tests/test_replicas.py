@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -84,8 +83,9 @@ def transcribe(sshd, *args: str) -> subprocess.Popen:
 @pytest.mark.timeout(600)
 def test_two_remote_replicas_one_killed_mid_run(sshd, htrd, tmp_path):
     """Two htrd behind ssh forwards; one is SIGKILLed mid-run: its in-flight inputs go to the other, each once."""
-    d1 = htrd(config=DAEMON, faults="slow_generate=0.3")
-    d2 = htrd(config=DAEMON, faults="slow_generate=0.3")
+    d1, d2 = (htrd(config=DAEMON, faults="slow_generate=0.3", wait=False) for _ in range(2))
+    d1.wait_ready()
+    d2.wait_ready()
     rels = make_inputs(tmp_path / "in", 16)
     out = tmp_path / "out"
     before = forward_dirs()
@@ -113,8 +113,9 @@ def test_two_remote_replicas_one_killed_mid_run(sshd, htrd, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_remote_and_local_mixed_and_unreachable_host(sshd, htrd, tmp_path):
-    d = htrd(config=DAEMON)
-    local = htrd(config=DAEMON)
+    d, local = (htrd(config=DAEMON, wait=False) for _ in range(2))
+    d.wait_ready()
+    local.wait_ready()
     rels = make_inputs(tmp_path / "in", 6)
     out = tmp_path / "out"
     p = transcribe(sshd, "-s", url(sshd, d.socket_path), "-s", str(local.socket_path), "--out", str(out),
@@ -140,23 +141,43 @@ def test_remote_and_local_mixed_and_unreachable_host(sshd, htrd, tmp_path):
 def test_throughput_one_two_three_remote_replicas(sshd, htrd, tmp_path):
     """Images/s with 1, 2 and 3 replicas over ssh in the same run (printed; the note quotes it).
 
-    Each daemon's generate is lengthened by 0.25 s (slow_generate) so a replica behaves like one with
+    Each daemon's generate is lengthened by 1 s (slow_generate) so a replica behaves like one with
     its own accelerator: this two-core machine cannot give three CPU daemons three times the compute.
+    The rate is the run's own (its summary line: from the first request to the last output).
     """
+    import re
+
     ds = [htrd(config={**DAEMON, "limits": {"batch_sizes": [1, 2, 4], "batch_window_ms": 5.0}},
-               faults="slow_generate=0.25") for _ in range(3)]
-    n = 48
+               faults="slow_generate=1.0", wait=False) for _ in range(3)]
+    for d in ds:  # started together, waited for one by one
+        d.wait_ready()
+    n = 36
     make_inputs(tmp_path / "in", n)
     rates = {}
     for k in (1, 2, 3):
         out = tmp_path / f"out{k}"
-        t0 = time.monotonic()
         args = [a for d in ds[:k] for a in ("-s", url(sshd, d.socket_path))]
         p = transcribe(sshd, *args, "--out", str(out), "-f", "txt", str(tmp_path / "in"))
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err.decode()
         assert len(outputs(out)) == n
-        rates[k] = n / (time.monotonic() - t0)
-    print("\nreplicas over ssh, images/s (whole command): " + ", ".join(
+        m = re.search(rf"transcribed {n} of {n} inputs \({n} pages\) in ([0-9.]+) s", err.decode())
+        assert m, err.decode()
+        rates[k] = n / float(m.group(1))
+    print("\nreplicas over ssh, images/s (the run's own rate): " + ", ".join(
         f"{k}: {r:.2f} ({r / rates[1]:.2f}x)" for k, r in rates.items()))
     assert rates[2] > rates[1] * 1.3 and rates[3] > rates[2]  # the work is spread, not serialised
+
+
+def test_requests_in_flight_follow_each_replicas_capacity():
+    """Auto concurrency per replica: two of its largest batches, but no more than a batch plus its queue."""
+    from htrctl.transcribe import _Replica
+
+    r = _Replica(client=None)
+    r.batch_sizes = [1, 2, 8]
+    assert r.workers(0) == 16
+    r.queue_capacity = 4
+    assert r.workers(0) == 12
+    r.batch_sizes, r.queue_capacity = [64], 256
+    assert r.workers(0) == 128
+    assert r.workers(3) == 3  # --concurrency wins

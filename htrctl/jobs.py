@@ -113,7 +113,8 @@ def _job_tmpdir(env: Mapping[str, str]) -> Path:
     return Path(tempfile.mkdtemp(prefix="htr-job-"))
 
 
-def _die_with_parent() -> None:  # pragma: no cover -- runs in the child between fork and exec
+def die_with_parent() -> None:  # pragma: no cover -- runs in the child between fork and exec
+    """``preexec_fn``: the child gets SIGTERM when the thread that started it ends (PR_SET_PDEATHSIG)."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -154,7 +155,7 @@ class JobDaemons:
             if self.log_level:
                 argv += ["--log-level", self.log_level]
             self.note(f"htrctl: starting htrd on {select if select == 'cpu' else 'GPU ' + select} (socket {sock})")
-            self.procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env, preexec_fn=_die_with_parent))
+            self.procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env, preexec_fn=die_with_parent))
             self.sockets.append(sock)
         t0 = time.monotonic()
         for proc, sock in zip(self.procs, self.sockets):

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DaemonUnavailableError, UsageError
+from .jobs import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -93,9 +94,10 @@ class SshForward:
                 "-L", f"{self.local}:{self.target.path}", self.target.destination]
         logger.debug("opening %s: %s", self.target, " ".join(argv))
         with open(self.stderr, "ab") as err:
-            # Its own session: a Ctrl-C in the terminal reaches htrctl, which closes the forward after the drain.
+            # Its own session: a Ctrl-C in the terminal reaches htrctl, which closes the forward after the
+            # drain; and it ends with htrctl even when htrctl is killed (no orphaned forward).
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout
         pause = threading.Event()
         while True:

@@ -113,18 +113,28 @@ def test_two_remote_replicas_one_killed_mid_run(sshd, htrd, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_remote_and_local_mixed_and_unreachable_host(sshd, htrd, tmp_path):
-    d, local = (htrd(config=DAEMON, wait=False) for _ in range(2))
+    """A remote and a local replica share the work; the remote's forward, closed mid-run, is opened again."""
+    d, local = (htrd(config=DAEMON, faults="slow_generate=1.0", wait=False) for _ in range(2))
     d.wait_ready()
     local.wait_ready()
-    rels = make_inputs(tmp_path / "in", 6)
+    rels = make_inputs(tmp_path / "in", 12)
     out = tmp_path / "out"
+    before = forward_dirs()
     p = transcribe(sshd, "-s", url(sshd, d.socket_path), "-s", str(local.socket_path), "--out", str(out),
                    "-f", "txt", str(tmp_path / "in"))
+    ctl = wait_until(lambda: [c for n in forward_dirs() - before
+                              for c in (Path(tempfile.gettempdir()) / n).glob("*.ctl")], 60, what="the forward")
+    wait_until(lambda: p.poll() is not None or len(outputs(out)) >= 1, 240, what="a first output")
+    # the forward's ssh master ends (as when the link drops): the client opens it again
+    closed = subprocess.run([*sshd["ssh"].split(), "-S", str(ctl[0]), "-O", "exit", "127.0.0.1"], capture_output=True)
+    assert closed.returncode == 0, closed.stderr
     _, err = p.communicate(timeout=240)
-    assert p.returncode == 0, err.decode()
+    err = err.decode()
+    assert p.returncode == 0, err
+    assert "the ssh forward ended" in err and "the forward is open again" in err, err
     assert outputs(out) == sorted(f"{r}.txt" for r in rels)
     assert d.status()["counters"]["images"] >= 1 and local.status()["counters"]["images"] >= 1
-    assert d.status()["counters"]["images"] + local.status()["counters"]["images"] == 6
+    assert forward_dirs() == before
 
     # an ssh that cannot log in: one line naming the URL, exit 75 (unavailable), nothing written
     bad = f"ssh://nobody-here@127.0.0.1:{sshd['port']}{d.socket_path}"

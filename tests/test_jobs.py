@@ -106,3 +106,26 @@ def test_run_job_transcribes_and_stops_its_daemon(tmp_path, provisioned_model):
     assert list(tmpdir.glob("htr-job-*")) == []  # ... and its directory is gone: htrd stopped, nothing left
     assert "exited with" not in r.stderr  # htrd's drain ended with 0
     shutil.rmtree(tmpdir)
+
+
+def test_slurm_script_rendering(tmp_path):
+    from htrctl.errors import UsageError
+    from htrctl.slurm import ScriptOptions, render_script
+
+    o = ScriptOptions(inputs=[str(tmp_path / "scans")], out_dir=tmp_path / "texts", per_task=1000,
+                      partition="gpu", max_running=8, config=tmp_path / "htr.yaml", transcribe_args=["--format", "txt"],
+                      htrctl=["/opt/htr/bin/htrctl"])
+    text = render_script(o, 2500)
+    lines = text.splitlines()
+    assert lines[0] == "#!/bin/bash"
+    for want in ("#SBATCH --array=0-2%8", "#SBATCH --gres=gpu:1", "#SBATCH --requeue", "#SBATCH --open-mode=append",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=04:00:00"):
+        assert want in lines, text
+    assert lines[-1] == (f"exec /opt/htr/bin/htrctl --config {tmp_path}/htr.yaml run-job --shard slurm --resume "
+                         f"--out {tmp_path}/texts --format txt {tmp_path}/scans")
+    cpu = render_script(ScriptOptions(inputs=["x"], out_dir=Path("o"), tasks=50, gpus=0), 3)
+    assert "#SBATCH --array=0-2" in cpu and "--gres" not in cpu  # never more tasks than inputs
+    with pytest.raises(UsageError, match="stdin"):
+        render_script(ScriptOptions(inputs=["-"], out_dir=Path("o")), 1)
+    with pytest.raises(UsageError, match="white space"):
+        render_script(ScriptOptions(inputs=["x"], out_dir=Path("o"), extra_sbatch=["--comment=a b"]), 1)

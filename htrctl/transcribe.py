@@ -173,11 +173,18 @@ def atomic_write(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
-def remove_stale_temps(out_dir: Path) -> int:
-    """Remove temp files a killed run left behind (they are never complete outputs)."""
+def remove_stale_temps(out_dir: Path, outputs: set[Path] | None = None) -> int:
+    """Remove temp files a killed run left behind (they are never complete outputs).
+
+    With *outputs*, only the temp files of those outputs: runs that share the directory (the
+    shards of one collection, array tasks) never remove each other's writes in progress.
+    """
     n = 0
     if out_dir.is_dir():
         for p in out_dir.rglob(f".*{TEMP_SUFFIX}"):
+            # ".<output name>.<pid>.<random>.htr-part" -> "<output name>"
+            if outputs is not None and p.with_name(p.name[1:-len(TEMP_SUFFIX)].rsplit(".", 2)[0]) not in outputs:
+                continue
             p.unlink(missing_ok=True)
             n += 1
     return n
@@ -379,6 +386,7 @@ class Transcriber:
         self._stop = threading.Event()
         self._write_lock = threading.Lock()
         self._fatal: HtrError | None = None
+        self._owned: set[Path] | None = None  # this run's output paths (its temp files are its own)
         self._progress = None
         self._task = None
         self._started = 0.0
@@ -652,7 +660,8 @@ class Transcriber:
         self._started = time.monotonic()
         if o.out_dir is not None:
             o.out_dir.mkdir(parents=True, exist_ok=True)
-            stale = remove_stale_temps(o.out_dir)
+            self._owned = {output_path(o.out_dir, it, o.fmt) for it in items}
+            stale = remove_stale_temps(o.out_dir, self._owned)
             if stale:
                 self._note(f"htrctl: removed {stale} incomplete temp file(s) of an interrupted run")
         todo = []
@@ -729,7 +738,7 @@ class Transcriber:
         self._stop.set()
         self._write_lock.acquire()  # held until exit: no output starts after this point
         if self.opts.out_dir is not None:
-            remove_stale_temps(self.opts.out_dir)
+            remove_stale_temps(self.opts.out_dir, self._owned)
         with self._cond:
             self.summary.not_done = len(self._queue) + self._in_flight
 

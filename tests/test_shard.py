@@ -56,6 +56,20 @@ def test_missing_arguments_reported_by_shard_zero_only():
     assert shard_inputs(Shard(1, 2), [], missing)[1] == []
 
 
+def test_a_run_removes_only_its_own_stale_temps(tmp_path):
+    """Shards share --out: one task starting (or interrupted) must not delete another's write in progress."""
+    from htrctl.transcribe import TEMP_SUFFIX, remove_stale_temps
+
+    (tmp_path / "b").mkdir()
+    mine = tmp_path / "b" / f".p1.png.json.4242.0123abcd{TEMP_SUFFIX}"
+    theirs = tmp_path / "b" / f".p2.png.json.777.89abcdef{TEMP_SUFFIX}"
+    for p in (mine, theirs):
+        p.write_text("half")
+    assert remove_stale_temps(tmp_path, {tmp_path / "b" / "p1.png.json"}) == 1
+    assert not mine.exists() and theirs.exists()
+    assert remove_stale_temps(tmp_path) == 1 and not theirs.exists()
+
+
 @pytest.mark.parametrize("spec, want", [("0/1", (0, 1)), ("2/3", (2, 3)), (" 1 / 4 ", (1, 4))])
 def test_parse(spec, want):
     s = parse_shard(spec)
@@ -140,3 +154,11 @@ def test_three_shards_against_a_real_daemon(tmp_path, provisioned_model):
         assert f"{len(mine) - 1} already done (--resume)".encode() in err, err.decode()
         assert d.status()["counters"]["images"] == 8
         assert json.loads((out / f"{mine[0]}.json").read_text())["input"].endswith(mine[0])
+
+        # an output that cannot be written (here: a directory in its place) fails that input; the run ends
+        (out / f"{mine[1]}.json").unlink()
+        (out / f"{mine[1]}.json").mkdir()
+        p = run(1, "--resume")
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 4, err.decode()
+        assert f"{mine[1]}: cannot write the output".encode() in err, err.decode()

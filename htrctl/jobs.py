@@ -147,7 +147,7 @@ class JobDaemons:
         for i, select in enumerate(self.selects):
             sock = self.dir / f"htrd-{i}.sock"
             env = {k: v for k, v in self.env.items() if k not in _SCRUB}
-            env.update({"HTR_GPU__SELECT": select, "HTR_SOCKET__GROUP": "", "HTR_SOCKET__MODE": "0o600",
+            env.update({"HTR_GPU__SELECT": select, "HTR_SOCKET__GROUP": "null", "HTR_SOCKET__MODE": "0o600",
                         "PYTHONUNBUFFERED": "1"})
             argv = [*self.htrd, "--socket", str(sock)]
             if self.config is not None:

@@ -2,14 +2,20 @@
 
 - Formats: PNG, JPEG, TIFF (every page of a multi-page TIFF), WebP -- sniffed
   from the magic bytes, and Pillow is told to try only that format.
-- Limits: the declared width x height of every page is checked against
-  ``max_pixels`` *before* any pixel is decoded (decompression bombs); the page
-  count against ``max_pages``.
+- Limits: :func:`read_header` reads only the headers (every page's declared
+  width x height, the page count) and refuses a bomb, an empty or extreme
+  geometry or too many pages before any pixel is decoded; the server adds up
+  the headers of a whole request and admits it against its pixel budgets
+  (:mod:`htrd.budget`) before it decodes anything. :func:`iter_pages` then
+  decodes one page at a time, so a multi-page TIFF never holds all its pages.
 - EXIF orientation is applied; 1-bit, grayscale, 16/32-bit grayscale, palette,
-  CMYK (through its ICC profile when it has one), YCbCr, LAB and alpha images
-  become 8-bit RGB (alpha composited on white, like paper).
+  CMYK (through its ICC profile when it has one; a profile that does not fit
+  -- another colour space, a broken file -- falls back to the plain formula),
+  YCbCr, LAB and alpha images become 8-bit RGB (alpha composited on white,
+  like paper).
 - Every failure is an :class:`~htrd.api_errors.ApiError` with a 4xx status and a
-  message that says what was wrong.
+  message that says what was wrong -- whatever Pillow, one of its plugins or
+  ImageCms raised (:func:`_as_api_error`); a MemoryError is ``out_of_memory``.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import io
 import logging
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -28,12 +35,29 @@ logger = logging.getLogger(__name__)
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half
 
 SUPPORTED = "PNG, JPEG, TIFF or WebP"
-# What Pillow's decoders raise on malformed input (a mutated TIFF header gives TypeError "Missing
-# dimensions", a bad IFD KeyError/struct.error...): each is the client's bad_image, never a 500.
+# What Pillow's decoders are known to raise on malformed input (a mutated TIFF header gives TypeError "Missing
+# dimensions", a bad IFD KeyError/struct.error...): each is the client's bad_image, logged at INFO. Anything
+# else a decoder raises is bad_image too, with a WARNING naming the type (see _as_api_error).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, TypeError, KeyError, IndexError, struct.error,
                   ZeroDivisionError, OverflowError)
 # Qwen-VL's image processor (smart_resize) refuses a longer side more than 200x the shorter one.
 MAX_ASPECT_RATIO = 200
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the headers of one image file declare, read without decoding a pixel."""
+
+    format: str
+    sizes: tuple[tuple[int, int], ...]  # (width, height) of every page, in order
+
+    @property
+    def pages(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def pixels(self) -> int:
+        return sum(w * h for w, h in self.sizes)
 
 
 @dataclass
@@ -70,43 +94,99 @@ def _describe(data: bytes) -> str:
 
 
 def decode_image(data: bytes, *, max_pixels: int, max_pages: int = 256) -> list[Page]:
-    """Decode *data* into one :class:`Page` per image (TIFF: per page)."""
+    """Decode *data* into one :class:`Page` per image (TIFF: per page). Holds every page at once: the server
+    uses :func:`read_header` and :func:`iter_pages` instead."""
+    return list(iter_pages(data, read_header(data, max_pixels=max_pixels, max_pages=max_pages)))
+
+
+def _open(data: bytes, fmt: str) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data), formats=[fmt])  # reads the header only
+    except UnidentifiedImageError:
+        raise ApiError("bad_image", f"the body looks like {fmt} but its header cannot be read (corrupt file?)") from None
+    except Exception as exc:  # noqa: BLE001 -- whatever the plugin raised: the client's file, see _as_api_error
+        raise _as_api_error(exc, f"cannot read the {fmt} header") from None
+
+
+def read_header(data: bytes, *, max_pixels: int, max_pages: int = 256) -> ImageHeader:
+    """The format and every page's declared size, without decoding a pixel; refuses (:class:`ApiError`) what
+    is not a supported image, a page over *max_pixels* or of an extreme geometry, and more than *max_pages*."""
     if not data:
         raise ApiError("bad_image", "the request body is empty; send the image file's bytes", status=400)
     fmt = sniff(data)
     if fmt is None:
         raise ApiError("bad_image", f"unsupported image format: {_describe(data)}; send {SUPPORTED}", status=415)
-    try:
-        img = Image.open(io.BytesIO(data), formats=[fmt])  # reads the header only
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ApiError("too_large", f"{fmt} image refused before decoding: {exc}") from None
-    except UnidentifiedImageError:
-        raise ApiError("bad_image", f"the body looks like {fmt} but its header cannot be read (corrupt file?)") from None
-    except _DECODE_ERRORS as exc:
-        raise ApiError("bad_image", f"cannot read the {fmt} header: {exc}") from None
+    img = _open(data, fmt)
     try:
         try:
-            n_frames = int(getattr(img, "n_frames", 1) or 1)
-        except _DECODE_ERRORS as exc:
-            raise ApiError("bad_image", f"the {fmt} page directory cannot be read: {exc}") from None
-        if fmt != "TIFF":
-            n_frames = 1  # animated WebP/PNG: the first frame is the image
+            # Not getattr(img, "n_frames", 1): it would turn an AttributeError inside the property into 1 page.
+            n_frames = int(img.n_frames) if fmt == "TIFF" else 1  # animated WebP/PNG: the first frame is the image
+        except Exception as exc:  # noqa: BLE001 -- see _as_api_error
+            raise _as_api_error(exc, f"the {fmt} page directory cannot be read") from None
         if n_frames > max_pages:
             raise ApiError(
-                "too_large", f"the TIFF has {n_frames} pages; at most {max_pages} per request (limits.max_images_per_request)"
+                "too_large", f"the TIFF has {n_frames} pages; at most {max_pages} per request (limits.max_images_per_request)",
+                detail={"pages": n_frames, "max_images_per_request": max_pages},
             )
-        pages = []
+        sizes = []
         for index in range(n_frames):
             if index:
                 try:
-                    img.seek(index)
-                except _DECODE_ERRORS as exc:
-                    raise ApiError("bad_image", f"TIFF page {index} cannot be read: {exc}") from None
+                    img.seek(index)  # reads the page's IFD, not its pixels
+                except Exception as exc:  # noqa: BLE001 -- see _as_api_error
+                    raise _as_api_error(exc, f"TIFF page {index} cannot be read") from None
             _check_size(img, fmt, index, max_pixels)
-            pages.append(Page(_to_rgb(img, fmt, index), index, fmt, img.mode))
-        return pages
+            sizes.append(tuple(img.size))
+        return ImageHeader(fmt, tuple(sizes))
     finally:
         img.close()
+
+
+def iter_pages(data: bytes, header: ImageHeader) -> Iterator[Page]:
+    """Decode the pages *header* (from :func:`read_header` on the same *data*) describes, one at a time: a
+    caller that drops each page before taking the next holds one decoded page at once. A page whose decoded
+    size differs from its header (a file that lies) is refused before its pixels are decoded."""
+    img = _open(data, header.format)
+    try:
+        for index, declared in enumerate(header.sizes):
+            where = f" page {index}" if index else ""
+            try:
+                if index:
+                    img.seek(index)
+                if tuple(img.size) != declared:
+                    raise ApiError("bad_image", f"the {header.format} image{where} changed its size between reads")
+                img.load()
+                mode = img.mode
+                out = ImageOps.exif_transpose(img) or img  # a copy: the file object moves on to the next page
+                rgb = _convert(out)
+            except ApiError:
+                raise
+            except Exception as exc:  # noqa: BLE001 -- whatever the decoder raised, see _as_api_error
+                raise _as_api_error(exc, f"cannot decode the {header.format} image{where}") from None
+            yield Page(rgb, index, header.format, mode)
+            del out, rgb
+    finally:
+        img.close()
+
+
+def _as_api_error(exc: BaseException, what: str) -> ApiError:
+    """What a decoder raised on the client's bytes, as that image's error. Pillow, its plugins and ImageCms raise
+    many types on malformed input (OSError, SyntaxError, struct.error, PyCMSError, RuntimeError...); every one
+    is the image's ``bad_image`` (422), never a 500 that would also lose the other parts of a batch. A bomb
+    is ``too_large``; a MemoryError ``out_of_memory`` (507). A type not in the known list is logged as a WARNING
+    so that it gets a look (it may be a bug on our side), without a traceback in the log."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return ApiError("too_large", f"{what}: refused before decoding: {exc}")
+    if isinstance(exc, MemoryError):
+        return ApiError("out_of_memory", f"{what}: out of memory while decoding; retry later or send a smaller image",
+                        retry_after=5)
+    if not isinstance(exc, _DECODE_ERRORS):
+        logger.warning("image decoder raised %s.%s: %s (answered as bad_image)", type(exc).__module__,
+                       type(exc).__qualname__, str(exc)[:200])
+    reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    return ApiError("bad_image", f"{what}: {reason}")
 
 
 def _check_size(img: Image.Image, fmt: str, index: int, max_pixels: int) -> None:
@@ -130,20 +210,6 @@ def _check_size(img: Image.Image, fmt: str, index: int, max_pixels: int) -> None
         )
 
 
-def _to_rgb(img: Image.Image, fmt: str, index: int) -> Image.Image:
-    where = f" page {index}" if index else ""
-    try:
-        img.load()
-        out = ImageOps.exif_transpose(img) or img
-        return _convert(out)
-    except ApiError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ApiError("too_large", f"{fmt} image refused: {exc}") from None
-    except _DECODE_ERRORS as exc:
-        raise ApiError("bad_image", f"cannot decode the {fmt} image{where}: {exc}") from None
-
-
 def _convert(img: Image.Image) -> Image.Image:
     mode = img.mode
     if mode == "RGB":
@@ -157,7 +223,7 @@ def _convert(img: Image.Image) -> Image.Image:
     if mode == "LAB":
         from PIL import ImageCms
 
-        return ImageCms.applyTransform(
+        return ImageCms.applyTransform(  # a PyCMSError here becomes bad_image (_as_api_error)
             img, ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
         )
     if mode == "P":
@@ -196,13 +262,19 @@ def _wide_gray(img: Image.Image) -> Image.Image:
 
 
 def _cmyk(img: Image.Image) -> Image.Image:
+    """CMYK through its embedded ICC profile; the documented fallback, the plain formula, when there is none or
+    it cannot convert this image: a broken profile, or one of another colour space (sRGB, Lab) embedded in a
+    CMYK file, which littleCMS refuses with PyCMSError."""
     icc = img.info.get("icc_profile")
     if icc:
         try:
             from PIL import ImageCms
-
+        except ImportError:  # Pillow built without littleCMS
+            return img.convert("RGB")
+        try:
             src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
             return ImageCms.profileToProfile(img, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
-        except (OSError, ValueError, ImportError) as exc:  # a broken profile: fall back to the plain formula
-            logger.debug("CMYK ICC conversion failed (%s); using the plain conversion", exc)
+        except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as exc:
+            logger.info("the CMYK image's ICC profile cannot convert it (%s); using the plain conversion",
+                        str(exc)[:200])
     return img.convert("RGB")

@@ -31,6 +31,12 @@ class Metrics:
         self.queue_depth = Gauge("htrd_queue_depth", "images waiting for the model", registry=r)
         self.queue_capacity = Gauge("htrd_queue_capacity", "limits.queue_length", registry=r)
         self.in_flight = Gauge("htrd_in_flight_requests", "transcription requests being served", registry=r)
+        self.pixels_in_flight = Gauge("htrd_pixels_in_flight", "declared pixels of the requests being served",
+                                      registry=r)
+        self.pixels_in_flight_capacity = Gauge("htrd_pixels_in_flight_capacity",
+                                               "limits.max_pixels_in_flight (effective)", registry=r)
+        self.client_errors = Counter("htrd_client_disconnects", "requests the client abandoned mid-body "
+                                     "(disconnect) or broke (HTTP protocol error), by kind", ["kind"], registry=r)
         self.gpu_memory = Gauge("htrd_gpu_memory_bytes", "GPU memory of this process", ["kind"], registry=r)
         self.load_seconds = Gauge("htrd_load_seconds", "time to load the model", registry=r)
         self.warmup_seconds = Gauge("htrd_warmup_seconds", "time to warm up every batch size", registry=r)

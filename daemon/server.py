@@ -4,8 +4,14 @@ Endpoints and models come from :mod:`htrctl.protocol`. Every error -- ours,
 404/405 and request validation included -- is the envelope
 ``{"error": {"type", "message", "detail"}}``; 503s carry ``Retry-After``.
 Bodies are read in chunks and refused as soon as they exceed
-``limits.max_body_bytes``. One log line per request with its id and the peer's
-uid (``SO_PEERCRED``); image bytes are never logged.
+``limits.max_body_bytes``. A transcription request is then admitted on what its
+image headers declare, before any pixel is decoded: its pages against
+``limits.max_images_per_request``, its pixels against the request and in-flight
+budgets of :mod:`htrd.budget` (413 / 503); its pages are decoded one at a time.
+One log line per request with its id and the peer's uid (``SO_PEERCRED``);
+image bytes are never logged. A client that disconnects mid-body, or breaks the
+HTTP framing, is the client's doing: one line, ``htrd_client_disconnects_total``
+and the status 499 (disconnect) or 400 (protocol error), never a 500.
 """
 
 from __future__ import annotations
@@ -26,12 +32,14 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from htrctl import protocol as P
 
 from .api_errors import ApiError
-from .images import decode_image
+from .budget import PixelBudget, resolve_limits
+from .images import ImageHeader, iter_pages, read_header
 from .service import Service
 from .state import READY
 
@@ -42,6 +50,10 @@ _PROBES = {P.PATH_LIVE, P.PATH_READY, P.PATH_METRICS, P.PATH_STATUS}
 _KNOWN = {P.PATH_LIVE, P.PATH_READY, P.PATH_STATUS, P.PATH_TRANSCRIBE, P.PATH_TRANSCRIBE_BATCH, P.PATH_METRICS,
           P.PATH_OPENAPI}
 PEER_KEY = "htrd.peer"
+PROTOCOL_ERROR_KEY = "htrd.protocol_error"  # set on a request's scope when uvicorn answered its framing with 400
+NOTE_KEY = "htrd.note"  # appended to the request's log line
+CLIENT_CLOSED = 499  # nginx's "client closed request": logged and counted, never sent (nobody is listening)
+BUSY_RETRY_AFTER_S = 1
 
 _IMAGE_BODY = {
     "required": True,
@@ -90,6 +102,14 @@ class PeerCredH11Protocol(H11Protocol):
 
         self.app = with_peer
         self._peer = creds
+
+    def send_400_response(self, msg: str) -> None:
+        # h11 refused the bytes (a bad chunk-size line, ...): uvicorn answers 400 and closes; the app, if it is
+        # reading this request's body, sees a disconnect -- mark the scope so it is counted as the client's
+        # protocol error (RequestContext, _client_gone), not as a disconnect or a 500.
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.scope[PROTOCOL_ERROR_KEY] = True
+        super().send_400_response(msg)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -166,9 +186,10 @@ class RequestContext:
             m.request_seconds.labels(endpoint).observe(elapsed)
             peer = scope.get(PEER_KEY)
             level = logging.DEBUG if path in _PROBES and status["code"] != 500 else logging.INFO
-            logger.log(level, "request id=%s peer_uid=%s peer_pid=%s %s %s -> %d in %.1fms", rid,
+            note = scope.get(NOTE_KEY)
+            logger.log(level, "request id=%s peer_uid=%s peer_pid=%s %s %s -> %d in %.1fms%s", rid,
                        peer[1] if peer else "-", peer[0] if peer else "-", scope.get("method"), path,
-                       status["code"], elapsed * 1000.0)
+                       status["code"], elapsed * 1000.0, f" ({note})" if note else "")
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
@@ -194,6 +215,10 @@ async def _read_body(request: Request, limit: int, timeout: float | None = None)
                 if len(buf) > limit:
                     raise ApiError("too_large", f"the request body exceeds limits.max_body_bytes ({limit} bytes)",
                                    detail={"max_body_bytes": limit})
+    except ClientDisconnect:
+        request.scope[NOTE_KEY] = (f"after {len(buf)} of {declared if declared else 'an unknown number of'} "
+                                   f"body bytes")
+        raise
     except TimeoutError:
         raise ApiError("bad_request", f"the request body did not arrive within limits.read_timeout_s ({timeout:g}s; "
                        f"{len(buf)} bytes received); send the whole body at once", status=408) from None
@@ -216,6 +241,11 @@ def create_app(service: Service) -> FastAPI:
         openapi_url=P.PATH_OPENAPI,
     )
     app.state.service = service
+    pixel_limits = resolve_limits(limits)
+    budget = PixelBudget(pixel_limits.in_flight_pixels, on_change=service.metrics.pixels_in_flight.set)
+    service.metrics.pixels_in_flight_capacity.set(budget.capacity)
+    app.state.pixel_budget = budget
+    logger.info("%s", pixel_limits.describe())
 
     # -- error envelope for everything ---------------------------------------------------------------------
     @app.exception_handler(ApiError)
@@ -226,6 +256,18 @@ def create_app(service: Service) -> FastAPI:
         else:
             logger.info("request id=%s refused: %s: %s", request.state.request_id, exc.type, exc.message)
         return _error_response(exc)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect):
+        """The client left mid-body, or uvicorn refused its framing with 400 and closed: no traceback, no 5xx;
+        the request's own log line says which (RequestContext), a counter by kind. The response goes nowhere."""
+        protocol = bool(request.scope.get(PROTOCOL_ERROR_KEY))
+        kind = "protocol_error" if protocol else "disconnect"
+        service.metrics.client_errors.labels(kind).inc()
+        what = "HTTP protocol error, answered 400 by the server" if protocol else "client disconnected"
+        note = request.scope.get(NOTE_KEY)
+        request.scope[NOTE_KEY] = what + (f" {note}" if note else "")
+        return Response(status_code=400 if protocol else CLIENT_CLOSED)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -345,17 +387,54 @@ def create_app(service: Service) -> FastAPI:
                            status=400)
         return requested
 
-    def _decode_prepare(data: bytes, max_pages: int):
-        pages = decode_image(data, max_pixels=limits.max_image_pixels, max_pages=max_pages)
-        out = []
-        for p in pages:
+    def _read_headers(blobs: list[bytes]) -> list[ImageHeader | ApiError]:
+        """Every image's header (page sizes, page count), or its error; not a pixel decoded."""
+        out: list[ImageHeader | ApiError] = []
+        for blob in blobs:
             try:
-                out.append((p.index, engine.prepare(p.image)))
-            except ValueError as exc:  # the model's image processor refuses this geometry (e.g. smart_resize)
-                w, h = p.image.size
-                where = f" (page {p.index})" if p.index else ""
-                raise ApiError("bad_image", f"the model cannot take this {w}x{h} image{where}: "
-                               f"{str(exc).splitlines()[0][:200]}") from None
+                out.append(read_header(blob, max_pixels=pixel_limits.image_pixels,
+                                       max_pages=limits.max_images_per_request))
+            except ApiError as err:
+                out.append(err)
+        return out
+
+    @contextlib.contextmanager
+    def _pixels_admitted(headers: list[ImageHeader]):
+        """The declared pixels of a request's images, checked against limits.max_request_pixels (413) and held
+        in the daemon-wide budget (503 + Retry-After when they do not fit now) until the request ends:
+        decoding, preprocessing, the queue and generation all happen inside."""
+        pixels = sum(h.pixels for h in headers)
+        pages = sum(h.pages for h in headers)
+        if pixels > pixel_limits.request_pixels:
+            raise ApiError(
+                "too_large", f"this request's images declare {pixels} pixels in {pages} image(s) and page(s); at most "
+                f"{pixel_limits.request_pixels} per request (limits.max_request_pixels); send fewer or smaller "
+                "images per request", detail={"pixels": pixels, "pages": pages,
+                                              "max_request_pixels": pixel_limits.request_pixels})
+        if not budget.try_acquire(pixels):
+            raise ApiError(
+                "queue_full", f"htrd is busy: the requests being served hold {budget.in_use} of {budget.capacity} "
+                f"pixels (limits.max_pixels_in_flight) and this one declares {pixels}; retry later",
+                detail={"pixels": pixels, "pixels_in_flight": budget.in_use, "max_pixels_in_flight": budget.capacity},
+                retry_after=BUSY_RETRY_AFTER_S)
+        try:
+            yield pixels
+        finally:
+            budget.release(pixels)
+
+    def _decode_prepare(data: bytes, header: ImageHeader):
+        """Decode and preprocess one image, a page at a time: each decoded page is dropped once prepared."""
+        out = []
+        with contextlib.closing(iter_pages(data, header)) as pages:
+            for page in pages:
+                try:
+                    out.append((page.index, engine.prepare(page.image)))
+                except ValueError as exc:  # the model's image processor refuses this geometry (e.g. smart_resize)
+                    w, h = page.image.size
+                    where = f" (page {page.index})" if page.index else ""
+                    raise ApiError("bad_image", f"the model cannot take this {w}x{h} image{where}: "
+                                   f"{str(exc).splitlines()[0][:200]}") from None
+                del page
         return out
 
     async def _wait(items, deadline: float):
@@ -377,10 +456,14 @@ def create_app(service: Service) -> FastAPI:
         with _accounted() as deadline:
             new_tokens = _max_new(max_new_tokens)
             data = await _read_body(request, limits.max_body_bytes, limits.read_timeout_s)
-            prepared = await asyncio.wrap_future(engine.run_cpu(_decode_prepare, data, limits.max_images_per_request))
-            items = engine.submit([p for _, p in prepared], deadline=deadline, max_new_tokens=new_tokens,
-                                  request_id=rid, pages=[i for i, _ in prepared])
-            outcomes = await _wait(items, deadline)
+            header = (await anyio.to_thread.run_sync(_read_headers, [data]))[0]
+            if isinstance(header, ApiError):
+                raise header
+            with _pixels_admitted([header]):
+                prepared = await asyncio.wrap_future(engine.run_cpu(_decode_prepare, data, header))
+                items = engine.submit([p for _, p in prepared], deadline=deadline, max_new_tokens=new_tokens,
+                                      request_id=rid, pages=[i for i, _ in prepared])
+                outcomes = await _wait(items, deadline)
             for o in outcomes:
                 if isinstance(o, BaseException):
                     raise o
@@ -399,47 +482,67 @@ def create_app(service: Service) -> FastAPI:
                                f"(got content-type {ctype or 'none'})", status=415)
             data = await _read_body(request, limits.max_body_bytes, limits.read_timeout_s)
             parts = await _parse_multipart(request, data, limits.max_images_per_request, limits.max_body_bytes)
+            del data
             max_pages = limits.max_images_per_request
             items_out: list[P.BatchItem] = []
-            work: list[tuple[int, list]] = []  # (item index, [(page, prepared)])
+            accepted: list[tuple[int, bytes, ImageHeader]] = []  # (item index, bytes, header)
             total_pages = 0
 
-            async def decode_one(blob: bytes):
+            def item_error(item: P.BatchItem, err: ApiError) -> None:
+                service.metrics.errors.labels(err.type).inc()
+                item.error, item.results = err.body(), None
+
+            # Every part's header first: what the request asks for is known before a pixel is decoded.
+            headers = await anyio.to_thread.run_sync(_read_headers, [blob for _, blob in parts])
+            for index, ((filename, blob), header) in enumerate(zip(parts, headers)):
+                items_out.append(P.BatchItem(index=index, filename=filename))
+                if not isinstance(header, ApiError) and total_pages + header.pages > max_pages:
+                    header = ApiError("too_large", f"this request carries more than limits.max_images_per_request "
+                                      f"({max_pages}) images and pages; this part is not transcribed",
+                                      detail={"max_images_per_request": max_pages})
+                if isinstance(header, ApiError):
+                    item_error(items_out[-1], header)
+                    continue
+                total_pages += header.pages
+                accepted.append((index, blob, header))
+            del parts
+
+            async def decode_one(blob: bytes, header: ImageHeader):
                 try:
-                    return await asyncio.wrap_future(engine.run_cpu(_decode_prepare, blob, max_pages))
+                    return await asyncio.wrap_future(engine.run_cpu(_decode_prepare, blob, header))
                 except ApiError as err:
                     return err
+                except Exception as exc:  # noqa: BLE001 -- this part's own error: the other parts go on
+                    logger.exception("request id=%s: preparing a batch part failed", rid)
+                    return ApiError("internal", f"internal error preparing this image ({type(exc).__name__}); see "
+                                    "the daemon's log")
 
-            # Every part is decoded and preprocessed concurrently, in worker threads.
-            decoded = await asyncio.gather(*(decode_one(blob) for _, blob in parts))
-            for index, ((filename, _blob), prepared) in enumerate(zip(parts, decoded)):
-                if not isinstance(prepared, ApiError) and total_pages + len(prepared) > max_pages:
-                    prepared = ApiError("too_large", f"this request carries more than limits.max_images_per_request "
-                                        f"({max_pages}) images and pages; this part is not transcribed",
-                                        detail={"max_images_per_request": max_pages})
-                if isinstance(prepared, ApiError):
-                    service.metrics.errors.labels(prepared.type).inc()
-                    items_out.append(P.BatchItem(index=index, filename=filename, error=prepared.body()))
-                    continue
-                total_pages += len(prepared)
-                items_out.append(P.BatchItem(index=index, filename=filename))
-                work.append((index, prepared))
-            flat = [(idx, page, prep) for idx, prepared in work for page, prep in prepared]
-            if flat:
-                queued = engine.submit([p for _, _, p in flat], deadline=deadline, max_new_tokens=new_tokens,
-                                       request_id=rid, pages=[pg for _, pg, _ in flat])
-                outcomes = await _wait(queued, deadline)
-                for (idx, _page, _prep), outcome in zip(flat, outcomes):
-                    item = items_out[idx]
-                    if isinstance(outcome, ApiError):
-                        if item.error is None:
-                            service.metrics.errors.labels(outcome.type).inc()
-                            item.error = outcome.body()
-                            item.results = None
-                    elif isinstance(outcome, BaseException):
-                        raise outcome
-                    elif item.error is None:
-                        item.results = (item.results or []) + [outcome]
+            with _pixels_admitted([h for _, _, h in accepted]):
+                # The accepted parts are decoded and preprocessed concurrently, in the engine's CPU pool.
+                decoded = await asyncio.gather(*(decode_one(blob, header) for _, blob, header in accepted))
+                work: list[tuple[int, list]] = []  # (item index, [(page, prepared)])
+                for (index, _blob, _header), prepared in zip(accepted, decoded):
+                    if isinstance(prepared, ApiError):
+                        item_error(items_out[index], prepared)
+                    else:
+                        work.append((index, prepared))
+                del accepted, decoded
+                flat = [(idx, page, prep) for idx, prepared in work for page, prep in prepared]
+                if flat:
+                    queued = engine.submit([p for _, _, p in flat], deadline=deadline, max_new_tokens=new_tokens,
+                                           request_id=rid, pages=[pg for _, pg, _ in flat])
+                    outcomes = await _wait(queued, deadline)
+                    for (idx, _page, _prep), outcome in zip(flat, outcomes):
+                        item = items_out[idx]
+                        if isinstance(outcome, ApiError):
+                            if item.error is None:
+                                service.metrics.errors.labels(outcome.type).inc()
+                                item.error = outcome.body()
+                                item.results = None
+                        elif isinstance(outcome, BaseException):
+                            raise outcome
+                        elif item.error is None:
+                            item.results = (item.results or []) + [outcome]
             if any(i.error for i in items_out):
                 state.count(errors=1)
             return P.BatchResponse(request_id=rid, model_digest=service.manifest_digest, items=items_out)

@@ -106,6 +106,12 @@ class LimitSettings(_Section):
     read_timeout_s: float = Field(30.0, gt=0, le=3600, description="a client's headers and body must arrive by then")
     max_image_pixels: int = Field(40_000_000, ge=1024, description="largest decoded image (bomb guard)")
     max_images_per_request: int = Field(256, ge=1, le=10_000, description="images (lines, pages) per request")
+    max_request_pixels: int | None = Field(
+        None, ge=1024, description="declared pixels of all images and pages of one request; null: from host memory"
+    )
+    max_pixels_in_flight: int | None = Field(
+        None, ge=1024, description="declared pixels of all requests being served at once; null: from host memory"
+    )
     batch_sizes: list[int] = Field([1, 2, 4, 8, 16, 32, 64], description="batch sizes warmed and served")
     batch_window_ms: float = Field(5.0, ge=0, le=1000, description="how long to wait for requests already received to join a batch")
     drain_timeout_s: float = Field(60.0, gt=0, le=3600, description="SIGTERM: finish in-flight work by then")

@@ -59,8 +59,9 @@ def host_memory_bytes(proc: Path = Path("/proc"), cgroup_root: Path = Path("/sys
             parts = [p for p in rel.split("/") if p]
             for depth in range(len(parts), -1, -1):
                 found += _read_limit(cgroup_root.joinpath(*parts[:depth], "memory.max"))
-        elif "memory" in controllers.split(","):  # cgroup v1
-            found += _read_limit(cgroup_root / "memory" / rel / "memory.limit_in_bytes")
+        elif "memory" in controllers.split(","):  # cgroup v1; in a container the hierarchy's root is its own group
+            for where in {rel, ""}:
+                found += _read_limit(cgroup_root / "memory" / where / "memory.limit_in_bytes")
     return min(found) if found else None
 
 

@@ -33,8 +33,8 @@ class Metrics:
         self.in_flight = Gauge("htrd_in_flight_requests", "transcription requests being served", registry=r)
         self.pixels_in_flight = Gauge("htrd_pixels_in_flight", "declared pixels of the requests being served",
                                       registry=r)
-        self.pixels_in_flight_capacity = Gauge("htrd_pixels_in_flight_capacity",
-                                               "limits.max_pixels_in_flight (effective)", registry=r)
+        self.pixel_limit = Gauge("htrd_pixel_limit", "effective pixel limits (htrd.budget): per image, per request, "
+                                 "in flight", ["scope"], registry=r)
         self.client_errors = Counter("htrd_client_disconnects", "requests the client abandoned mid-body "
                                      "(disconnect) or broke (HTTP protocol error), by kind", ["kind"], registry=r)
         self.gpu_memory = Gauge("htrd_gpu_memory_bytes", "GPU memory of this process", ["kind"], registry=r)

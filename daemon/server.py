@@ -243,7 +243,9 @@ def create_app(service: Service) -> FastAPI:
     app.state.service = service
     pixel_limits = resolve_limits(limits)
     budget = PixelBudget(pixel_limits.in_flight_pixels, on_change=service.metrics.pixels_in_flight.set)
-    service.metrics.pixels_in_flight_capacity.set(budget.capacity)
+    for scope, value in (("image", pixel_limits.image_pixels), ("request", pixel_limits.request_pixels),
+                         ("in_flight", pixel_limits.in_flight_pixels)):
+        service.metrics.pixel_limit.labels(scope).set(value)
     app.state.pixel_budget = budget
     logger.info("%s", pixel_limits.describe())
 

@@ -151,6 +151,7 @@ SOCKET_GROUP = _group_or_none("daemon")
 # One daemon for the hostile-input, fuzzing and security tests (starting one costs 15-40 s here).
 SHARED_CONFIG = {
     "limits": {"max_body_bytes": 2 * 1024 * 1024, "max_image_pixels": 4_000_000, "read_timeout_s": 3.0,
+               "max_request_pixels": 16_000_000, "max_pixels_in_flight": 64_000_000,
                "batch_sizes": [1, 2, 4], "queue_length": 64, "request_deadline_s": 60.0},
     "socket": {"group": SOCKET_GROUP},
     "generation": {"max_new_tokens": 8},

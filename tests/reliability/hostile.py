@@ -97,6 +97,32 @@ def multipage_tiff(pages: int, size=(16, 8)) -> bytes:
     return buf.getvalue()
 
 
+def deflate_tiff(pages: int, size=(1000, 1000), mode: str = "L") -> bytes:
+    """A few KB of Deflate TIFF that decodes to pages x size pixels: the amplification case of issue 14."""
+    frames = [Image.new(mode, size, "white") for _ in range(pages)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "TIFF", save_all=True, append_images=frames[1:], compression="tiff_adobe_deflate")
+    return buf.getvalue()
+
+
+def icc_profile(space: str) -> bytes:
+    from PIL import ImageCms
+
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile(space)).tobytes()
+
+
+def colour_profile_cases() -> dict[str, bytes]:
+    """CMYK files whose embedded ICC profile belongs to another colour space (littleCMS refuses to build the
+    transform: PyCMSError) or is no profile at all: the plain CMYK conversion, transcribed (200)."""
+    cmyk = line_image((240, 40)).convert("CMYK")
+    out = {}
+    for fmt in ("JPEG", "TIFF"):
+        out[f"CMYK {fmt} with an sRGB ICC profile"] = encode(cmyk, fmt, icc_profile=icc_profile("sRGB"))
+        out[f"CMYK {fmt} with a Lab ICC profile"] = encode(cmyk, fmt, icc_profile=icc_profile("LAB"))
+        out[f"CMYK {fmt} with a garbage ICC profile"] = encode(cmyk, fmt, icc_profile=b"acsp" * 64)
+    return out
+
+
 def truncated(data: bytes, fraction: float) -> bytes:
     return data[: max(1, int(len(data) * fraction))]
 
@@ -259,6 +285,19 @@ def raw_exchange(sock_path: Path, data: bytes, *, timeout: float = 15.0) -> tupl
             if _complete_response(out):
                 break
         return out, time.monotonic() - t0
+    finally:
+        s.close()
+
+
+def disconnect_mid_body(sock_path: Path, path: str = "/v1/transcribe", declared: int = 100_000,
+                        sent: bytes = b"\x89PNG\r\n\x1a\n" + b"\x00" * 92, ctype: str = "image/png") -> None:
+    """Send headers promising *declared* body bytes and only *sent* of them, then close the connection."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10.0)
+    try:
+        s.connect(str(sock_path))
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {declared}\r\n"
+                  f"Content-Type: {ctype}\r\n\r\n".encode() + sent)
     finally:
         s.close()
 

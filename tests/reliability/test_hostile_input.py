@@ -254,6 +254,135 @@ def test_slow_clients_are_cut_off_and_others_are_served(shared_daemon, record):
     _assert_ready(shared_daemon)
 
 
+# -- memory before decoding (issue 14) ------------------------------------------------------------------------
+def _proc_kib(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {key} in /proc/{pid}/status")
+
+
+def test_amplification_is_refused_on_the_headers_before_decoding(shared_daemon, record):
+    """8 parts, each ~12 KB of Deflate TIFF declaring 8 pages of 1000x1000: 64 Mpx for a ~100 KB request. Before
+    issue 14 every part was decoded with its own page allowance (0.8 -> 3.2 GiB RSS). Now the request is refused
+    as a whole (413, with what it asked and what is allowed) on its headers; nothing is decoded."""
+    limit = SHARED_CONFIG["limits"]["max_request_pixels"]
+    tiff = H.deflate_tiff(8)
+    assert len(tiff) < 32_000
+    parts = [("image", (f"{i}.tif", tiff, "image/tiff")) for i in range(8)]
+    rss0 = _proc_kib(shared_daemon.pid, "VmRSS")
+    r = shared_daemon.post("/v1/transcribe/batch", files=parts, timeout=60)
+    assert r.status_code == 413, r.text[:300]
+    err = r.json()["error"]
+    assert err["type"] == "too_large" and err["detail"] == {"pixels": 64_000_000, "pages": 64,
+                                                            "max_request_pixels": limit}, err
+    assert "64000000" in err["message"] and str(limit) in err["message"]
+    grew_mib = (_proc_kib(shared_daemon.pid, "VmRSS") - rss0) / 1024
+    assert grew_mib < 64, f"RSS grew {grew_mib:.0f} MiB for a request refused on its headers"
+    record("hostile", "batch: 8 x 8-page Deflate TIFF, 64 Mpx in 100 KB", category="memory amplification",
+           bytes=8 * len(tiff), status=413, type=err["type"], message=err["message"][:160], ready_after=True)
+    # the same through the single-image endpoint: one TIFF of 20 such pages
+    big = H.deflate_tiff(20)
+    r = _post(shared_daemon, big)
+    assert r.status_code == 413 and r.json()["error"]["detail"]["pixels"] == 20_000_000, r.text[:300]
+    record("hostile", "one 20-page Deflate TIFF, 20 Mpx", category="memory amplification", bytes=len(big),
+           status=413, type="too_large", message=r.json()["error"]["message"][:160], ready_after=True)
+    # within the budget: 2 such parts (16 Mpx) are decoded a page at a time and transcribed, RSS bounded
+    hwm0 = _proc_kib(shared_daemon.pid, "VmHWM")
+    r = shared_daemon.post("/v1/transcribe/batch", files=parts[:2], timeout=120)
+    assert r.status_code == 200, r.text[:300]
+    items = r.json()["items"]
+    assert [len(i["results"] or []) for i in items] == [8, 8] and not any(i["error"] for i in items), items
+    peak_mib = (_proc_kib(shared_daemon.pid, "VmHWM") - rss0) / 1024
+    assert peak_mib < 16 * 64, f"peak RSS {peak_mib:.0f} MiB over idle for 16 Mpx"  # 64 B/px: htrd.budget
+    record("hostile", "batch: 2 x 8-page Deflate TIFF, 16 Mpx (the request limit)", category="memory amplification",
+           bytes=2 * len(tiff), status=200, type="transcribed",
+           message=f"16 pages transcribed; peak RSS {max(0.0, peak_mib):.0f} MiB over idle (high-water mark "
+                   f"{hwm0 // 1024} -> {_proc_kib(shared_daemon.pid, 'VmHWM') // 1024} MiB)", ready_after=True)
+    _assert_ready(shared_daemon)
+
+
+def test_cmyk_with_a_foreign_colour_profile_is_transcribed_alone_and_in_a_batch(shared_daemon, record):
+    """A CMYK JPEG/TIFF whose ICC profile is sRGB or Lab made ImageCms raise PyCMSError: a 500, and in a batch
+    the good parts' results were lost with it. Now: the plain CMYK conversion (the documented fallback)."""
+    cases = H.colour_profile_cases()
+    for case, body in cases.items():
+        r = _post(shared_daemon, body)
+        assert r.status_code == 200, f"{case}: {r.status_code} {r.text[:300]}"
+        assert len(r.json()["results"]) == 1
+        record("hostile", case, category="colour profile", bytes=len(body), status=200, type="transcribed",
+               message="plain CMYK conversion (the profile cannot convert it); transcribed", ready_after=True)
+    good = H.encode(H.line_image())
+    parts = [("image", ("good.png", good, "image/png"))]
+    parts += [("image", (f"{i}.bin", body, "application/octet-stream")) for i, body in enumerate(cases.values())]
+    parts += [("image", ("trunc.png", good[: len(good) // 2], "image/png"))]
+    r = shared_daemon.post("/v1/transcribe/batch", files=parts, timeout=120)
+    assert r.status_code == 200, r.text[:300]
+    items = r.json()["items"]
+    assert all(i["results"] and not i["error"] for i in items[:-1]), items
+    assert items[-1]["error"]["type"] == "bad_image" and not items[-1]["results"]
+    record("hostile", f"batch: a good PNG, the {len(cases)} CMYK files above and a truncated PNG",
+           category="colour profile", bytes=None, status=200, type="per-item",
+           message=f"{len(items) - 1} parts transcribed; the truncated one alone got bad_image", ready_after=True)
+    _assert_ready(shared_daemon)
+
+
+def _sample(metrics: str, name: str, **labels) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in metrics.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            head, _, value = line.rpartition(" ")
+            got = head[len(name):].strip("{}")
+            if ",".join(sorted(got.split(","))) == want:
+                return float(value)
+    return 0.0
+
+
+def test_client_disconnect_and_protocol_error_are_not_server_errors(shared_daemon, record):
+    """A client that disconnects mid-body, or sends a bad chunk-size line: one log line each, no traceback,
+    counted as htrd_client_disconnects_total{kind} and code 499 / 400 -- never htrd_requests_total{code="500"}."""
+    before = shared_daemon.metrics()
+    logged = len(shared_daemon.stderr())
+    for _ in range(3):
+        H.disconnect_mid_body(shared_daemon.socket_path)
+    H.disconnect_mid_body(shared_daemon.socket_path, path="/v1/transcribe/batch",
+                          ctype="multipart/form-data; boundary=b0undary", sent=b"--b0undary\r\n")
+    reply, _ = H.raw_exchange(shared_daemon.socket_path, H.MALFORMED["bad chunk size"])
+    assert H.status_of(reply) == 400, reply[:200]
+
+    def counted():
+        m = shared_daemon.metrics()
+        gone = _sample(m, "htrd_client_disconnects_total", kind="disconnect") - \
+            _sample(before, "htrd_client_disconnects_total", kind="disconnect")
+        proto = _sample(m, "htrd_client_disconnects_total", kind="protocol_error") - \
+            _sample(before, "htrd_client_disconnects_total", kind="protocol_error")
+        return (m, gone, proto) if gone >= 4 and proto >= 1 else None
+
+    from daemon_harness import wait_until
+
+    after, gone, proto = wait_until(counted, 20, what="the disconnects counted")
+    assert (gone, proto) == (4, 1)
+    for endpoint in ("/v1/transcribe", "/v1/transcribe/batch"):
+        assert _sample(after, "htrd_requests_total", code="500", endpoint=endpoint) == \
+            _sample(before, "htrd_requests_total", code="500", endpoint=endpoint), endpoint
+    d499 = (_sample(after, "htrd_requests_total", code="499", endpoint="/v1/transcribe")
+            - _sample(before, "htrd_requests_total", code="499", endpoint="/v1/transcribe"))
+    assert d499 == 3
+    logs = wait_until(lambda: (t := shared_daemon.stderr()[logged:]).count("client disconnected") >= 4 and t,
+                      10, what="the disconnect log lines")
+    assert "Traceback" not in logs and "ClientDisconnect" not in logs and " ERROR " not in logs, logs[-3000:]
+    lines = [ln for ln in logs.splitlines() if "client disconnected" in ln]
+    assert len(lines) == 4 and all(" INFO " in ln and "-> 499" in ln for ln in lines), lines
+    assert sum("HTTP protocol error" in ln and "-> 400" in ln for ln in logs.splitlines()) == 1
+    record("hostile", "client disconnects mid-body (x4), bad chunk-size line (x1)", category="client disconnect",
+           bytes=None, status=499, type="disconnect",
+           message=f"metrics: htrd_client_disconnects_total disconnect +{gone:.0f}, protocol_error +{proto:.0f}; "
+                   f"htrd_requests_total code=499 +{d499:.0f}, code=500 +0; one INFO line each, no traceback",
+           ready_after=True)
+    _assert_ready(shared_daemon)
+
+
 def _rss_mib(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:

@@ -103,6 +103,33 @@ def render(data: dict) -> str:
                  r.get("message")] for r in hostile])
     L += ["", "</details>", ""]
 
+    # ----------------------------------------------------------------------------------------- memory
+    L += ["## Memory per request", "",
+          "A request is admitted on what its image headers declare, before a pixel is decoded: its pixels against",
+          "`limits.max_request_pixels` (413) and, with every other request in flight, against",
+          "`limits.max_pixels_in_flight` (503 + Retry-After); both default to a share of the host's memory at",
+          "64 bytes per pixel (`htrd.budget`). Peak RSS is the daemon's `VmHWM` over its idle RSS, reset before",
+          "the request; the bound is the request's (or the in-flight) pixels at 64 B/px.", ""]
+    rows = []
+    for r in by["memory"]:
+        lim = r.get("limits", {})
+        lims = "/".join(f"{lim.get(k, 0) / 1e6:g}" for k in ("image", "request", "in_flight"))
+        if "statuses" in r:
+            observed = (f"{', '.join(f'{k}: {v}' for k, v in r['statuses'].items())} in {r.get('seconds')} s; "
+                        f"peak {r.get('peak_over_idle_mib')} MiB over idle ({r.get('idle_rss_mib')} MiB); RSS "
+                        f"{r['rss'][0]['rss_mib']} -> {r['rss'][-1]['rss_mib']} MiB ({r['rss_growth_pct']:+.2f} %)")
+        elif "peak_over_idle_mib" in r:
+            observed = (f"{r.get('parts')} part(s), {r.get('pixels', 0) / 1e6:g} Mpx in {r.get('body_bytes')} bytes: "
+                        f"peak {r['peak_over_idle_mib']} MiB over idle ({r.get('idle_rss_mib')} MiB), "
+                        f"{r.get('bytes_per_pixel')} B/px, {r.get('seconds')} s; one image more: "
+                        f"{r.get('one_more_image')}")
+        else:
+            observed = f"{r.get('status')} (Retry-After {r.get('retry_after')}): {r.get('message')}"
+        rows.append([r["name"], lims, observed, f"{r['bound_mib']} MiB" if r.get("bound_mib") else "",
+                     MARK.get(r["outcome"], r["outcome"])])
+    L += table(["case", "limits, Mpx (image/request/in flight)", "observed", "bound", "result"], rows)
+    L.append("")
+
     # ------------------------------------------------------------------------------------------- fuzz
     L += ["## Fuzzing", ""]
     L += table(["fuzzer", "target", "examples", "bounded to", "answers", "failures", "result"],

@@ -320,3 +320,15 @@ def status_of(reply: bytes) -> int | None:
         return int(reply.split(b" ", 2)[1])
     except (IndexError, ValueError):
         return None
+
+
+def metric_sample(metrics: str, name: str, **labels) -> float:
+    """One sample of a Prometheus text exposition (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in metrics.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            head, _, value = line.rpartition(" ")
+            got = head[len(name):].strip("{}")
+            if ",".join(sorted(got.split(","))) == want:
+                return float(value)
+    return 0.0

@@ -328,17 +328,6 @@ def test_cmyk_with_a_foreign_colour_profile_is_transcribed_alone_and_in_a_batch(
     _assert_ready(shared_daemon)
 
 
-def _sample(metrics: str, name: str, **labels) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in metrics.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            head, _, value = line.rpartition(" ")
-            got = head[len(name):].strip("{}")
-            if ",".join(sorted(got.split(","))) == want:
-                return float(value)
-    return 0.0
-
-
 def test_client_disconnect_and_protocol_error_are_not_server_errors(shared_daemon, record):
     """A client that disconnects mid-body, or sends a bad chunk-size line: one log line each, no traceback,
     counted as htrd_client_disconnects_total{kind} and code 499 / 400 -- never htrd_requests_total{code="500"}."""
@@ -353,10 +342,10 @@ def test_client_disconnect_and_protocol_error_are_not_server_errors(shared_daemo
 
     def counted():
         m = shared_daemon.metrics()
-        gone = _sample(m, "htrd_client_disconnects_total", kind="disconnect") - \
-            _sample(before, "htrd_client_disconnects_total", kind="disconnect")
-        proto = _sample(m, "htrd_client_disconnects_total", kind="protocol_error") - \
-            _sample(before, "htrd_client_disconnects_total", kind="protocol_error")
+        gone = H.metric_sample(m, "htrd_client_disconnects_total", kind="disconnect") - \
+            H.metric_sample(before, "htrd_client_disconnects_total", kind="disconnect")
+        proto = H.metric_sample(m, "htrd_client_disconnects_total", kind="protocol_error") - \
+            H.metric_sample(before, "htrd_client_disconnects_total", kind="protocol_error")
         return (m, gone, proto) if gone >= 4 and proto >= 1 else None
 
     from daemon_harness import wait_until
@@ -364,10 +353,10 @@ def test_client_disconnect_and_protocol_error_are_not_server_errors(shared_daemo
     after, gone, proto = wait_until(counted, 20, what="the disconnects counted")
     assert (gone, proto) == (4, 1)
     for endpoint in ("/v1/transcribe", "/v1/transcribe/batch"):
-        assert _sample(after, "htrd_requests_total", code="500", endpoint=endpoint) == \
-            _sample(before, "htrd_requests_total", code="500", endpoint=endpoint), endpoint
-    d499 = (_sample(after, "htrd_requests_total", code="499", endpoint="/v1/transcribe")
-            - _sample(before, "htrd_requests_total", code="499", endpoint="/v1/transcribe"))
+        assert H.metric_sample(after, "htrd_requests_total", code="500", endpoint=endpoint) == \
+            H.metric_sample(before, "htrd_requests_total", code="500", endpoint=endpoint), endpoint
+    d499 = (H.metric_sample(after, "htrd_requests_total", code="499", endpoint="/v1/transcribe")
+            - H.metric_sample(before, "htrd_requests_total", code="499", endpoint="/v1/transcribe"))
     assert d499 == 3
     logs = wait_until(lambda: (t := shared_daemon.stderr()[logged:]).count("client disconnected") >= 4 and t,
                       10, what="the disconnect log lines")

@@ -113,7 +113,7 @@ def render(data: dict) -> str:
     rows = []
     for r in by["memory"]:
         lim = r.get("limits", {})
-        lims = "/".join(f"{lim.get(k, 0) / 1e6:g}" for k in ("image", "request", "in_flight"))
+        lims = "/".join(f"{lim.get(k, 0) / 1e6:.4g}" for k in ("image", "request", "in_flight"))
         if "statuses" in r:
             observed = (f"{', '.join(f'{k}: {v}' for k, v in r['statuses'].items())} in {r.get('seconds')} s; "
                         f"peak {r.get('peak_over_idle_mib')} MiB over idle ({r.get('idle_rss_mib')} MiB); RSS "

@@ -27,9 +27,9 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 # Peak memory per decoded pixel of one image through decoding and the Qwen3-VL image processor (its real
-# size limits, 16.7 Mpx): 44-53 bytes measured for RGB/L/16-bit PNG and CMYK JPEG of 2-10 Mpx (decoding
-# 6-32 B/px, then float32 tensors with the temporal patch doubled); 24-34 B/px stay held until the image
-# is generated. Rounded up for the allocator's slack. See bench/request_memory.py.
+# size limits, 16.7 Mpx): 45-57 bytes measured for RGB/L/16-bit PNG, RGB TIFF and CMYK JPEG of 2-10 Mpx
+# (decoding 6-32 B/px, then float32 tensors with the temporal patch doubled); 25-45 B/px stay held until
+# the image is generated. Rounded up for the allocator's slack. See bench/request_memory.py.
 BYTES_PER_PIXEL = 64
 # The share of the host's memory (or the cgroup's limit) that decoded images may take together.
 HOST_MEMORY_FRACTION = 0.25

@@ -514,7 +514,7 @@ def create_app(service: Service) -> FastAPI:
                     return await asyncio.wrap_future(engine.run_cpu(_decode_prepare, blob, header))
                 except ApiError as err:
                     return err
-                except Exception as exc:  # noqa: BLE001 -- this part's own error: the other parts go on
+                except Exception as exc:  # this part's own error: the other parts go on
                     logger.exception("request id=%s: preparing a batch part failed", rid)
                     return ApiError("internal", f"internal error preparing this image ({type(exc).__name__}); see "
                                     "the daemon's log")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import threading
 
 import pytest
+from htrd.budget import BYTES_PER_PIXEL, HOST_MEMORY_FRACTION, PixelBudget, host_memory_bytes, resolve_limits
 
 from htrctl.config import LimitSettings
-from htrd.budget import BYTES_PER_PIXEL, HOST_MEMORY_FRACTION, PixelBudget, host_memory_bytes, resolve_limits
 
 GIB = 1 << 30
 

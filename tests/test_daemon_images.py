@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from htrd.api_errors import ApiError
 from htrd.faults import Faults
 from htrd.images import decode_image, iter_pages, read_header, sniff
+from PIL import Image
 
 LIMIT = 10_000_000
 

@@ -326,7 +326,7 @@ def metric_sample(metrics: str, name: str, **labels) -> float:
     """One sample of a Prometheus text exposition (0 when absent)."""
     want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
     for line in metrics.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
+        if line.startswith((name + "{", name + " ")):
             head, _, value = line.rpartition(" ")
             got = head[len(name):].strip("{}")
             if ",".join(sorted(got.split(","))) == want:

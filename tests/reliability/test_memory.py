@@ -18,7 +18,6 @@ import time
 
 import pytest
 from daemon_harness import htrd, wait_until  # noqa: F401 -- htrd is a fixture
-
 from htrd.budget import BYTES_PER_PIXEL
 
 from . import hostile as H

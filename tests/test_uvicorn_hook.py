@@ -21,7 +21,7 @@ from importlib.metadata import version
 import pytest
 
 uvicorn = pytest.importorskip("uvicorn")
-from htrd.server import PEER_KEY, peercred_protocol  # noqa: E402
+from htrd.server import PEER_KEY, PROTOCOL_ERROR_KEY, peercred_protocol  # noqa: E402
 
 HEADER_TIMEOUT_S = 0.5
 
@@ -33,12 +33,40 @@ async def echo_peer(scope, receive, send):
     await send({"type": "http.response.body", "body": body})
 
 
+DISCONNECTS: list = []  # what body_reader saw: the scope's protocol-error mark when its body ended in a disconnect
+
+
+async def body_reader(scope, receive, send):
+    """Reads the whole body; on a disconnect records whether the protocol marked the scope (issue 14)."""
+    if scope["type"] != "http":
+        return
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            DISCONNECTS.append(scope.get(PROTOCOL_ERROR_KEY, False))
+            return
+        if not msg.get("more_body"):
+            break
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
 @pytest.fixture
 def server(tmp_path):
+    yield from _serve(tmp_path, echo_peer)
+
+
+@pytest.fixture
+def reading_server(tmp_path):
+    DISCONNECTS.clear()
+    yield from _serve(tmp_path, body_reader)
+
+
+def _serve(tmp_path, app):
     path = tmp_path / "s.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(str(path))
-    config = uvicorn.Config(echo_peer, http=peercred_protocol(HEADER_TIMEOUT_S), lifespan="off", log_config=None,
+    config = uvicorn.Config(app, http=peercred_protocol(HEADER_TIMEOUT_S), lifespan="off", log_config=None,
                             access_log=False, timeout_keep_alive=60)
     srv = uvicorn.Server(config)
     srv.install_signal_handlers = lambda: None  # not the main thread
@@ -98,3 +126,23 @@ def test_an_idle_keepalive_connection_is_closed_after_the_timeout(server):
         t0 = time.monotonic()
         assert c.recv(4096) == b""  # timeout_keep_alive is 60 s: only the re-armed header timer closes it
         assert time.monotonic() - t0 < 15
+
+
+def _wait_for_disconnects(n: int) -> None:
+    deadline = time.monotonic() + 15
+    while len(DISCONNECTS) < n:
+        assert time.monotonic() < deadline, DISCONNECTS
+        threading.Event().wait(0.01)
+
+
+def test_a_framing_error_mid_body_marks_the_scope_and_a_plain_disconnect_does_not(reading_server):
+    """uvicorn answers a bad chunk-size line with 400 itself and the app sees a disconnect: the hook marks the
+    request's scope so htrd counts a client protocol error (400), not a disconnect (499) or a 500."""
+    with _connect(reading_server) as c:
+        c.sendall(b"POST / HTTP/1.1\r\nHost: htr\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabcde\r\nzz\r\n")
+        assert c.recv(4096).startswith(b"HTTP/1.1 400 ")
+    _wait_for_disconnects(1)
+    with _connect(reading_server) as c:  # 3 of 100 bytes, then gone
+        c.sendall(b"POST / HTTP/1.1\r\nHost: htr\r\nContent-Length: 100\r\n\r\nabc")
+    _wait_for_disconnects(2)
+    assert DISCONNECTS == [True, False]

@@ -29,7 +29,6 @@ import io
 import json
 import logging
 import random
-import statistics
 import sys
 import tempfile
 import threading
@@ -37,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import Daemon, line_image, pct  # noqa: E402
+from bench_generate import Daemon, line_image, pct
 
 logger = logging.getLogger("bench_serving")
 REALISTIC_MAX_NEW = 120

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import PROMPT, line_image  # noqa: E402
+from bench_generate import PROMPT, line_image
 
 WIDTHS = [(300, 64), (520, 96), (800, 120), (1000, 140), (1200, 160), (1500, 128), (1800, 150), (2000, 110)]
 
@@ -36,7 +36,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     import torch
-
     from htrd.fastgen import FastGenerator
     from htrd.generation import Seq
     from htrd.model import load_model

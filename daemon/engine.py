@@ -40,10 +40,11 @@ import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from htrctl.errors import GpuError
 from htrctl.protocol import PageResult, Timings
@@ -289,7 +290,7 @@ class Engine:
         self._go.wait()
         try:
             self._loop()
-        except BaseException as exc:  # noqa: BLE001 -- recorded; the supervisor turns it into an exit
+        except BaseException as exc:  # recorded; the supervisor turns it into an exit
             self.thread_error = exc
             logger.exception("the inference thread died")
 
@@ -385,7 +386,7 @@ class Engine:
             for item in live:
                 _settle(item, exc=err)
             return
-        except Exception as exc:  # noqa: BLE001 -- one prefill fails, the daemon keeps serving
+        except Exception as exc:  # one prefill fails, the daemon keeps serving
             logger.exception("prefill failed for %d images", len(live))
             err = ApiError("internal", f"transcription failed: {_first_line(exc)}")
             for item in live:
@@ -408,7 +409,7 @@ class Engine:
             dt = time.monotonic() - t0
             if self._serving and dt > 0:
                 self.metrics.tokens_per_second.set((self.gen.occupied_sum - tokens0) / dt)
-        except Exception as exc:  # noqa: BLE001 -- the running lines fail, the daemon keeps serving
+        except Exception as exc:  # the running lines fail, the daemon keeps serving
             logger.exception("decoding failed for %d running lines", self.gen.occupancy())
             err = ApiError("internal", f"transcription failed: {_first_line(exc)}")
             for seq in self.gen.running():

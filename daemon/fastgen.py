@@ -87,7 +87,7 @@ def kv_bytes_per_slot(model, max_cache_len: int) -> int:
 
 
 class _Graph:
-    __slots__ = ("graph", "batch", "length")
+    __slots__ = ("batch", "graph", "length")
 
     def __init__(self, graph, batch: int, length: int):
         self.graph = graph

@@ -34,9 +34,9 @@ import os
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 from htrctl.errors import GpuError, IncompatibleAdapterError, ModelCorruptError, ModelError, ModelMissingError
@@ -155,7 +155,13 @@ def load_model(model_dir: str | os.PathLike, *, device: str, dtype: str = "auto"
 
 def _adapter_plan(model_dir: Path, adapter: Path):
     """verify's adapter<->base check (headers and configs only); its errors refuse the load with verify's words."""
-    from htrctl.verify import HeaderError, inspect_adapter, load_weight_set, read_config, read_safetensors_header
+    from htrctl.verify import (
+        HeaderError,
+        inspect_adapter,
+        load_weight_set,
+        read_config,
+        read_safetensors_header,
+    )
 
     config = read_config(model_dir)
     ws, _ = load_weight_set(model_dir)

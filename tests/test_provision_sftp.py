@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_provision_ssh import SSHD, free_port, wait_until
+from sshd_harness import SSHD, free_port
+from test_provision_ssh import wait_until
 
 from conftest import require_system
 from htrctl.errors import ProvisionError

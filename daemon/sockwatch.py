@@ -5,7 +5,7 @@ the file is removed while the daemon runs (``rm``, a tmp cleaner, a second
 installer), the listening socket still works but no client can reach it: every
 connect gets ENOENT while ``/v1/live`` would look fine from the inside. This
 thread notices within ``interval`` seconds, binds the path again (same mode and
-group, via :func:`htrd.app.bind_socket`) and adds the new socket to the running
+group, via :func:`htrd.sock.bind_socket`) and adds the new socket to the running
 uvicorn server. In-flight requests and open connections are not touched;
 clients that were retrying (``htrctl transcribe`` treats a missing socket as a
 restart) simply carry on.
@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import threading
 from pathlib import Path
 
 from htrctl.errors import HtrError
+
+from .sock import bind_socket, identity
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class SocketWatch(threading.Thread):
         self.interval = interval
         self.rebinds = 0
         self._stop = threading.Event()
-        self._identity = _identity(self.path)
+        self._identity = identity(self.path)
         self._last_problem: str | None = None
         self._sockets: list[socket.socket] = [sock]
 
@@ -62,7 +63,7 @@ class SocketWatch(threading.Thread):
 
     def check(self) -> bool:
         """One look at the path; True when it was bound again."""
-        now = _identity(self.path)
+        now = identity(self.path)
         if now is not None and now == self._identity:
             self._last_problem = None
             return False
@@ -76,8 +77,6 @@ class SocketWatch(threading.Thread):
             return False
         if not getattr(self.server, "started", False) or not getattr(self.server, "servers", None):
             return False  # the HTTP server is not up yet (or is stopping)
-        from .app import bind_socket
-
         try:
             sock = bind_socket(self.path, mode=self.mode, group=self.group)
         except (HtrError, OSError) as exc:
@@ -90,7 +89,7 @@ class SocketWatch(threading.Thread):
         except Exception:
             sock.close()
             raise
-        self._identity = _identity(self.path)
+        self._identity = identity(self.path)
         self._sockets.append(sock)
         self.rebinds += 1
         self._last_problem = None
@@ -113,11 +112,3 @@ class SocketWatch(threading.Thread):
         if message != self._last_problem:
             self._last_problem = message
             logger.error("%s", message)
-
-
-def _identity(path: Path) -> tuple[int, int] | None:
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino

@@ -162,7 +162,7 @@ _CHOWN_FILTER = textwrap.dedent("""
     import grp, os
     from pathlib import Path
     from htrctl.errors import ConfigError
-    from htrd.app import bind_socket
+    from htrd.sock import bind_socket
     try:
         bind_socket(Path({sock!r}), mode=0o660, group=grp.getgrgid(os.getegid()).gr_name)
     except ConfigError as exc:

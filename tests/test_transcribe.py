@@ -126,7 +126,8 @@ def test_status_human_and_json(daemon):
     assert rep["systemd"]["unit"] == "htr.service" and "available" in rep["systemd"]
     h = htrctl("status", "-s", str(daemon.socket_path)).stdout.decode()
     for key in ("daemon:    ready", "model:", "manifest:  sha256 " + d["manifest_digest"], "gpu:       cpu",
-                "queue:", "counters:", "systemd:"):
+                "queue:", "counters:", "systemd:", f"engine:    fast generator, 0/{d['engine']['slots']} slots",
+                "ms/image on"):
         assert key in h, h
 
 

@@ -24,6 +24,20 @@ def _uptime(s: float) -> str:
     return (f"{d}d " if d else "") + f"{h:02d}:{m:02d}:{s:02d}"
 
 
+def _engine_line(e: dict) -> list[str]:
+    """How the daemon decodes (an older htrd's status has no engine section: no line)."""
+    if not e.get("generator"):
+        return []
+    line = f"engine:    {e['generator']} generator, {e.get('slots_occupied') or 0}/{e.get('slots')} slots decoding"
+    if e.get("avg_occupied_slots") is not None:
+        line += f" (average {e['avg_occupied_slots']:g})"
+    if e.get("kv_cache_bytes"):
+        line += f", KV cache {_size(e['kv_cache_bytes'])}"
+    if e.get("preprocess_ms_per_image") is not None:
+        line += f", preprocessing {e['preprocess_ms_per_image']:g} ms/image on {e.get('preprocess_workers')} workers"
+    return [line]
+
+
 def render(report) -> str:
     lines = []
     d = report.daemon
@@ -42,6 +56,7 @@ def render(report) -> str:
             f"gpu:       {gpu_s}",
             f"queue:     {d['queue_depth']}/{d['queue_capacity']} waiting, {d['in_flight']} in flight;"
             f" batch sizes {d['batch_sizes']}",
+            *_engine_line(d.get("engine") or {}),
             f"counters:  {c['requests']} requests, {c['images']} images, {c['batches']} batches,"
             f" {c['generated_tokens']} tokens, {c['errors']} errors, {c['rejected_queue_full']} rejected (queue full),"
             f" {c['deadline_exceeded']} past deadline",

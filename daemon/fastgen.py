@@ -42,8 +42,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .generation import Finished, Generated, Seq, generate
-from .model import DEFAULT_PROMPT, Prepared, Preprocessor, load_model
+from .generation import Finished, GeneratorBase, Seq
+from .model import DEFAULT_PROMPT, Preprocessor, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class _Graph:
         self.length = length
 
 
-class FastGenerator:
+class FastGenerator(GeneratorBase):
     """Continuous greedy batching over the slots of a static KV cache (see the module docstring).
 
     Not thread-safe: one thread (the engine's inference thread) calls
@@ -176,13 +176,6 @@ class FastGenerator:
         gen = cls(loaded.model, loaded.processor, **kwargs)
         gen.variant = loaded.variant
         return gen
-
-    # ------------------------------------------------------------ preprocessing
-    def prepare(self, image) -> Prepared:
-        return self.pre.prepare(image)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.pre.decode(ids)
 
     # ------------------------------------------------------------------- state
     def _fit_slots(self, sizes: list[int]) -> list[int]:
@@ -387,38 +380,6 @@ class FastGenerator:
         with torch.inference_mode():
             self._reset_slots(leaving)
         return done
-
-    def generate(self, items: Sequence[Prepared], *, max_new_tokens: int | None = None, min_new_tokens: int = 0,
-                 decode_text: bool = True, stop: Callable[[], bool] | None = None) -> list[Generated]:
-        """Run *items* to completion (tests, benchmarks); see :func:`htrd.generation.generate`."""
-        return generate(self, items, max_new_tokens=int(max_new_tokens or self.max_new_tokens),
-                        min_new_tokens=min_new_tokens, decode_text=decode_text, stop=stop)
-
-    def _collate(self, items: Sequence[Prepared]) -> dict:
-        torch = self.torch
-        P = max(it.prompt_len for it in items)
-        B = len(items)
-        ids = torch.full((B, P), self.pad_id, dtype=torch.long)
-        att = torch.zeros((B, P), dtype=torch.long)
-        has_mm = items[0].mm_token_type_ids is not None
-        mm = torch.zeros((B, P), dtype=items[0].mm_token_type_ids.dtype) if has_mm else None
-        for i, it in enumerate(items):
-            n = it.prompt_len
-            ids[i, P - n :] = it.input_ids
-            att[i, P - n :] = 1
-            if has_mm:
-                mm[i, P - n :] = it.mm_token_type_ids
-        dev = self.device
-        batch = {
-            "input_ids": ids.to(dev, non_blocking=True),
-            "attention_mask": att.to(dev, non_blocking=True),
-            # Per-item copies concatenated on the device: no large CPU-side cat of the patches.
-            "pixel_values": torch.cat([it.pixel_values.to(dev, self.dtype, non_blocking=True) for it in items]),
-            "image_grid_thw": torch.cat([it.image_grid_thw for it in items]).to(dev, non_blocking=True),
-        }
-        if has_mm:
-            batch["mm_token_type_ids"] = mm.to(dev, non_blocking=True)
-        return batch
 
     def _generate_eager(self, seq: Seq) -> Finished:
         """The uncaptured path for a line longer than the cache: HF ``generate`` on the merged model."""

@@ -84,6 +84,33 @@ class Generator(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
 
 
+class GeneratorBase:
+    """What both generators share: preprocessing and text through their :class:`~htrd.model.Preprocessor`,
+    one prefill batch from prepared images, and :func:`generate` as a method (tests, benchmarks)."""
+
+    pre: Any  # htrd.model.Preprocessor
+    device: Any
+    pad_id: int
+    max_new_tokens: int
+
+    def prepare(self, image) -> Prepared:
+        return self.pre.prepare(image)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.pre.decode(ids)
+
+    def _collate(self, items: Sequence[Prepared]) -> dict:
+        from .model import collate
+
+        return collate(items, pad_id=self.pad_id, device=self.device, dtype=self.pre.dtype)
+
+    def generate(self, items: Sequence[Prepared], *, max_new_tokens: int | None = None, min_new_tokens: int = 0,
+                 decode_text: bool = True, stop: Callable[[], bool] | None = None) -> list[Generated]:
+        """Run *items* to completion; see :func:`generate`."""
+        return generate(self, items, max_new_tokens=int(max_new_tokens or self.max_new_tokens),
+                        min_new_tokens=min_new_tokens, decode_text=decode_text, stop=stop)
+
+
 def generate(gen: Generator, items: Sequence[Prepared], *, max_new_tokens: int, min_new_tokens: int = 0,
              decode_text: bool = True, stop: Callable[[], bool] | None = None) -> list[Generated]:
     """Run *items* to completion through *gen* (as many at once as it has slots); one result per item, in order.

@@ -357,6 +357,35 @@ class Preprocessor:
         self._tls.one_thread = True
 
 
+def collate(items, *, pad_id: int, device, dtype) -> dict[str, Any]:
+    """One prefill batch from prepared images: token tensors left-padded to the longest prompt (pad id,
+    attention 0), the images' patches and grids concatenated; everything on *device*, patches in *dtype*."""
+    import torch
+
+    P = max(it.prompt_len for it in items)
+    B = len(items)
+    ids = torch.full((B, P), pad_id, dtype=torch.long)
+    att = torch.zeros((B, P), dtype=torch.long)
+    has_mm = items[0].mm_token_type_ids is not None
+    mm = torch.zeros((B, P), dtype=items[0].mm_token_type_ids.dtype) if has_mm else None
+    for i, it in enumerate(items):
+        n = it.prompt_len
+        ids[i, P - n :] = it.input_ids
+        att[i, P - n :] = 1
+        if has_mm:
+            mm[i, P - n :] = it.mm_token_type_ids
+    batch = {
+        "input_ids": ids.to(device, non_blocking=True),
+        "attention_mask": att.to(device, non_blocking=True),
+        # Per-item copies concatenated on the device: no large CPU-side cat of the patches.
+        "pixel_values": torch.cat([it.pixel_values.to(device, dtype, non_blocking=True) for it in items]),
+        "image_grid_thw": torch.cat([it.image_grid_thw for it in items]).to(device, non_blocking=True),
+    }
+    if has_mm:
+        batch["mm_token_type_ids"] = mm.to(device, non_blocking=True)
+    return batch
+
+
 def warmup_image():
     """A synthetic 1200x160 text-line image (dark strokes on white): warm-up and benchmarks."""
     from PIL import Image, ImageDraw

@@ -15,13 +15,13 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from .generation import Finished, Generated, Seq, generate
-from .model import DEFAULT_PROMPT, Prepared, Preprocessor, load_model
+from .generation import Finished, GeneratorBase, Seq
+from .model import DEFAULT_PROMPT, Preprocessor, load_model
 
 logger = logging.getLogger(__name__)
 
 
-class PlainGenerator:
+class PlainGenerator(GeneratorBase):
     variant: str = "adapter"
 
     def __init__(self, model, processor, *, prompt: str = DEFAULT_PROMPT, batch_sizes: Sequence[int] = (1,),
@@ -53,12 +53,6 @@ class PlainGenerator:
         gen.variant = loaded.variant
         return gen
 
-    def prepare(self, image) -> Prepared:
-        return self.pre.prepare(image)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.pre.decode(ids)
-
     def free_slots(self) -> int:
         return self.slots - len(self._waiting)
 
@@ -83,8 +77,7 @@ class PlainGenerator:
         from transformers import StoppingCriteria
 
         t0 = time.perf_counter()
-        batch = _collate([_row(s.prepared) for s in seqs], self.pad_id)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        batch = self._collate([s.prepared for s in seqs])
         P = int(batch["input_ids"].shape[1])
         max_new = min(max(s.max_new_tokens for s in seqs), self.max_new_tokens)
         min_new = min(min(s.min_new_tokens for s in seqs), max_new)
@@ -117,11 +110,6 @@ class PlainGenerator:
             done.append(Finished(s, ids, stopped=bool(stopped), group=len(seqs), decode_ms=ms))
         return done
 
-    def generate(self, items: Sequence[Prepared], *, max_new_tokens: int | None = None, min_new_tokens: int = 0,
-                 decode_text: bool = True, stop: Callable[[], bool] | None = None) -> list[Generated]:
-        return generate(self, items, max_new_tokens=int(max_new_tokens or self.max_new_tokens),
-                        min_new_tokens=min_new_tokens, decode_text=decode_text, stop=stop)
-
     def warmup(self, image=None, *, max_new_tokens: int | None = None,
                progress: Callable[[str], None] = lambda s: None) -> dict:
         """One short generate for every batch size (the processor's and the model's first calls are slow)."""
@@ -137,33 +125,3 @@ class PlainGenerator:
             report[b] = round((time.perf_counter() - tb) * 1000.0, 1)
         self.steps_run = self.occupied_sum = 0
         return {"warmup_s": time.perf_counter() - t0, "per_batch_ms": report, "prompt_tokens": prep.prompt_len}
-
-
-def _row(p: Prepared) -> dict:
-    """A prepared image as the processor's batch-of-one encoding."""
-    import torch
-
-    row = {"input_ids": p.input_ids[None], "attention_mask": torch.ones_like(p.input_ids)[None],
-           "pixel_values": p.pixel_values, "image_grid_thw": p.image_grid_thw}
-    if p.mm_token_type_ids is not None:
-        row["mm_token_type_ids"] = p.mm_token_type_ids[None]
-    return row
-
-
-def _collate(rows: list[dict], pad_id: int) -> dict:
-    """Batch single-image encodings: per-token tensors left-padded, image tensors concatenated."""
-    import torch
-
-    lengths = [int(r["input_ids"].shape[1]) for r in rows]
-    width = max(lengths)
-    out = {}
-    for key in rows[0]:
-        values = [r[key] for r in rows]
-        per_token = all(v.dim() == 2 and v.shape[0] == 1 and v.shape[1] == n for v, n in zip(values, lengths))
-        if per_token:
-            fill = pad_id if key == "input_ids" else 0
-            padded = [torch.nn.functional.pad(v, (width - v.shape[1], 0), value=fill) for v in values]
-            out[key] = torch.cat(padded, dim=0)
-        else:
-            out[key] = torch.cat(values, dim=0)
-    return out

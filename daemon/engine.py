@@ -74,11 +74,6 @@ class WorkItem:
     started_at: float = 0.0
 
 
-def use_fast_path(setting, device: str) -> bool:
-    """``generation.static_cache``: ``auto`` and ``true`` serve with the fast generator, ``false`` with HF generate."""
-    return setting is not False
-
-
 class Engine:
     """Owns the generator (and through it the model), the queue and the inference thread."""
 
@@ -90,7 +85,7 @@ class Engine:
         self.metrics = metrics
         self.model_dir = Path(settings.model.dir)
         self.dtype_name = resolve_dtype_name(settings.model.dtype, device)
-        self.fast = use_fast_path(settings.generation.static_cache, device)
+        self.fast = settings.generation.fast_generator
         self.variant: str | None = None
         self.gen = None  # FastGenerator | PlainGenerator
         self.batch_sizes = list(settings.limits.batch_sizes)

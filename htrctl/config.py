@@ -158,6 +158,11 @@ class GenerationSettings(_Section):
         0, ge=0, le=8192, description="benchmarks only: suppress EOS before this many tokens (0 in production)"
     )
 
+    @property
+    def fast_generator(self) -> bool:
+        """Whether htrd serves with the fast generator (static_cache auto or true) rather than HF generate."""
+        return self.static_cache is not False
+
 
 class WatchdogSettings(_Section):
     generate_timeout_s: float = Field(

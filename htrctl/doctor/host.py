@@ -269,7 +269,7 @@ def python_include() -> Path:
 
 def _compile_findings(ctx: Context) -> list[Finding]:
     gen = ctx.settings.generation
-    if not (gen.compile and gen.static_cache) or str(ctx.settings.gpu.select) == "cpu":
+    if not (gen.compile and gen.fast_generator) or str(ctx.settings.gpu.select) == "cpu":
         return []  # torch.compile is not used: nothing to build
     senv = ctx.service_env()
     env = senv.env if senv.installed else ctx.env

@@ -42,7 +42,7 @@ def _healthy(ctx: Context, dev) -> list[str]:
 
 def serving_kv_bytes(s) -> int:
     """The KV cache htrd's fast generator allocates for these settings (0 for the plain generator)."""
-    if s.generation.static_cache is False:
+    if not s.generation.fast_generator:
         return 0
     return kv_cache_bytes(Path(s.model.dir), s.model.variant, slots=max(s.limits.batch_sizes),
                           max_cache_len=s.generation.max_cache_len)

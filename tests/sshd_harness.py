@@ -31,7 +31,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_until(cond, timeout: float, what: str, interval: float = 0.05):
+def wait_until(cond, timeout: float, what: str, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         got = cond()
@@ -41,10 +41,15 @@ def _wait_until(cond, timeout: float, what: str, interval: float = 0.05):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+# What a test sshd allows beyond key logins: stream-local forwards (remote replicas) and many sessions.
+FORWARDING = "AllowStreamLocalForwarding yes\nMaxStartups 100\nMaxSessions 100\n"
+
+
 @contextmanager
-def sshd_server(d: Path):
+def sshd_server(d: Path, *, config: str = FORWARDING, ready=None):
     """Yields ``{"ssh": <ssh command with -p>, "ssh_opts": <the same without -p>, "host": user@127.0.0.1,
-    "user", "port"}`` while the server runs."""
+    "user", "port"}`` while the server runs. *config*: sshd_config lines beyond key-only logins; *ready(info)*:
+    true once the server serves (default: ``ssh host true`` succeeds)."""
     d = Path(d)
     for name in ("host_key", "user_key"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
@@ -54,7 +59,7 @@ def sshd_server(d: Path):
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\nPidFile {d / 'sshd.pid'}\n"
         f"AuthorizedKeysFile {d / 'authorized_keys'}\nStrictModes no\nPubkeyAuthentication yes\n"
         "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nPermitRootLogin prohibit-password\n"
-        "AllowStreamLocalForwarding yes\nMaxStartups 100\nMaxSessions 100\nLogLevel ERROR\n"
+        f"{config}LogLevel ERROR\n"
     )
     host_pub = (d / "host_key.pub").read_text().split()
     (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
@@ -64,15 +69,18 @@ def sshd_server(d: Path):
             f"-o UserKnownHostsFile={d / 'known_hosts'} -o StrictHostKeyChecking=yes -o LogLevel=ERROR")
     ssh = opts.replace("ssh ", f"ssh -p {port} ", 1)
     user = getpass.getuser()
+    info = {"ssh": ssh, "ssh_opts": opts, "host": f"{user}@127.0.0.1", "user": user, "port": port}
 
-    def ready():
+    def up():
         if proc.poll() is not None:
             raise AssertionError(f"sshd exited: {proc.stderr.read().decode()}")
+        if ready is not None:
+            return ready(info)
         return subprocess.run(shlex.split(ssh) + ["127.0.0.1", "true"], capture_output=True).returncode == 0
 
     try:
-        _wait_until(ready, 30, "sshd to accept the key")
-        yield {"ssh": ssh, "ssh_opts": opts, "host": f"{user}@127.0.0.1", "user": user, "port": port}
+        wait_until(up, 30, "sshd to serve")
+        yield info
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -8,7 +8,6 @@ The sshd runs from a config in tmp_path (``sshd -D -f``); nothing of the system'
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import os
 import shlex
@@ -19,10 +18,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from sshd_harness import SSHD, free_port
-from test_provision_ssh import wait_until
-
+import sshd_harness
 from conftest import require_system
+from sshd_harness import SSHD, wait_until
+
 from htrctl.errors import ProvisionError
 from htrctl.provision import Remote, parse_location, provision
 from htrctl.sftp import SftpClient
@@ -41,40 +40,18 @@ def sftp_only(tmp_path_factory):
     d = tmp_path_factory.mktemp("sftpd")
     start = d / "home"
     start.mkdir()
-    for name in ("host_key", "user_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
-    (d / "authorized_keys").write_text((d / "user_key.pub").read_text())
-    port = free_port()
-    (d / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\nPidFile {d / 'sshd.pid'}\n"
-        f"AuthorizedKeysFile {d / 'authorized_keys'}\nStrictModes no\nPubkeyAuthentication yes\n"
-        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nPermitRootLogin prohibit-password\n"
-        f"Subsystem sftp internal-sftp\nForceCommand internal-sftp -d {start}\n"
-        "AllowTcpForwarding no\nX11Forwarding no\nLogLevel ERROR\n"
-    )
-    host_pub = (d / "host_key.pub").read_text().split()
-    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
-    Path("/run/sshd").mkdir(exist_ok=True)
-    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stderr=subprocess.PIPE)
-    ssh = (f"ssh -p {port} -i {d / 'user_key'} -o IdentitiesOnly=yes -o BatchMode=yes "
-           f"-o UserKnownHostsFile={d / 'known_hosts'} -o StrictHostKeyChecking=yes -o LogLevel=ERROR")
-    host = f"{getpass.getuser()}@127.0.0.1"
+    config = (f"Subsystem sftp internal-sftp\nForceCommand internal-sftp -d {start}\n"
+              "AllowTcpForwarding no\nX11Forwarding no\n")
 
-    def ready():
-        if proc.poll() is not None:
-            raise AssertionError(f"sshd exited: {proc.stderr.read().decode()}")
+    def ready(info) -> bool:
         try:
-            with SftpClient(host, shlex.split(ssh)) as c:
+            with SftpClient(info["host"], shlex.split(info["ssh"])) as c:
                 return c.stat(str(start)) is not None
         except ProvisionError:
             return False
 
-    try:
-        wait_until(ready, 30, "sshd to offer SFTP")
-        yield {"ssh": ssh, "host": host, "start": start}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with sshd_harness.sshd_server(d, config=config, ready=ready) as server:
+        yield {"ssh": server["ssh"], "host": server["host"], "start": start}
 
 
 def sha(p: Path) -> str:

@@ -13,14 +13,13 @@ import signal
 import struct
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import sshd_harness
-
 from conftest import require_system
+from sshd_harness import wait_until
+
 from htrctl.manifest import read_manifest
 from htrctl.provision import provision
 from htrctl.verify import verify_model_dir
@@ -28,16 +27,6 @@ from htrctl.verify import verify_model_dir
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(180)]
 
 SHARD = "model-00002-of-00003.safetensors"
-
-
-def wait_until(cond, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        threading.Event().wait(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable
 
 from . import __version__
+from .atomicfile import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -181,41 +181,9 @@ def read_manifest(root: Path) -> tuple[Manifest, str] | None:
     return manifest, manifest.digest
 
 
-def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Write *data* to *path* atomically: temp file in the same directory, fsync, rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-        tmp = None
-        fsync_dir(path.parent)
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_manifest(root: Path, manifest: Manifest) -> str:
     """Write the manifest atomically; returns the model's digest (:func:`content_digest`)."""
-    atomic_write_bytes(manifest_path(root), manifest.to_bytes())
+    write_atomic(manifest_path(root), manifest.to_bytes())
     return manifest.digest
 
 

@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import IncompatibleAdapterError, InterruptedRunError, LockedError, ModelMissingError, ProvisionError
+from .atomicfile import fsync_dir
 from .manifest import (
     CHUNK,
     MANIFEST_NAME,
@@ -65,7 +66,6 @@ from .manifest import (
     Manifest,
     ManifestFormatError,
     byte_progress,
-    fsync_dir,
     hash_files,
     read_manifest,
     unsafe_relpath,

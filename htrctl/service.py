@@ -28,13 +28,13 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import __version__, packaged
+from .atomicfile import write_atomic
 from .config import SYSTEM_CONFIG, load_settings
 from .errors import ConfigError, ExitCode, HtrError, ServiceError
 
@@ -379,24 +379,6 @@ def _under(root: Path, p: Path) -> Path:
     return root / p.relative_to("/") if p.is_absolute() else root / p
 
 
-def _atomic_write(path: Path, text: str, *, mode: int = 0o644, group: str | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        if group is not None:
-            os.chown(tmp, 0, grp.getgrnam(group).gr_gid)
-        os.replace(tmp, path)
-        tmp = ""
-    finally:
-        if tmp:
-            os.unlink(tmp)
-
-
 def _permission(exc: OSError, path: Path) -> ServicePermissionError:
     return ServicePermissionError(
         f"cannot write {path}: {exc.strerror}", remedy="run it as root: sudo htrctl service install"
@@ -559,7 +541,7 @@ def install(
         text = seed.read_text(encoding="utf-8") if seed is not None else packaged.config_template()
         if not dry_run:
             try:
-                _atomic_write(cfg_file, text, mode=0o640, group=group if live else None)
+                write_atomic(cfg_file, text, mode=0o640, group=group if live else None)
             except PermissionError as exc:
                 raise _permission(exc, cfg_file) from exc
         what = f"config from {seed}" if seed is not None else "config from the documented defaults; set model.dir"
@@ -600,7 +582,7 @@ def install(
             continue
         if not dry_run:
             try:
-                _atomic_write(path, text, mode=mode)
+                write_atomic(path, text, mode=mode)
             except PermissionError as exc:
                 raise _permission(exc, path) from exc
             except OSError as exc:  # e.g. a read-only /usr for the script

@@ -32,6 +32,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from .atomicfile import write_atomic
 from .errors import ProvisionError
 
 logger = logging.getLogger(__name__)
@@ -399,9 +400,7 @@ def fetch_tree(client: SftpClient, root: str, tree: Path, dest: Path | None, *, 
 
 
 def _save_journal(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data), make_parents=False)
 
 
 def read_remote_manifest(client: SftpClient, root: str, name: str) -> bytes | None:

@@ -33,12 +33,12 @@ import signal
 import sys
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
 from . import archival
+from .atomicfile import write_atomic
 from . import protocol as P
 from .client import HtrClient, is_retryable
 from .errors import ArchivalError, DaemonError, DaemonPermissionError, ExitCode, HtrError, UsageError, from_os_error
@@ -150,27 +150,8 @@ def output_path(out_dir: Path, item: InputItem, fmt: str) -> Path:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write *data* to *path* atomically: temp file in the same directory, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Write one output atomically (see htrctl.atomicfile); its temp name ends in TEMP_SUFFIX."""
+    write_atomic(path, data, suffix=TEMP_SUFFIX)
 
 
 def remove_stale_temps(out_dir: Path, outputs: set[Path] | None = None) -> int:

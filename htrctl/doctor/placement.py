@@ -8,9 +8,9 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 
+from ..atomicfile import write_atomic
 from ..errors import ConfigError, GpuError
 from ..gpus import GIB, choose_gpu
 from ..modeldir import kv_cache_bytes, model_footprint
@@ -194,35 +194,16 @@ def write_recommendation(config_path: str | os.PathLike, uuid: str) -> Path:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}", remedy="run as a user who may edit it") from exc
     new = set_gpu_select_text(old, uuid)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(new)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
+
+    def check(tmp: Path) -> None:
         settings = load_settings(tmp, env={})
         if settings.gpu.select != uuid:
             raise ConfigError(f"{path}: could not set gpu.select (the edited file reads {settings.gpu.select!r})",
                               remedy=f"edit it by hand: gpu:\\n  select: {uuid}")
-        os.replace(tmp, path)
-        tmp = None
-        try:
-            dfd = os.open(str(path.parent), os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
+
+    try:
+        write_atomic(path, new, mode=mode, check=check)
     except PermissionError as exc:
         raise ConfigError(f"{path}: cannot write: {exc.strerror}", remedy="run as root (sudo)") from exc
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
     logger.info("wrote gpu.select: %s to %s", uuid, path)
     return path

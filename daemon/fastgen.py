@@ -216,6 +216,7 @@ class FastGenerator(GeneratorBase):
         self.finished = torch.ones((S,), dtype=torch.bool, device=dev)
         self.out = torch.zeros((S, self.max_new_tokens + 1), dtype=torch.long, device=dev)  # generated tokens
         self.rows = torch.arange(S, dtype=torch.long, device=dev)
+        self.kv_heads = torch.arange(self.n_kv, dtype=torch.long, device=dev)
         self._true = torch.ones((), dtype=torch.bool, device=dev)
         self.eos = torch.tensor(self.eos_ids, dtype=torch.long, device=dev)
         vocab = self.lm_head.weight.shape[0]
@@ -468,22 +469,26 @@ class FastGenerator(GeneratorBase):
         rows = self.rows[:B]
         pos = self.pos[:B]
         self.attend.index_put_((rows, pos), self._true)  # a device scalar: no host copy inside a graph
-        mask = self.attend[:B, None, None, :L]  # (B,1,1,L), True = attend
+        # Additive mask, built once per step (SDPA would convert a boolean one in every layer).
+        bias = torch.zeros((B, 1, 1, L), dtype=self.dtype, device=self.device).masked_fill_(
+            ~self.attend[:B, None, None, :L], float("-inf"))
         h = self.text.embed_tokens(self.tok[:B, 0])  # (B,H)
         rope = (pos + self.delta[:B]).view(1, B, 1).expand(3, B, 1)
         cos, sin = self.text.rotary_emb(h, rope)  # (B,1,hd)
-        nh, hd = self.n_heads, self.head_dim
+        nh, hd, nkv = self.n_heads, self.head_dim, self.n_kv
+        # Where each slot's new key/value goes in a layer's cache seen as rows of head_dim: one index_copy_ each.
+        kv_rows = ((rows[:, None] * nkv + self.kv_heads[None, :]) * self.max_cache_len + pos[:, None]).reshape(-1)
         x = ops.rms(h, self.layers[0].input_layernorm.weight, self.eps)
         for li, layer in enumerate(self.layers):
             att = layer.self_attn
             qkv = F.linear(x, self._qkv_w[li])
-            q, k, v = ops.qk(qkv, att.q_norm.weight, att.k_norm.weight, cos, sin, nh, self.n_kv, hd, self.eps)
-            self.k_cache[li][rows, :, pos] = k[:, :, 0]
-            self.v_cache[li][rows, :, pos] = v[:, :, 0]
+            q, k, v = ops.qk(qkv, att.q_norm.weight, att.k_norm.weight, cos, sin, nh, nkv, hd, self.eps)
+            self.k_cache[li].view(-1, hd).index_copy_(0, kv_rows, k.reshape(B * nkv, hd))
+            self.v_cache[li].view(-1, hd).index_copy_(0, kv_rows, v.reshape(B * nkv, hd))
             kc = self.k_cache[li][:B, :, :L]
             vc = self.v_cache[li][:B, :, :L]
             # GQA with one query token: each KV head's g query heads ride on the query-length axis.
-            o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=att.scaling)
+            o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=bias, scale=att.scaling)
             h, x = ops.add_rms(h, F.linear(o.reshape(B, nh * hd), att.o_proj.weight),
                                layer.post_attention_layernorm.weight, self.eps)
             a = ops.silu_mul(F.linear(x, self._gu_w[li]))

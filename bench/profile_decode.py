@@ -1,0 +1,128 @@
+"""Where one decode step and one small prefill go (GPU): captured step time per batch, a floor, top kernels.
+
+    python bench/profile_decode.py MODEL_DIR [--batches 1,16,64] [--span 512]
+
+Diagnostic for the serving path's per-token cost (FastGenerator). Prints, for
+each batch size: the captured decode step (CUDA graph replay, averaged over
+100 steps), the same step's matmuls alone (the weight-streaming floor of that
+batch), and torch.profiler's top kernels of one eager step; then one line's
+prefill: wall time against the GPU time of its kernels (how launch-bound it is).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model_dir", type=Path)
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--span", type=int, default=512)
+    ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--kernels", type=int, default=14, help="rows of the kernel table")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench_generate import PROMPT, line_image
+    from htrd.fastgen import FastGenerator
+
+    batches = [int(b) for b in args.batches.split(",")]
+    fast = FastGenerator.load(args.model_dir, device="cuda", prompt=PROMPT, batch_sizes=batches,
+                              max_cache_len=1024, max_new_tokens=256, compile=args.compile)
+    dev = fast.device
+    F = torch.nn.functional
+    L = args.span
+
+    def graph_of(fn):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return g
+
+    def per_replay_ms(g, n=100):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        g.replay()
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(n):
+            g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / n
+
+    def matmuls_only(B):
+        x = torch.randn(B, fast.text.config.hidden_size, device=dev, dtype=fast.dtype)
+
+        def fn():
+            for li, layer in enumerate(fast.layers):
+                F.linear(x, fast._qkv_w[li])
+                F.linear(x[:, : layer.self_attn.o_proj.weight.shape[1]], layer.self_attn.o_proj.weight)
+                a = F.linear(x, fast._gu_w[li])
+                F.linear(a[:, : layer.mlp.down_proj.weight.shape[1]], layer.mlp.down_proj.weight)
+            F.linear(x, fast.lm_head.weight)
+        return fn
+
+    weights = sum(w.numel() for w in fast._qkv_w + fast._gu_w) + sum(
+        layer.self_attn.o_proj.weight.numel() + layer.mlp.down_proj.weight.numel() for layer in fast.layers
+    ) + fast.lm_head.weight.numel()
+    gbytes = weights * 2 / 1e9
+    print(f"GPU: {torch.cuda.get_device_name(dev)}; matmul weights per step {gbytes:.2f} GB; span {L}", flush=True)
+    with torch.inference_mode():
+        for B in batches:
+            step = fast._capture(B, L)
+            t_step = per_replay_ms(step.graph)
+            t_mm = per_replay_ms(graph_of(matmuls_only(B)))
+            print(f"batch {B:3d}: captured step {t_step:6.2f} ms ({B / t_step * 1000:7.0f} tok/s); matmuls alone "
+                  f"{t_mm:6.2f} ms ({gbytes / t_mm:5.2f} TB/s); rest {t_step - t_mm:5.2f} ms", flush=True)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fast._step_fn(B, L)
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.kernels,
+                                            max_name_column_width=70), flush=True)
+        fast._reset_slots(list(range(fast.slots)))
+
+    # One line's prefill: wall vs GPU kernel time.
+    prep = fast.prepare(line_image())
+    for _ in range(3):
+        fast.generate([prep], max_new_tokens=2, decode_text=False)
+    for n in (1, 4, 16):
+        items = [prep] * n
+        with torch.inference_mode():
+            batch = fast._collate(items)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(3):
+                fast.model(**batch, use_cache=True, logits_to_keep=1)
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t) / 3 * 1000
+            with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+                fast.model(**batch, use_cache=True, logits_to_keep=1)
+                torch.cuda.synchronize()
+        ev = prof.key_averages()
+        gpu_ms = sum(e.self_device_time_total for e in ev) / 1000
+        kernels = sum(e.count for e in ev if e.self_device_time_total > 0)
+        print(f"prefill {n:2d} line(s) x {prep.prompt_len} tokens: wall {wall:6.1f} ms, GPU kernels {gpu_ms:6.1f} ms "
+              f"({kernels} kernel launches)", flush=True)
+        if n == 1:
+            print(ev.table(sort_by="cpu_time_total", row_limit=args.kernels, max_name_column_width=70), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -150,9 +150,11 @@ def sandbox():
     config.write_text(json.dumps(cfg, indent=2))
     config.chmod(0o644)
     report = {"model": str(model), "model_written_s": made_s, "cold_compile_cache": cold, "config": cfg}
-    env = {**os.environ, "SC": "sys", "STATE": str(state), "PYTHONPATH": os.pathsep.join(map(str, pythonpath)),
-           "PYTHONUNBUFFERED": "1"}
-    env.pop("HTR_NVML_FAKE", None)
+    # htrd refuses HTR_* names that are not settings: this test's own variables (HTR_GPU_MODEL, ...) and
+    # HTR_NVML_FAKE stay out of the daemon's environment, as they are out of the unit's.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HTR_")}
+    env.update({"SC": "sys", "STATE": str(state), "PYTHONPATH": os.pathsep.join(map(str, pythonpath)),
+                "PYTHONUNBUFFERED": "1"})
     yield {"tool": tool, "config": config, "state": state, "env": env, "report": report}
     text = json.dumps(report, indent=2, default=str)
     print("\n=== GPU sandbox report ===\n" + text)

@@ -164,6 +164,8 @@ class FastGenerator(GeneratorBase):
         self._fuse_weights()
         self._batch_vision_attention()
         self._ops = _Ops(torch, compile=self.compile)
+        self._prefill_slots = None  # set only while _prefill runs the model: the slots its lines go to
+        self._hook_language_model()
         if self.compile:
             self._compile_prefill()
         self._step_fn = self._decode_step
@@ -300,14 +302,19 @@ class FastGenerator(GeneratorBase):
         items = [s.prepared for s in seqs]
         batch = self._collate(items)
         P = int(batch["input_ids"].shape[1])
-        out = self.model(**batch, use_cache=True, logits_to_keep=1)
-        cache = out.get("cache") if "cache" in out else out.get("past_key_values")  # 5.2x: cache; 5.1x: pkv
         slots = [heapq.heappop(self._free) for _ in range(n)]
         st = torch.tensor(slots, dtype=torch.long, device=self.device)
-        for li in range(len(self.layers)):
-            lk, lv = _layer_kv(cache, li)
-            self.k_cache[li][st, :, :P] = lk
-            self.v_cache[li][st, :, :P] = lv
+        # HF's forward runs the vision tower, places the image features and computes the M-RoPE positions;
+        # its language model is replaced by _prefill_layers, which writes keys and values into the slots.
+        self._prefill_slots = st
+        try:
+            out = self.model(**batch, use_cache=False, logits_to_keep=1)
+        except BaseException:
+            for s in slots:
+                heapq.heappush(self._free, s)
+            raise
+        finally:
+            self._prefill_slots = None
         self.attend[st] = False
         self.attend[st, :P] = batch["attention_mask"].bool()
         spans = torch.tensor([it.rope_span for it in items], dtype=torch.long)
@@ -320,7 +327,7 @@ class FastGenerator(GeneratorBase):
         self.lim_max[st] = lim_max
         self.lim_min[st] = lim_min
         logits = out.logits[:, -1].float()
-        del out, cache
+        del out
         logits = torch.where((lim_min > 0)[:, None], logits + self.eos_bias, logits)
         first = torch.argmax(logits, dim=-1)
         self.out[st, 0] = first
@@ -435,6 +442,74 @@ class FastGenerator(GeneratorBase):
                 mod.forward = functools.partial(_vision_attention_forward, mod)
                 n += 1
         logger.debug("vision attention batched in %d layers", n)
+
+    def _hook_language_model(self) -> None:
+        """Route the language model's forward to :meth:`_prefill_layers` while a prefill into slots runs.
+
+        Everything else (HF ``generate`` on the uncaptured path, the plain generator's reference runs) gets
+        HF's own forward.
+        """
+        import functools
+
+        self.text.forward = functools.partial(_text_forward, self, self.text.forward)
+
+    def _prefill_layers(self, h, attention_mask, position_ids, visual_pos_masks, deepstack):
+        """The language model over a left-padded prompt batch, keys and values written straight into the
+        slots ``self._prefill_slots``: the decode step's fused weights and ops over every prompt token
+        (one GEMM for q/k/v, one for gate/up, fused norms), instead of HF's module-by-module forward and
+        a cache copied afterwards. Returns the final norm of each line's last position."""
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        torch = self.torch
+        F = torch.nn.functional
+        ops = self._ops
+        n, P, H = h.shape
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        dev = h.device
+        if position_ids is None:
+            position_ids = torch.arange(P, device=dev).view(1, 1, P).expand(3, n, P)
+        elif position_ids.ndim == 2:
+            position_ids = position_ids[None].expand(3, -1, -1)
+        elif position_ids.shape[0] == 4:  # text positions first, then temporal, height, width
+            position_ids = position_ids[1:]
+        cos, sin = self.text.rotary_emb(h, position_ids)  # (n, P, hd)
+        cos, sin = cos.reshape(n * P, 1, hd), sin.reshape(n * P, 1, hd)
+        # Causal over real tokens; a padding query sees itself (no all-masked row: no NaN in its values).
+        allowed = torch.ones((P, P), dtype=torch.bool, device=dev).tril()[None]
+        if attention_mask is not None:
+            allowed = allowed & attention_mask.bool()[:, None, :]
+        allowed = allowed | torch.eye(P, dtype=torch.bool, device=dev)[None]
+        bias = torch.zeros((allowed.shape[0], 1, P, P), dtype=h.dtype, device=dev).masked_fill_(
+            ~allowed[:, None], float("-inf"))
+        vis = None
+        if deepstack and visual_pos_masks is not None:
+            vis = visual_pos_masks.to(dev).reshape(-1).nonzero().squeeze(1)
+        st = self._prefill_slots
+        g = nh // nkv
+        x = ops.rms(h, self.layers[0].input_layernorm.weight, self.eps)
+        for li, layer in enumerate(self.layers):
+            att = layer.self_attn
+            qkv = F.linear(x, self._qkv_w[li]).view(n * P, -1)
+            q, k, v = ops.qk(qkv, att.q_norm.weight, att.k_norm.weight, cos, sin, nh, nkv, hd, self.eps)
+            q = q.reshape(n, P, nh, hd).transpose(1, 2)
+            k = k.reshape(n, P, nkv, hd).transpose(1, 2)
+            v = v.reshape(n, P, nkv, hd).transpose(1, 2)
+            self.k_cache[li][st, :, :P] = k
+            self.v_cache[li][st, :, :P] = v
+            k = k[:, :, None].expand(n, nkv, g, P, hd).reshape(n, nh, P, hd)
+            v = v[:, :, None].expand(n, nkv, g, P, hd).reshape(n, nh, P, hd)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=att.scaling)
+            o = o.transpose(1, 2).reshape(n, P, nh * hd)
+            h, x = ops.add_rms(h, F.linear(o, att.o_proj.weight), layer.post_attention_layernorm.weight, self.eps)
+            d = F.linear(ops.silu_mul(F.linear(x, self._gu_w[li])), layer.mlp.down_proj.weight)
+            nxt_w = self.layers[li + 1].input_layernorm.weight if li + 1 < len(self.layers) else self.text.norm.weight
+            if vis is not None and li < len(deepstack):  # deepstack: the vision tower's layer features join here
+                h = h + d
+                h.view(n * P, H).index_add_(0, vis, deepstack[li].to(h.device, h.dtype))
+                x = ops.rms(h, nxt_w, self.eps)
+            else:
+                h, x = ops.add_rms(h, d, nxt_w, self.eps)
+        return BaseModelOutputWithPast(last_hidden_state=x[:, -1:])
 
     def _compile_prefill(self) -> None:
         """Fused kernels for the prefill's elementwise work (the HF forward runs them op by op).
@@ -590,6 +665,17 @@ class FastGenerator(GeneratorBase):
                     t_graphs - t0, sizes)
         return {"warmup_s": took, "graphs": n_graphs, "graphs_s": t_graphs - t0, "per_batch_ms": report,
                 "prompt_tokens": prep.prompt_len}
+
+
+def _text_forward(gen: FastGenerator, hf_forward, input_ids=None, attention_mask=None, position_ids=None,
+                  inputs_embeds=None, visual_pos_masks=None, deepstack_visual_embeds=None, **kwargs):
+    """The language model's forward: :meth:`FastGenerator._prefill_layers` during a prefill into slots, HF's
+    own otherwise."""
+    if gen._prefill_slots is None or inputs_embeds is None:
+        return hf_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          inputs_embeds=inputs_embeds, visual_pos_masks=visual_pos_masks,
+                          deepstack_visual_embeds=deepstack_visual_embeds, **kwargs)
+    return gen._prefill_layers(inputs_embeds, attention_mask, position_ids, visual_pos_masks, deepstack_visual_embeds)
 
 
 def _rms(x, w, eps: float):

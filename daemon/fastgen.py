@@ -20,9 +20,14 @@ What the engine gets from :class:`FastGenerator` compared with the naive
   positions ``[:L]``; on CUDA it is captured once per (B bucket, L bucket) as a
   CUDA graph before READY and replayed: one launch per token. On the CPU the
   same step runs eagerly (what the tests exercise).
-- **SDPA attention**; optionally the step's elementwise ops and the prefill's
-  norms/activations compiled with ``torch.compile`` (``compile=True``), with
-  inductor/triton caches in a persistent directory.
+- **A fused prefill.** HF's forward runs the vision tower, places the image
+  features and computes the M-RoPE positions; the language model over the
+  prompt runs on the same fused weights and ops as the decode step and writes
+  keys and values straight into the slots (one Python pass of ~10 kernels a
+  layer instead of HF's module-by-module forward and a cache copy).
+- **SDPA attention**; optionally the elementwise ops (norms, rotary, SiLU)
+  compiled with ``torch.compile`` (``compile=True``), with inductor/triton
+  caches in a persistent directory.
 
 Greedy decoding gives ``model.generate(do_sample=False)``'s tokens on the same
 weights (tests/test_fastgen.py checks it against the naive path on the demo
@@ -166,8 +171,6 @@ class FastGenerator(GeneratorBase):
         self._ops = _Ops(torch, compile=self.compile)
         self._prefill_slots = None  # set only while _prefill runs the model: the slots its lines go to
         self._hook_language_model()
-        if self.compile:
-            self._compile_prefill()
         self._step_fn = self._decode_step
 
     @classmethod
@@ -486,11 +489,11 @@ class FastGenerator(GeneratorBase):
             vis = visual_pos_masks.to(dev).reshape(-1).nonzero().squeeze(1)
         st = self._prefill_slots
         g = nh // nkv
-        x = ops.rms(h, self.layers[0].input_layernorm.weight, self.eps)
+        x = ops.prefill_rms(h, self.layers[0].input_layernorm.weight, self.eps)
         for li, layer in enumerate(self.layers):
             att = layer.self_attn
             qkv = F.linear(x, self._qkv_w[li]).view(n * P, -1)
-            q, k, v = ops.qk(qkv, att.q_norm.weight, att.k_norm.weight, cos, sin, nh, nkv, hd, self.eps)
+            q, k, v = ops.prefill_qk(qkv, att.q_norm.weight, att.k_norm.weight, cos, sin, nh, nkv, hd, self.eps)
             q = q.reshape(n, P, nh, hd).transpose(1, 2)
             k = k.reshape(n, P, nkv, hd).transpose(1, 2)
             v = v.reshape(n, P, nkv, hd).transpose(1, 2)
@@ -500,41 +503,16 @@ class FastGenerator(GeneratorBase):
             v = v[:, :, None].expand(n, nkv, g, P, hd).reshape(n, nh, P, hd)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=att.scaling)
             o = o.transpose(1, 2).reshape(n, P, nh * hd)
-            h, x = ops.add_rms(h, F.linear(o, att.o_proj.weight), layer.post_attention_layernorm.weight, self.eps)
-            d = F.linear(ops.silu_mul(F.linear(x, self._gu_w[li])), layer.mlp.down_proj.weight)
+            h, x = ops.prefill_add_rms(h, F.linear(o, att.o_proj.weight), layer.post_attention_layernorm.weight, self.eps)
+            d = F.linear(ops.prefill_silu_mul(F.linear(x, self._gu_w[li])), layer.mlp.down_proj.weight)
             nxt_w = self.layers[li + 1].input_layernorm.weight if li + 1 < len(self.layers) else self.text.norm.weight
             if vis is not None and li < len(deepstack):  # deepstack: the vision tower's layer features join here
                 h = h + d
                 h.view(n * P, H).index_add_(0, vis, deepstack[li].to(h.device, h.dtype))
-                x = ops.rms(h, nxt_w, self.eps)
+                x = ops.prefill_rms(h, nxt_w, self.eps)
             else:
-                h, x = ops.add_rms(h, d, nxt_w, self.eps)
+                h, x = ops.prefill_add_rms(h, d, nxt_w, self.eps)
         return BaseModelOutputWithPast(last_hidden_state=x[:, -1:])
-
-    def _compile_prefill(self) -> None:
-        """Fused kernels for the prefill's elementwise work (the HF forward runs them op by op).
-
-        The language model's RMSNorms (hidden, q and k) and MLP activations are
-        ~40% of a batch-64 prefill in eager mode (fp32 up-casts over 18k tokens).
-        Their forwards are swapped for compiled versions of the same math
-        (dynamic shapes: one graph serves every layer and batch); the MLP also
-        uses the fused gate/up weight. Numerically equivalent; the prompt's
-        structure (vision tower, deepstack, M-RoPE) stays HF's.
-        """
-        import functools
-
-        torch = self.torch
-        rms = torch.compile(_rms, dynamic=True, fullgraph=True)
-        silu_mul = torch.compile(_silu_mul, dynamic=True, fullgraph=True)
-        norm_cls = type(self.text.norm)
-        n = 0
-        for mod in self.text.modules():
-            if isinstance(mod, norm_cls):
-                mod.forward = functools.partial(_norm_forward, rms, mod)
-                n += 1
-        for li, layer in enumerate(self.layers):
-            layer.mlp.forward = functools.partial(_mlp_forward, silu_mul, self._gu_w[li], layer.mlp.down_proj)
-        logger.info("prefill: %d RMSNorms and %d MLPs use compiled kernels", n, len(self.layers))
 
     def _decode_step(self, B: int, L: int) -> None:
         """One greedy token for slots [:B], attending over cache positions [:L]. Only touches fixed buffers."""
@@ -748,38 +726,22 @@ def _vision_attention_forward(mod, hidden_states, cu_seqlens, position_embedding
     return mod.proj(out)
 
 
-# Below this many prompt tokens in a prefill, the eager ops win: the compiled ones' guard checks
-# cost more CPU time than their fusion saves GPU time (a batch-1 prefill is launch-bound).
-COMPILED_PREFILL_MIN_TOKENS = 2048
-
-
-def _norm_forward(fn, mod, x):
-    if x.dim() >= 3 and x.shape[0] * x.shape[1] >= COMPILED_PREFILL_MIN_TOKENS:
-        return fn(x, mod.weight, mod.variance_epsilon)
-    return _rms(x, mod.weight, mod.variance_epsilon)
-
-
-def _mlp_forward(fn, gu_weight, down_proj, x):
-    import torch
-
-    gu = torch.nn.functional.linear(x, gu_weight)
-    if x.dim() >= 3 and x.shape[0] * x.shape[1] >= COMPILED_PREFILL_MIN_TOKENS:
-        return down_proj(fn(gu))
-    return down_proj(_silu_mul(gu))
-
-
 class _Ops:
     """The decode step's elementwise pieces: plain PyTorch, or each compiled by inductor (fused kernels).
 
     Compiled per function with dynamic batch size, so a handful of small graphs
     serve every layer and every batch bucket; their kernels land in the
-    persistent compile cache (:func:`configure_compile_cache`).
+    persistent compile cache (:func:`configure_compile_cache`). ``prefill_*`` are
+    the same functions compiled for the prefill's varying token counts.
     """
 
     def __init__(self, torch, *, compile: bool) -> None:
         fns = {"rms": _rms, "add_rms": _add_rms, "qk": _qk, "silu_mul": _silu_mul}
         for name, fn in fns.items():
             setattr(self, name, torch.compile(fn, dynamic=None, fullgraph=True) if compile else fn)
+            # The prefill's copies: dynamic in every size from the start, so a prompt length not seen in the
+            # warm-up reuses the graph instead of recompiling on a user's first request.
+            setattr(self, f"prefill_{name}", torch.compile(fn, dynamic=True, fullgraph=True) if compile else fn)
 
 
 def _layer_kv(cache, li: int):

@@ -157,6 +157,7 @@ class FastGenerator(GeneratorBase):
         self._seqs: list[Seq | None] = [None] * self.slots
         self._free = list(range(self.slots))  # a heap: the lowest free slot first keeps B small
         self._need = [0] * self.slots  # prompt + max_new: the cache span the line can reach
+        self._left = [0] * self.slots  # decode steps until the line's max_new_tokens (EOS may end it sooner)
         self._group = [1] * self.slots
         self._prefill_ms = [0.0] * self.slots
         self._prefill_end = [0.0] * self.slots
@@ -341,6 +342,7 @@ class FastGenerator(GeneratorBase):
         for s, slot, m in zip(seqs, slots, max_new):
             self._seqs[slot] = s
             self._need[slot] = P + m
+            self._left[slot] = m - 1  # the prefill chose the first token
             self._group[slot] = n
             self._prefill_ms[slot] = (t1 - t0) * 1000.0
             self._prefill_end[slot] = t1
@@ -348,11 +350,15 @@ class FastGenerator(GeneratorBase):
     def step(self, stop: Callable[[Seq], bool] | None = None, steps: int = STEPS_PER_CALL) -> list[Finished]:
         """Up to *steps* decode steps for every running line; returns (and frees) the lines that finished.
 
-        *stop(seq)* True takes a running line out now, with the tokens it has.
+        *stop(seq)* True takes a running line out now, with the tokens it has. Never more steps than the
+        nearest line's ``max_new_tokens`` needs: a line is answered right after its last token.
         """
         occupied = [i for i, s in enumerate(self._seqs) if s is not None]
         if not occupied:
             return []
+        steps = max(1, min(steps, min(self._left[i] for i in occupied)))
+        for i in occupied:
+            self._left[i] -= steps
         torch = self.torch
         B = self.bucket_for(occupied[-1] + 1)
         L = min(_round_up(max(self._need[i] for i in occupied), SPAN_BUCKET), self.max_cache_len)

@@ -246,6 +246,25 @@ def test_a_short_line_leaves_early_and_its_slot_is_reused(naive, fast):
     assert steps_to["next"][1].token_ids == naive["tokens"][2]
 
 
+def test_a_line_is_answered_right_after_its_last_token(fast):
+    """step() runs several decode steps per call, but never past the nearest line's max_new_tokens: a
+    6-token line (the prefill chooses the first) leaves after exactly 5 decode steps, not a multiple of
+    STEPS_PER_CALL, while a longer line keeps decoding."""
+    from htrd.fastgen import STEPS_PER_CALL
+    from htrd.generation import Seq
+
+    assert STEPS_PER_CALL > 2 and 5 % STEPS_PER_CALL
+    fast.add([Seq(fast.prepare(IMAGES[0]), 6, tag="six"), Seq(fast.prepare(IMAGES[1]), NEW, tag="long")])
+    start = fast.steps_run
+    done = []
+    while not done:
+        done = fast.step()
+    assert [f.seq.tag for f in done] == ["six"] and len(done[0].token_ids) == 6
+    assert fast.steps_run - start == 5
+    while fast.running():
+        fast.step()
+
+
 def test_stop_takes_a_running_line_out_and_the_others_continue(naive, fast):
     from htrd.generation import Seq
 

@@ -27,6 +27,9 @@ def main() -> int:
     ap.add_argument("--span", type=int, default=512)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--kernels", type=int, default=14, help="rows of the kernel table")
+    ap.add_argument("--new-shapes", action="store_true",
+                    help="only: first vs second prefill of line images of widths not seen before, with cuDNN's "
+                         "attention allowed and not (a new shape's first prefill builds kernels/plans)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     import torch
@@ -40,6 +43,8 @@ def main() -> int:
                               max_cache_len=1024, max_new_tokens=256, compile=args.compile)
     dev = fast.device
     F = torch.nn.functional
+    if args.new_shapes:
+        return new_shapes(fast, torch, line_image)
     L = args.span
 
     def graph_of(fn):
@@ -126,6 +131,25 @@ def main() -> int:
         kernels = sum(e.count for e in ev if e.self_device_time_total > 0)
         print(f"prefill {n:2d} line(s) x {prep.prompt_len} tokens: HF forward {hf:6.1f} ms; fastgen prefill + 1 check "
               f"{ours:6.1f} ms, GPU kernels {gpu_ms:6.1f} ms ({kernels} kernels)", flush=True)
+    return 0
+
+
+def new_shapes(fast, torch, line_image) -> int:
+    """First and second prefill (one line, generate(max_new_tokens=1)) of widths not seen before."""
+    fast.generate([fast.prepare(line_image(width=1200))], max_new_tokens=1, decode_text=False)
+    for cudnn in (True, False):
+        torch.backends.cuda.enable_cudnn_sdp(cudnn)
+        for w in (640, 880, 1520) if cudnn else (720, 960, 1600):
+            prep = fast.prepare(line_image(width=w))
+            times = []
+            for _ in range(3):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                fast.generate([prep], max_new_tokens=1, decode_text=False)
+                torch.cuda.synchronize()
+                times.append((time.perf_counter() - t) * 1000)
+            print(f"cudnn sdpa {'on ' if cudnn else 'off'} width {w:4d} ({prep.prompt_len} tokens): first "
+                  f"{times[0]:6.1f} ms, then {times[1]:6.1f}, {times[2]:6.1f} ms", flush=True)
     return 0
 
 

@@ -34,12 +34,16 @@ from typing import Any
 import httpx
 
 from . import protocol as P
+from . import systemd
 from .errors import (
+    DaemonBusyError,
     DaemonError,
     DaemonNotReadyError,
     DaemonPermissionError,
+    DaemonTimeoutError,
     DaemonUnavailableError,
     RequestError,
+    ServiceError,
 )
 
 logger = logging.getLogger(__name__)
@@ -47,16 +51,6 @@ logger = logging.getLogger(__name__)
 START_REMEDY = "start it: sudo systemctl start htr.socket htr.service (or htrd --config ...); check: htrctl doctor"
 DEFAULT_TIMEOUT_S = 120.0
 CONNECT_TIMEOUT_S = 5.0
-
-
-class DaemonBusyError(DaemonError):
-    """503 queue_full: the daemon's queue is full; retry after ``retry_after`` seconds."""
-
-
-class DaemonTimeoutError(DaemonError):
-    """No answer within the request's timeout (or the daemon's deadline, 504)."""
-
-    exit_code = RequestError.exit_code
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -364,31 +358,18 @@ class HtrClient:
             interval = min(interval * 2, max_interval)
 
 
+# What `htrctl status` shows of the unit.
+UNIT_STATE_PROPERTIES = ("LoadState", "ActiveState", "SubState", "MainPID", "NRestarts", "Result", "ExecMainStatus",
+                         "ActiveEnterTimestamp")
+
+
 def systemd_unit_state(unit: str = "htr.service", *, timeout: float = 5.0) -> dict[str, Any]:
     """``systemctl show`` of *unit*; ``{"available": False, "reason": ...}`` where systemctl does not work."""
-    import shutil
-    import subprocess
-
-    exe = shutil.which("systemctl")
-    if exe is None:
-        return {"unit": unit, "available": False, "reason": "systemctl not found"}
-    props = "LoadState,ActiveState,SubState,MainPID,NRestarts,Result,ExecMainStatus,ActiveEnterTimestamp"
     try:
-        r = subprocess.run(
-            [exe, "show", "--no-pager", "-p", props, unit],
-            capture_output=True, text=True, timeout=timeout, check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return {"unit": unit, "available": False, "reason": str(exc)}
-    if r.returncode != 0:
-        reason = (r.stderr.strip().splitlines() or [f"systemctl exited {r.returncode}"])[0]
-        return {"unit": unit, "available": False, "reason": reason}
-    out: dict[str, Any] = {"unit": unit, "available": True}
-    for line in r.stdout.splitlines():
-        key, sep, value = line.partition("=")
-        if sep:
-            out[key] = value
-    return out
+        props = systemd.show(unit, UNIT_STATE_PROPERTIES, timeout=timeout)
+    except ServiceError as exc:
+        return {"unit": unit, "available": False, "reason": exc.message}
+    return {"unit": unit, "available": True, **props}
 
 
 class StatusReport:

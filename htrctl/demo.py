@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import HtrError
+from .errors import DemoError, HtrError
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +46,6 @@ HONEST_LINE = (
 READY_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 60.0
 _SUN_PATH_MAX = 100  # sockaddr_un.sun_path is 108 bytes; keep a margin
-
-
-class DemoError(HtrError):
-    """A demo step failed (the message names the step and where its log is)."""
 
 
 def default_workdir() -> Path:
@@ -120,7 +116,6 @@ class Demo:
     # -- 2 ---------------------------------------------------------------------------------------
     def provision(self, incoming: Path, base: Path) -> Path:
         from .demo_model import ADAPTER_DIRNAME
-        from .errors import HtrError
         from .provision import provision
 
         t = time.monotonic()

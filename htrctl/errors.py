@@ -185,8 +185,18 @@ class DaemonPermissionError(DaemonError):
     exit_code = ExitCode.PERMISSION
 
 
+class DaemonBusyError(DaemonError):
+    """503 queue_full: the daemon's queue is full; retry after ``retry_after`` seconds."""
+
+
 class RequestError(DaemonError):
     """The daemon refused one request (4xx): the message names the cause."""
+
+    exit_code = ExitCode.FAILURE
+
+
+class DaemonTimeoutError(DaemonError):
+    """No answer within the request's timeout (or the daemon's deadline, 504)."""
 
     exit_code = ExitCode.FAILURE
 
@@ -259,6 +269,18 @@ def from_os_error(exc: OSError, *, target: str | None = None) -> HtrError:
 
 class ServiceError(HtrError):
     """Installing or querying the systemd units failed."""
+
+    exit_code = ExitCode.FAILURE
+
+
+class ServicePermissionError(ServiceError):
+    """Installing needs root (writing /etc, creating a user, systemctl)."""
+
+    exit_code = ExitCode.PERMISSION
+
+
+class DemoError(HtrError):
+    """A demo step failed (the message names the step and where its log is)."""
 
     exit_code = ExitCode.FAILURE
 

@@ -33,10 +33,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__, packaged
+from . import __version__, packaged, systemd
 from .atomicfile import write_atomic
 from .config import SYSTEM_CONFIG, load_settings
-from .errors import ConfigError, ExitCode, HtrError, ServiceError
+from .errors import ConfigError, HtrError, ServiceError, ServicePermissionError
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +69,6 @@ SHOW_PROPERTIES = (
     "Id", "LoadState", "ActiveState", "SubState", "Result", "UnitFileState", "MainPID", "ExecMainStatus",
     "ExecMainCode", "NRestarts", "StatusText", "ActiveEnterTimestamp", "FragmentPath", "DropInPaths",
 )
-
-
-class ServicePermissionError(ServiceError):
-    """Installing needs root (writing /etc, creating a user, systemctl)."""
-
-    exit_code = ExitCode.PERMISSION
 
 
 # ---------------------------------------------------------------- rendering
@@ -291,45 +285,6 @@ def render_prepare_script() -> str:
     return f"{shebang}\n{MARKER} {__version__} (`htrctl service install`); it rewrites this file.\n{rest}"
 
 
-# ---------------------------------------------------------------- running things
-
-
-def _run(argv: Sequence[str], *, check: bool = True, timeout: float = 120.0, capture: bool = True) -> subprocess.CompletedProcess:
-    logger.debug("running %s", " ".join(argv))
-    try:
-        proc = subprocess.run(
-            list(argv), capture_output=capture, text=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL
-        )
-    except FileNotFoundError as exc:
-        raise ServiceError(f"{argv[0]} not found", remedy="this needs systemd and shadow-utils (useradd)") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise ServiceError(f"{' '.join(argv)} did not finish within {timeout:.0f} s") from exc
-    if check and proc.returncode != 0:
-        err = (proc.stderr or proc.stdout or "").strip().splitlines()
-        msg = err[-1] if err else f"exit status {proc.returncode}"
-        cls = ServicePermissionError if "denied" in msg.lower() else ServiceError
-        raise cls(f"{' '.join(argv)} failed: {msg}", remedy="see `htrctl service logs` and `systemctl status htr`")
-    return proc
-
-
-def systemd_running() -> bool:
-    """True when systemd is PID 1 here (sd_booted(3))."""
-    return Path("/run/systemd/system").is_dir()
-
-
-def _require_systemd() -> None:
-    if not systemd_running():
-        raise ServiceError(
-            "systemd is not running on this machine (no /run/systemd/system)",
-            remedy="run htrd directly (htrd --config ...), or only write the units with --root/--unit-dir",
-        )
-
-
-def systemctl(*args: str, check: bool = True, timeout: float = 120.0) -> subprocess.CompletedProcess:
-    _require_systemd()
-    return _run(["systemctl", "--no-pager", *args], check=check, timeout=timeout)
-
-
 # ---------------------------------------------------------------- install
 
 
@@ -410,7 +365,7 @@ def _ensure_account(user: str, group: str, extra_groups: Sequence[str], *, live:
         actions.append(Action("keep", f"group {group}", "exists"))
     else:
         if not dry_run:
-            _run(["groupadd", "--system", group])
+            systemd.run(["groupadd", "--system", group])
         actions.append(Action("create-group", group, done=not dry_run))
     if _user_exists(user):
         actions.append(Action("keep", f"user {user}", "exists"))
@@ -422,7 +377,7 @@ def _ensure_account(user: str, group: str, extra_groups: Sequence[str], *, live:
         if extra_groups:
             argv += ["--groups", ",".join(extra_groups)]
         if not dry_run:
-            _run([*argv, user])
+            systemd.run([*argv, user])
         actions.append(
             Action("create-user", user, f"system user, groups {', '.join([group, *extra_groups])}", done=not dry_run)
         )
@@ -502,7 +457,7 @@ def install(
     root = Path(root) if root else Path("/")
     if not live and (enable or start):
         raise ServiceError("--enable/--start act on the running systemd and cannot be combined with --root/--unit-dir")
-    booted = live and systemd_running()
+    booted = live and systemd.booted()
     if live and not booted and (enable or start):
         raise ServiceError("systemd is not running on this machine: cannot --enable/--start",
                            remedy="install without them (the units take effect when systemd runs), or run htrd directly")
@@ -597,38 +552,30 @@ def install(
     if booted:
         if units_changed:
             if not dry_run:
-                systemctl("daemon-reload")
+                systemd.systemctl("daemon-reload")
             actions.append(Action("daemon-reload", "systemd", done=not dry_run))
-            if not dry_run and _is_active(SERVICE):
+            if not dry_run and systemd.is_active(SERVICE):
                 actions.append(Action("note", SERVICE, "running the old units: `htrctl service restart` applies them"))
         sockets = [f"htr@{r}.socket" for r in replicas] or [SOCKET]
         services = [f"htr@{r}.service" for r in replicas] or [SERVICE]
         if enable:
-            todo = [u for u in [*sockets, *services] if dry_run or not _is_enabled(u)]
+            todo = [u for u in [*sockets, *services] if dry_run or not systemd.is_enabled(u)]
             if todo:
                 if not dry_run:
-                    systemctl("enable", *todo)
+                    systemd.systemctl("enable", *todo)
                 actions.append(Action("enable", " ".join(todo), done=not dry_run))
             else:
                 actions.append(Action("keep", " ".join([*sockets, *services]), "enabled"))
         if start:
-            todo = [u for u in sockets if dry_run or not _is_active(u)]
+            todo = [u for u in sockets if dry_run or not systemd.is_active(u)]
             if todo:
                 if not dry_run:
-                    systemctl("start", *todo)
+                    systemd.systemctl("start", *todo)
                 actions.append(Action("start", " ".join(todo), "the first request starts the daemon", done=not dry_run))
             else:
                 actions.append(Action("keep", " ".join(sockets), "listening"))
     result.actions = actions
     return result
-
-
-def _is_active(unit: str) -> bool:
-    return systemctl("is-active", "--quiet", unit, check=False).returncode == 0
-
-
-def _is_enabled(unit: str) -> bool:
-    return systemctl("is-enabled", "--quiet", unit, check=False).returncode == 0
 
 
 # ---------------------------------------------------------------- uninstall
@@ -644,7 +591,7 @@ class UninstallResult:
 
 def _instances() -> list[str]:
     """Loaded htr@*.service / htr@*.socket instances."""
-    out = systemctl("list-units", "--all", "--plain", "--no-legend", "htr@*", check=False).stdout
+    out = systemd.systemctl("list-units", "--all", "--plain", "--no-legend", "htr@*", check=False).stdout
     return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
@@ -660,10 +607,10 @@ def uninstall(*, root: Path | None = None, unit_dir: Path | None = None, dry_run
     root = Path(root) if root else Path("/")
     target_dir = Path(unit_dir) if unit_dir else _under(root, UNIT_DIR)
     res = UninstallResult()
-    if live and systemd_running():
+    if live and systemd.booted():
         units = [SOCKET, SERVICE, *_instances(), PREPARE_UNIT]
         if not dry_run:
-            systemctl("disable", "--now", *units, check=False, timeout=180)
+            systemd.systemctl("disable", "--now", *units, check=False, timeout=180)
         res.actions.append(Action("stop+disable", " ".join(units), done=not dry_run))
     removed = False
     for path in [*(target_dir / name for name in UNITS), *([] if units_only else [_under(root, PREPARE_SCRIPT)])]:
@@ -680,10 +627,10 @@ def uninstall(*, root: Path | None = None, unit_dir: Path | None = None, dry_run
                 raise _permission(exc, path) from exc
         removed = True
         res.actions.append(Action("remove", str(path), done=not dry_run))
-    if live and removed and systemd_running():
+    if live and removed and systemd.booted():
         if not dry_run:
-            systemctl("daemon-reload")
-            systemctl("reset-failed", SERVICE, SOCKET, check=False)
+            systemd.systemctl("daemon-reload")
+            systemd.systemctl("reset-failed", SERVICE, SOCKET, check=False)
         res.actions.append(Action("daemon-reload", "systemd", done=not dry_run))
     res.actions.append(Action("keep", f"{SYSTEM_CONFIG}, {STATE_DIR}, user {DEFAULT_USER}", "data is never removed"))
     return res
@@ -697,17 +644,6 @@ def unit_names(instance: str | None) -> tuple[str, str]:
     if instance:
         return f"htr@{instance}.service", f"htr@{instance}.socket"
     return SERVICE, SOCKET
-
-
-def show(unit: str, properties: Sequence[str] = SHOW_PROPERTIES) -> dict[str, str]:
-    """``systemctl show`` as a dict."""
-    out = systemctl("show", unit, "--property=" + ",".join(properties)).stdout
-    props: dict[str, str] = {}
-    for line in out.splitlines():
-        k, sep, v = line.partition("=")
-        if sep:
-            props[k] = v
-    return props
 
 
 @dataclass
@@ -739,7 +675,7 @@ def status(*, instance: str | None = None, config: Path | None = None) -> Servic
     svc, sock = unit_names(instance)
     current: bool | None = None
     config_error: str | None = None
-    svc_props = show(svc)
+    svc_props = systemd.show(svc, SHOW_PROPERTIES)
     frag = svc_props.get("FragmentPath") or ""
     try:
         cfg = Path(config) if config else SYSTEM_CONFIG
@@ -753,7 +689,7 @@ def status(*, instance: str | None = None, config: Path | None = None) -> Servic
         config_error = exc.one_line()
     except (OSError, HtrError) as exc:
         logger.debug("cannot compare the installed units: %s", exc)
-    return ServiceStatus(service=svc_props, socket=show(sock), units_current=current, config_error=config_error)
+    return ServiceStatus(service=svc_props, socket=systemd.show(sock, SHOW_PROPERTIES), units_current=current, config_error=config_error)
 
 
 def journalctl_argv(*, instance: str | None = None, lines: int | None = 100, follow: bool = False,
@@ -784,9 +720,9 @@ def restart(*, instance: str | None = None, no_block: bool = False) -> ServiceSt
     """Restart the daemon: it drains in-flight requests first (SIGTERM), the socket keeps clients waiting."""
     svc, sock = unit_names(instance)
     # A unit that hit its start limit refuses to start until reset (e.g. after a config fix).
-    systemctl("reset-failed", svc, sock, check=False)
+    systemd.systemctl("reset-failed", svc, sock, check=False)
     argv = ["restart", svc]
     if no_block:
         argv.insert(0, "--no-block")
-    systemctl(*argv, timeout=600)
+    systemd.systemctl(*argv, timeout=600)
     return status(instance=instance)

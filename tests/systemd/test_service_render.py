@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from htrctl import service
+from htrctl import service, systemd
 from htrctl.errors import ServiceError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -209,14 +209,14 @@ def test_cli_dry_run_prints_the_units_on_stdout(tmp_path, capsys):
 def test_cli_without_systemd_says_so(tmp_path, capsys, monkeypatch):
     from htrctl.cli import main
 
-    monkeypatch.setattr(service, "systemd_running", lambda: False)
+    monkeypatch.setattr(systemd, "booted", lambda *a: False)
     rc = main(["service", "status"])
     assert rc == 1
     assert "systemd is not running" in capsys.readouterr().err
 
 
 def test_live_install_needs_root(monkeypatch):
-    from htrctl.service import ServicePermissionError
+    from htrctl.errors import ServicePermissionError
 
     monkeypatch.setattr(service.os, "geteuid", lambda: 1000)
     with pytest.raises(ServicePermissionError, match="needs root") as err:
@@ -225,7 +225,7 @@ def test_live_install_needs_root(monkeypatch):
 
 
 def test_live_enable_without_systemd_is_refused(monkeypatch):
-    monkeypatch.setattr(service, "systemd_running", lambda: False)
+    monkeypatch.setattr(systemd, "booted", lambda *a: False)
     with pytest.raises(ServiceError, match="systemd is not running"):
         service.install(enable=True)
 
@@ -306,7 +306,7 @@ def _no_host_changes(monkeypatch):
     def refuse(argv, **kw):
         raise AssertionError(f"ran {argv} on the host")
 
-    monkeypatch.setattr(service, "_run", refuse)
+    monkeypatch.setattr(systemd, "run", refuse)
 
 
 def test_unit_dir_only_writes_the_unit_files(tmp_path, monkeypatch):

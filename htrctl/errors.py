@@ -15,9 +15,10 @@ code  name                   meaning
 0     OK                     success
 1     FAILURE                a check failed (verify, doctor) / generic error
 2     USAGE                  bad command-line usage (typer/click)
-3     MISSING_EXTRA          an optional dependency group is not installed
+3     NOT_RUNNING            service status: the unit is not running (LSB's and systemctl's 3)
 4     PARTIAL                transcribe: some inputs failed, the rest are done
 5     WARNINGS               doctor: no failures, but warnings
+6     MISSING_EXTRA          an optional dependency group is not installed
 65    MODEL                  model directory missing, incomplete or corrupt
 69    GPU                    the configured GPU is absent or unusable
 73    PROVISION              provisioning/sync failed (nothing was lost)
@@ -30,6 +31,7 @@ code  name                   meaning
 141   PIPE                   stdout's reader went away (``| head``): ends quietly
 ====  =====================  ===============================================
 
+Each code means one thing (:func:`enum.unique` refuses two names for one value).
 An :class:`OSError` that reaches the entry point (a full disk, a directory the
 user may not write, a closed pipe) goes through the same path:
 :func:`from_os_error` turns it into one line with the file, the cause and the
@@ -40,17 +42,19 @@ from __future__ import annotations
 
 import errno
 import re
-from enum import IntEnum
+from enum import IntEnum, unique
 from typing import Any
 
 
+@unique
 class ExitCode(IntEnum):
     OK = 0
     FAILURE = 1
     USAGE = 2
-    MISSING_EXTRA = 3
+    NOT_RUNNING = 3  # `htrctl service status` only: the LSB init-script code for "program is not running"
     PARTIAL = 4
     WARNINGS = 5
+    MISSING_EXTRA = 6
     MODEL = 65
     GPU = 69
     PROVISION = 73

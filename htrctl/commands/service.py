@@ -100,7 +100,7 @@ def status_cmd(
             typer.echo(f"config   {st.config_error}")
         if st.units_current is False:
             typer.echo("units    differ from this installation: run `htrctl service install`")
-    raise typer.Exit(st.exit_code())
+    raise typer.Exit(int(st.exit_code()))
 
 
 @service_app.command("logs")

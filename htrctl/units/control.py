@@ -11,7 +11,7 @@ from typing import Any
 
 from .. import packaged, systemd
 from ..config import SYSTEM_CONFIG, load_settings
-from ..errors import ConfigError, HtrError, ServiceError
+from ..errors import ConfigError, ExitCode, HtrError, ServiceError
 from .render import SERVICE, SOCKET, make_context, render_unit
 
 logger = logging.getLogger(__name__)
@@ -41,13 +41,14 @@ class UnitStatus:
     def running(self) -> bool:
         return self.service.get("ActiveState") == "active"
 
-    def exit_code(self) -> int:
-        """0 running or waiting for its first request; 3 (like systemctl) otherwise."""
+    def exit_code(self) -> ExitCode:
+        """OK when running or waiting for its first request (the socket listens); NOT_RUNNING (3, like
+        ``systemctl status`` and LSB's "program is not running") otherwise."""
         if self.running:
-            return 0
+            return ExitCode.OK
         if self.socket.get("ActiveState") == "active" and self.service.get("ActiveState") == "inactive":
-            return 0
-        return 3
+            return ExitCode.OK
+        return ExitCode.NOT_RUNNING
 
     def to_dict(self) -> dict[str, Any]:
         return {"service": self.service, "socket": self.socket, "units_current": self.units_current,

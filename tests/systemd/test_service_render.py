@@ -366,3 +366,14 @@ def test_root_refuses_an_invalid_c_config_before_writing(tmp_path):
     with pytest.raises(ConfigError, match="colour"):
         unitpkg.install(root=tmp_path / "root", config=cfg)
     assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.parametrize(("service", "socket", "code"), [
+    ("active", "active", 0),  # running
+    ("inactive", "active", 0),  # socket-activated, waiting for its first request
+    ("failed", "active", 3),
+    ("inactive", "inactive", 3),  # stopped, or not installed (LoadState=not-found)
+])
+def test_service_status_exit_code_is_lsb_not_running(service, socket, code):
+    st = unitpkg.UnitStatus(service={"ActiveState": service}, socket={"ActiveState": socket}, units_current=None)
+    assert st.exit_code() == code

@@ -317,7 +317,7 @@ class HtrClient:
             try:
                 r = self.ready()
                 state = r.state
-                if state == "ready":
+                if state == P.READY:
                     if on_state and last_state != state:
                         on_state(state)
                     return r
@@ -337,7 +337,7 @@ class HtrClient:
             if on_state and state != last_state:
                 on_state(state)
             last_state = state
-            if state == "failed":
+            if state == P.FAILED:
                 raise DaemonNotReadyError(
                     "htrd failed to start (state: failed)",
                     remedy="see its log: journalctl -u htr.service; check: htrctl doctor",

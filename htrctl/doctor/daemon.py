@@ -161,7 +161,7 @@ def _daemon(ctx: Context, path: Path) -> list[Finding]:
     out = []
     if r.status_code == 200:
         out.append(Finding("service.ready", OK, f"the daemon is ready ({state})", data={"state": state}))
-    elif state in ("starting", "loading", "warming"):
+    elif state in (P.STARTING, P.LOADING, P.WARMING):
         out.append(Finding("service.ready", WARN, f"the daemon is {state} (not ready yet)",
                            remedy="wait; htrctl status --wait", data={"state": state, "http": r.status_code}))
     else:

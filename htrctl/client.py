@@ -265,14 +265,9 @@ class HtrClient:
         timeout: float | None = None,
     ) -> P.TranscribeResponse:
         """One image (multi-page TIFF: one result per page)."""
-        params = {"max_new_tokens": max_new_tokens} if max_new_tokens else None
-        headers = {P.HEADER_REQUEST_ID: request_id} if request_id else None
-        headers = {**(headers or {}), "Content-Type": "application/octet-stream"}
-        resp = self._request(
-            "POST", P.PATH_TRANSCRIBE, content=image, params=params, headers=headers, timeout=timeout
-        )
-        self._raise_for(resp)
-        return P.TranscribeResponse.model_validate_json(resp.content)
+        body = self._post_images(P.PATH_TRANSCRIBE, max_new_tokens, request_id, timeout, content=image,
+                                 headers={"Content-Type": "application/octet-stream"})
+        return P.TranscribeResponse.model_validate_json(body)
 
     def transcribe_batch(
         self,
@@ -284,13 +279,17 @@ class HtrClient:
     ) -> P.BatchResponse:
         """Several images in one request; each item carries its results or its own error."""
         files = [(P.BATCH_PART_NAME, (name, data, "application/octet-stream")) for name, data in images]
+        body = self._post_images(P.PATH_TRANSCRIBE_BATCH, max_new_tokens, request_id, timeout, files=files)
+        return P.BatchResponse.model_validate_json(body)
+
+    def _post_images(self, path: str, max_new_tokens: int | None, request_id: str | None, timeout: float | None,
+                     *, headers: dict[str, str] | None = None, **body: Any) -> bytes:
+        """POST images to a transcription endpoint with its options; the answer's JSON (a refusal raised)."""
         params = {"max_new_tokens": max_new_tokens} if max_new_tokens else None
-        headers = {P.HEADER_REQUEST_ID: request_id} if request_id else None
-        resp = self._request(
-            "POST", P.PATH_TRANSCRIBE_BATCH, files=files, params=params, headers=headers, timeout=timeout
-        )
+        headers = {**({P.HEADER_REQUEST_ID: request_id} if request_id else {}), **(headers or {})}
+        resp = self._request("POST", path, params=params, headers=headers or None, timeout=timeout, **body)
         self._raise_for(resp)
-        return P.BatchResponse.model_validate_json(resp.content)
+        return resp.content
 
     def wait_ready(
         self,

@@ -95,20 +95,19 @@ def _permission(exc: OSError, path: Path) -> ServicePermissionError:
     )
 
 
-def _user_exists(name: str) -> bool:
+def _uid(user: str) -> int | None:
+    """The user's id on this host; None when there is no such user."""
     try:
-        pwd.getpwnam(name)
-        return True
+        return pwd.getpwnam(user).pw_uid
     except KeyError:
-        return False
+        return None
 
 
-def _group_exists(name: str) -> bool:
+def _gid(group: str) -> int | None:
     try:
-        grp.getgrnam(name)
-        return True
+        return grp.getgrnam(group).gr_gid
     except KeyError:
-        return False
+        return None
 
 
 def _ensure_account(user: str, group: str, extra_groups: Sequence[str], *, live: bool, dry_run: bool) -> list[Action]:
@@ -116,13 +115,13 @@ def _ensure_account(user: str, group: str, extra_groups: Sequence[str], *, live:
     if not live:
         actions.append(Action("note", f"user {user}, group {group}", "not created with --root/--unit-dir"))
         return actions
-    if _group_exists(group):
+    if _gid(group) is not None:
         actions.append(Action("keep", f"group {group}", "exists"))
     else:
         if not dry_run:
             systemd.run(["groupadd", "--system", group])
         actions.append(Action("create-group", group, done=not dry_run))
-    if _user_exists(user):
+    if _uid(user) is not None:
         actions.append(Action("keep", f"user {user}", "exists"))
     else:
         argv = [
@@ -163,14 +162,7 @@ def _unreadable(paths: Iterable[Path], uid: int | None, gid: int | None, limit: 
 
 def _readability_warnings(cfg_file: Path, model_dir: Path, user: str, group: str) -> list[Action]:
     """Warn (do not change) when the service user could not read the config or the model."""
-    try:
-        uid: int | None = pwd.getpwnam(user).pw_uid
-    except KeyError:
-        uid = None
-    try:
-        gid: int | None = grp.getgrnam(group).gr_gid
-    except KeyError:
-        gid = None
+    uid, gid = _uid(user), _gid(group)
     out: list[Action] = []
     if cfg_file.exists() and _unreadable([cfg_file], uid, gid):
         out.append(Action("warn", str(cfg_file), f"user {user} cannot read it: chgrp {group} {cfg_file} && "

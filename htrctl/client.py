@@ -45,6 +45,7 @@ from .errors import (
     RequestError,
     ServiceError,
 )
+from .units.render import SERVICE
 
 logger = logging.getLogger(__name__)
 
@@ -362,7 +363,7 @@ UNIT_STATE_PROPERTIES = ("LoadState", "ActiveState", "SubState", "MainPID", "NRe
                          "ActiveEnterTimestamp")
 
 
-def systemd_unit_state(unit: str = "htr.service", *, timeout: float = 5.0) -> dict[str, Any]:
+def systemd_unit_state(unit: str = SERVICE, *, timeout: float = 5.0) -> dict[str, Any]:
     """``systemctl show`` of *unit*; ``{"available": False, "reason": ...}`` where systemctl does not work."""
     try:
         props = systemd.show(unit, UNIT_STATE_PROPERTIES, timeout=timeout)
@@ -389,7 +390,7 @@ class StatusReport:
         }
 
 
-def gather_status(socket_path: str | os.PathLike, *, timeout: float = 10.0, unit: str = "htr.service") -> StatusReport:
+def gather_status(socket_path: str | os.PathLike, *, timeout: float = 10.0, unit: str = SERVICE) -> StatusReport:
     """What ``htrctl status`` shows. A daemon error is kept in ``.error``, not raised."""
     daemon, error = None, None
     with HtrClient(socket_path, timeout=timeout) as client:

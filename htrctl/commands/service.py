@@ -34,7 +34,7 @@ def install_cmd(
     json_out: bool = typer.Option(False, "--json", help="the result as JSON"),
 ) -> None:
     """Render the units with this installation's paths and install them. Idempotent."""
-    from ..units import install
+    from ..units.installer import install
 
     g = globals_of(ctx)
     res = install(
@@ -65,7 +65,7 @@ def uninstall_cmd(
     json_out: bool = typer.Option(False, "--json", help="the result as JSON"),
 ) -> None:
     """Stop, disable and remove the units. Keeps the config, the state, the model and the user."""
-    from ..units import uninstall
+    from ..units.installer import uninstall
 
     res = uninstall(root=root, unit_dir=unit_dir, dry_run=dry_run)
     if json_out:
@@ -82,7 +82,7 @@ def status_cmd(
     json_out: bool = typer.Option(False, "--json", help="the result as JSON"),
 ) -> None:
     """The service's and the socket's state as systemd sees them (exit 3 when not running)."""
-    from ..units import status
+    from ..units.control import status
 
     st = status(instance=instance, config=globals_of(ctx).config)
     if json_out:
@@ -111,7 +111,7 @@ def logs_cmd(
     since: Optional[str] = typer.Option(None, "--since", help="e.g. '10 min ago', 'today'"),
 ) -> None:
     """The daemon's and the socket's journal (journalctl -u)."""
-    from ..units import logs
+    from ..units.control import logs
 
     raise typer.Exit(logs(instance=instance, lines=lines, follow=follow, since=since))
 
@@ -122,7 +122,7 @@ def restart_cmd(
     no_block: bool = typer.Option(False, "--no-block", help="return at once instead of waiting for READY"),
 ) -> None:
     """Restart the daemon: in-flight requests finish first; new ones wait on the socket."""
-    from ..units import restart
+    from ..units.control import restart
 
     st = restart(instance=instance, no_block=no_block)
     typer.echo(f"{st.service.get('ActiveState')} ({st.service.get('SubState')})"

@@ -10,11 +10,8 @@
 Every question to systemd goes through :mod:`htrctl.systemd`. (Doctor's checks of
 the running daemon are :mod:`htrctl.doctor.daemon`; the daemon's own state holder
 is in ``htrd``.)
+
+The package imports nothing itself: ``htrctl --help`` and the client, which read
+the unit names from :mod:`.render`, do not load the config machinery.
 """
 
-from __future__ import annotations
-
-from .control import UnitStatus, logs, restart, status
-from .installer import InstallResult, UninstallResult, install, uninstall
-
-__all__ = ["InstallResult", "UninstallResult", "UnitStatus", "install", "logs", "restart", "status", "uninstall"]

@@ -12,7 +12,7 @@ from typing import Any
 from .. import packaged, systemd
 from ..config import SYSTEM_CONFIG, load_settings
 from ..errors import ConfigError, ExitCode, HtrError, ServiceError
-from .render import SERVICE, SOCKET, make_context, render_unit
+from .render import make_context, render_unit, unit_names
 
 logger = logging.getLogger(__name__)
 
@@ -21,13 +21,6 @@ SHOW_PROPERTIES = (
     "Id", "LoadState", "ActiveState", "SubState", "Result", "UnitFileState", "MainPID", "ExecMainStatus",
     "ExecMainCode", "NRestarts", "StatusText", "ActiveEnterTimestamp", "FragmentPath", "DropInPaths",
 )
-
-
-def unit_names(instance: str | None) -> tuple[str, str]:
-    """(service, socket) for the single unit or one replica."""
-    if instance:
-        return f"htr@{instance}.service", f"htr@{instance}.socket"
-    return SERVICE, SOCKET
 
 
 @dataclass

@@ -40,6 +40,7 @@ from .render import (
     make_context,
     render_prepare_script,
     render_units,
+    unit_names,
 )
 
 
@@ -301,8 +302,8 @@ def install(
             actions.append(Action("daemon-reload", "systemd", done=not dry_run))
             if not dry_run and systemd.is_active(SERVICE):
                 actions.append(Action("note", SERVICE, "running the old units: `htrctl service restart` applies them"))
-        sockets = [f"htr@{r}.socket" for r in replicas] or [SOCKET]
-        services = [f"htr@{r}.service" for r in replicas] or [SERVICE]
+        sockets = [unit_names(r)[1] for r in replicas] or [SOCKET]
+        services = [unit_names(r)[0] for r in replicas] or [SERVICE]
         if enable:
             todo = [u for u in [*sockets, *services] if dry_run or not systemd.is_enabled(u)]
             if todo:

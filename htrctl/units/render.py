@@ -52,6 +52,13 @@ MARKER = "# Rendered by htrctl"
 _UNSAFE_PATH = re.compile(r"[\s\"'\\;]")
 
 
+def unit_names(instance: str | None) -> tuple[str, str]:
+    """(service, socket) for the single unit or one replica."""
+    if instance:
+        return f"htr@{instance}.service", f"htr@{instance}.socket"
+    return SERVICE, SOCKET
+
+
 @dataclass(frozen=True)
 class UnitContext:
     """The installation-specific values the templates are filled with."""

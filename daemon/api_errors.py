@@ -4,30 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from htrctl.protocol import ErrorBody
-
-STATUS_OF = {
-    "bad_request": 400,
-    "not_found": 404,
-    "bad_image": 422,
-    "too_large": 413,
-    "queue_full": 503,
-    "not_ready": 503,
-    "deadline_exceeded": 504,
-    "out_of_memory": 507,
-    "internal": 500,
-}
+from htrctl.protocol import ERROR_STATUS, ErrorBody
 
 
 class ApiError(Exception):
-    """One request failed: ``type`` is a protocol ErrorType; ``status`` its HTTP status."""
+    """One request failed: ``type`` is a protocol ErrorType; ``status`` its HTTP status (by default the
+    type's, :data:`htrctl.protocol.ERROR_STATUS`)."""
 
     def __init__(self, type_: str, message: str, *, status: int | None = None, detail: Any = None,
                  retry_after: float | None = None) -> None:
         super().__init__(message)
         self.type = type_
         self.message = message
-        self.status = status or STATUS_OF.get(type_, 500)
+        self.status = status or ERROR_STATUS.get(type_, 500)
         self.detail = detail
         self.retry_after = retry_after
 

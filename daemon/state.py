@@ -12,11 +12,9 @@ import logging
 import threading
 import time
 
-from htrctl.protocol import Counters
+from htrctl.protocol import DRAINING, FAILED, LOADING, READY, STARTING, WARMING, Counters
 
 logger = logging.getLogger(__name__)
-
-STARTING, LOADING, WARMING, READY, DRAINING, FAILED = "starting", "loading", "warming", "ready", "draining", "failed"
 
 _ALLOWED = {
     STARTING: {LOADING, DRAINING, FAILED},

@@ -34,29 +34,24 @@ from typing import Any
 import httpx
 
 from . import protocol as P
+from . import systemd
 from .errors import (
+    DaemonBusyError,
     DaemonError,
     DaemonNotReadyError,
     DaemonPermissionError,
+    DaemonTimeoutError,
     DaemonUnavailableError,
     RequestError,
+    ServiceError,
 )
+from .units.render import SERVICE
 
 logger = logging.getLogger(__name__)
 
 START_REMEDY = "start it: sudo systemctl start htr.socket htr.service (or htrd --config ...); check: htrctl doctor"
 DEFAULT_TIMEOUT_S = 120.0
 CONNECT_TIMEOUT_S = 5.0
-
-
-class DaemonBusyError(DaemonError):
-    """503 queue_full: the daemon's queue is full; retry after ``retry_after`` seconds."""
-
-
-class DaemonTimeoutError(DaemonError):
-    """No answer within the request's timeout (or the daemon's deadline, 504)."""
-
-    exit_code = RequestError.exit_code
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -271,14 +266,9 @@ class HtrClient:
         timeout: float | None = None,
     ) -> P.TranscribeResponse:
         """One image (multi-page TIFF: one result per page)."""
-        params = {"max_new_tokens": max_new_tokens} if max_new_tokens else None
-        headers = {P.HEADER_REQUEST_ID: request_id} if request_id else None
-        headers = {**(headers or {}), "Content-Type": "application/octet-stream"}
-        resp = self._request(
-            "POST", P.PATH_TRANSCRIBE, content=image, params=params, headers=headers, timeout=timeout
-        )
-        self._raise_for(resp)
-        return P.TranscribeResponse.model_validate_json(resp.content)
+        body = self._post_images(P.PATH_TRANSCRIBE, max_new_tokens, request_id, timeout, content=image,
+                                 headers={"Content-Type": "application/octet-stream"})
+        return P.TranscribeResponse.model_validate_json(body)
 
     def transcribe_batch(
         self,
@@ -290,13 +280,17 @@ class HtrClient:
     ) -> P.BatchResponse:
         """Several images in one request; each item carries its results or its own error."""
         files = [(P.BATCH_PART_NAME, (name, data, "application/octet-stream")) for name, data in images]
+        body = self._post_images(P.PATH_TRANSCRIBE_BATCH, max_new_tokens, request_id, timeout, files=files)
+        return P.BatchResponse.model_validate_json(body)
+
+    def _post_images(self, path: str, max_new_tokens: int | None, request_id: str | None, timeout: float | None,
+                     *, headers: dict[str, str] | None = None, **body: Any) -> bytes:
+        """POST images to a transcription endpoint with its options; the answer's JSON (a refusal raised)."""
         params = {"max_new_tokens": max_new_tokens} if max_new_tokens else None
-        headers = {P.HEADER_REQUEST_ID: request_id} if request_id else None
-        resp = self._request(
-            "POST", P.PATH_TRANSCRIBE_BATCH, files=files, params=params, headers=headers, timeout=timeout
-        )
+        headers = {**({P.HEADER_REQUEST_ID: request_id} if request_id else {}), **(headers or {})}
+        resp = self._request("POST", path, params=params, headers=headers or None, timeout=timeout, **body)
         self._raise_for(resp)
-        return P.BatchResponse.model_validate_json(resp.content)
+        return resp.content
 
     def wait_ready(
         self,
@@ -323,7 +317,7 @@ class HtrClient:
             try:
                 r = self.ready()
                 state = r.state
-                if state == "ready":
+                if state == P.READY:
                     if on_state and last_state != state:
                         on_state(state)
                     return r
@@ -343,7 +337,7 @@ class HtrClient:
             if on_state and state != last_state:
                 on_state(state)
             last_state = state
-            if state == "failed":
+            if state == P.FAILED:
                 raise DaemonNotReadyError(
                     "htrd failed to start (state: failed)",
                     remedy="see its log: journalctl -u htr.service; check: htrctl doctor",
@@ -364,31 +358,18 @@ class HtrClient:
             interval = min(interval * 2, max_interval)
 
 
-def systemd_unit_state(unit: str = "htr.service", *, timeout: float = 5.0) -> dict[str, Any]:
-    """``systemctl show`` of *unit*; ``{"available": False, "reason": ...}`` where systemctl does not work."""
-    import shutil
-    import subprocess
+# What `htrctl status` shows of the unit.
+UNIT_STATE_PROPERTIES = ("LoadState", "ActiveState", "SubState", "MainPID", "NRestarts", "Result", "ExecMainStatus",
+                         "ActiveEnterTimestamp")
 
-    exe = shutil.which("systemctl")
-    if exe is None:
-        return {"unit": unit, "available": False, "reason": "systemctl not found"}
-    props = "LoadState,ActiveState,SubState,MainPID,NRestarts,Result,ExecMainStatus,ActiveEnterTimestamp"
+
+def systemd_unit_state(unit: str = SERVICE, *, timeout: float = 5.0) -> dict[str, Any]:
+    """``systemctl show`` of *unit*; ``{"available": False, "reason": ...}`` where systemctl does not work."""
     try:
-        r = subprocess.run(
-            [exe, "show", "--no-pager", "-p", props, unit],
-            capture_output=True, text=True, timeout=timeout, check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return {"unit": unit, "available": False, "reason": str(exc)}
-    if r.returncode != 0:
-        reason = (r.stderr.strip().splitlines() or [f"systemctl exited {r.returncode}"])[0]
-        return {"unit": unit, "available": False, "reason": reason}
-    out: dict[str, Any] = {"unit": unit, "available": True}
-    for line in r.stdout.splitlines():
-        key, sep, value = line.partition("=")
-        if sep:
-            out[key] = value
-    return out
+        props = systemd.show(unit, UNIT_STATE_PROPERTIES, timeout=timeout)
+    except ServiceError as exc:
+        return {"unit": unit, "available": False, "reason": exc.message}
+    return {"unit": unit, "available": True, **props}
 
 
 class StatusReport:
@@ -409,7 +390,7 @@ class StatusReport:
         }
 
 
-def gather_status(socket_path: str | os.PathLike, *, timeout: float = 10.0, unit: str = "htr.service") -> StatusReport:
+def gather_status(socket_path: str | os.PathLike, *, timeout: float = 10.0, unit: str = SERVICE) -> StatusReport:
     """What ``htrctl status`` shows. A daemon error is kept in ``.error``, not raised."""
     daemon, error = None, None
     with HtrClient(socket_path, timeout=timeout) as client:

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import HtrError
+from .errors import DemoError, HtrError
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +48,18 @@ STOP_TIMEOUT_S = 60.0
 _SUN_PATH_MAX = 100  # sockaddr_un.sun_path is 108 bytes; keep a margin
 
 
-class DemoError(HtrError):
-    """A demo step failed (the message names the step and where its log is)."""
+def _terminate(proc: subprocess.Popen) -> bool:
+    """SIGTERM a running *proc* and wait for its exit; False when it had to be killed after STOP_TIMEOUT_S."""
+    if proc.poll() is not None:
+        return True
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return False
+    return True
 
 
 def default_workdir() -> Path:
@@ -120,7 +130,6 @@ class Demo:
     # -- 2 ---------------------------------------------------------------------------------------
     def provision(self, incoming: Path, base: Path) -> Path:
         from .demo_model import ADAPTER_DIRNAME
-        from .errors import HtrError
         from .provision import provision
 
         t = time.monotonic()
@@ -281,15 +290,9 @@ class Demo:
     # -- 7 ---------------------------------------------------------------------------------------
     def stop(self, proc: subprocess.Popen, log: Path) -> int:
         t = time.monotonic()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                raise DemoError(f"htrd did not stop within {STOP_TIMEOUT_S:g} s of SIGTERM (killed)",
-                                remedy=f"see its log {log}") from None
+        if not _terminate(proc):
+            raise DemoError(f"htrd did not stop within {STOP_TIMEOUT_S:g} s of SIGTERM (killed)",
+                            remedy=f"see its log {log}")
         self.say(f"[7/7] stopped htrd (SIGTERM): exit code {proc.returncode} in {time.monotonic() - t:.1f} s")
         self._step("stop", t, exit_code=proc.returncode)
         if proc.returncode != 0:
@@ -313,13 +316,7 @@ class Demo:
             self.transcribe(sock)
             self.stop(proc, log)
         finally:
-            if proc.poll() is None:  # an error or Ctrl-C above: never leave the child behind
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            _terminate(proc)  # after an error or Ctrl-C above: never leave the child behind
             if self._tmp_sock_dir:
                 shutil.rmtree(self._tmp_sock_dir, ignore_errors=True)
         total = time.monotonic() - self._t0

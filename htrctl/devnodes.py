@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import GpuError
+from .units.render import PREPARE_UNIT
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,6 @@ ENV_DEV = "HTR_TEST_DEV_DIR"
 ENV_PROC = "HTR_TEST_PROC_DIR"
 CTL = "nvidiactl"
 UVM = "nvidia-uvm"
-PREPARE_UNIT = "htr-gpu-prepare.service"
 UVM_REMEDY = (f"load it before htrd starts: `htrctl service install` adds {PREPARE_UNIT}, which htr.service pulls in; "
               "by hand (as root): nvidia-modprobe -u -c 0 (or modprobe nvidia-uvm and create the node), "
               "then systemctl restart the htr unit")

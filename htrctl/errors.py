@@ -15,9 +15,10 @@ code  name                   meaning
 0     OK                     success
 1     FAILURE                a check failed (verify, doctor) / generic error
 2     USAGE                  bad command-line usage (typer/click)
-3     MISSING_EXTRA          an optional dependency group is not installed
+3     NOT_RUNNING            service status: the unit is not running (LSB's and systemctl's 3)
 4     PARTIAL                transcribe: some inputs failed, the rest are done
 5     WARNINGS               doctor: no failures, but warnings
+6     MISSING_EXTRA          an optional dependency group is not installed
 65    MODEL                  model directory missing, incomplete or corrupt
 69    GPU                    the configured GPU is absent or unusable
 73    PROVISION              provisioning/sync failed (nothing was lost)
@@ -30,6 +31,7 @@ code  name                   meaning
 141   PIPE                   stdout's reader went away (``| head``): ends quietly
 ====  =====================  ===============================================
 
+Each code means one thing (:func:`enum.unique` refuses two names for one value).
 An :class:`OSError` that reaches the entry point (a full disk, a directory the
 user may not write, a closed pipe) goes through the same path:
 :func:`from_os_error` turns it into one line with the file, the cause and the
@@ -40,17 +42,19 @@ from __future__ import annotations
 
 import errno
 import re
-from enum import IntEnum
+from enum import IntEnum, unique
 from typing import Any
 
 
+@unique
 class ExitCode(IntEnum):
     OK = 0
     FAILURE = 1
     USAGE = 2
-    MISSING_EXTRA = 3
+    NOT_RUNNING = 3  # `htrctl service status` only: the LSB init-script code for "program is not running"
     PARTIAL = 4
     WARNINGS = 5
+    MISSING_EXTRA = 6
     MODEL = 65
     GPU = 69
     PROVISION = 73
@@ -185,8 +189,18 @@ class DaemonPermissionError(DaemonError):
     exit_code = ExitCode.PERMISSION
 
 
+class DaemonBusyError(DaemonError):
+    """503 queue_full: the daemon's queue is full; retry after ``retry_after`` seconds."""
+
+
 class RequestError(DaemonError):
     """The daemon refused one request (4xx): the message names the cause."""
+
+    exit_code = ExitCode.FAILURE
+
+
+class DaemonTimeoutError(DaemonError):
+    """No answer within the request's timeout (or the daemon's deadline, 504)."""
 
     exit_code = ExitCode.FAILURE
 
@@ -259,6 +273,18 @@ def from_os_error(exc: OSError, *, target: str | None = None) -> HtrError:
 
 class ServiceError(HtrError):
     """Installing or querying the systemd units failed."""
+
+    exit_code = ExitCode.FAILURE
+
+
+class ServicePermissionError(ServiceError):
+    """Installing needs root (writing /etc, creating a user, systemctl)."""
+
+    exit_code = ExitCode.PERMISSION
+
+
+class DemoError(HtrError):
+    """A demo step failed (the message names the step and where its log is)."""
 
     exit_code = ExitCode.FAILURE
 

@@ -37,20 +37,24 @@ BATCH_PART_NAME = "image"
 # The Host header the client sends; any value works over a Unix socket.
 BASE_URL = "http://htr"
 
-State = Literal["starting", "loading", "warming", "ready", "draining", "failed"]
-STATES: tuple[str, ...] = ("starting", "loading", "warming", "ready", "draining", "failed")
+# The daemon's readiness states, in the order a start goes through them (htrd.state holds the transitions).
+STARTING, LOADING, WARMING, READY, DRAINING, FAILED = "starting", "loading", "warming", "ready", "draining", "failed"
+STATES: tuple[str, ...] = (STARTING, LOADING, WARMING, READY, DRAINING, FAILED)
+State = Literal[STATES]  # the same names, as the type the models validate and the schema lists
 
-ErrorType = Literal[
-    "bad_request",  # malformed request (400, 405)
-    "not_found",  # no such endpoint (404)
-    "bad_image",  # not an image, truncated, unsupported mode (415/422)
-    "too_large",  # body or pixel limit exceeded (413)
-    "queue_full",  # backpressure (503 + Retry-After)
-    "not_ready",  # loading / warming / draining / failed (503 + Retry-After)
-    "deadline_exceeded",  # request deadline passed (504)
-    "out_of_memory",  # CUDA OOM for this request; the daemon stays ready (507)
-    "internal",  # a bug (500)
-]
+# The error envelope's types, each with the HTTP status it is answered with.
+ERROR_STATUS: dict[str, int] = {
+    "bad_request": 400,  # malformed request (also 405)
+    "not_found": 404,  # no such endpoint
+    "bad_image": 422,  # not an image, truncated, unsupported mode (also 415)
+    "too_large": 413,  # body or pixel limit exceeded
+    "queue_full": 503,  # backpressure (+ Retry-After)
+    "not_ready": 503,  # starting / loading / warming / draining / failed (+ Retry-After)
+    "deadline_exceeded": 504,  # request deadline passed
+    "out_of_memory": 507,  # CUDA OOM for this request; the daemon stays ready
+    "internal": 500,  # a bug
+}
+ErrorType = Literal[tuple(ERROR_STATUS)]
 
 
 class ErrorBody(BaseModel):

@@ -604,7 +604,7 @@ class Transcriber:
             shown: list[str] = []
 
             def on_state(state: str, _r=r, _shown=shown) -> None:
-                if state != "ready" and wait > 0:
+                if state != P.READY and wait > 0:
                     self._note(f"htrctl: {_r.client.socket_path}: daemon state: {state}; waiting up to "
                                f"{wait:g} s")
                 _shown.append(state)

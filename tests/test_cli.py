@@ -82,3 +82,18 @@ def test_config_show_json_goes_to_stdout(tmp_path):
 def test_usage_error_exit_2():
     r = run_cli("config", "show", "--no-such-flag")
     assert r.returncode == 2
+
+
+def test_every_exit_code_is_documented_once_in_the_readme():
+    import re
+    from pathlib import Path
+
+    from htrctl.errors import ExitCode
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    table = readme.split("\n## Exit codes\n", 1)[1].split("\n## ", 1)[0]
+    documented = [int(m) for m in re.findall(r"^\| (\d+) \|", table, re.M)]
+    assert sorted(documented) == sorted(int(c) for c in ExitCode), documented
+    assert len(set(documented)) == len(documented)
+    # `service status`'s "not running" (LSB, systemctl) is not also the missing-extra code
+    assert ExitCode.NOT_RUNNING == 3 and ExitCode.MISSING_EXTRA != ExitCode.NOT_RUNNING

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from client_standin import StandIn
-from htrctl.client import DaemonBusyError, HtrClient, is_retryable
+from htrctl.client import HtrClient, is_retryable
 from htrctl.errors import (
+    DaemonBusyError,
     DaemonNotReadyError,
     DaemonUnavailableError,
     ExitCode,

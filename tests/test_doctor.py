@@ -487,7 +487,8 @@ def test_service_loading_and_missing_socket(tmp_path, paths, monkeypatch):
     host(tmp_path, INCIDENT, monkeypatch)
     s = settings_for(tmp_path)
     s.socket.group = None
-    rep = run_doctor(s, sections=["service"], paths=paths)
+    rep = run_doctor(s, sections=["daemon"], paths=paths)  # the module's name works as well
+    assert rep.sections == ["service"]
     assert rep.by_id("service.units").severity == WARN
     assert rep.by_id("service.socket").severity == WARN  # nothing installed: not set up yet
     _unit(paths, "ExecStart=/usr/bin/htrd\n")

@@ -109,7 +109,7 @@ def test_wheel_installs_and_deploys_without_the_source_tree(tmp_path, demo_model
     assert set(ran) == {"demo", "service", "config"}
     assert "[7/7]" in ran["demo"].stderr + ran["demo"].stdout
     units = root / "etc/systemd/system"
-    from htrctl.service import PREPARE_SCRIPT, UNITS
+    from htrctl.units.render import PREPARE_SCRIPT, UNITS
 
     assert sorted(p.name for p in units.iterdir()) == sorted(UNITS)
     assert (root / PREPARE_SCRIPT.relative_to("/")).read_text().startswith("#!/bin/sh\n# Rendered by htrctl")

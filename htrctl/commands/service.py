@@ -34,7 +34,7 @@ def install_cmd(
     json_out: bool = typer.Option(False, "--json", help="the result as JSON"),
 ) -> None:
     """Render the units with this installation's paths and install them. Idempotent."""
-    from ..service import install
+    from ..units.installer import install
 
     g = globals_of(ctx)
     res = install(
@@ -65,7 +65,7 @@ def uninstall_cmd(
     json_out: bool = typer.Option(False, "--json", help="the result as JSON"),
 ) -> None:
     """Stop, disable and remove the units. Keeps the config, the state, the model and the user."""
-    from ..service import uninstall
+    from ..units.installer import uninstall
 
     res = uninstall(root=root, unit_dir=unit_dir, dry_run=dry_run)
     if json_out:
@@ -82,7 +82,7 @@ def status_cmd(
     json_out: bool = typer.Option(False, "--json", help="the result as JSON"),
 ) -> None:
     """The service's and the socket's state as systemd sees them (exit 3 when not running)."""
-    from ..service import status
+    from ..units.control import status
 
     st = status(instance=instance, config=globals_of(ctx).config)
     if json_out:
@@ -100,7 +100,7 @@ def status_cmd(
             typer.echo(f"config   {st.config_error}")
         if st.units_current is False:
             typer.echo("units    differ from this installation: run `htrctl service install`")
-    raise typer.Exit(st.exit_code())
+    raise typer.Exit(int(st.exit_code()))
 
 
 @service_app.command("logs")
@@ -111,7 +111,7 @@ def logs_cmd(
     since: Optional[str] = typer.Option(None, "--since", help="e.g. '10 min ago', 'today'"),
 ) -> None:
     """The daemon's and the socket's journal (journalctl -u)."""
-    from ..service import logs
+    from ..units.control import logs
 
     raise typer.Exit(logs(instance=instance, lines=lines, follow=follow, since=since))
 
@@ -122,7 +122,7 @@ def restart_cmd(
     no_block: bool = typer.Option(False, "--no-block", help="return at once instead of waiting for READY"),
 ) -> None:
     """Restart the daemon: in-flight requests finish first; new ones wait on the socket."""
-    from ..service import restart
+    from ..units.control import restart
 
     st = restart(instance=instance, no_block=no_block)
     typer.echo(f"{st.service.get('ActiveState')} ({st.service.get('SubState')})"

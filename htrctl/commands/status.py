@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from ..units.render import SERVICE
 from ._common import emit_json, globals_of
 
 
@@ -77,7 +78,7 @@ def render(report) -> str:
 def status(
     ctx: typer.Context,
     socket: Optional[str] = typer.Option(None, "--socket", "-s", help="daemon socket (default: socket.path)"),
-    unit: str = typer.Option("htr.service", "--unit", help="the systemd unit to report"),
+    unit: str = typer.Option(SERVICE, "--unit", help="the systemd unit to report"),
     json_out: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Show the daemon's state, model and manifest digest, GPU, queue, counters, uptime and the unit's state.

@@ -1,7 +1,7 @@
 """``htrctl doctor``: check the machine before anything loads.
 
 One module per family of checks (``driver``, ``topology``, ``p2p``, ``host``,
-``placement``, ``model``, ``service``); each returns findings (id, severity
+``placement``, ``model``; the section ``service`` is ``daemon.py``); each returns findings (id, severity
 ok/warn/fail, message, remedy, data). :func:`run_doctor` runs the selected
 sections and never raises for a broken host: a check that crashes becomes a
 ``fail`` finding naming it. Nothing here imports torch; the real P2P test runs
@@ -20,7 +20,10 @@ from .render import render_table
 logger = logging.getLogger(__name__)
 
 SECTIONS = ("driver", "topology", "p2p", "host", "placement", "model", "service")
-ALIASES = {"gpus": "driver", "gpu": "driver", "nvml": "driver", "topo": "topology", "peer": "p2p"}
+ALIASES = {"gpus": "driver", "gpu": "driver", "nvml": "driver", "topo": "topology", "peer": "p2p", "daemon": "service"}
+# A section's module, where its name is not the section's: "service" checks the running daemon
+# (its units, socket and answers); htrctl.units installs the units, htrd's state is the daemon's own.
+MODULES = {"service": "daemon"}
 
 
 def normalize_sections(sections: Iterable[str] | None) -> list[str]:
@@ -59,7 +62,7 @@ def run_doctor(settings, *, sections: Iterable[str] | None = None, p2p: bool = T
     for name in names:
         ts = time.monotonic()
         try:
-            mod = importlib.import_module(f"{__name__}.{name}")
+            mod = importlib.import_module(f"{__name__}.{MODULES.get(name, name)}")
             got = mod.check(ctx)
         except Exception as exc:  # a crashing check is a finding, never a traceback
             logger.debug("doctor section %s crashed", name, exc_info=True)

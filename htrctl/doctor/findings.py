@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ExitCode, GpuError
+from ..systemd import BOOTED_MARKER
+from ..units.render import SERVICE, SOCKET, UNIT_DIR
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 SEVERITIES = (OK, WARN, FAIL)
@@ -84,12 +86,11 @@ class DoctorPaths:
     proc_root: Path = Path("/proc")
     dev_root: Path = Path("/dev")
     python_include: Path | None = None  # None: this Python's (sysconfig), where Triton looks for Python.h
-    unit_dirs: tuple[Path, ...] = (Path("/etc/systemd/system"), Path("/usr/lib/systemd/system"),
-                                   Path("/lib/systemd/system"))
-    service_unit: str = "htr.service"
-    socket_unit: str = "htr.socket"
+    unit_dirs: tuple[Path, ...] = (UNIT_DIR, Path("/usr/lib/systemd/system"), Path("/lib/systemd/system"))
+    service_unit: str = SERVICE
+    socket_unit: str = SOCKET
     systemctl: str | None = "systemctl"  # None: do not ask systemd
-    systemd_booted_marker: Path = Path("/run/systemd/system")
+    systemd_booted_marker: Path = BOOTED_MARKER
 
 
 class Context:

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from htrctl import service
+from htrctl import systemd
+from htrctl.config import SYSTEM_CONFIG
+from htrctl.units import control, installer, render
 from htrctl.errors import ServiceError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,7 +24,7 @@ def _ctx(**kw):
     base = dict(htrd=Path("/opt/htr/bin/htrd"), config=Path("/etc/htr/htr.yaml"), model_dir=Path("/srv/models/htr"),
                 supplementary_groups=("video", "render"))
     base.update(kw)
-    return service.UnitContext(**base)
+    return render.UnitContext(**base)
 
 
 def _directives(text: str) -> list[str]:
@@ -30,11 +32,11 @@ def _directives(text: str) -> list[str]:
 
 
 def test_render_fills_every_placeholder_with_this_installation():
-    units = service.render_units(_ctx())
+    units = render.render_units(_ctx())
     assert set(units) == {"htr.service", "htr.socket", "htr@.service", "htr@.socket", "htr-gpu-prepare.service"}
     for name, text in units.items():
         assert not re.search(r"@[A-Z_]+@", text), name
-        assert text.startswith(service.MARKER)
+        assert text.startswith(render.MARKER)
     svc = units["htr.service"]
     assert "ExecStart=/opt/htr/bin/htrd --config /etc/htr/htr.yaml\n" in svc
     assert "ReadOnlyPaths=-/srv/models/htr\n" in svc
@@ -47,7 +49,7 @@ def test_render_fills_every_placeholder_with_this_installation():
 
 
 def test_required_supervision_and_hardening_directives():
-    svc = _directives(service.render_units(_ctx())["htr.service"])
+    svc = _directives(render.render_units(_ctx())["htr.service"])
     for line in ("Type=notify", "NotifyAccess=main", "Restart=on-failure", "RestartPreventExitStatus=65 69 78",
                  "NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes", "PrivateNetwork=yes",
                  "RestrictAddressFamilies=AF_UNIX", "SystemCallFilter=@system-service", "CapabilityBoundingSet=",
@@ -66,7 +68,7 @@ def test_required_supervision_and_hardening_directives():
 
 
 def test_template_unit_keeps_in_step_with_the_single_unit():
-    units = service.render_units(_ctx())
+    units = render.render_units(_ctx())
     one = _directives(units["htr.service"])
     many = _directives(units["htr@.service"])
     # Only these may differ: the description, the socket it needs, the replica's GPU/socket and [Install]'s Also=.
@@ -79,30 +81,30 @@ def test_template_unit_keeps_in_step_with_the_single_unit():
 
 
 def test_python_under_a_home_directory_is_bound_read_only_instead_of_hidden():
-    binds = service.home_binds_for([Path("/root/.pyenv/versions/3.11.7"), Path("/root/.pyenv/versions/3.11.7/lib"),
+    binds = render.home_binds_for([Path("/root/.pyenv/versions/3.11.7"), Path("/root/.pyenv/versions/3.11.7/lib"),
                                     Path("/opt/venv"), Path("/home/alice/models/htr")])
     assert binds == (Path("/home/alice/models/htr"), Path("/root/.pyenv/versions/3.11.7"))
-    text = service.render_units(_ctx(home_binds=binds))["htr.service"]
+    text = render.render_units(_ctx(home_binds=binds))["htr.service"]
     assert "ProtectHome=tmpfs\n" in text
     assert "BindReadOnlyPaths=/home/alice/models/htr /root/.pyenv/versions/3.11.7\n" in text
     assert "ProtectHome=yes" not in text
 
 
 def test_this_environment_is_found():
-    ctx = service.make_context(config=Path("/etc/htr/htr.yaml"), model_dir=Path("/var/lib/htr/model"))
+    ctx = render.make_context(config=Path("/etc/htr/htr.yaml"), model_dir=Path("/var/lib/htr/model"))
     assert ctx.htrd == Path(sys.prefix) / "bin" / "htrd"
-    under_home = [p for p in service.python_paths() if service._under_home(Path(p).resolve())]
+    under_home = [p for p in render.python_paths() if render._under_home(Path(p).resolve())]
     assert bool(ctx.home_binds) == bool(under_home)
 
 
 @pytest.mark.parametrize("bad", ["/srv/my models", "/srv/a;b", 'relative/path'])
 def test_paths_a_unit_cannot_hold_are_refused(bad):
     with pytest.raises(ServiceError, match="path|unit file"):
-        service.render_units(_ctx(model_dir=Path(bad)))
+        render.render_units(_ctx(model_dir=Path(bad)))
 
 
 def test_percent_in_a_path_is_escaped():
-    assert "ReadOnlyPaths=-/srv/100%%/model\n" in service.render_units(_ctx(model_dir=Path("/srv/100%/model")))["htr.service"]
+    assert "ReadOnlyPaths=-/srv/100%%/model\n" in render.render_units(_ctx(model_dir=Path("/srv/100%/model")))["htr.service"]
 
 
 def _snapshot(d: Path) -> dict[str, tuple[int, int]]:
@@ -111,7 +113,7 @@ def _snapshot(d: Path) -> dict[str, tuple[int, int]]:
 
 def test_install_into_a_root_is_idempotent(tmp_path):
     root = tmp_path / "root"
-    first = service.install(root=root)
+    first = installer.install(root=root)
     assert first.changed and first.summary() == "installed"
     units = root / "etc/systemd/system"
     assert sorted(p.name for p in units.iterdir()) == ["htr-gpu-prepare.service", "htr.service", "htr.socket",
@@ -123,7 +125,7 @@ def test_install_into_a_root_is_idempotent(tmp_path):
     assert oct(cfg.stat().st_mode & 0o777) == "0o640"
     before = _snapshot(root)
 
-    again = service.install(root=root)
+    again = installer.install(root=root)
     assert not again.changed
     assert again.summary() == "already installed: nothing changed"
     assert _snapshot(root) == before  # not even rewritten with the same bytes
@@ -131,13 +133,13 @@ def test_install_into_a_root_is_idempotent(tmp_path):
 
 def test_install_keeps_an_edited_config_and_follows_its_model_dir(tmp_path):
     root = tmp_path / "root"
-    service.install(root=root)
+    installer.install(root=root)
     cfg = root / "etc/htr/htr.yaml"
     data = yaml.safe_load(cfg.read_text())
     data["model"]["dir"] = "/srv/models/glagolitic"
     data["limits"]["drain_timeout_s"] = 300.5
     cfg.write_text(yaml.safe_dump(data))
-    res = service.install(root=root)
+    res = installer.install(root=root)
     assert cfg.read_text() == yaml.safe_dump(data)  # never overwritten
     written = {Path(a.target).name for a in res.actions if a.what == "write"}
     assert written == {"htr.service", "htr@.service"}
@@ -148,7 +150,7 @@ def test_install_keeps_an_edited_config_and_follows_its_model_dir(tmp_path):
 
 def test_dry_run_writes_nothing(tmp_path):
     root = tmp_path / "root"
-    res = service.install(root=root, dry_run=True)
+    res = installer.install(root=root, dry_run=True)
     assert not root.exists()
     assert res.summary() == "dry run: nothing written"
     assert all(not a.done for a in res.actions if a.what == "write")
@@ -157,10 +159,10 @@ def test_dry_run_writes_nothing(tmp_path):
 
 def test_paths_under_tmp_are_bound_into_the_private_tmp():
     """A checkout (venv, model) under /tmp stays visible to a PrivateTmp=yes service, read-only."""
-    binds = service.home_binds_for([Path("/tmp/ci/.venv/bin"), Path("/tmp/ci/.venv/bin/../lib"),
+    binds = render.home_binds_for([Path("/tmp/ci/.venv/bin"), Path("/tmp/ci/.venv/bin/../lib"),
                                     Path("/var/tmp/models/htr"), Path("/opt/htr/bin")])
     assert binds == (Path("/tmp/ci/.venv/bin"), Path("/tmp/ci/.venv/lib"), Path("/var/tmp/models/htr"))
-    text = service.render_units(_ctx(home_binds=binds))["htr.service"]
+    text = render.render_units(_ctx(home_binds=binds))["htr.service"]
     assert "ProtectHome=yes\n" in text and "ProtectHome=tmpfs" not in text
     assert "BindReadOnlyPaths=/tmp/ci/.venv/bin /tmp/ci/.venv/lib /var/tmp/models/htr\n" in text
     assert "PrivateTmp=yes" in text
@@ -168,20 +170,20 @@ def test_paths_under_tmp_are_bound_into_the_private_tmp():
 
 def test_install_refuses_a_missing_htrd(tmp_path):
     with pytest.raises(ServiceError, match="htrd not found"):
-        service.install(root=tmp_path, htrd=tmp_path / "nope" / "htrd")
+        installer.install(root=tmp_path, htrd=tmp_path / "nope" / "htrd")
 
 
 def test_live_actions_are_refused_with_root(tmp_path):
     with pytest.raises(ServiceError, match="--root"):
-        service.install(root=tmp_path, start=True)
+        installer.install(root=tmp_path, start=True)
 
 
 def test_uninstall_removes_only_what_htrctl_wrote(tmp_path):
     root = tmp_path / "root"
-    service.install(root=root)
+    installer.install(root=root)
     units = root / "etc/systemd/system"
     (units / "htr@.socket").write_text("[Socket]\nListenStream=/run/mine.sock\n")  # an admin's own file
-    res = service.uninstall(root=root)
+    res = installer.uninstall(root=root)
     assert sorted(p.name for p in units.iterdir()) == ["htr@.socket"]
     assert any(a.what == "keep" and a.target.endswith("htr@.socket") for a in res.actions)
     assert not (root / "usr/local/sbin/htr-gpu-prepare").exists()
@@ -189,7 +191,7 @@ def test_uninstall_removes_only_what_htrctl_wrote(tmp_path):
 
 
 def test_journalctl_argv_names_both_units():
-    argv = service.journalctl_argv(instance="GPU-1", lines=20, follow=True)
+    argv = control.journalctl_argv(instance="GPU-1", lines=20, follow=True)
     assert argv[:2] == ["journalctl", "--no-pager"]
     assert ["-u", "htr@GPU-1.service", "-u", "htr@GPU-1.socket"] == argv[2:6]
     assert argv[-1] == "-f" and "20" in argv
@@ -209,25 +211,25 @@ def test_cli_dry_run_prints_the_units_on_stdout(tmp_path, capsys):
 def test_cli_without_systemd_says_so(tmp_path, capsys, monkeypatch):
     from htrctl.cli import main
 
-    monkeypatch.setattr(service, "systemd_running", lambda: False)
+    monkeypatch.setattr(systemd, "booted", lambda *a: False)
     rc = main(["service", "status"])
     assert rc == 1
     assert "systemd is not running" in capsys.readouterr().err
 
 
 def test_live_install_needs_root(monkeypatch):
-    from htrctl.service import ServicePermissionError
+    from htrctl.errors import ServicePermissionError
 
-    monkeypatch.setattr(service.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(installer.os, "geteuid", lambda: 1000)
     with pytest.raises(ServicePermissionError, match="needs root") as err:
-        service.install()
+        installer.install()
     assert err.value.exit_code == 77
 
 
 def test_live_enable_without_systemd_is_refused(monkeypatch):
-    monkeypatch.setattr(service, "systemd_running", lambda: False)
+    monkeypatch.setattr(systemd, "booted", lambda *a: False)
     with pytest.raises(ServiceError, match="systemd is not running"):
-        service.install(enable=True)
+        installer.install(enable=True)
 
 
 def test_unreadable_model_files_are_reported(tmp_path):
@@ -240,10 +242,10 @@ def test_unreadable_model_files_are_reported(tmp_path):
     secret.write_bytes(b"x")
     secret.chmod(0o600)  # root-owned 0600: what a mkstemp-based copy leaves behind
     nobody = 65534
-    assert service._unreadable([model, ok, secret, model / "final_model"], nobody, nobody) == [secret]
-    acts = service._readability_warnings(tmp_path / "absent.yaml", model, "htr", "htr")
+    assert installer._unreadable([model, ok, secret, model / "final_model"], nobody, nobody) == [secret]
+    acts = installer._readability_warnings(tmp_path / "absent.yaml", model, "htr", "htr")
     assert len(acts) == 1 and acts[0].what == "warn" and "chmod -R a+rX" in acts[0].detail
-    missing = service._readability_warnings(tmp_path / "absent.yaml", tmp_path / "nope", "htr", "htr")
+    missing = installer._readability_warnings(tmp_path / "absent.yaml", tmp_path / "nope", "htr", "htr")
     assert "does not exist" in missing[0].detail
 
 
@@ -251,7 +253,7 @@ def test_unreadable_model_files_are_reported(tmp_path):
 
 
 def test_every_htrd_unit_wants_and_follows_the_gpu_preparing_oneshot():
-    units = service.render_units(_ctx())
+    units = render.render_units(_ctx())
     for name in ("htr.service", "htr@.service"):
         lines = _directives(units[name])
         assert "Wants=htr-gpu-prepare.service" in lines, name
@@ -274,11 +276,11 @@ def test_unit_comments_state_what_was_measured():
 
 def test_install_writes_the_prepare_script_marked_and_idempotent(tmp_path):
     root = tmp_path / "root"
-    service.install(root=root)
+    installer.install(root=root)
     script = (root / "usr/local/sbin/htr-gpu-prepare").read_text()
     first, second = script.splitlines()[:2]
-    assert first == "#!/bin/sh" and second.startswith(service.MARKER)
-    again = service.install(root=root)
+    assert first == "#!/bin/sh" and second.startswith(render.MARKER)
+    again = installer.install(root=root)
     assert any(a.what == "keep" and a.target.endswith("htr-gpu-prepare") for a in again.actions)
 
 
@@ -286,7 +288,7 @@ def test_templates_come_from_the_package_and_are_the_source_files():
     """One source of truth: the packaged data are the top-level systemd/ and configs/htr.yaml (symlinked)."""
     from htrctl import packaged
 
-    for name in (*service.UNITS, service.PREPARE_SCRIPT_TEMPLATE):
+    for name in (*render.UNITS, render.PREPARE_SCRIPT_TEMPLATE):
         assert packaged.unit_template(name) == (REPO / "systemd" / name).read_text()
     assert packaged.config_template() == (REPO / "configs" / "htr.yaml").read_text()
     assert (REPO / "htrctl/data/systemd").resolve() == (REPO / "systemd").resolve()
@@ -306,24 +308,24 @@ def _no_host_changes(monkeypatch):
     def refuse(argv, **kw):
         raise AssertionError(f"ran {argv} on the host")
 
-    monkeypatch.setattr(service, "_run", refuse)
+    monkeypatch.setattr(systemd, "run", refuse)
 
 
 def test_unit_dir_only_writes_the_unit_files(tmp_path, monkeypatch):
     _no_host_changes(monkeypatch)
     units = tmp_path / "units"
     cfg = tmp_path / "etc" / "htr.yaml"  # absent: must stay absent
-    system_cfg_existed = service.SYSTEM_CONFIG.exists()
-    res = service.install(unit_dir=units, config=cfg)
-    assert sorted(p.name for p in units.iterdir()) == sorted(service.UNITS)
+    system_cfg_existed = SYSTEM_CONFIG.exists()
+    res = installer.install(unit_dir=units, config=cfg)
+    assert sorted(p.name for p in units.iterdir()) == sorted(render.UNITS)
     assert not cfg.exists() and not cfg.parent.exists()
-    assert service.SYSTEM_CONFIG.exists() == system_cfg_existed
+    assert SYSTEM_CONFIG.exists() == system_cfg_existed
     assert not any(a.what in ("create-user", "create-group", "daemon-reload") for a in res.actions)
-    assert [a.target for a in res.actions if a.what == "write"] == [str(units / n) for n in service.UNITS]
-    assert any(a.what == "note" and a.target == str(service.PREPARE_SCRIPT) for a in res.actions)  # not on the host
+    assert [a.target for a in res.actions if a.what == "write"] == [str(units / n) for n in render.UNITS]
+    assert any(a.what == "note" and a.target == str(render.PREPARE_SCRIPT) for a in res.actions)  # not on the host
     # without -c either: /etc/htr/htr.yaml is never written
-    res = service.install(unit_dir=tmp_path / "u2")
-    assert service.SYSTEM_CONFIG.exists() == system_cfg_existed
+    res = installer.install(unit_dir=tmp_path / "u2")
+    assert SYSTEM_CONFIG.exists() == system_cfg_existed
     assert not any(a.what == "write" and "htr.yaml" in a.target for a in res.actions)
 
 
@@ -331,7 +333,7 @@ def test_unit_dir_follows_an_existing_config(tmp_path, monkeypatch):
     _no_host_changes(monkeypatch)
     cfg = tmp_path / "htr.yaml"
     cfg.write_text("model:\n  dir: /srv/models/from-c\n")
-    service.install(unit_dir=tmp_path / "units", config=cfg)
+    installer.install(unit_dir=tmp_path / "units", config=cfg)
     unit = (tmp_path / "units" / "htr.service").read_text()
     assert "ReadOnlyPaths=-/srv/models/from-c\n" in unit
     assert f"--config {cfg}\n" in unit
@@ -361,5 +363,16 @@ def test_root_refuses_an_invalid_c_config_before_writing(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("model:\n  colour: blue\n")
     with pytest.raises(ConfigError, match="colour"):
-        service.install(root=tmp_path / "root", config=cfg)
+        installer.install(root=tmp_path / "root", config=cfg)
     assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.parametrize(("service", "socket", "code"), [
+    ("active", "active", 0),  # running
+    ("inactive", "active", 0),  # socket-activated, waiting for its first request
+    ("failed", "active", 3),
+    ("inactive", "inactive", 3),  # stopped, or not installed (LoadState=not-found)
+])
+def test_service_status_exit_code_is_lsb_not_running(service, socket, code):
+    st = control.UnitStatus(service={"ActiveState": service}, socket={"ActiveState": socket}, units_current=None)
+    assert st.exit_code() == code

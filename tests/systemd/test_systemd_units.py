@@ -134,6 +134,14 @@ def test_first_request_starts_the_daemon_through_the_socket(clean_service):
     data = json.loads(svc.stdout)
     assert data["service"]["ActiveState"] == "active" and data["units_current"] is True
     assert "ready" in box.run([str(HTRCTL), "service", "logs", "-n", "50"]).stdout
+    # htrctl status and doctor's service section read the unit through the same systemd queries
+    rep = json.loads(box.run([str(HTRCTL), "status", "--json"], check=False).stdout)
+    assert rep["systemd"]["available"] and rep["systemd"]["ActiveState"] == "active", rep["systemd"]
+    doc = json.loads(box.run([str(HTRCTL), "doctor", "-s", "service", "--json"], check=False).stdout)
+    found = {f["id"]: f for f in doc["findings"]}
+    assert found["service.units"]["severity"] == "ok", found
+    assert found["service.units"]["data"]["active"] == ["active", "active"], found["service.units"]
+    assert found["service.ready"]["severity"] == "ok", found
 
 
 # ---------------------------------------------------------------- a slow start

@@ -1,6 +1,6 @@
-"""Service: units installed/enabled/active (when systemd runs), the socket's owner, group
-and mode, readiness within a timeout, and whether what the daemon reports (model digest,
-GPU UUID, model dir) matches the configuration."""
+"""The section "service": the running daemon as a user meets it -- units installed/enabled/active
+(when systemd runs), the socket's owner, group and mode, readiness within a timeout, and whether
+what the daemon reports (model digest, GPU UUID, model dir) matches the configuration."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import os
 import pwd
 import shutil
 import stat
-import subprocess
 from pathlib import Path
 
+from .. import systemd
+from ..errors import ServiceError
 from .findings import FAIL, OK, WARN, Context, Finding
 from .units import find_unit, read_service_environment
 
@@ -23,14 +24,15 @@ SYSTEMCTL_TIMEOUT_S = 3.0
 
 
 def _systemctl(ctx: Context, *args: str) -> tuple[int, str] | None:
+    """(exit status, output) of systemctl; None where systemd does not run here."""
     exe = ctx.paths.systemctl and shutil.which(ctx.paths.systemctl)
-    if not exe or not ctx.paths.systemd_booted_marker.is_dir():
+    if not exe or not systemd.booted(ctx.paths.systemd_booted_marker):
         return None
     try:
-        p = subprocess.run([exe, *args], capture_output=True, text=True, timeout=SYSTEMCTL_TIMEOUT_S,
-                           stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return (-1, str(exc))
+        p = systemd.systemctl(*args, check=False, timeout=SYSTEMCTL_TIMEOUT_S, exe=exe,
+                              marker=ctx.paths.systemd_booted_marker)
+    except ServiceError as exc:
+        return (-1, exc.message)
     return p.returncode, (p.stdout or p.stderr).strip()
 
 
@@ -159,7 +161,7 @@ def _daemon(ctx: Context, path: Path) -> list[Finding]:
     out = []
     if r.status_code == 200:
         out.append(Finding("service.ready", OK, f"the daemon is ready ({state})", data={"state": state}))
-    elif state in ("starting", "loading", "warming"):
+    elif state in (P.STARTING, P.LOADING, P.WARMING):
         out.append(Finding("service.ready", WARN, f"the daemon is {state} (not ready yet)",
                            remedy="wait; htrctl status --wait", data={"state": state, "http": r.status_code}))
     else:

@@ -48,7 +48,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .generation import Finished, GeneratorBase, Seq
-from .model import DEFAULT_PROMPT, Preprocessor, load_model
+from .model import DEFAULT_PROMPT, Preprocessor, load_model, prompt_layout
 
 logger = logging.getLogger(__name__)
 
@@ -170,8 +170,7 @@ class FastGenerator(GeneratorBase):
         self._fuse_weights()
         self._batch_vision_attention()
         self._ops = _Ops(torch, compile=self.compile)
-        self._prefill_slots = None  # set only while _prefill runs the model: the slots its lines go to
-        self._hook_language_model()
+        self._vision_lengths: list[int] | None = None  # patches per image while a prefill runs (host-known)
         self._step_fn = self._decode_step
 
     @classmethod
@@ -306,19 +305,15 @@ class FastGenerator(GeneratorBase):
         items = [s.prepared for s in seqs]
         batch = self._collate(items)
         P = int(batch["input_ids"].shape[1])
+        layout = prompt_layout(items, device=self.device)
         slots = [heapq.heappop(self._free) for _ in range(n)]
         st = torch.tensor(slots, dtype=torch.long, device=self.device)
-        # HF's forward runs the vision tower, places the image features and computes the M-RoPE positions;
-        # its language model is replaced by _prefill_layers, which writes keys and values into the slots.
-        self._prefill_slots = st
         try:
-            out = self.model(**batch, use_cache=False, logits_to_keep=1)
+            last = self._prompt_forward(batch, layout, st)
         except BaseException:
             for s in slots:
                 heapq.heappush(self._free, s)
             raise
-        finally:
-            self._prefill_slots = None
         self.attend[st] = False
         self.attend[st, :P] = batch["attention_mask"].bool()
         spans = torch.tensor([it.rope_span for it in items], dtype=torch.long)
@@ -330,8 +325,7 @@ class FastGenerator(GeneratorBase):
         lim_min = torch.tensor(min_new, dtype=torch.long, device=self.device)
         self.lim_max[st] = lim_max
         self.lim_min[st] = lim_min
-        logits = out.logits[:, -1].float()
-        del out
+        logits = torch.nn.functional.linear(last, self.lm_head.weight).float()
         logits = torch.where((lim_min > 0)[:, None], logits + self.eos_bias, logits)
         first = torch.argmax(logits, dim=-1)
         self.out[st, 0] = first
@@ -448,40 +442,48 @@ class FastGenerator(GeneratorBase):
         n = 0
         for mod in self.model.model.visual.modules():
             if type(mod).__name__.endswith("VisionAttention") and hasattr(mod, "qkv"):
-                mod.forward = functools.partial(_vision_attention_forward, mod)
+                mod.forward = functools.partial(_vision_attention_forward, self, mod)
                 n += 1
         logger.debug("vision attention batched in %d layers", n)
 
-    def _hook_language_model(self) -> None:
-        """Route the language model's forward to :meth:`_prefill_layers` while a prefill into slots runs.
+    def _prompt_forward(self, batch, layout, slots):
+        """The prompts of a prefill batch through the model; keys and values land in *slots*. Returns the
+        final hidden state (normed) of each line's last position, (n, H).
 
-        Everything else (HF ``generate`` on the uncaptured path, the plain generator's reference runs) gets
-        HF's own forward.
+        HF's vision tower (patches -> image tokens and the deepstack features); everything around it on
+        host-known indices (:func:`htrd.model.prompt_layout`): the image tokens placed by index, M-RoPE
+        positions from the per-grid cache. HF's multimodal forward would wait for the GPU four times per
+        prefill to learn the same (placeholder count, split sizes, rope index, deepstack mask), and its
+        vision attention once per layer; a one-line prefill was bound by those waits, not by the GPU.
         """
-        import functools
+        embeds = self.text.embed_tokens(batch["input_ids"])  # (n, P, H)
+        self._vision_lengths = layout.vision_lengths
+        try:
+            vis = self.model.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+        finally:
+            self._vision_lengths = None
+        if hasattr(vis, "pooler_output"):  # transformers >= 5.2x: a model output
+            image, deepstack = vis.pooler_output, vis.deepstack_features
+        else:  # earlier: (merged image tokens, deepstack features)
+            image, deepstack = vis[0], vis[1]
+        H = embeds.shape[-1]
+        embeds.view(-1, H).index_copy_(0, layout.image_index, image.to(embeds.dtype))
+        return self._prefill_layers(embeds, batch["attention_mask"], layout.position_ids, layout.image_index,
+                                    deepstack, slots)[:, -1]
 
-        self.text.forward = functools.partial(_text_forward, self, self.text.forward)
-
-    def _prefill_layers(self, h, attention_mask, position_ids, visual_pos_masks, deepstack):
+    def _prefill_layers(self, h, attention_mask, position_ids, vis, deepstack, st):
         """The language model over a left-padded prompt batch, keys and values written straight into the
-        slots ``self._prefill_slots``: the decode step's fused weights and ops over every prompt token
-        (one GEMM for q/k/v, one for gate/up, fused norms), instead of HF's module-by-module forward and
-        a cache copied afterwards. Returns the final norm of each line's last position."""
-        from transformers.modeling_outputs import BaseModelOutputWithPast
-
+        slots *st*: the decode step's fused weights and ops over every prompt token (one GEMM for q/k/v,
+        one for gate/up, fused norms), no cache copied afterwards. *vis*: flat positions of the image
+        tokens, where the vision tower's *deepstack* features join the first layers. Returns the final
+        norm of every position, (n, P, H)."""
         torch = self.torch
         F = torch.nn.functional
         ops = self._ops
         n, P, H = h.shape
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         dev = h.device
-        if position_ids is None:
-            position_ids = torch.arange(P, device=dev).view(1, 1, P).expand(3, n, P)
-        elif position_ids.ndim == 2:
-            position_ids = position_ids[None].expand(3, -1, -1)
-        elif position_ids.shape[0] == 4:  # text positions first, then temporal, height, width
-            position_ids = position_ids[1:]
-        cos, sin = self.text.rotary_emb(h, position_ids)  # (n, P, hd)
+        cos, sin = self.text.rotary_emb(h, position_ids)  # (n, P, hd); position_ids (3, n, P)
         cos, sin = cos.reshape(n * P, 1, hd), sin.reshape(n * P, 1, hd)
         # Causal over real tokens; a padding query sees itself (no all-masked row: no NaN in its values).
         allowed = torch.ones((P, P), dtype=torch.bool, device=dev).tril()[None]
@@ -490,10 +492,6 @@ class FastGenerator(GeneratorBase):
         allowed = allowed | torch.eye(P, dtype=torch.bool, device=dev)[None]
         bias = torch.zeros((allowed.shape[0], 1, P, P), dtype=h.dtype, device=dev).masked_fill_(
             ~allowed[:, None], float("-inf"))
-        vis = None
-        if deepstack and visual_pos_masks is not None:
-            vis = visual_pos_masks.to(dev).reshape(-1).nonzero().squeeze(1)
-        st = self._prefill_slots
         g = nh // nkv
         x = ops.prefill_rms(h, self.layers[0].input_layernorm.weight, self.eps)
         for li, layer in enumerate(self.layers):
@@ -512,13 +510,13 @@ class FastGenerator(GeneratorBase):
             h, x = ops.prefill_add_rms(h, F.linear(o, att.o_proj.weight), layer.post_attention_layernorm.weight, self.eps)
             d = F.linear(ops.prefill_silu_mul(F.linear(x, self._gu_w[li])), layer.mlp.down_proj.weight)
             nxt_w = self.layers[li + 1].input_layernorm.weight if li + 1 < len(self.layers) else self.text.norm.weight
-            if vis is not None and li < len(deepstack):  # deepstack: the vision tower's layer features join here
+            if li < len(deepstack):  # deepstack: the vision tower's layer features join here
                 h = h + d
                 h.view(n * P, H).index_add_(0, vis, deepstack[li].to(h.device, h.dtype))
                 x = ops.prefill_rms(h, nxt_w, self.eps)
             else:
                 h, x = ops.prefill_add_rms(h, d, nxt_w, self.eps)
-        return BaseModelOutputWithPast(last_hidden_state=x[:, -1:])
+        return x
 
     def _decode_step(self, B: int, L: int) -> None:
         """One greedy token for slots [:B], attending over cache positions [:L]. Only touches fixed buffers."""
@@ -651,17 +649,6 @@ class FastGenerator(GeneratorBase):
                 "prompt_tokens": prep.prompt_len}
 
 
-def _text_forward(gen: FastGenerator, hf_forward, input_ids=None, attention_mask=None, position_ids=None,
-                  inputs_embeds=None, visual_pos_masks=None, deepstack_visual_embeds=None, **kwargs):
-    """The language model's forward: :meth:`FastGenerator._prefill_layers` during a prefill into slots, HF's
-    own otherwise."""
-    if gen._prefill_slots is None or inputs_embeds is None:
-        return hf_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          inputs_embeds=inputs_embeds, visual_pos_masks=visual_pos_masks,
-                          deepstack_visual_embeds=deepstack_visual_embeds, **kwargs)
-    return gen._prefill_layers(inputs_embeds, attention_mask, position_ids, visual_pos_masks, deepstack_visual_embeds)
-
-
 def _rms(x, w, eps: float):
     """Qwen3's RMSNorm, as HF computes it (fp32 statistics, weight applied in the input dtype)."""
     import torch
@@ -703,8 +690,11 @@ def _silu_mul(gu):
     return torch.nn.functional.silu(g) * u
 
 
-def _vision_attention_forward(mod, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):
-    """Qwen3-VL vision attention (HF's non-flash path) with equal-length images batched."""
+def _vision_attention_forward(gen, mod, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None,
+                              **kwargs):
+    """Qwen3-VL vision attention (HF's non-flash path) with equal-length images batched. The images' patch
+    counts come from the host during a prefill (``gen._vision_lengths``), else from *cu_seqlens* (a wait
+    for the GPU in every layer)."""
     import torch
     from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
 
@@ -714,7 +704,9 @@ def _vision_attention_forward(mod, hidden_states, cu_seqlens, position_embedding
     cos, sin = position_embeddings
     q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)  # (n_tok, heads, d)
     d = q.shape[-1]
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    lengths = gen._vision_lengths
+    if lengths is None:
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     outs = []
     start = i = 0
     while i < len(lengths):

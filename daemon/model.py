@@ -256,6 +256,8 @@ class Prepared:
     image_grid_thw: Any  # LongTensor (1, 3)
     rope_span: int  # max M-RoPE position + 1 over the prompt
     preprocess_ms: float = 0.0
+    positions: Any = None  # LongTensor (3, S): the prompt's M-RoPE positions (temporal, height, width)
+    image_positions: Any = None  # LongTensor (k,): where the image's k tokens are in input_ids
 
     @property
     def prompt_len(self) -> int:
@@ -282,13 +284,17 @@ class Preprocessor:
         cfg = model.config
         self.image_token_id = int(cfg.image_token_id)
         self.merge = int(cfg.vision_config.spatial_merge_size)
+        inner = model  # the multimodal model under ForConditionalGeneration (and PEFT's wrappers)
+        while not hasattr(inner, "get_rope_index") and hasattr(inner, "model"):
+            inner = inner.model
+        self._rope_index = inner.get_rope_index  # HF's own M-RoPE positions; pure index math
         self.eos_ids, self.pad_id = special_ids(model, self.tokenizer)
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         self.chat_text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         self._one_cpu_thread = one_cpu_thread
         self._tls = threading.local()
         self._lock = threading.Lock()  # the tokenizer (grid-cache misses only)
-        self._ids: dict[tuple[int, ...], tuple[Any, Any, int]] = {}
+        self._ids: dict[tuple[int, ...], tuple[Any, Any, int, Any, Any]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -305,10 +311,11 @@ class Preprocessor:
             cached = self._tokenise(image, key)
         else:
             self.hits += 1
-        input_ids, mm, span = cached
+        input_ids, mm, span, positions, image_positions = cached
         return Prepared(input_ids=input_ids, mm_token_type_ids=mm,
                         pixel_values=px["pixel_values"].to(self.dtype),  # the vision tower casts to it anyway
-                        image_grid_thw=grid, rope_span=span, preprocess_ms=(time.perf_counter() - t0) * 1000.0)
+                        image_grid_thw=grid, rope_span=span, preprocess_ms=(time.perf_counter() - t0) * 1000.0,
+                        positions=positions, image_positions=image_positions)
 
     def encode_full(self, image) -> dict[str, Any]:
         """The processor's own encoding of *image* with the prompt (the reference :meth:`prepare` matches)."""
@@ -320,16 +327,28 @@ class Preprocessor:
         input_ids = enc["input_ids"][0]
         mm = enc.get("mm_token_type_ids")
         mm = None if mm is None else mm[0]
-        n_img = int((input_ids == self.image_token_id).sum())
+        image_positions = (input_ids == self.image_token_id).nonzero().squeeze(1)
         _, h, w = key[:3]
-        span = int(input_ids.shape[0]) - n_img + max(h, w) // self.merge
-        value = (input_ids, mm, span)
+        span = int(input_ids.shape[0]) - int(image_positions.numel()) + max(h, w) // self.merge
+        value = (input_ids, mm, span, self._positions(input_ids, mm, key), image_positions)
         with self._lock:
             self.misses += 1
             if len(self._ids) >= PROMPT_CACHE_SIZE:
                 self._ids.clear()
             self._ids[key] = value
         return value
+
+    def _positions(self, input_ids, mm, key: tuple[int, ...]):
+        """The prompt's M-RoPE positions (3, S), from HF's own get_rope_index, on the CPU, once per grid."""
+        torch = self.torch
+        grid = torch.tensor([key[:3]], dtype=torch.long)
+        ids = input_ids[None]
+        try:  # transformers >= 5.2x: token types say where the image is
+            pos, _ = self._rope_index(input_ids=ids, mm_token_type_ids=None if mm is None else mm[None],
+                                      image_grid_thw=grid)
+        except TypeError:  # earlier 5.x: found from the image token id
+            pos, _ = self._rope_index(input_ids=ids, image_grid_thw=grid)
+        return pos[:, 0].clone()
 
     def decode(self, ids) -> str:
         """Text of generated ids (EOS and ids beyond the tokenizer -- random weights -- carry none)."""
@@ -384,6 +403,33 @@ def collate(items, *, pad_id: int, device, dtype) -> dict[str, Any]:
     if has_mm:
         batch["mm_token_type_ids"] = mm.to(device, non_blocking=True)
     return batch
+
+
+@dataclass
+class PromptLayout:
+    """What a prefill needs beyond the collated tensors, built on the host so that the forward never waits
+    for the GPU to learn it: M-RoPE positions, where the image tokens sit, each image's patch count."""
+
+    position_ids: Any  # LongTensor (3, B, P) on the device; 0 at left padding
+    image_index: Any  # LongTensor (k,) on the device: flat (B * P) positions of every image token, in order
+    vision_lengths: list[int]  # patches per image (frame), in order: the vision tower's attention blocks
+
+
+def prompt_layout(items, *, device) -> PromptLayout:
+    """The :class:`PromptLayout` of :func:`collate`'s left-padded batch of *items*."""
+    import torch
+
+    P = max(it.prompt_len for it in items)
+    pos = torch.zeros((3, len(items), P), dtype=torch.long)
+    index, lengths = [], []
+    for i, it in enumerate(items):
+        off = P - it.prompt_len
+        pos[:, i, off:] = it.positions
+        index.append(it.image_positions + (i * P + off))
+        for t, h, w in it.image_grid_thw.tolist():
+            lengths += [h * w] * t
+    return PromptLayout(position_ids=pos.to(device, non_blocking=True),
+                        image_index=torch.cat(index).to(device, non_blocking=True), vision_lengths=lengths)
 
 
 def warmup_image():

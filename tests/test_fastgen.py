@@ -304,6 +304,28 @@ def test_preprocessing_equals_the_processor_and_caches_the_prompt_per_grid(fast)
     assert pre.hits > hits0  # the second 1200x160 line reused the first one's prompt ids
 
 
+def test_prompt_layout_equals_hf_positions_and_image_placement(fast):
+    """The host-built prefill layout of a left-padded batch: M-RoPE positions equal HF's get_rope_index over
+    the same padded batch (at every real token), the image index points at exactly the image tokens, and
+    the vision lengths are the images' patch counts."""
+    from htrd.model import collate, prompt_layout
+
+    preps = [fast.prepare(im) for im in IMAGES]
+    assert len({p.prompt_len for p in preps}) > 1
+    batch = collate(preps, pad_id=fast.pad_id, device="cpu", dtype=torch.float32)
+    layout = prompt_layout(preps, device="cpu")
+    kw = {"mm_token_type_ids": batch["mm_token_type_ids"]} if "mm_token_type_ids" in batch else {}
+    want, _ = fast.pre._rope_index(input_ids=batch["input_ids"], image_grid_thw=batch["image_grid_thw"],
+                                   attention_mask=batch["attention_mask"], **kw)
+    real = batch["attention_mask"].bool()
+    for axis in range(3):
+        assert torch.equal(layout.position_ids[axis][real], want[axis][real])
+    image_token = fast.model.config.image_token_id
+    assert torch.equal(layout.image_index, (batch["input_ids"].reshape(-1) == image_token).nonzero().squeeze(1))
+    assert layout.vision_lengths == [int(p.image_grid_thw[0, 1] * p.image_grid_thw[0, 2]) for p in preps]
+    assert [int(p.positions.max()) + 1 for p in preps] == [p.rope_span for p in preps]
+
+
 def test_plain_generator_gives_the_same_tokens(naive, demo_model_dir):
     """The reference path (static_cache: false): HF generate on the unmerged PeftModel, through the same contract."""
     from htrd.plaingen import PlainGenerator

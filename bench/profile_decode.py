@@ -27,6 +27,7 @@ def main() -> int:
     ap.add_argument("--span", type=int, default=512)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--kernels", type=int, default=14, help="rows of the kernel table")
+    ap.add_argument("--prefill-only", action="store_true", help="only the prefill comparison (HF forward vs ours)")
     ap.add_argument("--new-shapes", action="store_true",
                     help="only: first vs second prefill of line images of widths not seen before, with cuDNN's "
                          "attention allowed and not (a new shape's first prefill builds kernels/plans)")
@@ -88,7 +89,7 @@ def main() -> int:
     gbytes = weights * 2 / 1e9
     print(f"GPU: {torch.cuda.get_device_name(dev)}; matmul weights per step {gbytes:.2f} GB; span {L}", flush=True)
     with torch.inference_mode():
-        for B in batches:
+        for B in ([] if args.prefill_only else batches):
             step = fast._capture(B, L)
             t_step = per_replay_ms(step.graph)
             t_mm = per_replay_ms(graph_of(matmuls_only(B)))

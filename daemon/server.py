@@ -1,4 +1,4 @@
-"""The HTTP API (FastAPI), built around an injected :class:`~htrd.service.Service`.
+"""The HTTP API (FastAPI), built around an injected :class:`~htrd.runtime.Daemon`.
 
 Endpoints and models come from :mod:`htrctl.protocol`. Every error -- ours,
 404/405 and request validation included -- is the envelope
@@ -40,7 +40,7 @@ from htrctl import protocol as P
 from .api_errors import ApiError
 from .budget import PixelBudget, resolve_limits
 from .images import ImageHeader, iter_pages, read_header
-from .service import Service
+from .runtime import Daemon
 from .state import READY
 
 logger = logging.getLogger(__name__)
@@ -149,9 +149,9 @@ def peercred_protocol(header_timeout_s: float) -> type[PeerCredH11Protocol]:
 class RequestContext:
     """ASGI middleware: request id (``X-Request-Id`` in and out), one log line, request metrics."""
 
-    def __init__(self, app, service: Service) -> None:
+    def __init__(self, app, daemon: Daemon) -> None:
         self.app = app
-        self.service = service
+        self.daemon = daemon
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -181,7 +181,7 @@ class RequestContext:
             elapsed = time.perf_counter() - t0
             path = scope.get("path", "")
             endpoint = path if path in _KNOWN else "other"
-            m = self.service.metrics
+            m = self.daemon.metrics
             m.requests.labels(endpoint, str(status["code"])).inc()
             m.request_seconds.labels(endpoint).observe(elapsed)
             peer = scope.get(PEER_KEY)
@@ -225,34 +225,34 @@ async def _read_body(request: Request, limit: int, timeout: float | None = None)
     return bytes(buf)
 
 
-def create_app(service: Service) -> FastAPI:
-    """The FastAPI app for *service* (metrics registry, state and engine are the service's)."""
-    settings = service.settings
+def create_app(daemon: Daemon) -> FastAPI:
+    """The FastAPI app for *daemon* (metrics registry, state and engine are the daemon's)."""
+    settings = daemon.settings
     limits = settings.limits
-    engine = service.engine
-    state = service.state
+    engine = daemon.engine
+    state = daemon.state
 
     app = FastAPI(
         title="htrd",
-        version=service.version,
+        version=daemon.version,
         description="Handwritten-text recognition (Qwen3-VL + LoRA) on one GPU, over a Unix socket.",
         docs_url=None,
         redoc_url=None,
         openapi_url=P.PATH_OPENAPI,
     )
-    app.state.service = service
+    app.state.daemon = daemon
     pixel_limits = resolve_limits(limits)
-    budget = PixelBudget(pixel_limits.in_flight_pixels, on_change=service.metrics.pixels_in_flight.set)
+    budget = PixelBudget(pixel_limits.in_flight_pixels, on_change=daemon.metrics.pixels_in_flight.set)
     for scope, value in (("image", pixel_limits.image_pixels), ("request", pixel_limits.request_pixels),
                          ("in_flight", pixel_limits.in_flight_pixels)):
-        service.metrics.pixel_limit.labels(scope).set(value)
+        daemon.metrics.pixel_limit.labels(scope).set(value)
     app.state.pixel_budget = budget
     logger.info("%s", pixel_limits.describe())
 
     # -- error envelope for everything ---------------------------------------------------------------------
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        service.metrics.errors.labels(exc.type).inc()
+        daemon.metrics.errors.labels(exc.type).inc()
         if exc.status >= 500 or exc.type in ("queue_full", "not_ready"):
             logger.warning("request id=%s failed: %s: %s", request.state.request_id, exc.type, exc.message)
         else:
@@ -265,7 +265,7 @@ def create_app(service: Service) -> FastAPI:
         the request's own log line says which (RequestContext), a counter by kind. The response goes nowhere."""
         protocol = bool(request.scope.get(PROTOCOL_ERROR_KEY))
         kind = "protocol_error" if protocol else "disconnect"
-        service.metrics.client_errors.labels(kind).inc()
+        daemon.metrics.client_errors.labels(kind).inc()
         what = "HTTP protocol error, answered 400 by the server" if protocol else "client disconnected"
         note = request.scope.get(NOTE_KEY)
         request.scope[NOTE_KEY] = what + (f" {note}" if note else "")
@@ -320,16 +320,16 @@ def create_app(service: Service) -> FastAPI:
     async def status() -> P.StatusResponse:
         st, detail = state.snapshot()
         mem = engine.memory()
-        gpu = service.gpu
+        gpu = daemon.gpu
         return P.StatusResponse(
-            version=service.version,
+            version=daemon.version,
             state=st,
             detail=detail,
-            pid=service.pid,
+            pid=daemon.pid,
             uptime_s=round(state.uptime(), 3),
             model_dir=str(settings.model.dir),
             model_variant=engine.variant,
-            manifest_digest=service.manifest_digest,
+            manifest_digest=daemon.manifest_digest,
             gpu=P.GpuInfo(
                 device=engine.device,
                 uuid=getattr(gpu, "uuid", None),
@@ -348,7 +348,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get(P.PATH_METRICS, summary="Prometheus metrics", response_class=Response)
     async def metrics() -> Response:
-        m = service.metrics
+        m = daemon.metrics
         m.queue_depth.set(engine.queue_depth())
         m.queue_capacity.set(engine.capacity)
         m.in_flight.set(state.in_flight)
@@ -469,7 +469,7 @@ def create_app(service: Service) -> FastAPI:
             for o in outcomes:
                 if isinstance(o, BaseException):
                     raise o
-            return P.TranscribeResponse(request_id=rid, model_digest=service.manifest_digest, results=outcomes)
+            return P.TranscribeResponse(request_id=rid, model_digest=daemon.manifest_digest, results=outcomes)
 
     @app.post(P.PATH_TRANSCRIBE_BATCH, response_model=P.BatchResponse, responses=_ERRORS,
               openapi_extra={"requestBody": _BATCH_BODY},
@@ -491,7 +491,7 @@ def create_app(service: Service) -> FastAPI:
             total_pages = 0
 
             def item_error(item: P.BatchItem, err: ApiError) -> None:
-                service.metrics.errors.labels(err.type).inc()
+                daemon.metrics.errors.labels(err.type).inc()
                 item.error, item.results = err.body(), None
 
             # Every part's header first: what the request asks for is known before a pixel is decoded.
@@ -538,7 +538,7 @@ def create_app(service: Service) -> FastAPI:
                         item = items_out[idx]
                         if isinstance(outcome, ApiError):
                             if item.error is None:
-                                service.metrics.errors.labels(outcome.type).inc()
+                                daemon.metrics.errors.labels(outcome.type).inc()
                                 item.error = outcome.body()
                                 item.results = None
                         elif isinstance(outcome, BaseException):
@@ -547,9 +547,9 @@ def create_app(service: Service) -> FastAPI:
                             item.results = (item.results or []) + [outcome]
             if any(i.error for i in items_out):
                 state.count(errors=1)
-            return P.BatchResponse(request_id=rid, model_digest=service.manifest_digest, items=items_out)
+            return P.BatchResponse(request_id=rid, model_digest=daemon.manifest_digest, items=items_out)
 
-    app.add_middleware(RequestContext, service=service)
+    app.add_middleware(RequestContext, daemon=daemon)
     return app
 
 

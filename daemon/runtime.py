@@ -1,4 +1,7 @@
-"""The service object: everything one running htrd owns, built in ``main()`` and injected."""
+"""The daemon object: everything one running htrd owns, built in ``main()`` and injected.
+
+(Named apart from "service", which in this project means the systemd units and doctor's checks of them.)
+"""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from .state import ServiceState
 
 
 @dataclass
-class Service:
+class Daemon:
     settings: Any  # htrctl.config.Settings
     state: ServiceState
     metrics: Metrics

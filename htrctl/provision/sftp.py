@@ -32,8 +32,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from .atomicfile import write_atomic
-from .errors import ProvisionError
+from ..atomicfile import write_atomic
+from ..errors import ProvisionError
 
 logger = logging.getLogger(__name__)
 
@@ -334,7 +334,7 @@ def fetch_tree(client: SftpClient, root: str, tree: Path, dest: Path | None, *, 
     Returns ``{"bytes": fetched, "hashes": {rel: sha256 of fetched files}, "resumed": [rel],
     "linked": [rel], "files": {rel: {"size", "mtime"}}}``.
     """
-    from .manifest import unsafe_relpath
+    from ..manifest import unsafe_relpath
 
     root = remote_path(root)
     files = {r: a for r, a in client.walk(root).items() if r not in exclude}

@@ -25,7 +25,7 @@ What happens, in order:
    manifest recorded, nothing is done (a no-op costs a ``stat`` per file).
 
 A ``host:path`` SOURCE (or ``--base``) without rsync on the remote -- Windows' OpenSSH
-server, ``internal-sftp`` accounts -- is pulled over SFTP (:mod:`htrctl.sftp`, with
+server, ``internal-sftp`` accounts -- is pulled over SFTP (:mod:`htrctl.provision.sftp`, with
 ``transport="sftp"``, or ``"auto"`` when ``command -v rsync`` finds nothing there):
 into the same staging tree, resumable by offset, hashed on arrival and checked
 against the source's manifest when it has one; then the same manifest and swap.
@@ -57,9 +57,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import IncompatibleAdapterError, InterruptedRunError, LockedError, ModelMissingError, ProvisionError
-from .atomicfile import fsync_dir
-from .manifest import (
+from ..errors import IncompatibleAdapterError, InterruptedRunError, LockedError, ModelMissingError, ProvisionError
+from ..atomicfile import fsync_dir
+from ..manifest import (
     CHUNK,
     MANIFEST_NAME,
     FileEntry,
@@ -72,8 +72,8 @@ from .manifest import (
     walk_files,
     write_manifest,
 )
-from .modeldir import ADAPTER_DIRNAME, MERGED_DIRNAME
-from .verify import (
+from ..modeldir import ADAPTER_DIRNAME, MERGED_DIRNAME
+from ..verify import (
     ERROR,
     HeaderError,
     check_adapter_pair,
@@ -1013,7 +1013,7 @@ def _do_merge(tree: Path, manifest: Manifest, old: Manifest | None, dest: Path, 
               progress: bool) -> None:
     if manifest.adapter is None:
         raise ProvisionError("--merge needs a LoRA adapter in final_model/", remedy="drop --merge")
-    from .merge import merge_adapter
+    from ..merge import merge_adapter
 
     variant = merge_adapter(tree, progress=progress)
     rels, _ = walk_files(tree / MERGED_DIRNAME)
@@ -1144,7 +1144,7 @@ def pick_transport(src: Remote, transport: str, ssh: str | None) -> str:
 
 def _fetch_sftp(src: Remote, tree: Path, dest: Path | None, journal: Path, *, ssh: str | None,
                 progress: bool) -> dict[str, Any]:
-    """Pull a remote SOURCE over SFTP into the staging tree (htrctl.sftp): resumable, hashed on arrival,
+    """Pull a remote SOURCE over SFTP into the staging tree (htrctl.provision.sftp): resumable, hashed on arrival,
     checked against the source's own manifest when it has one."""
     from .sftp import SftpClient, fetch_tree, read_remote_manifest, remote_path
 

@@ -94,10 +94,11 @@ def run(args: argparse.Namespace, *, journald: bool = False) -> int:
     require("prometheus_client", "daemon", "htrd")
     import uvicorn
 
+    from .api import create_app
     from .engine import Engine
     from .metrics import Metrics
-    from .server import create_app, peercred_protocol
     from .runtime import Daemon
+    from .server import peercred_protocol
     from .state import LOADING, READY, WARMING, ServiceState
     from .supervisor import Supervisor
 

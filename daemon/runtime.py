@@ -11,6 +11,7 @@ from typing import Any
 
 from htrctl import __version__
 
+from .budget import PixelBudget, PixelLimits, resolve_limits
 from .engine import Engine
 from .faults import Faults
 from .metrics import Metrics
@@ -28,3 +29,14 @@ class Daemon:
     manifest_digest: str | None = None
     version: str = __version__
     pid: int = field(default_factory=os.getpid)
+    # What decoded images may hold (htrd.budget): per image, per request, and the daemon-wide budget in flight.
+    pixel_limits: PixelLimits = field(init=False)
+    pixel_budget: PixelBudget = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pixel_limits = resolve_limits(self.settings.limits)
+        self.pixel_budget = PixelBudget(self.pixel_limits.in_flight_pixels,
+                                        on_change=self.metrics.pixels_in_flight.set)
+        for scope, value in (("image", self.pixel_limits.image_pixels), ("request", self.pixel_limits.request_pixels),
+                             ("in_flight", self.pixel_limits.in_flight_pixels)):
+            self.metrics.pixel_limit.labels(scope).set(value)

@@ -49,11 +49,9 @@ router = APIRouter()
              openapi_extra={"requestBody": _IMAGE_BODY},
              summary="transcribe one image (the raw body); a multi-page TIFF gives one result per page")
 async def transcribe(request: Request, daemon: DaemonDep, max_new_tokens: int | None = None) -> P.TranscribeResponse:
-    rid = request.state.request_id
-    limits, engine = daemon.settings.limits, daemon.engine
-    with accounted(daemon) as deadline:
-        new_tokens = max_new(daemon, max_new_tokens)
-        data = await read_body(request, limits.max_body_bytes, limits.read_timeout_s)
+    rid, engine = request.state.request_id, daemon.engine
+    with accounted(daemon, max_new_tokens) as (deadline, new_tokens):
+        data = await read_body(request, daemon.settings.limits)
         header = (await anyio.to_thread.run_sync(read_headers, daemon, [data]))[0]
         if isinstance(header, ApiError):
             raise header
@@ -72,15 +70,13 @@ async def transcribe(request: Request, daemon: DaemonDep, max_new_tokens: int | 
              openapi_extra={"requestBody": _BATCH_BODY},
              summary="transcribe many images (multipart parts named 'image'), e.g. the lines of a page")
 async def transcribe_batch(request: Request, daemon: DaemonDep, max_new_tokens: int | None = None) -> P.BatchResponse:
-    rid = request.state.request_id
-    limits, engine = daemon.settings.limits, daemon.engine
-    with accounted(daemon) as deadline:
-        new_tokens = max_new(daemon, max_new_tokens)
+    rid, engine, limits = request.state.request_id, daemon.engine, daemon.settings.limits
+    with accounted(daemon, max_new_tokens) as (deadline, new_tokens):
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("multipart/form-data"):
             raise ApiError("bad_request", f"send multipart/form-data with parts named '{P.BATCH_PART_NAME}' "
                            f"(got content-type {ctype or 'none'})", status=415)
-        data = await read_body(request, limits.max_body_bytes, limits.read_timeout_s)
+        data = await read_body(request, limits)
         parts = await parse_multipart(request, data, limits.max_images_per_request, limits.max_body_bytes)
         del data
         max_pages = limits.max_images_per_request
@@ -148,9 +144,9 @@ async def transcribe_batch(request: Request, daemon: DaemonDep, max_new_tokens: 
 
 # -- admission ------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def accounted(daemon: Daemon):
+def accounted(daemon: Daemon, max_new_tokens: int | None):
     """One transcription request: admitted only when ready, counted, its errors counted, always ended.
-    Yields the request's deadline (monotonic)."""
+    Yields the request's deadline (monotonic) and how many tokens it may generate."""
     state = daemon.state
     if not state.try_begin_request():
         st, detail = state.snapshot()
@@ -158,7 +154,7 @@ def accounted(daemon: Daemon):
                        detail={"state": st}, retry_after=1 if st != "draining" else 5)
     try:
         state.count(requests=1)
-        yield time.monotonic() + daemon.settings.limits.request_deadline_s
+        yield time.monotonic() + daemon.settings.limits.request_deadline_s, max_new(daemon, max_new_tokens)
     except ApiError as err:
         state.count(errors=1, deadline_exceeded=int(err.type == "deadline_exceeded"))
         raise
@@ -243,9 +239,11 @@ async def wait(daemon: Daemon, items, deadline: float):
 
 
 # -- the body -------------------------------------------------------------------------------------------------
-async def read_body(request: Request, limit: int, timeout: float | None = None) -> bytes:
-    """The body, refused with 413 as soon as it exceeds *limit* (never buffered beyond it), and with 408
-    when it has not fully arrived within *timeout* seconds (a trickling client must not hold the request)."""
+async def read_body(request: Request, limits) -> bytes:
+    """The body, refused with 413 as soon as it exceeds ``limits.max_body_bytes`` (never buffered beyond it),
+    and with 408 when it has not fully arrived within ``limits.read_timeout_s`` (a trickling client must not
+    hold the request)."""
+    limit, timeout = limits.max_body_bytes, limits.read_timeout_s
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise ApiError("too_large", f"the request body is {int(declared)} bytes; limits.max_body_bytes is {limit}",

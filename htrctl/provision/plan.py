@@ -20,7 +20,7 @@ from ..modeldir import ADAPTER_DIRNAME
 from ..verify import (
     ERROR,
     HeaderError,
-    check_adapter_pair,
+    inspect_adapter,
     load_weight_set,
     read_config,
     read_safetensors_header,
@@ -226,8 +226,7 @@ def _check_pair(files: dict[str, Path], plan_root_base: Path | None) -> dict[str
             "dtype": weights_dtype(ws),
         }
         if (view / ADAPTER_DIRNAME / "adapter_config.json").exists():
-            errs = [f for f in check_adapter_pair(config, ws, view / ADAPTER_DIRNAME, base_dir=view)
-                    if f.severity == ERROR]
+            errs = inspect_adapter(config, ws, view / ADAPTER_DIRNAME, base_dir=view).errors
             if errs:
                 raise IncompatibleAdapterError(f"{errs[0].path}: {errs[0].problem}", remedy=errs[0].remedy,
                                                detail=[e.to_dict() for e in errs])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -13,42 +13,27 @@ class Action:
     size: int = 0
     source: str = ""
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "path": self.path, "size": self.size, "source": self.source}
-
 
 @dataclass
 class ProvisionResult:
+    """``--json`` prints :meth:`to_dict`: these fields, in this order."""
+
     source: str
     dest: str
     base: str | None = None
-    actions: list[Action] = field(default_factory=list)
-    bytes_copied: int = 0
     noop: bool = False
     dry_run: bool = False
-    manifest_digest: str | None = None
     files: int = 0
     total_size: int = 0
-    seconds: float = 0.0
+    bytes_copied: int = 0
+    manifest_digest: str | None = None
     merged: bool = False
     transport: str | None = None  # "rsync" | "sftp" for a host:path SOURCE
+    seconds: float = 0.0
+    actions: list[Action] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "dest": self.dest,
-            "base": self.base,
-            "noop": self.noop,
-            "dry_run": self.dry_run,
-            "files": self.files,
-            "total_size": self.total_size,
-            "bytes_copied": self.bytes_copied,
-            "manifest_digest": self.manifest_digest,
-            "merged": self.merged,
-            "transport": self.transport,
-            "seconds": round(self.seconds, 3),
-            "actions": [a.to_dict() for a in self.actions],
-        }
+        return {**asdict(self), "seconds": round(self.seconds, 3)}
 
     def summary(self) -> str:
         if self.noop:

@@ -94,19 +94,20 @@ def run(args: argparse.Namespace, *, journald: bool = False) -> int:
     require("prometheus_client", "daemon", "htrd")
     import uvicorn
 
+    from .api import create_app
     from .engine import Engine
     from .metrics import Metrics
-    from .server import create_app, peercred_protocol
-    from .service import Service
+    from .runtime import Daemon
+    from .server import peercred_protocol
     from .state import LOADING, READY, WARMING, ServiceState
     from .supervisor import Supervisor
 
     state = ServiceState()
     metrics = Metrics(settings.limits.batch_sizes)
     engine = Engine(settings, device=device, faults=faults, state=state, metrics=metrics)
-    service = Service(settings=settings, state=state, metrics=metrics, engine=engine, faults=faults, gpu=gpu,
-                      manifest_digest=manifest_digest)
-    app = create_app(service)
+    daemon = Daemon(settings=settings, state=state, metrics=metrics, engine=engine, faults=faults, gpu=gpu,
+                    manifest_digest=manifest_digest)
+    app = create_app(daemon)
     config = uvicorn.Config(
         app,
         http=peercred_protocol(settings.limits.read_timeout_s),
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace, *, journald: bool = False) -> int:
     )
     server = uvicorn.Server(config)
     server_thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="htrd-http", daemon=True)
-    supervisor = Supervisor(service, server=server, server_thread=server_thread)
+    supervisor = Supervisor(daemon, server=server, server_thread=server_thread)
     supervisor.install_signal_handlers()  # before anything else runs: SIGTERM is always a drain
     server_thread.start()
     from .sockwatch import SocketWatch

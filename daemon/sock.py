@@ -1,7 +1,8 @@
 """htrd's listening socket: systemd's (socket activation, fd 3) or one bound at ``socket.path``.
 
 One home for binding, used at start (:func:`open_socket`) and by :mod:`htrd.sockwatch` when the file was
-deleted while htrd ran (:func:`bind_socket`).
+deleted while htrd ran (:func:`bind_socket`). Binding never changes the process umask: the socket is bound
+at a temporary name, given its group and mode, then linked to the path.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import errno
 import grp
 import logging
 import os
+import secrets
 import socket
 import stat
 from pathlib import Path
@@ -49,7 +51,19 @@ def open_socket(settings, env: dict | None = None) -> socket.socket:
     return bind_socket(Path(settings.socket.path), mode=settings.socket.mode, group=settings.socket.group)
 
 
+def _temp_path(path: Path) -> Path:
+    """A fresh name next to *path* that still fits a Unix socket address (107 bytes)."""
+    for name in (f".{path.name}.{secrets.token_hex(4)}", f".{secrets.token_hex(4)}"):
+        tmp = path.with_name(name)
+        if len(os.fsencode(tmp)) < 108:
+            return tmp
+    raise ConfigError(f"socket.path {path} is too long: htrd binds it at a temporary name in {path.parent} first, "
+                      "and that does not fit a Unix socket address (max 107 bytes)", remedy="choose a shorter path")
+
+
 def bind_socket(path: Path, *, mode: int, group: str | None) -> socket.socket:
+    """A listening socket at *path* with *mode* and *group*; a stale socket file there is replaced, a live one
+    (or anything else) refused."""
     gid = -1
     if group:
         try:
@@ -87,32 +101,45 @@ def bind_socket(path: Path, *, mode: int, group: str | None) -> socket.socket:
                               remedy="stop the other daemon (systemctl stop htr.service) or choose another socket.path")
         finally:
             probe.close()
+    # Bound at a fresh name in the same directory, given its group and mode there, then linked to the path:
+    # the path never exists with other permissions, and the process umask (shared by every thread -- the
+    # socket watch re-binds while htrd serves) is never touched.
+    tmp = _temp_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old = os.umask(0o177)  # the file is created 0600, then opened up to `mode` once its group is set
     try:
-        sock.bind(str(path))
-    except PermissionError as exc:
+        try:
+            sock.bind(str(tmp))  # not listening yet: nobody can connect to it before its mode is set
+        except PermissionError as exc:
+            raise HtrError(f"cannot create socket {path}: {exc.strerror}",
+                           remedy="run htrd as a user that may write to its directory") from None
+        try:
+            if gid != -1:
+                os.chown(tmp, -1, gid)
+            os.chmod(tmp, mode)
+        except PermissionError as exc:
+            if gid != -1 and (gid == os.getegid() or gid in os.getgroups()):
+                # A member may chown to its own group: what refused it is a system-call filter
+                # (htr.service's SystemCallFilter=~@privileged includes chown).
+                raise ConfigError(f"socket.group: chown of {path} to group '{group}' was refused ({exc.strerror}) "
+                                  "although htrd is a member of it: a system-call filter forbids chown (systemd: "
+                                  "SystemCallFilter=~@privileged)", remedy="under systemd let htr.socket create the "
+                                  "socket (SocketGroup=), or set socket.group: null") from None
+            raise ConfigError(f"socket.group: cannot give {path} to group '{group}': {exc.strerror}",
+                              remedy="run htrd as a member of that group (systemd: Group=) "
+                                     "or set socket.group: null") from None
+        try:
+            os.link(tmp, path)  # atomic, and never replaces what appeared at the path since the probe above
+        except FileExistsError:
+            raise ConfigError(f"socket {path} appeared while htrd was binding it (another htrd?); not stealing it",
+                              remedy="stop the other daemon (systemctl stop htr.service) "
+                                     "or choose another socket.path") from None
+        except OSError:  # a file system without hard links
+            os.rename(tmp, path)
+    except BaseException:
         sock.close()
-        raise HtrError(f"cannot create socket {path}: {exc.strerror}",
-                       remedy="run htrd as a user that may write to its directory") from None
+        raise
     finally:
-        os.umask(old)
-    try:
-        if gid != -1:
-            os.chown(path, -1, gid)
-        os.chmod(path, mode)
-    except PermissionError as exc:
-        sock.close()
-        path.unlink(missing_ok=True)
-        if gid != -1 and (gid == os.getegid() or gid in os.getgroups()):
-            # A member may chown to its own group: what refused it is a system-call filter
-            # (htr.service's SystemCallFilter=~@privileged includes chown).
-            raise ConfigError(f"socket.group: chown of {path} to group '{group}' was refused ({exc.strerror}) "
-                              "although htrd is a member of it: a system-call filter forbids chown (systemd: "
-                              "SystemCallFilter=~@privileged)", remedy="under systemd let htr.socket create the "
-                              "socket (SocketGroup=), or set socket.group: null") from None
-        raise ConfigError(f"socket.group: cannot give {path} to group '{group}': {exc.strerror}",
-                          remedy="run htrd as a member of that group (systemd: Group=) or set socket.group: null") from None
+        tmp.unlink(missing_ok=True)
     sock.listen(128)
     logger.info("socket: listening on %s (mode %s, group %s)", path, oct(mode), group or "(process group)")
     return sock

@@ -5,8 +5,8 @@ the file is removed while the daemon runs (``rm``, a tmp cleaner, a second
 installer), the listening socket still works but no client can reach it: every
 connect gets ENOENT while ``/v1/live`` would look fine from the inside. This
 thread notices within ``interval`` seconds, binds the path again (same mode and
-group, via :func:`htrd.sock.bind_socket`) and adds the new socket to the running
-uvicorn server. In-flight requests and open connections are not touched;
+group, via :func:`htrd.sock.bind_socket`, which leaves the process umask alone)
+and adds the new socket to the running uvicorn server. In-flight requests and open connections are not touched;
 clients that were retrying (``htrctl transcribe`` treats a missing socket as a
 restart) simply carry on.
 

@@ -53,11 +53,11 @@ def watchdog_usec(env: dict | None = None) -> int | None:
 
 
 class Supervisor:
-    def __init__(self, service, *, server=None, server_thread: threading.Thread | None = None) -> None:
-        self.service = service
-        self.settings = service.settings
-        self.state = service.state
-        self.engine = service.engine
+    def __init__(self, daemon, *, server=None, server_thread: threading.Thread | None = None) -> None:
+        self.daemon = daemon
+        self.settings = daemon.settings
+        self.state = daemon.state
+        self.engine = daemon.engine
         self.server = server  # uvicorn.Server
         self.server_thread = server_thread
         self.events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()

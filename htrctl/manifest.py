@@ -45,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from . import __version__
 from .atomicfile import write_atomic
@@ -224,35 +224,32 @@ def walk_files(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         d = Path(dirpath)
         rel_dir = d.relative_to(root).as_posix()
-        if rel_dir == ".":
-            rel_dir = ""
+        prefix = "" if rel_dir == "." else f"{rel_dir}/"
         keep = []
-        for name in sorted(dirnames):
-            rel = f"{rel_dir}/{name}" if rel_dir else name
-            if is_ignored(rel):
-                continue
-            full = d / name
+        for name, rel, full in _entries(d, prefix, dirnames):
             if full.is_symlink():
                 unsafe.append((rel, _symlink_reason(full, real_root) or "symlink to a directory"))
-                continue
-            keep.append(name)
+            else:
+                keep.append(name)
         dirnames[:] = keep
-        for name in sorted(filenames):
-            rel = f"{rel_dir}/{name}" if rel_dir else name
-            if is_ignored(rel):
-                continue
-            full = d / name
+        for _name, rel, full in _entries(d, prefix, filenames):
             if full.is_symlink():
-                reason = _symlink_reason(full, real_root)
-                if reason:
-                    unsafe.append((rel, reason))
-                    continue
-            elif not full.is_file():
-                unsafe.append((rel, "not a regular file"))
-                continue
-            files.append(rel)
+                problem = _symlink_reason(full, real_root)
+            else:
+                problem = None if full.is_file() else "not a regular file"
+            if problem:
+                unsafe.append((rel, problem))
+            else:
+                files.append(rel)
     files.sort()
     return files, unsafe
+
+
+def _entries(d: Path, prefix: str, names: list[str]) -> Iterator[tuple[str, str, Path]]:
+    """(name, path relative to the root, full path) of the entries of directory *d* not ignored, sorted."""
+    for name in sorted(names):
+        if not is_ignored(prefix + name):
+            yield name, prefix + name, d / name
 
 
 def _symlink_reason(link: Path, real_root: Path) -> str | None:

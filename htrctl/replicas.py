@@ -158,7 +158,7 @@ class Sockets:
                  open_timeout: float = OPEN_TIMEOUT_S, reopen_for: float = 120.0) -> None:
         self.targets = [parse_socket(s) for s in specs]
         if ssh is None and any(isinstance(t, SshSocket) for t in self.targets):
-            from .provision import ssh_command
+            from .provision.transport import ssh_command
 
             ssh = ssh_command()
         self.ssh = ssh or ["ssh"]

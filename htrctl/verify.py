@@ -228,20 +228,6 @@ class AdapterPlan:
         return [f for f in self.findings if f.severity == ERROR]
 
 
-def check_adapter_pair(
-    base_config: dict[str, Any],
-    base: WeightSet,
-    adapter_dir: Path,
-    *,
-    rel_prefix: str = ADAPTER_DIRNAME,
-    base_label: str = "the base",
-    base_dir: Path | None = None,
-) -> list[Finding]:
-    """Does the LoRA adapter in *adapter_dir* fit this base? Headers and configs only."""
-    return inspect_adapter(base_config, base, adapter_dir, rel_prefix=rel_prefix, base_label=base_label,
-                           base_dir=base_dir).findings
-
-
 def inspect_adapter(
     base_config: dict[str, Any],
     base: WeightSet,
@@ -891,7 +877,7 @@ def _check_structure(root: Path, report: VerifyReport, redo: str) -> None:
     broken = {f.path for f in report.findings if f.severity == ERROR}
     if has_adapter and not broken.intersection(ws.files):
         # (a truncated or corrupt shard hides its tensors: its own finding names it, not the adapter pair)
-        report.findings.extend(check_adapter_pair(config, ws, adapter_dir, base_dir=root))
+        report.findings.extend(inspect_adapter(config, ws, adapter_dir, base_dir=root).findings)
     merged = root / MERGED_DIRNAME
     if merged.is_dir():
         mws, mfs = load_weight_set(root, MERGED_DIRNAME)

@@ -237,12 +237,12 @@ def test_rsync_cause_prefers_the_remote_shells_words():
 
 def test_rsync_progress_stays_off_a_stderr_that_is_not_a_terminal(tmp_path, capfd):
     _need_rsync_ssh()
-    from htrctl.provision import _rsync
+    from htrctl.provision.transport import run_rsync
 
     src = tmp_path / "src"
     src.mkdir()
     (src / "big").write_bytes(b"x" * (4 << 20))
-    _rsync([str(src) + "/", str(tmp_path / "dst") + "/"], ssh=None, progress=True)
+    run_rsync([str(src) + "/", str(tmp_path / "dst") + "/"], ssh=None, progress=True)
     assert (tmp_path / "dst" / "big").stat().st_size == 4 << 20
     err = capfd.readouterr().err
     assert "\r" not in err and "%" not in err, err

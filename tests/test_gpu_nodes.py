@@ -179,7 +179,7 @@ def test_chown_refused_by_a_syscall_filter_says_so(tmp_path):
     assert res.returncode == ExitCode.CONFIG, res.stderr
     assert "system-call filter forbids chown" in res.stdout and "~@privileged" in res.stdout, res.stdout
     assert "socket.group: null" in res.stdout
-    assert not sock.exists()
+    assert not sock.exists() and list(tmp_path.iterdir()) == []  # nor its temporary name
 
 
 # --------------------------------------------------------------------------- htr-gpu-prepare's script

@@ -184,7 +184,7 @@ def test_lock_stops_a_second_provision(demo_model_dir, tmp_path):
 
 
 def test_interrupted_run_resumes_without_copying_complete_files(demo_model_dir, tmp_path, monkeypatch):
-    import htrctl.provision as prov
+    import htrctl.provision.staging as prov
 
     real = prov._copy_hash
     calls = []
@@ -212,7 +212,7 @@ def test_interrupted_run_resumes_without_copying_complete_files(demo_model_dir, 
 
 
 def test_partial_file_resumes_from_its_offset(demo_model_dir, tmp_path, monkeypatch):
-    import htrctl.provision as prov
+    import htrctl.provision.staging as prov
 
     real = prov._copy_hash
     biggest = max((p for p in demo_model_dir.iterdir() if p.is_file()), key=lambda p: p.stat().st_size)
@@ -338,7 +338,7 @@ def test_merged_variant_travels_with_its_record(demo_model_dir, tmp_path):
 
 
 def test_republish_is_one_atomic_exchange(demo_model_copy, tmp_path, monkeypatch):
-    import htrctl.provision as prov
+    import htrctl.provision.staging as prov
 
     dest = tmp_path / "dest"
     provision(str(demo_model_copy), str(dest), progress=False)
@@ -359,7 +359,7 @@ def test_republish_is_one_atomic_exchange(demo_model_copy, tmp_path, monkeypatch
 
 
 def test_a_swap_interrupted_between_renames_is_finished(demo_model_dir, tmp_path, monkeypatch):
-    import htrctl.provision as prov
+    import htrctl.provision.staging as prov
 
     dest = tmp_path / "dest"
     provision(str(demo_model_dir), str(dest), progress=False)

@@ -24,7 +24,7 @@ from sshd_harness import SSHD, wait_until
 
 from htrctl.errors import ProvisionError
 from htrctl.provision import Remote, parse_location, provision
-from htrctl.sftp import SftpClient
+from htrctl.provision.sftp import SftpClient
 from htrctl.verify import verify_model_dir
 
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(240)]

@@ -32,8 +32,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from .atomicfile import write_atomic
-from .errors import ProvisionError
+from ..atomicfile import write_atomic
+from ..errors import ProvisionError
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +50,6 @@ MAX_PACKET = 256 * 1024 + 1024
 def remote_path(path: str) -> str:
     """A path as the SFTP server wants it: Windows back-slashes become forward slashes."""
     return path.replace("\\", "/") if "\\" in path else path
-
-
-class SftpError(ProvisionError):
-    pass
 
 
 class _Reader:
@@ -134,11 +130,11 @@ class SftpClient:
         except (EOFError, BrokenPipeError, OSError) as exc:
             raise self._session_error("cannot start an SFTP session") from exc
         if kind != FXP_VERSION:
-            raise SftpError(f"{host}: the SFTP server answered INIT with packet type {kind}",
+            raise ProvisionError(f"{host}: the SFTP server answered INIT with packet type {kind}",
                             remedy="check that the host offers the sftp subsystem")
 
     # -- plumbing
-    def _session_error(self, what: str) -> SftpError:
+    def _session_error(self, what: str) -> ProvisionError:
         self.proc.poll()
         if self.proc.returncode is None:
             self.proc.kill()
@@ -146,7 +142,7 @@ class SftpClient:
         self._drain.join(timeout=5)
         err = b"".join(self._err).decode(errors="replace").strip()
         last = err.splitlines()[-1] if err else f"ssh exited {self.proc.returncode}"
-        return SftpError(f"{self.host}: {what}: {last}",
+        return ProvisionError(f"{self.host}: {what}: {last}",
                          remedy="check the host, the user's key and the ssh command (--ssh / $HTR_SSH)")
 
     def _send(self, kind: int, payload: bytes) -> None:
@@ -162,7 +158,7 @@ class SftpClient:
     def _recv(self) -> tuple[int, _Msg]:
         (n,) = struct.unpack(">I", self._in.exact(4))
         if n > MAX_PACKET + 1024:
-            raise SftpError(f"{self.host}: SFTP packet of {n} bytes", remedy="the server misbehaves")
+            raise ProvisionError(f"{self.host}: SFTP packet of {n} bytes", remedy="the server misbehaves")
         data = self._in.exact(n)
         return data[0], _Msg(data[1:])
 
@@ -173,7 +169,7 @@ class SftpClient:
             raise self._session_error("the SFTP session broke") from exc
         got = msg.u32()
         if got != rid:
-            raise SftpError(f"{self.host}: SFTP reply {got} to request {rid}", remedy="the server misbehaves")
+            raise ProvisionError(f"{self.host}: SFTP reply {got} to request {rid}", remedy="the server misbehaves")
         return kind, msg
 
     def _call(self, kind: int, payload: bytes, path: str) -> tuple[int, _Msg]:
@@ -191,16 +187,16 @@ class SftpClient:
     def _raise_status(self, code: int, msg: _Msg, path: str) -> None:
         text = msg.string().decode(errors="replace")
         if code == FX_NO_SUCH_FILE:
-            raise SftpError(f"{self.host}:{path}: no such file or directory", remedy="check the SOURCE path")
+            raise ProvisionError(f"{self.host}:{path}: no such file or directory", remedy="check the SOURCE path")
         if code == FX_PERMISSION_DENIED:
-            raise SftpError(f"{self.host}:{path}: permission denied", remedy="make it readable by the ssh user")
-        raise SftpError(f"{self.host}:{path}: SFTP error {code} ({text})", remedy="check the SOURCE path")
+            raise ProvisionError(f"{self.host}:{path}: permission denied", remedy="make it readable by the ssh user")
+        raise ProvisionError(f"{self.host}:{path}: SFTP error {code} ({text})", remedy="check the SOURCE path")
 
     # -- operations
     def stat(self, path: str) -> dict:
         k, msg = self._call(FXP_STAT, _s(path), path)
         if k != FXP_ATTRS:
-            raise SftpError(f"{self.host}:{path}: unexpected reply {k} to STAT", remedy="the server misbehaves")
+            raise ProvisionError(f"{self.host}:{path}: unexpected reply {k} to STAT", remedy="the server misbehaves")
         return msg.attrs()
 
     def listdir(self, path: str) -> list[tuple[str, dict]]:
@@ -274,7 +270,7 @@ class SftpClient:
                 if kind == FXP_STATUS:
                     code = msg.u32()
                     if code == FX_EOF:
-                        raise SftpError(f"{self.host}:{path}: shorter than listed (changed while copying?)",
+                        raise ProvisionError(f"{self.host}:{path}: shorter than listed (changed while copying?)",
                                         remedy="run the provision again once the source is stable")
                     self._raise_status(code, msg, path)
                 data = msg.string()
@@ -300,7 +296,7 @@ class SftpClient:
             if self.proc.poll() is None:
                 try:
                     self._close(handle, path)
-                except SftpError:
+                except ProvisionError:
                     pass
         return got
 
@@ -334,14 +330,14 @@ def fetch_tree(client: SftpClient, root: str, tree: Path, dest: Path | None, *, 
     Returns ``{"bytes": fetched, "hashes": {rel: sha256 of fetched files}, "resumed": [rel],
     "linked": [rel], "files": {rel: {"size", "mtime"}}}``.
     """
-    from .manifest import unsafe_relpath
+    from ..manifest import unsafe_relpath
 
     root = remote_path(root)
     files = {r: a for r, a in client.walk(root).items() if r not in exclude}
     for rel in files:
         why = unsafe_relpath(rel)
         if why:
-            raise SftpError(f"{client.host}:{root}: the server lists {rel!r} ({why})", remedy="the server misbehaves")
+            raise ProvisionError(f"{client.host}:{root}: the server lists {rel!r} ({why})", remedy="the server misbehaves")
     try:
         started = json.loads(journal.read_text()) if journal.is_file() else {}
     except (OSError, ValueError):
@@ -390,7 +386,7 @@ def fetch_tree(client: SftpClient, root: str, tree: Path, dest: Path | None, *, 
             local.unlink()
             started.pop(rel, None)
             _save_journal(journal, started)
-            raise SftpError(f"{client.host}:{root}/{rel}: changed on the remote while it was copied",
+            raise ProvisionError(f"{client.host}:{root}/{rel}: changed on the remote while it was copied",
                             remedy="run the provision again once the source is stable")
         os.utime(local, (mtime, mtime))
         out["hashes"][rel] = hasher.hexdigest()
@@ -410,7 +406,7 @@ def read_remote_manifest(client: SftpClient, root: str, name: str) -> bytes | No
     path = f"{remote_path(root).rstrip('/')}/{name}"
     try:
         a = client.stat(path)
-    except SftpError:
+    except ProvisionError:
         return None
     buf = io.BytesIO()
     client.read_into(path, buf, offset=0, size=int(a.get("size", 0)), hasher=hashlib.sha256(), advance=lambda n: None)

@@ -76,7 +76,7 @@ def inprocess_worker(config: Path, images: Path, repeats: int) -> dict:
     from htrd.faults import Faults
     from htrd.images import decode_image
     from htrd.metrics import Metrics
-    from htrd.state import ServiceState
+    from htrd.state import DaemonState
 
     settings = load_settings(config, env={})
     device = "cpu" if settings.gpu.select == "cpu" else "cuda:0"
@@ -86,7 +86,7 @@ def inprocess_worker(config: Path, images: Path, repeats: int) -> dict:
         gpu = select_gpu(settings.gpu.select)
         os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu.uuid
-    eng = Engine(settings, device=device, faults=Faults(), state=ServiceState(),
+    eng = Engine(settings, device=device, faults=Faults(), state=DaemonState(),
                  metrics=Metrics(settings.limits.batch_sizes))
     eng.load()
     eng.warm_up()

@@ -99,10 +99,10 @@ def run(args: argparse.Namespace, *, journald: bool = False) -> int:
     from .metrics import Metrics
     from .runtime import Daemon
     from .server import peercred_protocol
-    from .state import LOADING, READY, WARMING, ServiceState
+    from .state import LOADING, READY, WARMING, DaemonState
     from .supervisor import Supervisor
 
-    state = ServiceState()
+    state = DaemonState()
     metrics = Metrics(settings.limits.batch_sizes)
     engine = Engine(settings, device=device, faults=faults, state=state, metrics=metrics)
     daemon = Daemon(settings=settings, state=state, metrics=metrics, engine=engine, faults=faults, gpu=gpu,

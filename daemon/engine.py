@@ -54,7 +54,7 @@ from .faults import Faults
 from .generation import Finished, Seq
 from .metrics import Metrics
 from .model import Prepared, resolve_dtype_name
-from .state import ServiceState
+from .state import DaemonState
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class WorkItem:
 class Engine:
     """Owns the generator (and through it the model), the queue and the inference thread."""
 
-    def __init__(self, settings, *, device: str, faults: Faults, state: ServiceState, metrics: Metrics) -> None:
+    def __init__(self, settings, *, device: str, faults: Faults, state: DaemonState, metrics: Metrics) -> None:
         self.settings = settings
         self.device = device  # "cpu" or "cuda:0" (after CUDA_VISIBLE_DEVICES pinning)
         self.faults = faults

@@ -15,13 +15,13 @@ from .budget import PixelBudget, PixelLimits, resolve_limits
 from .engine import Engine
 from .faults import Faults
 from .metrics import Metrics
-from .state import ServiceState
+from .state import DaemonState
 
 
 @dataclass
 class Daemon:
     settings: Any  # htrctl.config.Settings
-    state: ServiceState
+    state: DaemonState
     metrics: Metrics
     engine: Engine
     faults: Faults

@@ -26,7 +26,7 @@ _ALLOWED = {
 }
 
 
-class ServiceState:
+class DaemonState:
     """Thread-safe state, detail text, request accounting and counters."""
 
     def __init__(self) -> None:

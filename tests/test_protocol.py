@@ -10,11 +10,11 @@ from htrctl import protocol as P
 
 
 def test_the_state_machine_has_a_row_for_every_protocol_state_and_no_other():
-    from htrd.state import _ALLOWED, ServiceState
+    from htrd.state import _ALLOWED, DaemonState
 
     assert set(_ALLOWED) == set(P.STATES)
     assert all(targets <= set(P.STATES) for targets in _ALLOWED.values())
-    assert ServiceState().state == P.STATES[0] == P.STARTING
+    assert DaemonState().state == P.STATES[0] == P.STARTING
 
 
 def test_a_state_outside_the_protocol_is_refused_on_the_wire():

@@ -216,10 +216,6 @@ class Engine:
             self._cond.notify_all()
         self._go.set()
 
-    @property
-    def thread_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
     # -- queue -----------------------------------------------------------------------------------------------
     def queue_depth(self) -> int:
         with self._cond:
@@ -233,11 +229,7 @@ class Engine:
         with self._cond:
             return not self._queue and self.occupied() == 0
 
-    def retry_after_s(self) -> int:
-        with self._cond:
-            return self.retry_after_s_locked()
-
-    def retry_after_s_locked(self) -> int:
+    def _retry_after_s_locked(self) -> int:
         per_batch = max(self.last_batch_s, 0.5)
         return max(1, math.ceil(per_batch * (len(self._queue) / self.max_batch + 1)))
 
@@ -266,7 +258,7 @@ class Engine:
                     f"the queue is full ({len(self._queue)} of {self.capacity} images waiting, this request has "
                     f"{len(items)}); retry later",
                     detail={"queue_depth": len(self._queue), "queue_capacity": self.capacity},
-                    retry_after=self.retry_after_s_locked(),
+                    retry_after=self._retry_after_s_locked(),
                 )
             self._queue.extend(items)
             self.metrics.queue_depth.set(len(self._queue))

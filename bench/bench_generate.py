@@ -379,19 +379,25 @@ def client_requests(socket_path: Path, body: bytes, n: int, lat: list, errors: l
                 errors.append(f"{r.status_code} {r.text[:200]}")
 
 
-def load(socket_path: Path, body: bytes, clients: int, per_client: int, new_tokens: int) -> dict:
-    lat: list[float] = []
-    errors: list[str] = []
+def run_clients(n: int, client) -> float:
+    """Start *n* threads running ``client(start)`` (each waits on the event *start*), release them at once;
+    returns the wall time until the last one ends."""
     start = threading.Event()
-    threads = [threading.Thread(target=client_requests, args=(socket_path, body, per_client, lat, errors,
-                                                              new_tokens, start)) for _ in range(clients)]
+    threads = [threading.Thread(target=client, args=(start,), daemon=True) for _ in range(n)]
     for t in threads:
         t.start()
     t0 = time.perf_counter()
     start.set()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+def load(socket_path: Path, body: bytes, clients: int, per_client: int, new_tokens: int) -> dict:
+    lat: list[float] = []
+    errors: list[str] = []
+    wall = run_clients(clients, lambda start: client_requests(socket_path, body, per_client, lat, errors,
+                                                               new_tokens, start))
     return {"clients": clients, "requests": len(lat), "errors": errors[:5], "n_errors": len(errors),
             "wall_s": wall, "lines_per_s": len(lat) / wall if wall else 0.0,
             "p50_s": pct(lat, 0.5), "p95_s": pct(lat, 0.95)}

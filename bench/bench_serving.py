@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import Daemon, line_image, pct
+from bench_generate import Daemon, line_image, pct, run_clients
 
 logger = logging.getLogger("bench_serving")
 REALISTIC_MAX_NEW = 120
@@ -69,9 +69,8 @@ def closed_loop(socket_path: Path, work: list[tuple[bytes, int]], clients: int) 
     tokens: list[int] = []
     errors: list[str] = []
     done_ids: list[int] = []
-    start = threading.Event()
 
-    def client() -> None:
+    def client(start: threading.Event) -> None:
         transport = httpx.HTTPTransport(uds=str(socket_path))
         with httpx.Client(transport=transport, base_url="http://htr", timeout=900.0) as c:
             start.wait()
@@ -92,14 +91,7 @@ def closed_loop(socket_path: Path, work: list[tuple[bytes, int]], clients: int) 
                     else:
                         errors.append(f"{r.status_code} {r.text[:200]}")
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    t0 = time.perf_counter()
-    start.set()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = run_clients(clients, client)
     return {"clients": clients, "requests": len(lat), "n_errors": len(errors), "errors": errors[:3],
             "wall_s": wall, "lines_per_s": len(lat) / wall, "tokens_per_s": sum(tokens) / wall,
             "tokens": sum(tokens), "p50_s": pct(lat, 0.5), "p95_s": pct(lat, 0.95), "done_ids": done_ids}

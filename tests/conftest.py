@@ -7,19 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import CACHE, REPO, require_system  # noqa: F401 -- tests import these from helpers.py; kept here too
 
-REPO = Path(__file__).resolve().parent.parent
-CACHE = Path(os.environ.get("HTR_TEST_CACHE", REPO / ".cache" / "tests"))
-IN_CI = os.environ.get("HTR_CI", "") not in ("", "0")
-
-
-def require_system(condition: bool, what: str) -> None:
-    """Skip locally, but fail under CI, when a system prerequisite is missing."""
-    if condition:
-        return
-    if IN_CI:
-        pytest.fail(f"CI must provide {what} (installed by `make test`)")
-    pytest.skip(f"{what} not available (run `make test` to install it)")
 
 
 @pytest.fixture(autouse=True)

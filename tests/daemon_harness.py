@@ -15,6 +15,10 @@ or the ``htrd`` fixture (a factory; every daemon it started is stopped at teardo
     def test_other(htrd):
         d = htrd(config={"limits": {"queue_length": 4}}, faults="slow_generate=1")
 
+or one daemon for a whole test module, its socket where other uids reach it::
+
+    daemon = module_daemon("transcribe-e2e")     # a module-scoped fixture named ``daemon``
+
 Nothing sleeps: readiness is a bounded poll of ``/v1/ready`` (``wait_until``).
 """
 
@@ -26,29 +30,16 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
 
 import httpx
 import pytest
+from helpers import stop_process, wait_until
 
 DEFAULT_BATCH_SIZES = [1, 2, 4]
 START_TIMEOUT_S = 180.0  # a cold torch import on a busy 2-core machine can take a while
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
-    """Poll *predicate* until it returns a truthy value (returned) or *timeout* passes (AssertionError)."""
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        pause.wait(interval)
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -166,14 +157,7 @@ class Daemon:
         for c in self._clients:
             c.close()
         self._clients.clear()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+        return stop_process(self.proc, timeout)
 
     def __enter__(self) -> Daemon:
         return self
@@ -236,3 +220,19 @@ def htrd(tmp_path, demo_model_dir):
     yield factory
     for d in started:
         d.stop(timeout=30)
+
+
+def module_daemon(name: str, **kw) -> Callable:
+    """A module-scoped fixture: one htrd on the provisioned demo model, started once for the module, its socket
+    in ``open_dir/<name>/`` (a directory of its own that other uids may enter); stopped at the end, exit 0
+    asserted. ``daemon = module_daemon("my-tests")`` in a test module; *kw* go to :func:`start_daemon`."""
+
+    @pytest.fixture(scope="module")
+    def daemon(tmp_path_factory, provisioned_model, open_dir):
+        own = open_dir / name  # open_dir is shared by the session: a socket of our own in it
+        own.mkdir(mode=0o755)
+        d = start_daemon(tmp_path_factory.mktemp(name), provisioned_model, socket_path=own / "htr.sock", **kw)
+        yield d
+        assert d.stop() == 0, d.stderr()[-3000:]
+
+    return daemon

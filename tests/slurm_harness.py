@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import threading
-import time
 from pathlib import Path
+
+from helpers import free_port, stop_process, wait_until
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sacct")
 START_TIMEOUT_S = 60.0
@@ -34,24 +33,6 @@ def missing_binaries() -> list[str]:
 
 def _which(name: str) -> str:
     return shutil.which(name) or f"/usr/sbin/{name}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(cond, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while True:
-        got = cond()
-        if got:
-            return got
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        pause.wait(interval)
 
 
 class SlurmCluster:
@@ -76,8 +57,8 @@ class SlurmCluster:
             f"""# a private one-node cluster for the tests (tests/slurm_harness.py)
 ClusterName=htrtest
 SlurmctldHost={self.node}(127.0.0.1)
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -125,10 +106,10 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         self._spawn("munged", [_which("munged"), "--foreground", "--force", f"--socket={self.munge_socket}",
                                f"--key-file={m / 'munge.key'}", f"--pid-file={m / 'munged.pid'}",
                                f"--log-file={m / 'munged.log'}", f"--seed-file={m / 'munged.seed'}"])
-        wait_until(lambda: self._alive("munged") and self.munge_socket.exists(), 30, "munged's socket")
+        wait_until(lambda: self._alive("munged") and self.munge_socket.exists(), 30, "munged's socket", interval=0.2)
         self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
         self._spawn("slurmd", [_which("slurmd"), "-D", "-f", str(self.conf), "-N", self.node])
-        wait_until(self._node_idle, START_TIMEOUT_S, "the Slurm node to be idle")
+        wait_until(self._node_idle, START_TIMEOUT_S, "the Slurm node to be idle", interval=0.2)
         return self
 
     def _alive(self, name: str) -> bool:
@@ -195,15 +176,8 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
     # -- teardown ---------------------------------------------------------------------------------------
     def stop(self) -> None:
         for name in ("slurmd", "slurmctld", "munged"):
-            p = self.procs.get(name)
-            if p is None or p.poll() is not None:
-                continue
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(10)
+            if name in self.procs:
+                stop_process(self.procs[name], 30, group=True)
 
     def __enter__(self) -> SlurmCluster:
         return self.start()

@@ -11,34 +11,17 @@ import getpass
 import os
 import shlex
 import shutil
-import socket
 import subprocess
-import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from helpers import free_port, wait_until
 
 SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
 
 
 def available() -> bool:
     return bool(SSHD and shutil.which("ssh") and shutil.which("ssh-keygen"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(cond, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        threading.Event().wait(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 # What a test sshd allows beyond key logins: stream-local forwards (remote replicas) and many sessions.

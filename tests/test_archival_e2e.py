@@ -7,27 +7,22 @@ official schema, and that a page costs one batch request.
 
 from __future__ import annotations
 
+import functools
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from archival_pages import ESCRIPTORIUM, TRANSKRIBUS, assert_valid, copy_fixture, make_page
 from daemon_harness import start_daemon
+from helpers import SAMPLES, run_htrctl
 from lxml import etree
 
 from htrctl.archival import prepare
 from htrctl.archival.job import _NOT_XML
 
-REPO = Path(__file__).resolve().parent.parent
-SAMPLES_DIR = REPO / "htrctl" / "data" / "samples"
 pytestmark = pytest.mark.slow
 
 
-def htrctl(*args: str, timeout: float = 300):
-    return subprocess.run([sys.executable, "-m", "htrctl", *args], capture_output=True, timeout=timeout, cwd=REPO,
-                          check=False)
+htrctl = functools.partial(run_htrctl, text=False)  # this file's tests read bytes
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +120,7 @@ def test_missing_image_fails_that_file_only(daemon, tmp_path):
 
 
 def test_plain_image_to_page_and_alto(daemon, tmp_path):
-    img = SAMPLES_DIR / "line-01.png"
+    img = SAMPLES / "line-01.png"
     for fmt, xsd in (("page", "pagecontent-2019-07-15.xsd"), ("alto", "alto-4-4.xsd")):
         out = tmp_path / fmt
         r = htrctl("transcribe", "-s", str(daemon.socket_path), "--out", str(out), "-f", fmt, str(img))

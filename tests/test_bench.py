@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-REPO = Path(__file__).resolve().parent.parent
 NEW = 8
 
 

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 from client_standin import StandIn
 from htrctl.client import HtrClient, is_retryable
@@ -37,8 +38,6 @@ from htrctl.transcribe import (
     discover_inputs,
     run_transcribe,
 )
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -119,7 +118,7 @@ def _check_permission_denied(standin):
 
 
 def require_setpriv():
-    from conftest import require_system
+    from helpers import require_system
 
     require_system(os.geteuid() == 0 and shutil.which("setpriv") is not None, "root and setpriv (util-linux)")
 

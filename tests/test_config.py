@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO
 
 from htrctl.config import Settings, load_settings
 from htrctl.errors import ConfigError, ExitCode
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -10,7 +10,8 @@ import socket
 import time
 
 import pytest
-from daemon_harness import htrd, launch, wait_until  # noqa: F401 -- htrd is a fixture
+from daemon_harness import htrd, launch  # noqa: F401 -- htrd is a fixture
+from helpers import wait_until
 from PIL import Image, ImageDraw
 
 from htrctl import protocol as P

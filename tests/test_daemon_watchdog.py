@@ -12,7 +12,8 @@ import time
 
 import httpx
 import pytest
-from daemon_harness import htrd, wait_until  # noqa: F401 -- htrd is a fixture
+from daemon_harness import htrd  # noqa: F401 -- htrd is a fixture
+from helpers import wait_until
 from PIL import Image
 
 from htrctl import protocol as P

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 from htrctl.config import Settings, load_settings
 from htrctl.doctor import FAIL, OK, P2P_REMEDY, WARN, DoctorPaths, render_table, run_doctor
@@ -26,7 +27,6 @@ from htrctl.doctor.placement import set_gpu_select_text, write_recommendation
 from htrctl.gpus import GIB
 from htrctl.nvml import ENV_FAKE
 
-REPO = Path(__file__).resolve().parent.parent
 HOSTS = sorted((REPO / "tests" / "data" / "gpu-hosts").glob("*.json"))
 
 U0 = "GPU-1c0ffee0-0000-4000-8000-000000000000"

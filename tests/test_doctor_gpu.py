@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 from tests.conftest import require_system
 
 pytestmark = pytest.mark.gpu
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _smi_uuids() -> list[str]:

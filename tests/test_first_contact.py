@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from daemon_harness import module_daemon
+from helpers import REPO, SAMPLES, line_copies, run_htrctl, wait_until
 
 from htrctl.cli import hoist_global_options, main
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------ row 5: the model digest, verify
@@ -206,7 +206,7 @@ def test_hoisting_leaves_values_and_the_end_of_options_alone():
 
 # ------------------------------------------------------------------ row 7: provision feedback
 def _need_rsync_ssh():
-    from conftest import require_system
+    from helpers import require_system
 
     require_system(shutil.which("rsync") is not None and shutil.which("ssh") is not None, "rsync and ssh")
 
@@ -253,8 +253,6 @@ def test_ctrl_c_says_where_the_work_is_kept_and_that_a_rerun_resumes(tmp_path):
     rsync left running."""
     import os
     import signal
-
-    from daemon_harness import wait_until
 
     _need_rsync_ssh()
     fake_ssh = tmp_path / "fake-ssh"
@@ -338,23 +336,10 @@ def test_bench_verify_keeps_an_existing_dir(tmp_path):
 
 
 # ------------------------------------------------------------------ row 4: transcribe defaults (real htrd)
-SAMPLES = REPO / "htrctl" / "data" / "samples"
 
 
-def htrctl(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "htrctl", *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO)
-
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory, provisioned_model, open_dir):
-    from daemon_harness import start_daemon
-
-    own = open_dir / "first-contact"
-    own.mkdir(mode=0o755)
-    d = start_daemon(tmp_path_factory.mktemp("fc"), provisioned_model, socket_path=own / "htr.sock")
-    yield d
-    assert d.stop() == 0, d.stderr()[-3000:]
+htrctl = run_htrctl
+daemon = module_daemon("first-contact")
 
 
 @pytest.mark.slow
@@ -396,10 +381,7 @@ def test_default_include_takes_only_what_htrd_decodes(daemon, tmp_path):
 
 @pytest.mark.slow
 def test_progress_lines_when_stderr_is_not_a_terminal(daemon, tmp_path):
-    src = tmp_path / "in"
-    src.mkdir()
-    for i in range(12):
-        shutil.copyfile(SAMPLES / "line-01.png", src / f"l{i:02d}.png")
+    src = line_copies(tmp_path / "in", 12)
     r = htrctl("transcribe", "-s", str(daemon.socket_path), "-f", "txt", str(src))
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if re.fullmatch(r"htrctl: \d+ of 12 done .*images/s.*", ln)]
@@ -410,7 +392,7 @@ def test_progress_lines_when_stderr_is_not_a_terminal(daemon, tmp_path):
 
 @pytest.mark.slow
 def test_a_loading_daemon_is_waited_for_by_default(tmp_path, provisioned_model):
-    from daemon_harness import launch, wait_until
+    from daemon_harness import launch
 
     d = launch(tmp_path, provisioned_model, faults="slow_load=5")
     try:

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 from daemon_harness import launch
+from helpers import REPO
 
 from htrctl.devnodes import ENV_DEV, ENV_PROC, NodeRoots, _failure, minor_number, preflight, uvm_state
 from htrctl.errors import ExitCode, GpuError
 from htrctl.gpus import GpuDevice
 from htrctl.nvml import ENV_FAKE
 
-REPO = Path(__file__).resolve().parent.parent
 HOST = REPO / "tests" / "data" / "gpu-hosts" / "h100x1.json"
 SCRIPT = REPO / "systemd" / "htr-gpu-prepare.sh"
 BUS = "00000000:41:00.0"

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import SAMPLES, run_htrctl
 
 from htrctl.errors import ExitCode, GpuError
 from htrctl.gpus import GpuDevice
 from htrctl.jobs import granted_gpus, job_gpu_selects, resolve_granted
 
-REPO = Path(__file__).resolve().parent.parent
-SAMPLES = REPO / "htrctl" / "data" / "samples"
 GIB = 1024**3
 
 
@@ -53,9 +49,7 @@ def test_job_gpu_selects():
         job_gpu_selects("most-free", {"SLURM_JOB_ID": "12"})
 
 
-def htrctl(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "htrctl", *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+htrctl = run_htrctl
 
 
 def config(tmp: Path, model: Path, select: str = "cpu") -> Path:

@@ -11,22 +11,17 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from conftest import require_system
-from daemon_harness import start_daemon
+from daemon_harness import module_daemon
+from helpers import REPO, SAMPLES, line_copies, require_system, run_htrctl
 
 from htrctl.errors import ExitCode
 
-REPO = Path(__file__).resolve().parent.parent
-SAMPLES = REPO / "htrctl" / "data" / "samples"
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
-def htrctl(*args: str, stdout=subprocess.PIPE, prefix: tuple[str, ...] = (), timeout: float = 180):
-    return subprocess.run([*prefix, sys.executable, "-m", "htrctl", *args], stdout=stdout, stderr=subprocess.PIPE,
-                          text=True, timeout=timeout, cwd=REPO)
+htrctl = run_htrctl
 
 
 def _one_clean_line(err: str) -> str:
@@ -72,13 +67,7 @@ def test_unwritable_provision_dest_is_one_line_and_exit_77(demo_model_dir, root_
 
 
 # ---------------------------------------------------------------- with a daemon
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory, provisioned_model, open_dir):
-    own = open_dir / "output-errors"
-    own.mkdir(mode=0o755)
-    d = start_daemon(tmp_path_factory.mktemp("oe"), provisioned_model, socket_path=own / "htr.sock")
-    yield d
-    assert d.stop() == 0, d.stderr()[-3000:]
+daemon = module_daemon("output-errors")
 
 
 @pytest.mark.slow
@@ -93,10 +82,7 @@ def test_transcribe_to_full_stdout_fails_with_one_line(daemon):
 @pytest.mark.slow
 def test_transcribe_into_head_ends_quietly(daemon, tmp_path):
     """`htrctl transcribe many | head -1`: no BrokenPipeError tracebacks, nothing on stderr, exit 141 (SIGPIPE)."""
-    src = tmp_path / "in"
-    src.mkdir()
-    for i in range(40):
-        shutil.copyfile(SAMPLES / "line-01.png", src / f"l{i:02d}.png")
+    src = line_copies(tmp_path / "in", 40)
     r = subprocess.run(f"{sys.executable} -m htrctl transcribe -q -s {daemon.socket_path} -j 4 {src} | head -1; "
                        "echo \"rc=${PIPESTATUS[0]}\" >&2", shell=True, executable="/bin/bash", capture_output=True,
                        text=True, timeout=180, cwd=REPO)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import sshd_harness
-from conftest import require_system
-from sshd_harness import SSHD, wait_until
+from helpers import require_system, wait_until
+from sshd_harness import SSHD
 
 from htrctl.errors import ProvisionError
 from htrctl.provision import Remote, parse_location, provision

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 import sshd_harness
-from conftest import require_system
-from sshd_harness import wait_until
+from helpers import require_system, wait_until
 
 from htrctl.manifest import read_manifest
 from htrctl.provision import provision

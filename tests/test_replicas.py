@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,14 +17,12 @@ from pathlib import Path
 
 import pytest
 import sshd_harness
-from daemon_harness import htrd, wait_until  # noqa: F401 -- htrd: the fixture
+from daemon_harness import htrd  # noqa: F401 -- htrd: the fixture
+from helpers import REPO, make_inputs, output_files, require_system, wait_until
 
-from conftest import require_system
 from htrctl.errors import UsageError
 from htrctl.replicas import SshSocket, parse_socket
 
-REPO = Path(__file__).resolve().parent.parent
-SAMPLES = REPO / "htrctl" / "data" / "samples"
 DAEMON = {"limits": {"batch_sizes": [1, 2], "batch_window_ms": 5.0}, "generation": {"max_new_tokens": 4},
           "log": {"level": "INFO"}}
 
@@ -54,27 +51,23 @@ def url(sshd, sock: Path) -> str:
     return f"ssh://{sshd['user']}@127.0.0.1:{sshd['port']}{sock}"
 
 
-def make_inputs(root: Path, n: int) -> list[str]:
-    lines = sorted(p for p in SAMPLES.iterdir() if p.suffix in (".png", ".jpg"))
-    rels = []
-    for i in range(n):
-        rel = f"p{i % 3}/l{i:03d}{lines[i % len(lines)].suffix}"
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(lines[i % len(lines)], root / rel)
-        rels.append(rel)
-    return rels
-
-
-def outputs(out: Path) -> list[str]:
-    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) if out.exists() else []
+def replicas(start, n: int, faults: str, config: dict = DAEMON) -> list:
+    """*n* daemons started together by the ``htrd`` fixture *start* (their loads overlap), then waited for one
+    by one."""
+    ds = [start(config=config, faults=faults, wait=False) for _ in range(n)]
+    for d in ds:
+        d.wait_ready()
+    return ds
 
 
 def forward_dirs() -> set[str]:
     return {p.name for p in Path(tempfile.gettempdir()).glob("htr-ssh-*")}
 
 
-def transcribe(sshd, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "htrctl", "transcribe", *args], stdout=subprocess.PIPE,
+def transcribe(sshd, sockets: list, src: Path, out: Path, *args: str) -> subprocess.Popen:
+    """``htrctl transcribe -s SOCKET... --out OUT ARGS SRC`` in the background, ssh options for the test sshd."""
+    argv = [a for s in sockets for a in ("-s", str(s))] + ["--out", str(out), *args, str(src)]
+    return subprocess.Popen([sys.executable, "-m", "htrctl", "transcribe", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, cwd=REPO, env={**os.environ, "HTR_SSH": sshd["ssh_opts"]})
 
 
@@ -83,18 +76,16 @@ def transcribe(sshd, *args: str) -> subprocess.Popen:
 @pytest.mark.timeout(600)
 def test_two_remote_replicas_one_killed_mid_run(sshd, htrd, tmp_path):
     """Two htrd behind ssh forwards; one is SIGKILLed mid-run: its in-flight inputs go to the other, each once."""
-    d1, d2 = (htrd(config=DAEMON, faults="slow_generate=0.3", wait=False) for _ in range(2))
-    d1.wait_ready()
-    d2.wait_ready()
+    d1, d2 = replicas(htrd, 2, "slow_generate=0.3")
     rels = make_inputs(tmp_path / "in", 16)
     out = tmp_path / "out"
     before = forward_dirs()
-    p = transcribe(sshd, "-s", url(sshd, d1.socket_path), "-s", url(sshd, d2.socket_path), "--out", str(out),
-                   "-f", "json", "--retry-for", "10", str(tmp_path / "in"))
+    p = transcribe(sshd, [url(sshd, d1.socket_path), url(sshd, d2.socket_path)], tmp_path / "in", out,
+                   "-f", "json", "--retry-for", "10")
 
     def both_working():
         assert p.poll() is None, p.communicate()
-        return len(outputs(out)) >= 3 and d1.status()["counters"]["images"] >= 1 and \
+        return len(output_files(out)) >= 3 and d1.status()["counters"]["images"] >= 1 and \
             d2.status()["counters"]["images"] >= 1
 
     wait_until(both_working, 240, what="both replicas to have answered")
@@ -102,7 +93,7 @@ def test_two_remote_replicas_one_killed_mid_run(sshd, htrd, tmp_path):
     _, err = p.communicate(timeout=300)
     err = err.decode()
     assert p.returncode == 0, err
-    assert outputs(out) == sorted(f"{r}.json" for r in rels)
+    assert output_files(out) == sorted(f"{r}.json" for r in rels)
     assert "transcribed 16 of 16 inputs" in err and "retries" in err, err  # done counts writes: 16, not more
     assert d2.status()["counters"]["images"] < 16  # d1 did part of the work before it died
     assert all(json.loads((out / f"{r}.json").read_text())["input"].endswith(r) for r in rels)
@@ -114,17 +105,14 @@ def test_two_remote_replicas_one_killed_mid_run(sshd, htrd, tmp_path):
 @pytest.mark.timeout(300)
 def test_remote_and_local_mixed_and_unreachable_host(sshd, htrd, tmp_path):
     """A remote and a local replica share the work; the remote's forward, closed mid-run, is opened again."""
-    d, local = (htrd(config=DAEMON, faults="slow_generate=1.0", wait=False) for _ in range(2))
-    d.wait_ready()
-    local.wait_ready()
+    d, local = replicas(htrd, 2, "slow_generate=1.0")
     rels = make_inputs(tmp_path / "in", 12)
     out = tmp_path / "out"
     before = forward_dirs()
-    p = transcribe(sshd, "-s", url(sshd, d.socket_path), "-s", str(local.socket_path), "--out", str(out),
-                   "-f", "txt", str(tmp_path / "in"))
+    p = transcribe(sshd, [url(sshd, d.socket_path), local.socket_path], tmp_path / "in", out, "-f", "txt")
     ctl = wait_until(lambda: [c for n in forward_dirs() - before
                               for c in (Path(tempfile.gettempdir()) / n).glob("*.ctl")], 60, what="the forward")
-    wait_until(lambda: p.poll() is not None or len(outputs(out)) >= 1, 240, what="a first output")
+    wait_until(lambda: p.poll() is not None or len(output_files(out)) >= 1, 240, what="a first output")
     # the forward's ssh master ends (as when the link drops): the client opens it again
     closed = subprocess.run([*sshd["ssh"].split(), "-S", str(ctl[0]), "-O", "exit", "127.0.0.1"], capture_output=True)
     assert closed.returncode == 0, closed.stderr
@@ -132,13 +120,13 @@ def test_remote_and_local_mixed_and_unreachable_host(sshd, htrd, tmp_path):
     err = err.decode()
     assert p.returncode == 0, err
     assert "the ssh forward ended" in err and "the forward is open again" in err, err
-    assert outputs(out) == sorted(f"{r}.txt" for r in rels)
+    assert output_files(out) == sorted(f"{r}.txt" for r in rels)
     assert d.status()["counters"]["images"] >= 1 and local.status()["counters"]["images"] >= 1
     assert forward_dirs() == before
 
     # an ssh that cannot log in: one line naming the URL, exit 75 (unavailable), nothing written
     bad = f"ssh://nobody-here@127.0.0.1:{sshd['port']}{d.socket_path}"
-    p = transcribe(sshd, "-s", bad, "--out", str(tmp_path / "none"), str(tmp_path / "in"))
+    p = transcribe(sshd, [bad], tmp_path / "in", tmp_path / "none")
     _, err = p.communicate(timeout=120)
     assert p.returncode == 75, err.decode()
     assert f"{bad}: ssh exited with 255" in err.decode()
@@ -157,20 +145,17 @@ def test_throughput_one_two_three_remote_replicas(sshd, htrd, tmp_path):
     """
     import re
 
-    ds = [htrd(config={**DAEMON, "limits": {"batch_sizes": [1, 2, 4], "batch_window_ms": 5.0}},
-               faults="slow_generate=1.0", wait=False) for _ in range(3)]
-    for d in ds:  # started together, waited for one by one
-        d.wait_ready()
+    ds = replicas(htrd, 3, "slow_generate=1.0",
+                  config={**DAEMON, "limits": {"batch_sizes": [1, 2, 4], "batch_window_ms": 5.0}})
     n = 36
     make_inputs(tmp_path / "in", n)
     rates = {}
     for k in (1, 2, 3):
         out = tmp_path / f"out{k}"
-        args = [a for d in ds[:k] for a in ("-s", url(sshd, d.socket_path))]
-        p = transcribe(sshd, *args, "--out", str(out), "-f", "txt", str(tmp_path / "in"))
+        p = transcribe(sshd, [url(sshd, d.socket_path) for d in ds[:k]], tmp_path / "in", out, "-f", "txt")
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err.decode()
-        assert len(outputs(out)) == n
+        assert len(output_files(out)) == n
         m = re.search(rf"transcribed {n} of {n} inputs \({n} pages\) in ([0-9.]+) s", err.decode())
         assert m, err.decode()
         rates[k] = n / float(m.group(1))

@@ -5,15 +5,13 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 from htrctl.errors import UsageError
 from htrctl.shard import Shard, from_slurm, names_digest, parse_shard, shard_inputs
 from htrctl.transcribe import discover_inputs
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_every_name_exactly_once_and_balanced():

@@ -11,19 +11,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import require_system
-from slurm_harness import SlurmCluster, missing_binaries, wait_until
+from helpers import REPO, make_inputs, output_files, require_system, wait_until
+from slurm_harness import SlurmCluster, missing_binaries
 
 from htrctl.shard import Shard
 
-REPO = Path(__file__).resolve().parent.parent
-SAMPLES = REPO / "htrctl" / "data" / "samples"
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
@@ -41,17 +38,6 @@ def slurm(tmp_path_factory):
         require_system(False, f"a Slurm that starts ({exc})")
     yield c
     c.stop()
-
-
-def make_inputs(root: Path, n: int) -> list[str]:
-    lines = sorted(p for p in SAMPLES.iterdir() if p.suffix in (".png", ".jpg"))
-    rels = []
-    for i in range(n):
-        rel = f"folio-{i % 2}/line-{i:02d}{lines[i % len(lines)].suffix}"
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(lines[i % len(lines)], root / rel)
-        rels.append(rel)
-    return rels
 
 
 def job_config(tmp: Path, model: Path, **limits) -> Path:
@@ -83,10 +69,6 @@ def write_script(tmp: Path, config: Path, inputs: Path, out: Path, tasks: int) -
     return script
 
 
-def outputs(out: Path) -> list[str]:
-    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-
-
 def test_array_of_three_covers_every_input_once(slurm, tmp_path, provisioned_model):
     rels = make_inputs(tmp_path / "in", 6)
     out = tmp_path / "out"
@@ -96,7 +78,7 @@ def test_array_of_three_covers_every_input_once(slurm, tmp_path, provisioned_mod
     logs = {i: (tmp_path / "logs" / f"{job}_{i}.log").read_text() for i in range(3)}
     assert states == {f"{job}_{i}": "COMPLETED" for i in range(3)}, (states, logs)
 
-    assert outputs(out) == sorted(f"{r}.json" for r in rels)
+    assert output_files(out) == sorted(f"{r}.json" for r in rels)
     digests = set()
     for i, text in logs.items():
         m = re.search(r"shard (\d)/3: (\d+) of 6 inputs \(input list (\w+)\)", text)
@@ -123,7 +105,7 @@ def test_task_requeued_mid_run_finishes_without_duplicates(slurm, tmp_path, prov
     def some_of_shard0_done():
         st = slurm.tasks(job).get(f"{job}_0")
         assert st in ("PENDING", "RUNNING", "CONFIGURING"), (st, log0.read_text() if log0.exists() else "")
-        done = shard0 & set(outputs(out)) if out.exists() else set()
+        done = shard0 & set(output_files(out))
         return done if 1 <= len(done) < len(shard0) else None
 
     wait_until(some_of_shard0_done, 300, "task 0 to be part-way through its shard", interval=0.1)
@@ -132,16 +114,17 @@ def test_task_requeued_mid_run_finishes_without_duplicates(slurm, tmp_path, prov
     def requeued():
         return "interrupted: transcribed" in log0.read_text()
 
-    wait_until(requeued, 120, "task 0's first run to stop")
+    wait_until(requeued, 120, "task 0's first run to stop", interval=0.2)
     # Back in the queue: Slurm holds a requeued job back (BeginTime, CredExpire+1 s); let it start now.
-    wait_until(lambda: slurm.tasks(job).get(f"{job}_0") == "PENDING", 120, "task 0 to be pending again")
+    wait_until(lambda: slurm.tasks(job).get(f"{job}_0") == "PENDING", 120, "task 0 to be pending again",
+               interval=0.2)
     info = slurm.job_info(f"{job}_0")
     assert int(info.get("Restarts", "0")) >= 1, info
     slurm.run(["scontrol", "update", f"JobId={job}_0", "StartTime=now"])
     states = slurm.wait_job(job, timeout=600)
     text = log0.read_text()
     assert states == {f"{job}_0": "COMPLETED", f"{job}_1": "COMPLETED"}, (states, text)
-    assert outputs(out) == sorted(f"{r}.json" for r in rels)
+    assert output_files(out) == sorted(f"{r}.json" for r in rels)
     assert not list(out.rglob("*.htr-part"))
 
     first = re.search(r"interrupted: transcribed (\d+) of 4 inputs", text)

@@ -7,6 +7,7 @@ mid-run and started again.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -15,37 +16,21 @@ import sys
 from pathlib import Path
 
 import pytest
-from daemon_harness import launch, start_daemon, wait_until
+from daemon_harness import launch, module_daemon, start_daemon
+from helpers import REPO, SAMPLES, make_inputs, run_htrctl, wait_until
 
 from htrctl.errors import ExitCode
 from htrctl.transcribe import TEMP_SUFFIX
 
-REPO = Path(__file__).resolve().parent.parent
-SAMPLES = REPO / "htrctl" / "data" / "samples"
 pytestmark = pytest.mark.slow
 
 
-def htrctl(*args: str, input: bytes | None = None, timeout: float = 180, prefix: list[str] | None = None):
-    return subprocess.run([*(prefix or []), sys.executable, "-m", "htrctl", *args], input=input,
-                          capture_output=True, timeout=timeout, cwd=REPO)
+htrctl = functools.partial(run_htrctl, text=False)  # this file's tests read bytes
 
 
 def spawn(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "htrctl", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, cwd=REPO)
-
-
-def make_inputs(root: Path, n: int) -> list[str]:
-    """*n* line images in nested directories (copies of the shipped samples under distinct names)."""
-    lines = sorted(p for p in SAMPLES.iterdir() if p.suffix in (".png", ".jpg"))
-    rels = []
-    for i in range(n):
-        src = lines[i % len(lines)]
-        rel = f"book-{i % 3}/line-{i:03d}{src.suffix}"
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, root / rel)
-        rels.append(rel)
-    return rels
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +39,7 @@ def model(provisioned_model) -> Path:
     return provisioned_model
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory, model, open_dir):
-    tmp = tmp_path_factory.mktemp("e2e")
-    own = open_dir / "transcribe-e2e"  # open_dir is shared by the session: a socket of our own in it
-    own.mkdir(mode=0o755)
-    d = start_daemon(tmp, model, socket_path=own / "htr.sock")
-    yield d
-    assert d.stop() == 0, d.stderr()[-3000:]
+daemon = module_daemon("transcribe-e2e")
 
 
 # ------------------------------------------------------------------ the happy paths
@@ -143,7 +121,7 @@ def test_socket_missing(tmp_path):
 
 
 def test_permission_denied_names_the_group(daemon):
-    from conftest import require_system
+    from helpers import require_system
 
     require_system(os.geteuid() == 0 and shutil.which("setpriv") is not None, "root and setpriv")
     # The daemon's socket is 0660 root:root; uid/gid 65534 is neither.

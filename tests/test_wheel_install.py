@@ -20,8 +20,8 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 INSTALL_SECTION = "## Install on a GPU server"
 
 

@@ -19,17 +19,13 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 RESULTS = Path(os.environ.get("HTR_RELIABILITY_RESULTS", REPO / ".cache" / "reliability" / "results.json"))
-SAMPLES = REPO / "htrctl" / "data" / "samples"
-
-sys.path.insert(0, str(REPO / "tests"))  # daemon_harness
 
 _records: list[dict] = []
 _ran: set[str] = set()
@@ -169,23 +165,6 @@ def shared_daemon(tmp_path_factory, trapped_model, trapped_marker, open_dir):
     yield d
     code = d.stop()
     assert code == 0, d.stderr()[-3000:]
-
-
-def line_images(n: int) -> list[Path]:
-    return sorted(p for p in SAMPLES.iterdir() if p.suffix in (".png", ".jpg"))[:n]
-
-
-def make_inputs(root: Path, n: int) -> list[str]:
-    """*n* line images under *root* (copies of the shipped samples under distinct names); relative paths."""
-    lines = line_images(10)
-    rels = []
-    for i in range(n):
-        src = lines[i % len(lines)]
-        rel = f"part-{i % 3}/line-{i:04d}{src.suffix}"
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, root / rel)
-        rels.append(rel)
-    return rels
 
 
 def outputs_exactly_once(out: Path, rels: list[str], fmt: str = "txt") -> dict:

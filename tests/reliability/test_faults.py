@@ -34,12 +34,13 @@ import time
 from pathlib import Path
 
 import pytest
-from daemon_harness import launch, start_daemon, wait_until
+from daemon_harness import launch, start_daemon
+from helpers import REPO, make_inputs, wait_until
 
 from htrctl.errors import ExitCode
 
 from . import hostile as H
-from .conftest import REPO, make_inputs, outputs_exactly_once
+from .conftest import outputs_exactly_once
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 

@@ -16,8 +16,8 @@ import time
 
 import pytest
 from daemon_harness import start_daemon
+from helpers import REPO
 
-from .conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

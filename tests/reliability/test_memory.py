@@ -17,7 +17,8 @@ import threading
 import time
 
 import pytest
-from daemon_harness import htrd, wait_until  # noqa: F401 -- htrd is a fixture
+from daemon_harness import htrd  # noqa: F401 -- htrd is a fixture
+from helpers import wait_until
 from htrd.budget import BYTES_PER_PIXEL
 
 from . import hostile as H

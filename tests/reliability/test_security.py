@@ -31,15 +31,16 @@ import zlib
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 from . import hostile as H
-from .conftest import REPO, SOCKET_GROUP
+from .conftest import SOCKET_GROUP
 
 pytestmark = pytest.mark.timeout(300)
 
 
 def _require_root_setpriv():
-    from conftest import require_system
+    from helpers import require_system
 
     require_system(os.geteuid() == 0 and shutil.which("setpriv") is not None, "root and setpriv (util-linux)")
     require_system(SOCKET_GROUP is not None, "a 'daemon' group (the shared socket's group)")

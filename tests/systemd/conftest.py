@@ -8,7 +8,6 @@ instead of skipping them (``require_system``).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import sys
@@ -16,22 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import CACHE, REPO, require_system
 from nspawn_harness import CONFIG, HTRCTL, TEST_ENV_FILE, Container, ContainerError, can_boot, set_test_env
-
-
-def _root_conftest():
-    """tests/conftest.py as a module (`import conftest` here would find this file itself)."""
-    name = "htr_tests_root_conftest"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "conftest.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-_root = _root_conftest()
-REPO, CACHE, require_system = _root.REPO, _root.CACHE, _root.require_system
 
 VENV = Path(sys.prefix)
 TEST_DROPIN = "/etc/systemd/system/htr.service.d/50-test.conf"

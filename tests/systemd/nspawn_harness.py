@@ -14,16 +14,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeVar
 
-T = TypeVar("T")
+from helpers import WaitTimeout, stop_process, wait_until
 
 # This environment's htrctl, run inside the container (the repository and .venv are bound at the same paths).
 HTRCTL = Path(sys.prefix) / "bin" / "htrctl"
@@ -49,20 +46,6 @@ def _as_user(user: str) -> list[str]:
     """Prefix that drops to *user* with its own groups (setpriv: no PAM session needed)."""
     return ["setpriv", f"--reuid={user}", f"--regid={user}" if user != "nobody" else "--regid=nogroup",
             "--init-groups", "--"]
-
-
-def wait_until(check: Callable[[], T], *, timeout: float, interval: float = 0.1, what: str = "condition") -> T:
-    """Poll *check* until it returns something truthy; TimeoutError naming *what* otherwise."""
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    last: T | None = None
-    while True:
-        last = check()
-        if last:
-            return last
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
-        pause.wait(interval)
 
 
 def can_boot() -> tuple[bool, str]:
@@ -105,7 +88,7 @@ class Container:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                                          start_new_session=True)
         try:
-            self.leader = wait_until(self._find_leader, timeout=30, what="the container's systemd (PID 1)")
+            self.leader = wait_until(self._find_leader, timeout=30, what="the container's systemd (PID 1)", interval=0.1)
 
             def system_state() -> str | None:
                 # Until PID 1 has its private bus socket, systemctl cannot connect: it prints nothing
@@ -116,7 +99,7 @@ class Container:
                 return None if state in ("", "offline", "unknown") else state
 
             state = wait_until(system_state, timeout=timeout, interval=0.2, what="systemctl is-system-running")
-        except (TimeoutError, subprocess.TimeoutExpired) as exc:
+        except (WaitTimeout, subprocess.TimeoutExpired) as exc:
             self.stop()
             raise ContainerError(f"container did not boot: {exc}; log: {self.tail()}") from exc
         if state not in ("running", "degraded"):
@@ -149,12 +132,7 @@ class Container:
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc, timeout)
 
     def tail(self, n: int = 800) -> str:
         """The end of nspawn's console log, without colour codes."""

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO
 
 from htrctl import systemd
 from htrctl.config import SYSTEM_CONFIG
 from htrctl.units import control, installer, render
 from htrctl.errors import ServiceError
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _ctx(**kw):

@@ -16,13 +16,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO, SAMPLES, WaitTimeout, wait_until
 
-from nspawn_harness import CONFIG, HTRCTL, set_test_env, wait_until
+from nspawn_harness import CONFIG, HTRCTL, set_test_env
 
 pytestmark = [pytest.mark.systemd, pytest.mark.slow, pytest.mark.timeout(180)]
 
-REPO = Path(__file__).resolve().parents[2]
-SAMPLES = REPO / "htrctl" / "data" / "samples"
 SOCK = "/run/htr/htr.sock"
 CURL = ["curl", "-sS", "--max-time", "60", "--unix-socket"]
 # Start: torch + transformers import and the demo model's load/warm-up on 2 shared cores.
@@ -120,7 +119,7 @@ def test_first_request_starts_the_daemon_through_the_socket(clean_service):
     # A healthy daemon pings the watchdog (WatchdogSec=10s in the test drop-in: every 5 s).
     first_ping = box.prop("htr.service", "WatchdogTimestampMonotonic")
     wait_until(lambda: box.prop("htr.service", "WatchdogTimestampMonotonic") != first_ping, timeout=12,
-               what="a WATCHDOG=1 ping")
+               interval=0.1, what="a WATCHDOG=1 ping")
     status = box.run(["systemctl", "status", "--no-pager", "--lines=0", "htr.service"], check=False).stdout
     assert f'Status: "{st["StatusText"]}"' in status
     assert "TriggeredBy: ● htr.socket" in status or "TriggeredBy: htr.socket" in status
@@ -206,7 +205,7 @@ def test_hung_generate_is_killed_by_the_watchdog_and_restarted(clean_service):
     hung = box.popen(_transcribe_curl())  # generate hangs
     set_test_env(box)  # the restarted daemon comes up without the fault
     # watchdog.generate_timeout_s=10 -> WATCHDOG=trigger -> SIGABRT -> Restart=on-failure
-    wait_until(lambda: _state(box)["ActiveState"] != "active", timeout=30, what="the watchdog to fire")
+    wait_until(lambda: _state(box)["ActiveState"] != "active", timeout=30, interval=0.1, what="the watchdog to fire")
     # Clients that arrive during the restart. The socket stays open, so a raw request is either
     # served once the new daemon accepts it, or answered at once with a retryable 503 while it loads.
     raw = box.run([*CURL, SOCK, "-i", "http://htr/v1/ready"], check=False)
@@ -243,7 +242,7 @@ def _stays(box, pred, seconds: float) -> bool:
     """True when pred() holds throughout *seconds* (polled)."""
     try:
         wait_until(lambda: not pred(), timeout=seconds, interval=0.25, what="a change")
-    except TimeoutError:
+    except WaitTimeout:
         return True
     return False
 
@@ -290,7 +289,7 @@ def test_stop_during_a_request_finishes_it_then_exits_0(clean_service):
         res = box.run([*CURL, SOCK, "http://htr/v1/status"], check=False)
         return res.returncode == 0 and json.loads(res.stdout).get("in_flight", 0) >= 1
 
-    wait_until(in_flight, timeout=20, what="the request to be in flight")
+    wait_until(in_flight, timeout=20, interval=0.1, what="the request to be in flight")
     cursor = box.cursor()
     box.run(["systemctl", "stop", "htr.service"], timeout=120)  # returns once the daemon has exited
     out, err = req.communicate(timeout=30)

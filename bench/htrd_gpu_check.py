@@ -17,65 +17,45 @@ and the exit code. Prints a JSON report; exits 1 when a check fails.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # helpers.py: shared with the tests
+from helpers import line_png, stop_process, wait_ready_states  # noqa: E402
 
-def line_png() -> bytes:
-    from PIL import Image, ImageDraw
 
-    img = Image.new("RGB", (1200, 160), "white")
-    d = ImageDraw.Draw(img)
-    for x in range(30, 1170, 45):
-        d.line([(x, 130), (x + 25, 30)], fill="black", width=6)
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
+def _nvml_gpus():
+    """(UUID, handle) of every GPU of the host; NVML is initialised and shut down around the iteration."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            uuid = pynvml.nvmlDeviceGetUUID(h)
+            yield (uuid.decode() if isinstance(uuid, bytes) else uuid), h
+    finally:
+        pynvml.nvmlShutdown()
 
 
 def nvml_process_memory(pid: int) -> dict[str, int]:
     """GPU UUID -> bytes used by *pid* (NVML), for every GPU of the host."""
     import pynvml
 
-    pynvml.nvmlInit()
-    try:
-        out = {}
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            uuid = pynvml.nvmlDeviceGetUUID(h)
-            uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
-            used = 0
-            for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h):
-                if p.pid == pid:
-                    used += int(p.usedGpuMemory or 0)
-            out[uuid] = used
-        return out
-    finally:
-        pynvml.nvmlShutdown()
+    return {uuid: sum(int(p.usedGpuMemory or 0) for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h)
+                      if p.pid == pid) for uuid, h in _nvml_gpus()}
 
 
 def nvml_used() -> dict[str, int]:
     """GPU UUID -> device memory used (all processes), for the before/after comparison."""
     import pynvml
 
-    pynvml.nvmlInit()
-    try:
-        out = {}
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            uuid = pynvml.nvmlDeviceGetUUID(h)
-            out[uuid.decode() if isinstance(uuid, bytes) else uuid] = int(pynvml.nvmlDeviceGetMemoryInfo(h).used)
-        return out
-    finally:
-        pynvml.nvmlShutdown()
+    return {uuid: int(pynvml.nvmlDeviceGetMemoryInfo(h).used) for uuid, h in _nvml_gpus()}
 
 
 def main() -> int:
@@ -111,24 +91,11 @@ def main() -> int:
         proc = subprocess.Popen([sys.executable, "-m", "htrd", "--config", str(work / "htr.yaml")],
                                 stdout=err, stderr=err, stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     client = httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://htr", timeout=600)
-    pause = threading.Event()
-    states = []
     try:
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"htrd exited with {proc.returncode} before READY; log:\n{log.read_text()[-4000:]}")
-            try:
-                r = client.get("/v1/ready")
-                st = r.json().get("state")
-                if not states or states[-1][0] != st:
-                    states.append((st, round(time.monotonic() - t0, 2)))
-                if r.status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() - t0 > args.timeout:
-                raise SystemExit(f"not ready after {args.timeout:g}s; log:\n{log.read_text()[-4000:]}")
-            pause.wait(0.1)
+        try:
+            states = wait_ready_states(client, proc, args.timeout, log, since=t0)
+        except AssertionError as exc:  # exited, or not ready in time: the message and the log's end
+            raise SystemExit(str(exc)) from None
         report["start_to_ready_s"] = round(time.monotonic() - t0, 2)
         report["states"] = states
         status = client.get("/v1/status").json()
@@ -163,13 +130,7 @@ def main() -> int:
                                                       "htrd_generation_tokens_per_second"))]
     finally:
         client.close()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, 120)
     report["exit_code"] = proc.returncode
     report["checks"]["sigterm_exit_0"] = proc.returncode == 0
     report["log_tail"] = log.read_text(errors="replace").splitlines()[-25:]

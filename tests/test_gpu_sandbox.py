@@ -25,18 +25,17 @@ Environment:
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from helpers import REPO, line_png, stop_process, wait_ready_states
 
 try:  # the 8B model's write + a cold compile take longer than the suite's default 300 s
     import pytest_timeout  # noqa: F401
@@ -45,7 +44,6 @@ try:  # the 8B model's write + a cold compile take longer than the suite's defau
 except ImportError:  # pytest-timeout absent on the GPU host: no marker (--strict-markers would refuse it)
     pytestmark = pytest.mark.gpu
 
-REPO = Path(__file__).resolve().parent.parent
 HIDDEN = (Path("/home"), Path("/root"), Path("/tmp"), Path("/var/tmp"), Path("/run/user"))
 PSEUDO = ["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/tty", "/dev/ptmx"]
 READY_TIMEOUT_S = 900.0
@@ -62,18 +60,6 @@ def _tool() -> Path | None:
         if cand and (Path(cand) / "gpu-sandbox.sh").is_file() and (Path(cand) / "gpu-smoke.py").is_file():
             return Path(cand)
     return None
-
-
-def _line_png() -> bytes:
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (1200, 160), "white")
-    d = ImageDraw.Draw(img)
-    for x in range(30, 1170, 45):
-        d.line([(x, 130), (x + 25, 30)], fill="black", width=6)
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
 
 
 def _readable_tree(root: Path) -> None:
@@ -189,27 +175,13 @@ def test_htrd_in_the_units_sandbox_serves_a_compiled_8b_model(sandbox, tmp_path)
     t0 = time.monotonic()
     proc = _start(sandbox, log)
     client = httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://htr", timeout=600)
-    pause = threading.Event()
-    states: list = []
     try:
-        while True:
-            assert proc.poll() is None, f"htrd exited {proc.returncode} before READY:\n" + "\n".join(_tail(log, 60))
-            try:
-                r = client.get("/v1/ready")
-                st = r.json().get("state")
-                if not states or states[-1][0] != st:
-                    states.append((st, round(time.monotonic() - t0, 1)))
-                if r.status_code == 200:
-                    break
-            except (httpx.TransportError, ValueError):
-                pass
-            assert time.monotonic() - t0 < READY_TIMEOUT_S, "not READY in time:\n" + "\n".join(_tail(log, 60))
-            pause.wait(0.2)
+        states = wait_ready_states(client, proc, READY_TIMEOUT_S, log, since=t0, interval=0.2)
         rep["start_to_ready_s"] = round(time.monotonic() - t0, 1)
         rep["states"] = states
         status = client.get("/v1/status").json()
         rep["status_gpu"] = status.get("gpu")
-        png = _line_png()
+        png = line_png()
         lat = []
         for _ in range(2):  # the first after READY, then a second one
             t1 = time.perf_counter()
@@ -223,13 +195,7 @@ def test_htrd_in_the_units_sandbox_serves_a_compiled_8b_model(sandbox, tmp_path)
         assert res.get("tokens") == TOKENS
     finally:
         client.close()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, 120)
         rep["exit_code_after_sigterm"] = proc.returncode
         rep["log_tail"] = _tail(log)
     out = log.read_text(errors="replace")

@@ -8,6 +8,7 @@ import struct
 import sys
 import time
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -261,15 +262,25 @@ VALID_BUT_ODD = {"1000 headers", "64 KiB header value", "HTTP/3.0 version", "bad
                  "unknown method"}
 
 
-def raw_exchange(sock_path: Path, data: bytes, *, timeout: float = 15.0) -> tuple[bytes, float]:
-    """Send *data* on a fresh connection (then half-close), read until the server closes; (reply, seconds)."""
+@contextmanager
+def connection(sock_path: Path, data: bytes = b"", *, timeout: float):
+    """A fresh connection to the Unix socket *sock_path* (socket timeout *timeout*) with *data* sent on it;
+    closed when the block ends."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
-    t0 = time.monotonic()
     try:
         s.connect(str(sock_path))
         if data:
             s.sendall(data)
+        yield s
+    finally:
+        s.close()
+
+
+def raw_exchange(sock_path: Path, data: bytes, *, timeout: float = 15.0) -> tuple[bytes, float]:
+    """Send *data* on a fresh connection (then half-close), read until the server closes; (reply, seconds)."""
+    t0 = time.monotonic()
+    with connection(sock_path, data, timeout=timeout) as s:
         out = b""
         deadline = t0 + timeout
         while time.monotonic() < deadline:
@@ -285,21 +296,14 @@ def raw_exchange(sock_path: Path, data: bytes, *, timeout: float = 15.0) -> tupl
             if _complete_response(out):
                 break
         return out, time.monotonic() - t0
-    finally:
-        s.close()
 
 
 def disconnect_mid_body(sock_path: Path, path: str = "/v1/transcribe", declared: int = 100_000,
                         sent: bytes = b"\x89PNG\r\n\x1a\n" + b"\x00" * 92, ctype: str = "image/png") -> None:
     """Send headers promising *declared* body bytes and only *sent* of them, then close the connection."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(10.0)
-    try:
-        s.connect(str(sock_path))
-        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {declared}\r\n"
-                  f"Content-Type: {ctype}\r\n\r\n".encode() + sent)
-    finally:
-        s.close()
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {declared}\r\nContent-Type: {ctype}\r\n\r\n"
+    with connection(sock_path, head.encode() + sent, timeout=10.0):
+        pass
 
 
 def _complete_response(buf: bytes) -> bool:

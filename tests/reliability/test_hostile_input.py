@@ -172,13 +172,8 @@ def test_malformed_http_is_a_4xx_and_never_a_500(shared_daemon, record, case):
 
 
 def _trickle(sock_path, prefix: bytes, stop: threading.Event, result: dict, step: bytes = b"") -> None:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(0.5)
     t0 = time.monotonic()
-    try:
-        s.connect(str(sock_path))
-        if prefix:
-            s.sendall(prefix)
+    with H.connection(sock_path, prefix, timeout=0.5) as s:
         got = b""
         while not stop.is_set():
             try:
@@ -198,8 +193,6 @@ def _trickle(sock_path, prefix: bytes, stop: threading.Event, result: dict, step
         result["reply"] = got
         result["seconds"] = time.monotonic() - t0
         result["closed"] = not stop.is_set()
-    finally:
-        s.close()
 
 
 SLOW = {
@@ -348,7 +341,7 @@ def test_client_disconnect_and_protocol_error_are_not_server_errors(shared_daemo
             H.metric_sample(before, "htrd_client_disconnects_total", kind="protocol_error")
         return (m, gone, proto) if gone >= 4 and proto >= 1 else None
 
-    from daemon_harness import wait_until
+    from helpers import wait_until
 
     after, gone, proto = wait_until(counted, 20, what="the disconnects counted")
     assert (gone, proto) == (4, 1)

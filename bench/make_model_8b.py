@@ -6,7 +6,9 @@
 The layout is the demo model's (and the incident's): base weights as
 safetensors shards at the root, the tokenizer, processor and chat template, and
 a PEFT LoRA adapter (r=16, every linear layer of the language model, non-zero
-random B so it changes outputs) in ``final_model/``. Shapes are those of
+random B so it changes outputs) in ``final_model/``. The config, processor,
+generation config and adapter come from the demo model's own code
+(``htrctl/demo_model.py``) with ``QWEN3_VL_8B_SHAPE``, the sizes of
 Qwen3-VL-8B-Instruct (text: 36 layers, hidden 4096, MLP 12288, 32 query / 8 KV
 heads of 128, vocabulary 151936, interleaved M-RoPE [24, 20, 20], theta 5e6;
 vision: depth 27, hidden 1152, MLP 4304, 16 heads, patch 16, merge 2, deepstack
@@ -22,6 +24,7 @@ the real model's shape -- what the benchmark measures.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -33,121 +36,47 @@ from pathlib import Path
 
 logger = logging.getLogger("make_model_8b")
 
-REAL_IMAGE_SIZE = {"shortest_edge": 65536, "longest_edge": 16777216}  # Qwen3-VL preprocessor_config.json
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
+def shape(tiny: bool):
+    """Qwen3-VL-8B-Instruct's sizes, or (--tiny) the same layout small enough for a CPU."""
+    from htrctl.demo_model import QWEN3_VL_8B_SHAPE
 
-def shapes(tiny: bool) -> tuple[dict, dict]:
-    if tiny:
-        text = dict(
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=32,
-            vocab_size=151936 // 64,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 5000000.0,
-                "mrope_section": [6, 5, 5],
-                "mrope_interleaved": True,
-            },
-        )
-        vision = dict(
-            depth=3,
-            hidden_size=64,
-            intermediate_size=128,
-            num_heads=2,
-            out_hidden_size=128,
-            num_position_embeddings=2304,
-            deepstack_visual_indexes=[0, 1],
-        )
-    else:
-        text = dict(
-            hidden_size=4096,
-            intermediate_size=12288,
-            num_hidden_layers=36,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=128,
-            vocab_size=151936,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 5000000.0,
-                "mrope_section": [24, 20, 20],
-                "mrope_interleaved": True,
-            },
-        )
-        vision = dict(
-            depth=27,
-            hidden_size=1152,
-            intermediate_size=4304,
-            num_heads=16,
-            out_hidden_size=4096,
-            num_position_embeddings=2304,
-            deepstack_visual_indexes=[8, 16, 24],
-        )
-    text.update(
-        max_position_embeddings=262144,
-        rms_norm_eps=1e-6,
-        hidden_act="silu",
-        attention_bias=False,
-        dtype="bfloat16",
+    if not tiny:
+        return QWEN3_VL_8B_SHAPE
+    return dataclasses.replace(
+        QWEN3_VL_8B_SHAPE, vocab_size=151936 // 64, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, mrope_section=(6, 5, 5), vision_depth=3,
+        vision_hidden_size=64, vision_intermediate_size=128, vision_num_heads=2, deepstack_visual_indexes=(0, 1),
     )
-    vision.update(
-        patch_size=16,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        in_channels=3,
-        hidden_act="gelu_pytorch_tanh",
-    )
-    return text, vision
 
 
 def build(dest: Path, *, tiny: bool = False, device: str | None = None, seed: int = 0) -> dict:
     """Write the model directory *dest* (replacing it). Returns timings and sizes."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import (
-        AutoProcessor,
-        GenerationConfig,
-        Qwen2VLImageProcessor,
-        Qwen3VLConfig,
-        Qwen3VLForConditionalGeneration,
-        Qwen3VLProcessor,
-    )
+    from peft import get_peft_model
+    from transformers import Qwen3VLForConditionalGeneration
 
-    from htrctl.demo_model import HUB_BASE_ID, build_demo_model
+    from htrctl.demo_model import (
+        build_processor,
+        build_tokenizer,
+        generation_config,
+        lora_config,
+        qwen3vl_config,
+        save_adapter,
+        special_token_ids,
+    )
+    from htrctl.modeldir import ADAPTER_DIRNAME
 
     t0 = time.perf_counter()
     device = device or ("cpu" if tiny else "cuda")
     dest = Path(dest)
+    sizes = shape(tiny)
     work = Path(tempfile.mkdtemp(prefix=".make-model-", dir=dest.parent if dest.parent.exists() else None))
     try:
-        demo = build_demo_model(work / "demo")
-        demo_proc = AutoProcessor.from_pretrained(demo, local_files_only=True)
-        demo_cfg = json.loads((demo / "config.json").read_text())
-        tok = demo_proc.tokenizer
-        gen_cfg = GenerationConfig.from_pretrained(demo, local_files_only=True)
-
-        text, vision = shapes(tiny)
-        text.update(
-            pad_token_id=demo_cfg["text_config"].get("pad_token_id"),
-            bos_token_id=demo_cfg["text_config"].get("bos_token_id"),
-            eos_token_id=demo_cfg["text_config"].get("eos_token_id"),
-        )
-        config = Qwen3VLConfig(
-            text_config=text,
-            vision_config=vision,
-            image_token_id=demo_cfg["image_token_id"],
-            video_token_id=demo_cfg["video_token_id"],
-            vision_start_token_id=demo_cfg["vision_start_token_id"],
-            vision_end_token_id=demo_cfg["vision_end_token_id"],
-            tie_word_embeddings=False,
-        )
-        config.architectures = ["Qwen3VLForConditionalGeneration"]
+        tokenizer = build_tokenizer()
+        ids = special_token_ids(tokenizer)
+        config = qwen3vl_config(sizes, ids)
 
         dtype = torch.bfloat16
         torch.manual_seed(seed)
@@ -163,50 +92,18 @@ def build(dest: Path, *, tiny: bool = False, device: str | None = None, seed: in
         t_built = time.perf_counter()
 
         out = work / "model"
-        model.generation_config = gen_cfg
+        model.generation_config = generation_config(ids)
         model.save_pretrained(out, safe_serialization=True, max_shard_size="4GB")
         t_saved = time.perf_counter()
+        build_processor(tokenizer, sizes).save_pretrained(out)
 
-        image_processor = Qwen2VLImageProcessor(
-            patch_size=16,
-            temporal_patch_size=2,
-            merge_size=2,
-            image_mean=[0.5, 0.5, 0.5],
-            image_std=[0.5, 0.5, 0.5],
-            size=dict(REAL_IMAGE_SIZE),
-        )
-        processor = Qwen3VLProcessor(
-            image_processor=image_processor,
-            tokenizer=tok,
-            video_processor=demo_proc.video_processor,
-            chat_template=demo_proc.chat_template,
-        )
-        processor.save_pretrained(out)
-
-        lora = LoraConfig(
-            r=16,
-            lora_alpha=32,
-            lora_dropout=0.0,
-            target_modules=LORA_TARGETS,
-            init_lora_weights=False,
-            task_type="CAUSAL_LM",
-        )
-        peft_model = get_peft_model(model, lora)
+        peft_model = get_peft_model(model, lora_config(sizes))
         with torch.no_grad():
             g = torch.Generator(device=device).manual_seed(seed + 1)
             for name, p in peft_model.named_parameters():
-                if "lora_A" in name:
+                if "lora_A" in name or "lora_B" in name:  # non-zero B: the adapter changes outputs
                     p.copy_(torch.randn(p.shape, generator=g, device=device, dtype=torch.float32) * 0.02)
-                elif "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=g, device=device, dtype=torch.float32) * 0.02)
-        adapter_dir = out / "final_model"
-        peft_model.save_pretrained(adapter_dir, safe_serialization=True)
-        acfg_path = adapter_dir / "adapter_config.json"
-        acfg = json.loads(acfg_path.read_text())
-        acfg["base_model_name_or_path"] = HUB_BASE_ID  # like the incident's adapter
-        acfg["target_modules"] = sorted(acfg["target_modules"])
-        acfg_path.write_text(json.dumps(acfg, indent=2, sort_keys=True) + "\n")
-        (adapter_dir / "README.md").unlink(missing_ok=True)
+        save_adapter(peft_model, out / ADAPTER_DIRNAME)
         del peft_model, model
         t_adapter = time.perf_counter()
 

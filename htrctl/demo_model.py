@@ -10,6 +10,11 @@ Glagolitic text with Qwen's special tokens, the Qwen3-VL image processor and
 processor, a chat template, random weights saved as safetensors, and a LoRA
 adapter written by PEFT. Building twice gives byte-identical files.
 
+The config, processor, generation config and LoRA settings are built by the
+functions below from a :class:`ModelShape`: ``DEMO_SHAPE`` here, and
+``QWEN3_VL_8B_SHAPE`` (Qwen3-VL-8B-Instruct's sizes) for the benchmarks' 8B-shaped
+model (``bench/make_model_8b.py``) -- the same code, two parameter sets.
+
 Needs the ``model`` extra (torch, transformers, peft); imported lazily.
 """
 
@@ -21,6 +26,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from .modeldir import ADAPTER_DIRNAME
@@ -47,6 +53,51 @@ SPECIAL_TOKENS = [
     "<|image_pad|>",
     "<|video_pad|>",
 ]
+# The adapter's target modules: every linear layer of the language model.
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a Qwen3-VL model, its image processor's pixel bounds and its LoRA adapter's rank: all that
+    tells the demo model from the 8B one. The rest is the same code (:func:`qwen3vl_config`, ...)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    mrope_section: tuple[int, int, int]
+    max_position_embeddings: int
+    dtype: str
+    vision_depth: int
+    vision_hidden_size: int
+    vision_intermediate_size: int
+    vision_num_heads: int
+    num_position_embeddings: int
+    deepstack_visual_indexes: tuple[int, ...]
+    pixels: tuple[int, int]  # the image processor's shortest_edge and longest_edge (pixels, not sides)
+    lora_r: int
+    lora_alpha: int
+    vocab_size: int | None = None  # None: the tokenizer's size, padded to a multiple of 64
+
+
+DEMO_SHAPE = ModelShape(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, mrope_section=(2, 3, 3), max_position_embeddings=4096, dtype="float32",
+    vision_depth=2, vision_hidden_size=32, vision_intermediate_size=64, vision_num_heads=2,
+    num_position_embeddings=144, deepstack_visual_indexes=(0,), pixels=(32 * 32, 32 * 32 * 24),
+    lora_r=4, lora_alpha=8,
+)
+# Qwen3-VL-8B-Instruct (its config.json and preprocessor_config.json); a 1200x160 line is 190 image tokens.
+QWEN3_VL_8B_SHAPE = ModelShape(
+    vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=128, mrope_section=(24, 20, 20),
+    max_position_embeddings=262144, dtype="bfloat16", vision_depth=27, vision_hidden_size=1152,
+    vision_intermediate_size=4304, vision_num_heads=16, num_position_embeddings=2304,
+    deepstack_visual_indexes=(8, 16, 24), pixels=(65536, 16777216), lora_r=16, lora_alpha=32,
+)
 
 # Qwen3-VL's chat template, reduced to what transcription uses (text and image
 # parts; system/user/assistant turns; the generation prompt).
@@ -89,7 +140,8 @@ def _corpus() -> list[str]:
     return lines
 
 
-def _build_tokenizer(out: Path):
+def build_tokenizer():
+    """The demo's byte-level BPE with Qwen's special tokens (deterministic; the 8B-shaped model has it too)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
@@ -134,53 +186,79 @@ def _build_tokenizer(out: Path):
 
 def _write_tree(out: Path) -> None:
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import (
-        GenerationConfig,
-        Qwen2VLImageProcessor,
-        Qwen3VLConfig,
-        Qwen3VLForConditionalGeneration,
-        Qwen3VLProcessor,
-        Qwen3VLVideoProcessor,
-    )
+    from peft import get_peft_model
+    from transformers import Qwen3VLForConditionalGeneration
 
     torch.manual_seed(DEMO_SEED)
-    tokenizer = _build_tokenizer(out)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    vocab_size = len(tokenizer)
-    vocab_size += (-vocab_size) % 64  # pad like real checkpoints do
+    tokenizer = build_tokenizer()
+    ids = special_token_ids(tokenizer)
+    config = qwen3vl_config(DEMO_SHAPE, ids, padded_vocab_size(tokenizer))
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(DEMO_SEED)
+        for _, p in sorted(model.named_parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.08)
+    model.generation_config = generation_config(ids)
+    model.save_pretrained(out, safe_serialization=True, max_shard_size="400KB")
+    build_processor(tokenizer, DEMO_SHAPE).save_pretrained(out)
+
+    # The LoRA adapter, written by PEFT, with non-zero B so it changes outputs.
+    torch.manual_seed(DEMO_SEED + 1)
+    peft_model = get_peft_model(model, lora_config(DEMO_SHAPE))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(DEMO_SEED + 1)
+        for name, p in sorted(peft_model.named_parameters()):
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    save_adapter(peft_model, out / ADAPTER_DIRNAME)
+    _normalise_json(out)
+
+
+def special_token_ids(tokenizer) -> dict[str, int]:
+    return {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+
+
+def padded_vocab_size(tokenizer) -> int:
+    """The tokenizer's size padded to a multiple of 64, as real checkpoints pad their embeddings."""
+    return len(tokenizer) + (-len(tokenizer)) % 64
+
+
+def qwen3vl_config(shape: ModelShape, ids: dict[str, int], vocab_size: int | None = None):
+    """A ``Qwen3VLConfig`` of *shape*, with the special-token ids *ids* (:func:`special_token_ids`).
+    *vocab_size*: the shape's own when it has one, else this."""
+    from transformers import Qwen3VLConfig
 
     text_config = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=4096,
+        vocab_size=shape.vocab_size or vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        head_dim=shape.head_dim,
+        max_position_embeddings=shape.max_position_embeddings,
         rope_parameters={
             "rope_type": "default",
             "rope_theta": 5000000.0,
-            "mrope_section": [2, 3, 3],
+            "mrope_section": list(shape.mrope_section),
             "mrope_interleaved": True,
         },
-        dtype="float32",
+        dtype=shape.dtype,
         pad_token_id=ids["<|endoftext|>"],
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
     )
     vision_config = dict(
-        depth=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=2,
+        depth=shape.vision_depth,
+        hidden_size=shape.vision_hidden_size,
+        intermediate_size=shape.vision_intermediate_size,
+        num_heads=shape.vision_num_heads,
         patch_size=16,
         spatial_merge_size=2,
         temporal_patch_size=2,
-        out_hidden_size=64,
-        num_position_embeddings=144,
-        deepstack_visual_indexes=[0],
+        out_hidden_size=shape.hidden_size,  # the vision tower's output feeds the language model
+        num_position_embeddings=shape.num_position_embeddings,
+        deepstack_visual_indexes=list(shape.deepstack_visual_indexes),
     )
     config = Qwen3VLConfig(
         text_config=text_config,
@@ -192,59 +270,55 @@ def _write_tree(out: Path) -> None:
         tie_word_embeddings=False,
     )
     config.architectures = ["Qwen3VLForConditionalGeneration"]
-    model = Qwen3VLForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(DEMO_SEED)
-        for _, p in sorted(model.named_parameters()):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.08)
-    model.generation_config = GenerationConfig(
+    return config
+
+
+def generation_config(ids: dict[str, int]):
+    """Greedy; stops at ``<|im_end|>`` or ``<|endoftext|>``."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
         pad_token_id=ids["<|endoftext|>"],
         do_sample=False,
     )
-    model.save_pretrained(out, safe_serialization=True, max_shard_size="400KB")
 
+
+def build_processor(tokenizer, shape: ModelShape):
+    """Qwen3-VL's processor: the image processor with *shape*'s pixel bounds, the video processor, the chat
+    template."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    common = dict(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5, 0.5, 0.5],
+                  image_std=[0.5, 0.5, 0.5])
     image_processor = Qwen2VLImageProcessor(
-        patch_size=16,
-        temporal_patch_size=2,
-        merge_size=2,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-        size={"shortest_edge": 32 * 32, "longest_edge": 32 * 32 * 24},
+        **common, size={"shortest_edge": shape.pixels[0], "longest_edge": shape.pixels[1]}
     )
-    video_processor = Qwen3VLVideoProcessor(
-        patch_size=16,
-        temporal_patch_size=2,
-        merge_size=2,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-    )
-    processor = Qwen3VLProcessor(
+    return Qwen3VLProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        video_processor=video_processor,
+        video_processor=Qwen3VLVideoProcessor(**common),
         chat_template=CHAT_TEMPLATE,
     )
-    processor.save_pretrained(out)
 
-    # The LoRA adapter, written by PEFT, with non-zero B so it changes outputs.
-    lora = LoraConfig(
-        r=4,
-        lora_alpha=8,
+
+def lora_config(shape: ModelShape):
+    """The adapter's PEFT config: rank and alpha of *shape*, every linear layer of the language model."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=shape.lora_r,
+        lora_alpha=shape.lora_alpha,
         lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        target_modules=LORA_TARGETS,
         init_lora_weights=False,
         task_type="CAUSAL_LM",
     )
-    torch.manual_seed(DEMO_SEED + 1)
-    peft_model = get_peft_model(model, lora)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(DEMO_SEED + 1)
-        for name, p in sorted(peft_model.named_parameters()):
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    adapter_dir = out / ADAPTER_DIRNAME
+
+
+def save_adapter(peft_model, adapter_dir: Path) -> None:
+    """Write the adapter as the incident's was: its config names the base by hub id."""
     peft_model.save_pretrained(adapter_dir, safe_serialization=True)
     cfg_path = adapter_dir / "adapter_config.json"
     acfg = json.loads(cfg_path.read_text())
@@ -252,10 +326,7 @@ def _write_tree(out: Path) -> None:
     acfg.pop("revision", None)
     acfg["target_modules"] = sorted(acfg["target_modules"])  # PEFT stores a set
     cfg_path.write_text(json.dumps(acfg, indent=2, sort_keys=True) + "\n")
-    readme = adapter_dir / "README.md"
-    if readme.exists():
-        readme.unlink()  # PEFT's model card embeds versions; not part of the model
-    _normalise_json(out)
+    (adapter_dir / "README.md").unlink(missing_ok=True)  # PEFT's model card embeds versions: not the model
 
 
 def _normalise_json(root: Path) -> None:

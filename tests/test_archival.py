@@ -67,7 +67,7 @@ def test_transkribus_page_2013_reading_order_and_texts():
     assert all(ln.geometry.polygon and ln.geometry.baseline for ln in doc.lines)
 
 
-def test_escriptorium_alto_v4():
+def test_escriptorium_alto_v4_lines_texts_baselines_and_polygons_are_read():
     doc = load(ESCRIPTORIUM.read_bytes(), ESCRIPTORIUM.name)
     assert doc.kind == "alto" and doc.version == "ALTO v4" and doc.image_name == "0014.jpg"
     assert [ln.id for ln in doc.lines] == ["eSc_line_0e5809e0", "eSc_line_d9c33ce2"]
@@ -102,7 +102,7 @@ def test_transkribus_custom_reading_order_inside_a_region():
     assert ids.index("line_1469098657875_466") < ids.index("line_1469098653078_465")
 
 
-def test_page_2010_point_children(tmp_path):
+def test_page_2010_point_children_are_read_as_polygons(tmp_path):
     ns = "http://schema.primaresearch.org/PAGE/gts/pagecontent/2010-01-12"
     xml = (f'<PcGts xmlns="{ns}"><Metadata><Creator/><Created>2010-01-01T00:00:00</Created>'
            f'<LastChange>2010-01-01T00:00:00</LastChange></Metadata>'
@@ -154,7 +154,7 @@ def test_external_dtd_is_not_loaded(tmp_path):
     assert b"FROM-THE-DTD" not in etree.tostring(tree)
 
 
-def test_size_limit(monkeypatch):
+def test_xml_over_the_size_limit_is_refused(monkeypatch):
     from htrctl.archival import xmlsafe
 
     monkeypatch.setattr(xmlsafe, "MAX_XML_BYTES", 1000)
@@ -444,7 +444,7 @@ def test_whole_image_page_and_alto_are_valid(tmp_path):
     assert load(alto, "y.xml").lines[0].text == "ⰀⰁⰂ & <ok>"
 
 
-def test_whole_image_multipage_tiff(tmp_path):
+def test_a_multipage_tiff_becomes_one_alto_page_per_page_and_no_page_xml(tmp_path):
     tif = tmp_path / "two.tif"
     a, b = Image.new("L", (300, 60), 255), Image.new("L", (320, 70), 255)
     a.save(tif, save_all=True, append_images=[b])

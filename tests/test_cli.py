@@ -44,7 +44,7 @@ def run_cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "htrctl", *args], capture_output=True, text=True, env=env)
 
 
-def test_help_works():
+def test_help_exits_0_and_lists_the_commands():
     r = run_cli("--help")
     assert r.returncode == 0
     assert "config" in r.stdout

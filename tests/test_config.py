@@ -113,17 +113,17 @@ def test_top_level_must_be_mapping(tmp_path):
         load_settings(p, env={})
 
 
-def test_missing_explicit_file(tmp_path):
+def test_an_explicit_config_file_that_does_not_exist_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "nope.yaml", env={})
 
 
-def test_cross_field_batch_bigger_than_queue(tmp_path):
+def test_a_batch_larger_than_the_queue_is_refused(tmp_path):
     p = write(tmp_path, "limits: {queue_length: 4, batch_sizes: [1, 8]}\n")
     with pytest.raises(ConfigError, match="largest batch exceeds limits.queue_length"):
         load_settings(p, env={})
 
 
-def test_octal_mode_strings(tmp_path):
+def test_socket_mode_accepts_octal_strings_from_env_and_yaml(tmp_path):
     assert load_settings(env={"HTR_SOCKET__MODE": "0o640"}).socket.mode == 0o640
     assert load_settings(write(tmp_path, "socket: {mode: 0600}\n"), env={}).socket.mode == 0o600

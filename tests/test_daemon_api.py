@@ -66,7 +66,7 @@ def daemon(tmp_path_factory, demo_model_dir):
     assert code == 0, d.stderr()[-3000:]
 
 
-def test_ready_live_status(daemon):
+def test_ready_live_and_status_report_a_ready_cpu_daemon(daemon):
     r = daemon.get(P.PATH_READY)
     assert r.status_code == 200 and r.json()["state"] == "ready"
     assert daemon.get(P.PATH_LIVE).json()["status"] == "alive"
@@ -93,7 +93,7 @@ def test_transcription_is_stable_and_greedy(daemon):
     assert "peer_uid=%d" % os.getuid() in daemon.stderr()
 
 
-def test_socket_mode_and_group(daemon):
+def test_the_socket_is_0660_and_owned_by_the_configured_group(daemon):
     require_group()
     st = os.stat(daemon.socket_path)
     assert stat.S_ISSOCK(st.st_mode)
@@ -136,7 +136,7 @@ def test_concurrent_requests_are_batched(daemon):
     assert alone["batch_size"] == 1 and alone["text"] == responses[0].json()["results"][0]["text"]
 
 
-def test_batch_endpoint_and_multipage_tiff(daemon):
+def test_batch_endpoint_answers_each_part_and_each_tiff_page(daemon):
     pages = [line_image(i).convert("L") for i in range(3)]
     buf = io.BytesIO()
     pages[0].save(buf, "TIFF", save_all=True, append_images=pages[1:])
@@ -203,7 +203,7 @@ def test_bad_image_is_a_clear_4xx_and_daemon_stays_ready(daemon, case):
     assert "\\x89PNG" not in daemon.stderr()  # never log image bytes
 
 
-def test_image_formats_and_modes(daemon):
+def test_every_image_format_and_pixel_mode_is_transcribed(daemon):
     rgb = line_image(4)
     variants = {
         "png-rgb": encode(rgb),
@@ -244,7 +244,7 @@ def test_errors_use_the_envelope(daemon):
     assert daemon.get(P.PATH_READY).status_code == 200
 
 
-def test_max_new_tokens_and_openapi_and_metrics(daemon):
+def test_max_new_tokens_is_honoured_and_openapi_and_metrics_are_served(daemon):
     r = daemon.post(P.PATH_TRANSCRIBE + "?max_new_tokens=3", content=encode(line_image(5)))
     assert r.status_code == 200 and r.json()["results"][0]["tokens"] <= 3
     spec = daemon.get(P.PATH_OPENAPI).json()

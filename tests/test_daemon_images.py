@@ -30,7 +30,7 @@ def one(data: bytes) -> Image.Image:
     return pages[0].image
 
 
-def test_sniff():
+def test_sniff_names_the_supported_formats_and_nothing_else():
     assert sniff(enc(Image.new("RGB", (4, 4)), "PNG")) == "PNG"
     assert sniff(enc(Image.new("RGB", (4, 4)), "JPEG")) == "JPEG"
     assert sniff(enc(Image.new("RGB", (4, 4)), "TIFF")) == "TIFF"
@@ -65,7 +65,7 @@ def test_alpha_and_palette_transparency_composite_on_white():
     assert one(enc(pal, "PNG")).getpixel((1, 1)) == (10, 20, 30)
 
 
-def test_one_bit_and_gray():
+def test_one_bit_and_gray_images_become_rgb():
     assert one(enc(Image.new("1", (8, 8), 1), "PNG")).getpixel((0, 0)) == (255, 255, 255)
     assert one(enc(Image.new("L", (8, 8), 77), "TIFF")).getpixel((0, 0)) == (77, 77, 77)
 
@@ -81,7 +81,7 @@ def test_exif_orientation_is_applied():
     assert r > 200 and g < 60
 
 
-def test_multipage_tiff_pages_and_limit():
+def test_a_multipage_tiff_gives_every_page_and_too_many_pages_are_a_413():
     frames = [Image.new("L", (20, 10), v) for v in (10, 120, 240)]
     data = enc(frames[0], "TIFF", save_all=True, append_images=frames[1:])
     pages = decode_image(data, max_pixels=LIMIT)
@@ -102,14 +102,14 @@ def test_pixel_limit_checked_on_the_declared_size():
 
 @pytest.mark.parametrize("data,status", [(b"", 400), (b"BM\x00\x00", 415), (b"\x89PNG\r\n\x1a\nnonsense", 422),
                                          (b"RIFF\x00\x00\x00\x00WEBPVP8 junk", 422)])
-def test_bad_bytes(data, status):
+def test_undecodable_bytes_are_a_bad_image_4xx(data, status):
     with pytest.raises(ApiError) as exc:
         decode_image(data, max_pixels=LIMIT)
     assert exc.value.status == status
     assert exc.value.type == "bad_image" and exc.value.message
 
 
-def test_faults_parse():
+def test_fault_specs_parse_and_unknown_ones_are_refused():
     f = Faults.parse("hang_generate, slow_load=1.5,oom=2,slow_generate=0.25,crash")
     assert f.hang_generate and f.crash and f.slow_load_s == 1.5 and f.slow_generate_s == 0.25
     assert [f.take_oom(), f.take_oom(), f.take_oom()] == [True, True, False]

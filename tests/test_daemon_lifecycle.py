@@ -227,7 +227,7 @@ def test_socket_path_that_is_a_regular_file_is_refused(tmp_path, demo_model_dir)
     assert path.read_text() == "precious"
 
 
-def test_socket_override_flag(tmp_path, demo_model_dir):
+def test_the_socket_flag_overrides_the_configured_path(tmp_path, demo_model_dir):
     """--socket wins over socket.path (checked through the error, which names the path it tried)."""
     other = tmp_path / "elsewhere" / "x.sock"
     code, err = run_to_exit(tmp_path, demo_model_dir, args=["--socket", str(other)])

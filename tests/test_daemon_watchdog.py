@@ -132,7 +132,7 @@ def test_notify_is_a_noop_without_notify_socket(monkeypatch):
     assert sdnotify.notify("READY=1") is False
 
 
-def test_notify_abstract_socket(monkeypatch):
+def test_notify_reaches_an_abstract_notify_socket(monkeypatch):
     from htrd import sdnotify
 
     name = f"htrd-test-{os.getpid()}-{time.monotonic_ns()}"

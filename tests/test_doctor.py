@@ -111,7 +111,7 @@ def sized_model(tmp_path, gib: float) -> Path:
 
 
 @pytest.mark.parametrize("path", HOSTS, ids=[p.stem for p in HOSTS])
-def test_captured_host(path, tmp_path, paths, monkeypatch):
+def test_doctor_on_a_captured_host_checks_every_pair_and_recommends_a_gpu(path, tmp_path, paths, monkeypatch):
     doc = json.loads(path.read_text())
     monkeypatch.setenv(ENV_FAKE, str(path))
     n = len(doc["nvml"]["gpus"])
@@ -217,7 +217,7 @@ def test_uncorrected_ecc_fails_and_is_not_recommended(tmp_path, paths, monkeypat
     assert U1 in rep.by_id("placement.recommend").data["excluded"]
 
 
-def test_compute_mode_prohibited(tmp_path, paths, monkeypatch):
+def test_a_prohibited_compute_mode_fails_and_another_gpu_is_recommended(tmp_path, paths, monkeypatch):
     host(tmp_path, variant(gpus={0: {"compute_mode": 2}}), monkeypatch)
     rep = run_doctor(settings_for(tmp_path, select=U0), sections=["driver", "placement"], paths=paths)
     f = rep.by_id("gpu.0.compute-mode")
@@ -227,7 +227,7 @@ def test_compute_mode_prohibited(tmp_path, paths, monkeypatch):
     assert rep.recommendation["uuid"] == U1
 
 
-def test_remapped_rows_pending(tmp_path, paths, monkeypatch):
+def test_pending_row_remapping_fails_the_gpu(tmp_path, paths, monkeypatch):
     host(tmp_path, variant(gpus={0: {"remapped_rows": {"correctable": 0, "uncorrectable": 2, "pending": True,
                                                         "failure": False}}}), monkeypatch)
     rep = run_doctor(settings_for(tmp_path), sections=["driver"], paths=paths)
@@ -337,14 +337,14 @@ def test_iommu_passthrough_is_ok(tmp_path, paths, monkeypatch):
     assert f.severity == OK and "passthrough" in f.message
 
 
-def test_no_iommu_and_bare_metal(tmp_path, paths, monkeypatch):
+def test_no_iommu_on_bare_metal_is_ok(tmp_path, paths, monkeypatch):
     host(tmp_path, INCIDENT, monkeypatch)
     rep = run_doctor(settings_for(tmp_path), sections=["host"], paths=paths)
     assert rep.by_id("host.iommu").severity == OK and rep.by_id("host.iommu").message == "IOMMU off"
     assert rep.by_id("host.vm").severity == OK and rep.by_id("host.vm").data["vm"] is False
 
 
-def test_vm_detected(tmp_path, paths, monkeypatch):
+def test_a_virtual_machine_is_detected_and_warned_about(tmp_path, paths, monkeypatch):
     host(tmp_path, INCIDENT, monkeypatch)
     (paths.sys_root / "class" / "dmi" / "id" / "sys_vendor").write_text("QEMU\n")
     (paths.proc_root / "cpuinfo").write_text("flags\t\t: fpu vme hypervisor\n")
@@ -352,7 +352,7 @@ def test_vm_detected(tmp_path, paths, monkeypatch):
     assert f.severity == WARN and "QEMU" in f.message and f.data["hypervisor_flag"] is True
 
 
-def test_cuda_env_pitfalls(tmp_path, paths, monkeypatch):
+def test_cuda_device_order_and_visible_device_indices_are_warned_about(tmp_path, paths, monkeypatch):
     host(tmp_path, INCIDENT, monkeypatch)
     env = {"CUDA_VISIBLE_DEVICES": "1", "CUDA_DEVICE_ORDER": "FASTEST_FIRST"}
     rep = run_doctor(settings_for(tmp_path), sections=["host"], paths=paths, env=env)
@@ -404,7 +404,7 @@ def test_the_projects_unit_passes_offline(tmp_path, paths, monkeypatch):
     assert rep.by_id("model.offline").severity == OK
 
 
-def test_model_checks_on_the_demo_model(demo_model_copy, tmp_path, paths, monkeypatch):
+def test_model_checks_pass_on_the_demo_model(demo_model_copy, tmp_path, paths, monkeypatch):
     host(tmp_path, INCIDENT, monkeypatch)
     s = settings_for(tmp_path)
     s.model.dir = demo_model_copy

@@ -30,7 +30,7 @@ def test_granted_gpus_from_the_environment():
     assert granted_gpus({}) == []
 
 
-def test_resolve_granted():
+def test_granted_gpu_indices_resolve_to_uuids_in_pci_order():
     four = devs(4)
     assert resolve_granted(["2"], four) == ["GPU-00000002-aaaa"]  # the node's index, PCI order
     assert resolve_granted(["1", "3"], four) == ["GPU-00000001-aaaa", "GPU-00000003-aaaa"]
@@ -40,7 +40,7 @@ def test_resolve_granted():
         resolve_granted(["7"], four)
 
 
-def test_job_gpu_selects():
+def test_a_job_serves_on_its_granted_gpus_and_never_another_jobs():
     assert job_gpu_selects("cpu", {"SLURM_JOB_ID": "1", "CUDA_VISIBLE_DEVICES": "0"}) == ["cpu"]
     assert job_gpu_selects("most-free", {"CUDA_VISIBLE_DEVICES": "1"}, list_gpus=lambda: devs(2)) == [
         "GPU-00000001-aaaa"]
@@ -102,7 +102,7 @@ def test_run_job_transcribes_and_stops_its_daemon(tmp_path, provisioned_model):
     shutil.rmtree(tmpdir)
 
 
-def test_slurm_script_rendering(tmp_path):
+def test_slurm_script_renders_the_array_and_the_run_job_line(tmp_path):
     from htrctl.errors import UsageError
     from htrctl.slurm import ScriptOptions, render_script
 

@@ -22,7 +22,7 @@ from htrctl.manifest import (
 )
 
 
-def test_roundtrip_and_digest(tmp_path):
+def test_a_manifest_round_trips_and_its_digest_is_the_sha256sum_listing(tmp_path):
     m = Manifest(files=[FileEntry("b.json", 2, "a" * 64), FileEntry("a/x.safetensors", 10, "b" * 64)],
                  base={"id": "Qwen/Qwen3-VL-8B-Instruct"}, sources={"model": "/src"})
     digest = write_manifest(tmp_path, m)
@@ -76,7 +76,7 @@ def want(s: str) -> str:
     return re.escape(s)
 
 
-def test_no_manifest_is_none(tmp_path):
+def test_reading_a_directory_without_a_manifest_gives_none(tmp_path):
     assert read_manifest(tmp_path) is None
 
 
@@ -85,7 +85,7 @@ def test_no_manifest_is_none(tmp_path):
     [("a/b.json", False), ("../x", True), ("a/../../x", True), ("/etc/passwd", True), ("a\\b", True),
      ("a//b", True), ("./a", True), ("", True)],
 )
-def test_unsafe_relpath(rel, bad):
+def test_unsafe_relpath_flags_paths_that_leave_or_bend_the_directory(rel, bad):
     assert (unsafe_relpath(rel) is not None) is bad
 
 

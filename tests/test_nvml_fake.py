@@ -32,12 +32,12 @@ U0 = "GPU-00000000-1111-2222-3333-444444444444"
 U1 = "GPU-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
 
 
-def test_captured_hosts_exist():
+def test_captured_gpu_host_snapshots_are_present():
     assert len(CAPTURED) >= 1, "tests/data/gpu-hosts/ must hold captured snapshots"
 
 
 @pytest.mark.parametrize("path", CAPTURED, ids=[p.stem for p in CAPTURED])
-def test_captured_host_replays(path, monkeypatch):
+def test_a_captured_host_replays_its_gpus_and_pairs(path, monkeypatch):
     doc = json.loads(path.read_text())
     monkeypatch.setenv(ENV_FAKE, str(path))
     snap = read_host()
@@ -57,7 +57,7 @@ def test_captured_host_replays(path, monkeypatch):
     assert select_gpu("cpu") is None
 
 
-def test_bus_order_not_nvml_order(tmp_path, monkeypatch):
+def test_gpus_are_numbered_in_pci_bus_order_not_nvml_order(tmp_path, monkeypatch):
     doc = {"nvml": {"driver_version": "580", "gpus": [
         _gpu(0, U0, "00000000:81:00.0", 40), _gpu(1, U1, "00000000:0A:00.0", 10)]}}
     monkeypatch.setenv(ENV_FAKE, str(_write(tmp_path, doc)))
@@ -90,7 +90,7 @@ def test_select_errors_name_what_exists(tmp_path, monkeypatch):
         select_gpu("GPU-ffffffff-1111-2222-3333-444444444444")
 
 
-def test_no_driver(tmp_path, monkeypatch):
+def test_without_a_driver_listing_gpus_fails_with_69_and_cpu_still_works(tmp_path, monkeypatch):
     monkeypatch.setenv(ENV_FAKE, str(_write(tmp_path, {"init_error": "NVML Shared Library Not Found"})))
     with pytest.raises(GpuError) as e:
         list_gpus()

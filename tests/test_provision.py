@@ -25,7 +25,7 @@ def siblings(dest: Path) -> list[str]:
     return sorted(p.name for p in dest.parent.iterdir())
 
 
-def test_parse_location():
+def test_locations_parse_as_hub_remote_or_local():
     assert parse_location("hf://Qwen/Qwen3-VL-8B-Instruct@abc") == Hub(HUB_ID, "abc")
     assert parse_location("user@gpu1:/srv/models/htr") == Remote("user@gpu1", "/srv/models/htr")
     assert parse_location("gpu1:models") == Remote("gpu1", "models")
@@ -89,7 +89,7 @@ def test_adapter_without_base_is_an_error_naming_the_fix(demo_model_dir, tmp_pat
     assert not dest.exists()
 
 
-def test_adapter_with_local_base(demo_model_dir, tmp_path):
+def test_an_adapter_with_a_local_base_provisions_a_verified_tree(demo_model_dir, tmp_path):
     src = tmp_path / "incident"
     shutil.copytree(demo_model_dir / "final_model", src / "final_model")
     base = tmp_path / "base"
@@ -130,7 +130,7 @@ def _fake_hf_cache(base: Path, repo: str) -> Path:
     return snap
 
 
-def test_base_from_the_local_hf_cache(demo_model_dir, tmp_path, monkeypatch):
+def test_the_base_is_taken_from_the_local_hf_cache_offline(demo_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     base = tmp_path / "base"
@@ -269,7 +269,7 @@ def test_unsafe_source_is_refused(demo_model_copy, tmp_path):
         provision(str(demo_model_copy), str(tmp_path / "dest"), progress=False)
 
 
-def test_cli_json_and_exit_code(demo_model_dir, tmp_path, capsys):
+def test_cli_reports_json_exits_0_and_a_second_run_is_a_noop(demo_model_dir, tmp_path, capsys):
     from htrctl.cli import main
 
     dest = tmp_path / "model"

@@ -112,7 +112,7 @@ def test_sftp_only_account_pull_killed_mid_file_resumes(sftp_only, demo_model_co
     assert again.noop and again.bytes_copied == 0
 
 
-def test_windows_style_paths_over_sftp(sftp_only, demo_model_dir, tmp_path):
+def test_windows_style_paths_reach_the_sftp_server_as_written(sftp_only, demo_model_dir, tmp_path):
     """``C:/models/htr`` and a quoted ``D:\\models\\htr`` go to the server as written (forward slashes); the
     test server resolves them under its start directory, where directories named ``C:`` and ``D:`` stand in
     for the drives."""

@@ -35,7 +35,7 @@ def sshd(tmp_path_factory):
         yield server
 
 
-def test_local_to_remote_and_back(sshd, demo_model_copy, tmp_path):
+def test_provision_to_a_remote_and_back_verifies_both_ways(sshd, demo_model_copy, tmp_path):
     host, ssh = sshd["host"], sshd["ssh"]
     remote = tmp_path / "remote" / "model"
     r = provision(str(demo_model_copy), f"{host}:{remote}", ssh=ssh, progress=False)
@@ -71,7 +71,7 @@ def test_local_to_remote_and_back(sshd, demo_model_copy, tmp_path):
     assert r4.noop
 
 
-def test_remote_adapter_with_remote_base(sshd, demo_model_dir, tmp_path):
+def test_a_remote_adapter_with_a_remote_base_provisions_locally(sshd, demo_model_dir, tmp_path):
     host, ssh = sshd["host"], sshd["ssh"]
     src = tmp_path / "srv" / "adapter-only"
     shutil.copytree(demo_model_dir / "final_model", src / "final_model")
@@ -134,7 +134,7 @@ def test_killed_mid_transfer_then_resumed(sshd, demo_model_dir, tmp_path, direct
     assert read_manifest(dest)[0].by_path()["aux.safetensors"].size == (src / "aux.safetensors").stat().st_size
 
 
-def test_remote_dry_run_and_remote_lock(sshd, demo_model_dir, tmp_path):
+def test_remote_dry_run_changes_nothing_and_a_remote_lock_stops_a_second_run(sshd, demo_model_dir, tmp_path):
     import fcntl
 
     from htrctl.errors import LockedError, ProvisionError

@@ -27,7 +27,7 @@ DAEMON = {"limits": {"batch_sizes": [1, 2], "batch_window_ms": 5.0}, "generation
           "log": {"level": "INFO"}}
 
 
-def test_parse_socket():
+def test_socket_paths_and_ssh_urls_parse_and_bad_urls_are_usage_errors():
     assert parse_socket("/run/htr/htr.sock") == Path("/run/htr/htr.sock")
     s = parse_socket("ssh://alice@gpu1.example.org:2222/run/htr/htr.sock")
     assert s == SshSocket(host="gpu1.example.org", path="/run/htr/htr.sock", user="alice", port=2222)

@@ -69,18 +69,18 @@ def test_a_run_removes_only_its_own_stale_temps(tmp_path):
 
 
 @pytest.mark.parametrize("spec, want", [("0/1", (0, 1)), ("2/3", (2, 3)), (" 1 / 4 ", (1, 4))])
-def test_parse(spec, want):
+def test_shard_specs_parse_to_index_and_count(spec, want):
     s = parse_shard(spec)
     assert (s.index, s.count) == want
 
 
 @pytest.mark.parametrize("spec", ["3/3", "1/0", "-1/2", "a/b", "1", "1/2/3"])
-def test_parse_rejects(spec):
+def test_bad_shard_specs_are_usage_errors(spec):
     with pytest.raises(UsageError):
         parse_shard(spec)
 
 
-def test_slurm_environment():
+def test_the_shard_comes_from_the_slurm_array_environment():
     env = {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "5",
            "SLURM_ARRAY_TASK_MAX": "8"}
     assert from_slurm(env) == Shard(2, 4)

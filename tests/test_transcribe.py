@@ -43,7 +43,7 @@ daemon = module_daemon("transcribe-e2e")
 
 
 # ------------------------------------------------------------------ the happy paths
-def test_directory_in_files_out(daemon, tmp_path):
+def test_a_directory_in_gives_one_output_file_per_input_and_page(daemon, tmp_path):
     src = tmp_path / "in"
     rels = make_inputs(src, 7)
     shutil.copyfile(SAMPLES / "page-2p.tif", src / "book-0" / "two-pages.tif")
@@ -94,7 +94,7 @@ def test_bad_input_is_reported_and_the_rest_continue(daemon, tmp_path):
     assert "3 of 4 inputs" in err and "1 failed" in err
 
 
-def test_status_human_and_json(daemon):
+def test_status_shows_the_daemon_in_text_and_json(daemon):
     r = htrctl("status", "-s", str(daemon.socket_path), "--json")
     assert r.returncode == 0, r.stderr.decode()
     rep = json.loads(r.stdout)
@@ -110,7 +110,7 @@ def test_status_human_and_json(daemon):
 
 
 # ------------------------------------------------------------------ each error, asserted
-def test_socket_missing(tmp_path):
+def test_a_missing_socket_is_exit_75_with_how_to_start_htrd(tmp_path):
     r = htrctl("transcribe", "-s", str(tmp_path / "htr.sock"), str(SAMPLES))
     err = r.stderr.decode().strip()
     assert r.returncode == ExitCode.UNAVAILABLE

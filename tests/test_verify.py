@@ -39,7 +39,7 @@ def codes(report):
     return {(f.code, f.path) for f in report.findings}
 
 
-def test_clean_directory_verifies(model):
+def test_a_clean_directory_verifies_quick_and_full_with_no_findings(model):
     for quick in (False, True):
         r = verify_model_dir(model, quick=quick)
         assert r.ok, r.to_dict()
@@ -49,7 +49,7 @@ def test_clean_directory_verifies(model):
     verify_model_dir(model).raise_for_problems()  # does not raise
 
 
-def test_missing_file(model):
+def test_verify_fails_when_a_shard_is_missing_and_names_provision_as_the_fix(model):
     (model / SHARD).unlink()
     r = verify_model_dir(model, quick=True)
     assert ("missing", SHARD) in codes(r) and not r.ok
@@ -58,13 +58,13 @@ def test_missing_file(model):
     assert "htrctl provision" in exc.value.remedy
 
 
-def test_extra_file(model):
+def test_verify_fails_on_a_file_the_manifest_does_not_list(model):
     (model / "stray.txt").write_text("x")
     r = verify_model_dir(model, quick=True)
     assert codes(r) == {("extra", "stray.txt")} and not r.ok
 
 
-def test_truncated_file(model):
+def test_verify_fails_when_a_file_is_truncated(model):
     p = model / SHARD
     with open(p, "r+b") as f:
         f.truncate(p.stat().st_size - 100)
@@ -74,7 +74,7 @@ def test_truncated_file(model):
         r.raise_for_problems()
 
 
-def test_modified_file_needs_the_full_hash(model):
+def test_a_modified_file_passes_quick_and_fails_the_full_hash(model):
     p = model / SHARD
     data = bytearray(p.read_bytes())
     data[-1] ^= 0xFF  # inside the last tensor: same size, header still valid
@@ -94,7 +94,7 @@ def _rewrite_header(path, mutate):
     path.write_bytes(struct.pack("<Q", len(hb)) + hb + raw[8 + n :])
 
 
-def test_bad_safetensors_header_json(model):
+def test_verify_fails_when_a_safetensors_header_is_not_json(model):
     p = model / SHARD
     data = bytearray(p.read_bytes())
     data[8:16] = b"{{{{{{{{"  # same size: only the header check can see it
@@ -126,7 +126,7 @@ def test_hostile_header_length_is_rejected_before_reading(tmp_path):
     assert "exceeds the" in out.stdout and "limit" in out.stdout
 
 
-def test_header_length_beyond_file(model):
+def test_verify_fails_when_the_header_length_exceeds_the_file(model):
     p = model / SHARD
     data = bytearray(p.read_bytes())
     data[:8] = struct.pack("<Q", len(data) + 1)
@@ -136,7 +136,7 @@ def test_header_length_beyond_file(model):
     assert "exceeds the file size" in problem
 
 
-def test_offsets_beyond_file(model):
+def test_verify_fails_when_tensor_offsets_run_beyond_the_file(model):
     p = model / SHARD
 
     def grow(header):
@@ -157,7 +157,7 @@ def _row(shape):
     return n
 
 
-def test_index_names_a_missing_shard(model):
+def test_verify_fails_when_the_index_names_a_missing_shard(model):
     idx = json.loads((model / INDEX).read_text())
     name = next(iter(idx["weight_map"]))
     idx["weight_map"][name] = "model-00009-of-00009.safetensors"
@@ -166,7 +166,7 @@ def test_index_names_a_missing_shard(model):
     assert ("index_missing_shard", "model-00009-of-00009.safetensors") in codes(r)
 
 
-def test_index_names_a_tensor_the_shard_lacks(model):
+def test_verify_fails_when_the_index_names_a_tensor_the_shard_lacks(model):
     idx = json.loads((model / INDEX).read_text())
     idx["weight_map"]["model.language_model.layers.9.mlp.up_proj.weight"] = SHARD
     (model / INDEX).write_text(json.dumps(idx))
@@ -174,7 +174,7 @@ def test_index_names_a_tensor_the_shard_lacks(model):
     assert ("index_missing_tensor", SHARD) in codes(r)
 
 
-def test_adapter_base_architecture_mismatch(model):
+def test_verify_fails_when_the_adapter_is_for_another_architecture(model):
     cfg = json.loads((model / "config.json").read_text())
     cfg["model_type"] = "llama"
     (model / "config.json").write_text(json.dumps(cfg))
@@ -182,7 +182,7 @@ def test_adapter_base_architecture_mismatch(model):
     assert ("adapter_mismatch", "final_model/adapter_config.json") in codes(r)
 
 
-def test_adapter_target_module_missing_from_base(model):
+def test_verify_fails_when_the_adapter_targets_a_module_the_base_lacks(model):
     p = model / "final_model" / "adapter_config.json"
     cfg = json.loads(p.read_text())
     cfg["target_modules"] = cfg["target_modules"] + ["wqkv"]
@@ -192,7 +192,7 @@ def test_adapter_target_module_missing_from_base(model):
     assert "['wqkv']" in problem
 
 
-def test_adapter_shapes_disagree_with_base(model):
+def test_verify_fails_when_adapter_shapes_do_not_fit_the_base(model):
     p = model / "final_model" / "adapter_model.safetensors"
 
     def widen(header):  # claim a lora_A with a different in_features (bytes stay consistent)
@@ -215,13 +215,13 @@ def _edit_manifest(model, fn):
 
 
 @pytest.mark.parametrize("bad", ["../outside.json", "final_model/../../x", "/etc/passwd"])
-def test_manifest_paths_escaping_the_directory(model, bad):
+def test_verify_refuses_manifest_paths_escaping_the_directory(model, bad):
     _edit_manifest(model, lambda m: m["files"].append({"path": bad, "size": 1, "sha256": "0" * 64}))
     r = verify_model_dir(model)
     assert ("unsafe_path", bad) in codes(r) and not r.ok
 
 
-def test_symlink_pointing_outside(model, tmp_path):
+def test_verify_refuses_a_symlink_pointing_outside_and_never_reads_it(model, tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("not yours")
     (model / "tokenizer.json").unlink()
@@ -231,13 +231,13 @@ def test_symlink_pointing_outside(model, tmp_path):
     assert ("modified", "tokenizer.json") not in codes(r)  # never read through the link
 
 
-def test_invalid_manifest(model):
+def test_verify_fails_when_the_manifest_is_not_json(model):
     (model / MANIFEST_NAME).write_text("{")
     r = verify_model_dir(model, quick=True)
     assert ("bad_manifest", MANIFEST_NAME) in codes(r) and not r.ok
 
 
-def test_no_manifest_gets_structure_check_and_a_remedy(demo_model_copy):
+def test_without_a_manifest_only_the_structure_is_checked_and_a_remedy_given(demo_model_copy):
     r = verify_model_dir(demo_model_copy)
     assert r.ok and r.manifest_digest is None
     (f,) = r.findings
@@ -245,7 +245,7 @@ def test_no_manifest_gets_structure_check_and_a_remedy(demo_model_copy):
     assert f"htrctl provision {demo_model_copy} {demo_model_copy}" in f.remedy
 
 
-def test_adapter_without_base(demo_model_dir, tmp_path):
+def test_an_adapter_without_its_base_fails_naming_the_hub_id_and_base_option(demo_model_dir, tmp_path):
     only = tmp_path / "adapter-only"
     shutil.copytree(demo_model_dir / "final_model", only / "final_model")
     r = verify_model_dir(only, quick=True)
@@ -255,7 +255,7 @@ def test_adapter_without_base(demo_model_dir, tmp_path):
         r.raise_for_problems()
 
 
-def test_missing_directory():
+def test_a_missing_directory_is_reported_not_found():
     r = verify_model_dir("/nonexistent/model")
     assert not r.ok and r.findings[0].code == "not_found"
 
@@ -265,7 +265,7 @@ def test_header_parser_accepts_the_demo_shards(demo_model_dir):
     assert header and start > 8 and size == (demo_model_dir / SHARD).stat().st_size
 
 
-def test_cli_exit_codes_and_json(model, capsys):
+def test_cli_exits_0_with_json_when_clean_and_1_naming_a_missing_shard(model, capsys):
     from htrctl.cli import main
 
     assert main(["verify", str(model), "--json"]) == 0
@@ -320,7 +320,7 @@ def test_unreadable_files_are_findings_not_tracebacks(model, tmp_path):
 
 
 @pytest.mark.parametrize("rel", ["pytorch_model.bin", "final_model/adapter_model.bin", "final_model/training_args.bin"])
-def test_pickle_files_anywhere_are_flagged(model, rel):
+def test_pickle_files_anywhere_are_flagged_as_never_loaded(model, rel):
     """Pickle weights are never loaded; verify says so wherever they lie (also next to the safetensors adapter)."""
     (model / rel).write_bytes(b"\x80\x04pickled")
     report = verify_model_dir(model, quick=True)

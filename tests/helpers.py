@@ -68,7 +68,7 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str = "conditio
         if last:
             return last
         if time.monotonic() >= deadline:
-            raise WaitTimeout(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")
+            raise WaitTimeout(f"timed out after {round(timeout, 1):g}s waiting for {what} (last: {last!r})")
         pause.wait(interval)
 
 

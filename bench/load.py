@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -178,7 +177,9 @@ def run_load(socket_path: str | os.PathLike, n: int, concurrency: int, *, images
 
 def start_demo_daemon(workdir: Path, config: dict | None = None) -> tuple[subprocess.Popen, Path]:
     """htrd on the demo model (built/cached under .cache/tests), CPU, a socket in *workdir*; waits for ready."""
-    sys.path.insert(0, str(REPO))
+    sys.path[:0] = [str(REPO), str(REPO / "tests")]
+    from helpers import wait_ready_states
+
     from htrctl.demo_model import build_demo_model
 
     model = build_demo_model(REPO / ".cache" / "tests" / "demo-model")
@@ -192,20 +193,13 @@ def start_demo_daemon(workdir: Path, config: dict | None = None) -> tuple[subpro
     log = open(workdir / "htrd.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "htrd", "--config", str(cfg_path)], stdout=log, stderr=log,
                             stdin=subprocess.DEVNULL, env=env, cwd=workdir)
-    deadline = time.monotonic() + 300
-    pause = threading.Event()
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"htrd exited with {proc.returncode}; see {workdir / 'htrd.log'}")
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://htr", timeout=5) as c:
         try:
-            with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://htr", timeout=5) as c:
-                if c.get("/v1/ready").status_code == 200:
-                    return proc, sock
-        except httpx.TransportError:
-            pass
-        pause.wait(0.2)
-    proc.kill()
-    raise SystemExit("htrd did not get ready within 300 s")
+            wait_ready_states(c, proc, 300, workdir / "htrd.log", interval=0.2)
+        except AssertionError as exc:  # exited, or not ready in time: the message and the log's end
+            proc.kill()
+            raise SystemExit(str(exc)) from None
+    return proc, sock
 
 
 def render(result: dict) -> str:

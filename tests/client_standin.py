@@ -12,10 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-import time
 from pathlib import Path
 
 import uvicorn
+from helpers import wait_until
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -52,10 +52,7 @@ class StandIn:
 
     def __enter__(self) -> "StandIn":
         self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "stand-in server did not start"
-            threading.Event().wait(0.01)
+        wait_until(lambda: self.server.started, 10, "the stand-in server to start", interval=0.01)
         return self
 
     def __exit__(self, *exc) -> None:

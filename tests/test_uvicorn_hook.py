@@ -19,6 +19,7 @@ import time
 from importlib.metadata import version
 
 import pytest
+from helpers import wait_until
 
 uvicorn = pytest.importorskip("uvicorn")
 from htrd.server import PEER_KEY, PROTOCOL_ERROR_KEY, peercred_protocol  # noqa: E402
@@ -72,10 +73,12 @@ def _serve(tmp_path, app):
     srv.install_signal_handlers = lambda: None  # not the main thread
     t = threading.Thread(target=lambda: asyncio.run(srv.serve(sockets=[sock])), daemon=True)
     t.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert t.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        threading.Event().wait(0.01)
+
+    def started() -> bool:
+        assert t.is_alive(), "uvicorn exited before it started"
+        return srv.started
+
+    wait_until(started, 30, "uvicorn to start", interval=0.01)
     yield path
     srv.should_exit = True
     t.join(30)
@@ -129,10 +132,7 @@ def test_an_idle_keepalive_connection_is_closed_after_the_timeout(server):
 
 
 def _wait_for_disconnects(n: int) -> None:
-    deadline = time.monotonic() + 15
-    while len(DISCONNECTS) < n:
-        assert time.monotonic() < deadline, DISCONNECTS
-        threading.Event().wait(0.01)
+    wait_until(lambda: len(DISCONNECTS) >= n, 15, f"{n} disconnects", interval=0.01)
 
 
 def test_a_framing_error_mid_body_marks_the_scope_and_a_plain_disconnect_does_not(reading_server):

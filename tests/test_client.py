@@ -141,7 +141,7 @@ def test_wait_ready_times_out_with_the_state(standin):
     assert "--wait" in ei.value.remedy
 
 
-def test_503_not_ready_and_queue_full_and_4xx(standin):
+def test_503s_are_retryable_not_ready_and_busy_errors_and_a_4xx_a_request_error(standin):
     standin.transcribe_script = [(503, "not_ready"), (503, "queue_full")]
     with HtrClient(standin.sock) as c:
         with pytest.raises(DaemonNotReadyError) as e1:

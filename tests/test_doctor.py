@@ -139,7 +139,7 @@ def test_doctor_on_a_captured_host_checks_every_pair_and_recommends_a_gpu(path, 
 # --------------------------------------------------------------------------- the incident's host
 
 
-def test_incident_host_copy_hangs(tmp_path, paths, monkeypatch):
+def test_a_hanging_p2p_copy_fails_within_the_timeout_with_the_remedy(tmp_path, paths, monkeypatch):
     host(tmp_path, variant(probe={"pairs": {"0-1": "hang"}}), monkeypatch)
     t0 = time.monotonic()
     rep = run_doctor(settings_for(tmp_path), sections=["topology", "p2p", "placement"], p2p_timeout=3.0, paths=paths)
@@ -163,7 +163,7 @@ def test_incident_host_copy_hangs(tmp_path, paths, monkeypatch):
     assert "FAIL  p2p.0-1" in text and "pin the daemon to one GPU" in text
 
 
-def test_incident_host_returns_zeros(tmp_path, paths, monkeypatch):
+def test_a_p2p_copy_returning_zeros_fails_that_direction_only(tmp_path, paths, monkeypatch):
     host(tmp_path, variant(probe={"pairs": {"0-1": "zeros"}}), monkeypatch)
     rep = run_doctor(settings_for(tmp_path), sections=["p2p"], p2p_timeout=20, paths=paths)
     f = rep.by_id("p2p.0-1")
@@ -180,7 +180,7 @@ def test_mismatch_is_not_called_zeros(tmp_path, paths, monkeypatch):
     assert f.severity == FAIL and "different bytes than the source" in f.message
 
 
-def test_probe_that_never_starts(tmp_path, paths, monkeypatch):
+def test_a_probe_that_never_starts_is_a_bounded_failure(tmp_path, paths, monkeypatch):
     """A probe that hangs before reporting anything (CUDA init wedged) is a bounded failure."""
     host(tmp_path, variant(probe={"hang_at_start": True}), monkeypatch)
     rep = run_doctor(settings_for(tmp_path), sections=["p2p"], p2p_timeout=2.0, paths=paths)
@@ -190,7 +190,7 @@ def test_probe_that_never_starts(tmp_path, paths, monkeypatch):
     assert 2.0 <= rep.duration_s < 8
 
 
-def test_no_torch_for_the_probe(tmp_path, paths, monkeypatch):
+def test_without_torch_the_p2p_probe_is_a_warning(tmp_path, paths, monkeypatch):
     host(tmp_path, variant(probe={"torch": False}), monkeypatch)
     rep = run_doctor(settings_for(tmp_path), sections=["p2p"], paths=paths)
     f = rep.by_id("p2p")
@@ -234,7 +234,7 @@ def test_pending_row_remapping_fails_the_gpu(tmp_path, paths, monkeypatch):
     assert rep.by_id("gpu.0.remapped-rows").severity == FAIL
 
 
-def test_config_asks_for_too_small_gpu(tmp_path, paths, monkeypatch):
+def test_a_configured_gpu_too_small_for_the_model_fails_and_another_is_named(tmp_path, paths, monkeypatch):
     host(tmp_path, variant(gpus={0: {"memory_free": int(12 * GIB)}}), monkeypatch)
     s = settings_for(tmp_path, select="0")
     s.model.dir = sized_model(tmp_path, 17.5)

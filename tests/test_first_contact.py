@@ -283,7 +283,7 @@ def test_ctrl_c_says_where_the_work_is_kept_and_that_a_rerun_resumes(tmp_path):
 
 
 # ------------------------------------------------------------------ row 8: config from the environment
-def test_env_null_octal_and_unknown_variables(caplog):
+def test_env_accepts_null_and_octal_and_refuses_unknown_variables_with_78(caplog):
     from htrctl.config import load_settings
     from htrctl.errors import ConfigError
 

@@ -86,11 +86,12 @@ def test_usage_error_exit_2():
 
 def test_every_exit_code_is_documented_once_in_the_readme():
     import re
-    from pathlib import Path
+
+    from helpers import REPO
 
     from htrctl.errors import ExitCode
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
     table = readme.split("\n## Exit codes\n", 1)[1].split("\n## ", 1)[0]
     documented = [int(m) for m in re.findall(r"^\| (\d+) \|", table, re.M)]
     assert sorted(documented) == sorted(int(c) for c in ExitCode), documented

@@ -7,10 +7,10 @@ What the engine gets from :class:`FastGenerator` compared with the naive
   ``merged/``): decoding runs plain linear layers.
 - **Slots.** The KV cache holds ``slots`` lines (the largest of
   ``limits.batch_sizes``) of up to ``max_cache_len`` tokens each. A line joins
-  the running decode batch at a step boundary: its prompt is prefilled by the
-  HF model (vision tower, deepstack features, exact M-RoPE positions; several
-  newcomers together, at most ``prefill_chunk`` at a time so running lines are
-  never stalled for long) and its keys and values are copied into a free slot.
+  the running decode batch at a step boundary: its prompt is prefilled
+  (several newcomers together, at most ``prefill_chunk`` at a time so running
+  lines are never stalled for long) with its keys and values written into a
+  free slot.
   It leaves at its EOS or its own ``max_new_tokens`` and frees the slot at
   once; a one-word line never waits for a long one.
 - **A captured decode step.** Every slot keeps its own cache index, rope offset,
@@ -20,11 +20,14 @@ What the engine gets from :class:`FastGenerator` compared with the naive
   positions ``[:L]``; on CUDA it is captured once per (B bucket, L bucket) as a
   CUDA graph before READY and replayed: one launch per token. On the CPU the
   same step runs eagerly (what the tests exercise).
-- **A fused prefill.** HF's forward runs the vision tower, places the image
-  features and computes the M-RoPE positions; the language model over the
-  prompt runs on the same fused weights and ops as the decode step and writes
-  keys and values straight into the slots (one Python pass of ~10 kernels a
-  layer instead of HF's module-by-module forward and a cache copy).
+- **A fused prefill that never waits for the GPU.** HF's vision tower turns
+  the patches into image tokens and deepstack features; everything around it
+  is known on the host (:func:`htrd.model.prompt_layout`: M-RoPE positions
+  from HF's own ``get_rope_index``, cached per image grid; where the image
+  tokens go; each image's patch count), so nothing asks the GPU for a shape.
+  The language model over the prompt runs on the decode step's fused weights
+  and ops (~10 kernels a layer) and writes keys and values straight into the
+  slots; no cache is copied afterwards.
 - **SDPA attention**; optionally the elementwise ops (norms, rotary, SiLU)
   compiled with ``torch.compile`` (``compile=True``), with inductor/triton
   caches in a persistent directory.

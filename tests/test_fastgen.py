@@ -377,6 +377,31 @@ def test_prefill_groups_keep_padded_prompts_inside_the_cache(fast):
     assert fast.prefill_chunk == 16 and [len(g) for g in fast._chunks([Seq(prep(60), NEW)] * 20)] == [16, 4]
 
 
+def test_lines_joining_together_prefill_in_groups_of_similar_length(naive, fast):
+    """More newcomers than one prefill takes: grouped by prompt length, so no line is padded to a much
+    longer one's prompt; every line still gets its own tokens."""
+    from htrd.generation import Seq
+
+    a, b = fast.prepare(IMAGES[0]), fast.prepare(IMAGES[1])
+    assert a.prompt_len != b.prompt_len
+    chunk = fast.prefill_chunk
+    fast.prefill_chunk = 2
+    try:  # alternating lengths: in arrival order every group would pad one line to the other's length
+        seqs = [Seq(a, NEW, tag=0), Seq(b, NEW, tag=1), Seq(a, NEW, tag=0), Seq(b, NEW, tag=1)]
+        fast.add(seqs)
+        for slot, seq in enumerate(fast._seqs):
+            if seq is not None:  # the cache span a line reaches: its group's padded prompt + its tokens
+                assert fast._need[slot] - NEW == seq.prepared.prompt_len
+        done = []
+        while fast.running():
+            done += fast.step()
+    finally:
+        fast.prefill_chunk = chunk
+    assert sorted(f.seq.tag for f in done) == [0, 0, 1, 1]
+    for f in done:
+        assert f.token_ids == naive["tokens"][f.seq.tag]
+
+
 def test_doctor_sizes_the_kv_cache_htrd_allocates(fast, demo_model_dir):
     """One way to size: htrctl.modeldir.kv_cache_bytes (doctor's placement, htrd's GPU choice) equals the
     cache the fast generator allocates (fp32 on the CPU here: 4 bytes an element)."""

@@ -25,9 +25,15 @@ _KNOWN = {P.PATH_LIVE, P.PATH_READY, P.PATH_STATUS, P.PATH_TRANSCRIBE, P.PATH_TR
 NOTE_KEY = "htrd.note"  # appended to the request's log line
 
 
-def current_daemon(request: Request) -> Daemon:
+def daemon_of(request: Request) -> Daemon:
     """The daemon the app was built for (:func:`htrd.api.create_app`)."""
     return request.app.state.daemon
+
+
+async def current_daemon(request: Request) -> Daemon:
+    """:func:`daemon_of` as a dependency. ``async``: FastAPI runs a plain function dependency in its thread
+    pool -- a thread hop on every request for an attribute read."""
+    return daemon_of(request)
 
 
 DaemonDep = Annotated[Daemon, Depends(current_daemon)]

@@ -17,7 +17,7 @@ from htrctl import protocol as P
 
 from ..api_errors import ApiError
 from ..server import PROTOCOL_ERROR_KEY
-from .context import NOTE_KEY, current_daemon
+from .context import NOTE_KEY, daemon_of
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def error_response(err: ApiError) -> JSONResponse:
 
 
 async def api_error(request: Request, exc: ApiError):
-    current_daemon(request).metrics.errors.labels(exc.type).inc()
+    daemon_of(request).metrics.errors.labels(exc.type).inc()
     if exc.status >= 500 or exc.type in ("queue_full", "not_ready"):
         logger.warning("request id=%s failed: %s: %s", request.state.request_id, exc.type, exc.message)
     else:
@@ -45,7 +45,7 @@ async def client_gone(request: Request, exc: ClientDisconnect):
     the request's own log line says which (RequestContext), a counter by kind. The response goes nowhere."""
     protocol = bool(request.scope.get(PROTOCOL_ERROR_KEY))
     kind = "protocol_error" if protocol else "disconnect"
-    current_daemon(request).metrics.client_errors.labels(kind).inc()
+    daemon_of(request).metrics.client_errors.labels(kind).inc()
     what = "HTTP protocol error, answered 400 by the server" if protocol else "client disconnected"
     note = request.scope.get(NOTE_KEY)
     request.scope[NOTE_KEY] = what + (f" {note}" if note else "")

@@ -749,13 +749,6 @@ class _Ops:
             setattr(self, f"prefill_{name}", torch.compile(fn, dynamic=True, fullgraph=True) if compile else fn)
 
 
-def _layer_kv(cache, li: int):
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        return layers[li].keys, layers[li].values
-    return cache[li][0], cache[li][1]  # legacy tuple format
-
-
 def _round_up(n: int, m: int) -> int:
     return ((n + m - 1) // m) * m
 

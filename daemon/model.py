@@ -283,7 +283,6 @@ class Preprocessor:
         self.dtype = next(model.parameters()).dtype
         cfg = model.config
         self.image_token_id = int(cfg.image_token_id)
-        self.merge = int(cfg.vision_config.spatial_merge_size)
         inner = model  # the multimodal model under ForConditionalGeneration (and PEFT's wrappers)
         while not hasattr(inner, "get_rope_index") and hasattr(inner, "model"):
             inner = inner.model
@@ -328,9 +327,8 @@ class Preprocessor:
         mm = enc.get("mm_token_type_ids")
         mm = None if mm is None else mm[0]
         image_positions = (input_ids == self.image_token_id).nonzero().squeeze(1)
-        _, h, w = key[:3]
-        span = int(input_ids.shape[0]) - int(image_positions.numel()) + max(h, w) // self.merge
-        value = (input_ids, mm, span, self._positions(input_ids, mm, key), image_positions)
+        positions = self._positions(input_ids, mm, key)
+        value = (input_ids, mm, int(positions.max()) + 1, positions, image_positions)
         with self._lock:
             self.misses += 1
             if len(self._ids) >= PROMPT_CACHE_SIZE:

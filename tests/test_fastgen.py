@@ -315,15 +315,16 @@ def test_prompt_layout_equals_hf_positions_and_image_placement(fast):
     batch = collate(preps, pad_id=fast.pad_id, device="cpu", dtype=torch.float32)
     layout = prompt_layout(preps, device="cpu")
     kw = {"mm_token_type_ids": batch["mm_token_type_ids"]} if "mm_token_type_ids" in batch else {}
-    want, _ = fast.pre._rope_index(input_ids=batch["input_ids"], image_grid_thw=batch["image_grid_thw"],
-                                   attention_mask=batch["attention_mask"], **kw)
+    want, deltas = fast.pre._rope_index(input_ids=batch["input_ids"], image_grid_thw=batch["image_grid_thw"],
+                                        attention_mask=batch["attention_mask"], **kw)
     real = batch["attention_mask"].bool()
     for axis in range(3):
         assert torch.equal(layout.position_ids[axis][real], want[axis][real])
     image_token = fast.model.config.image_token_id
     assert torch.equal(layout.image_index, (batch["input_ids"].reshape(-1) == image_token).nonzero().squeeze(1))
     assert layout.vision_lengths == [int(p.image_grid_thw[0, 1] * p.image_grid_thw[0, 2]) for p in preps]
-    assert [int(p.positions.max()) + 1 for p in preps] == [p.rope_span for p in preps]
+    # rope_span (max position + 1) = HF's rope delta + the prompt's length: what decoding continues from
+    assert [p.rope_span for p in preps] == [int(d) + p.prompt_len for d, p in zip(deltas.flatten(), preps)]
 
 
 def test_plain_generator_gives_the_same_tokens(naive, demo_model_dir):

@@ -26,6 +26,7 @@ the (b)/(a) ratios on stdout; ``--json PATH`` writes everything.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import logging
@@ -403,6 +404,28 @@ def load(socket_path: Path, body: bytes, clients: int, per_client: int, new_toke
             "p50_s": pct(lat, 0.5), "p95_s": pct(lat, 0.95)}
 
 
+@contextlib.contextmanager
+def py_spy(pid: int, out: Path | None):
+    """Sample htrd (every thread, idle ones too) with py-spy while the block runs; raw collapsed stacks to *out*."""
+    exe = shutil.which("py-spy") if out else None
+    if out and exe is None:
+        logger.warning("--profile-load: py-spy is not on PATH; not profiling")
+    if exe is None:
+        yield
+        return
+    proc = subprocess.Popen([exe, "record", "-p", str(pid), "-o", str(out), "--format", "raw", "--rate", "100",
+                             "--threads", "--idle", "--nonblocking"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def run_daemon(args) -> dict:
     import httpx
 
@@ -435,7 +458,9 @@ def run_daemon(args) -> dict:
                 res["single"] = [one() for _ in range(args.single_requests)]
                 res["single_p50_s"] = pct(res["single"], 0.5)
                 res["single_p95_s"] = pct(res["single"], 0.95)
-                res["loads"] = [load(socket_path, body, n, args.per_client, args.new_tokens) for n in args.clients_list]
+                with py_spy(d.proc.pid, args.profile_load):
+                    res["loads"] = [load(socket_path, body, n, args.per_client, args.new_tokens)
+                                    for n in args.clients_list]
                 res["status"] = c.get("/v1/status").json()
                 res["nvidia_smi"] = _nvidia_smi()
             res["gpu_peak_used_bytes"] = dict(gpu.peak)
@@ -561,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--state-dir", default=None, help="htrd state dir (compile cache); default: a temp dir")
     ap.add_argument("--daemon-log", default=None)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--profile-load", type=Path, default=None,
+                    help="sample htrd with py-spy during the load runs (raw collapsed stacks to this file)")
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--json", type=Path, default=None, help="write all measurements here")
     ap.add_argument("--worker", choices=["naive"], help=argparse.SUPPRESS)

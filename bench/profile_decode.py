@@ -105,6 +105,11 @@ def main() -> int:
 
     # Prefills: HF's whole forward (what the prefill was) against FastGenerator's (HF's vision tower, the fused
     # language model writing into the slots), timed as generate(max_new_tokens=1): the prefill plus one host check.
+    # Then the prefill alone (add()): how long the host takes to launch it against how long the GPU runs it, the
+    # vision tower's share, and the top kernels of a one-line prefill.
+    from htrd.generation import Seq
+    from htrd.model import prompt_layout
+
     prep = fast.prepare(line_image())
     for n in (1, 4, 16):
         items = [prep] * n
@@ -132,6 +137,31 @@ def main() -> int:
         kernels = sum(e.count for e in ev if e.self_device_time_total > 0)
         print(f"prefill {n:2d} line(s) x {prep.prompt_len} tokens: HF forward {hf:6.1f} ms; fastgen prefill + 1 check "
               f"{ours:6.1f} ms, GPU kernels {gpu_ms:6.1f} ms ({kernels} kernels)", flush=True)
+        launch, wall = [], []
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            fast.add([Seq(p, 2) for p in items])
+            launch.append((time.perf_counter() - t) * 1000)
+            torch.cuda.synchronize()
+            wall.append((time.perf_counter() - t) * 1000)
+            fast.step(lambda s: True)
+        with torch.inference_mode():
+            layout = prompt_layout(items, device=fast.device)
+            vis = []
+            for _ in range(3):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                fast._vision_lengths = layout.vision_lengths
+                fast.model.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+                fast._vision_lengths = None
+                torch.cuda.synchronize()
+                vis.append((time.perf_counter() - t) * 1000)
+        print(f"  add() alone: host returns after {min(launch):6.1f} ms, GPU done after {min(wall):6.1f} ms; "
+              f"vision tower alone {min(vis):6.1f} ms wall", flush=True)
+        if n in (1, 16):
+            print(ev.table(sort_by="self_device_time_total", row_limit=args.kernels, max_name_column_width=70),
+                  flush=True)
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 from helpers import REPO
@@ -76,3 +77,60 @@ def test_serving_bench_cpu_smoke_both_engines_both_modes(tmp_path):
         assert fixed["tokens"] == 6 * NEW
         assert real["tokens"] == sum(new for _, _, new in realistic)  # every request answered, so all of them
     assert "**continuous / static**" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_replicas_bench_cpu_two_replicas_share_the_load(tmp_path, demo_model_dir):
+    """bench_replicas.py end to end on the CPU: two htrd replicas started as htr@ starts them; replica 0 alone,
+    then both at once, then htrctl transcribe with both sockets -- every line answered and counted once."""
+    out = tmp_path / "replicas.json"
+    clients, per_client = 2, 2
+    cmd = [sys.executable, str(REPO / "bench" / "bench_replicas.py"), "--cpu", "--model-dir", str(demo_model_dir),
+           "--replicas", "2", "--clients", str(clients), "--per-client", str(per_client), "--new-tokens", "4",
+           "--state-dir", str(tmp_path / "state"), "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["error"] is None and data["instances"] == ["cpu0", "cpu1"]
+    assert set(data["ready_s"]) == {"cpu0", "cpu1"} and all(v > 0 for v in data["ready_s"].values())
+    # the unit's environment reached htrd: each replica on its own socket, its own process, on the CPU
+    pids = {info["pid"] for info in data["replica_info"]}
+    assert pids == {info["daemon_pid"] for info in data["replica_info"]} and len(pids) == 2
+    assert all(info["gpu"]["device"] == "cpu" for info in data["replica_info"])
+    single, both = data["single"], data["all"]
+    assert single["requests"] == clients * per_client and single["n_errors"] == 0
+    assert single["replicas"][0]["requests_served"] == clients * per_client
+    assert both["requests"] == 2 * clients * per_client and both["n_errors"] == 0
+    for rep in both["replicas"]:  # each replica served its own clients' lines, as its daemon counted them
+        assert rep["requests"] == rep["requests_served"] == clients * per_client
+        assert rep["tokens_generated"] == 4 * clients * per_client
+        assert rep["avg_occupied_slots"] is not None and rep["avg_occupied_slots"] >= 1
+    assert data["scaling"] == pytest.approx(both["lines_per_s"] / (2 * single["lines_per_s"]))
+    t = data["transcribe"]
+    assert t["exit_code"] == 0 and t["results"] == t["images"] == 2 * clients * 2
+    assert sum(t["served_per_replica"]) == t["images"]
+    assert data["placement"]["pass"] is None and "--cpu" in data["placement"]["skipped"]
+    assert data["exit_codes"] == {"cpu0": 0, "cpu1": 0}
+    assert "scaling: total / (2 x alone)" in proc.stdout and "GPU placement check skipped" in proc.stdout
+
+
+def test_replicas_bench_placement_check_verdicts():
+    """The nvidia-smi check: PASS when each replica's processes hold memory on its own GPU only, FAIL when one
+    holds some elsewhere or /v1/status names another GPU, UNKNOWN when nvidia-smi lists none of their PIDs."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_replicas import placement_check
+
+    a, b = "GPU-aaaaaaaa-0000-0000-0000-000000000000", "GPU-bbbbbbbb-0000-0000-0000-000000000000"
+    assigned = {a: a, b: b}
+    pids = {a: {10, 11}, b: {20}}
+    ok = SimpleNamespace(pids=pids, seen={(10, a): 17000, (20, b): 17000, (99, a): 5})
+    res = placement_check(ok, assigned, {a: a, b: b})
+    assert res["pass"] is True and [r["replica"] for r in res["rows"]] == [a, b, None]
+    stray = SimpleNamespace(pids=pids, seen={(10, a): 17000, (11, b): 300, (20, b): 17000})  # a child on b's GPU
+    res = placement_check(stray, assigned, {a: a, b: b})
+    assert res["pass"] is False and res["problems"] == [f"replica {a} (pid 11) holds 300 MiB on {b}"]
+    assert placement_check(ok, assigned, {a: a, b: a})["pass"] is False
+    assert placement_check(SimpleNamespace(pids=pids, seen={(10, a): 17000}), assigned, {a: a, b: b})["pass"] is False
+    unknown = placement_check(SimpleNamespace(pids=pids, seen={(5, a): 17000}), assigned, {a: a, b: b})
+    assert unknown["pass"] is None and "PID namespace" in unknown["note"]

@@ -424,8 +424,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = run(args)
         text = report(args, res)
-    except SystemExit as exc:
+    except SystemExit as exc:  # a replica did not come up (its log is named)
         res, error = {}, str(exc)
+        text = f"FAILED: {error}"
+    except Exception as exc:  # e.g. a replica died mid-run: still write the JSON
+        logger.exception("benchmark failed")
+        res, error = {}, f"{type(exc).__name__}: {exc}"
         text = f"FAILED: {error}"
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "error": error, **res},

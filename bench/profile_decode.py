@@ -152,9 +152,7 @@ def main() -> int:
             for _ in range(3):
                 torch.cuda.synchronize()
                 t = time.perf_counter()
-                fast._vision_lengths = layout.vision_lengths
-                fast.model.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
-                fast._vision_lengths = None
+                fast.vision(batch["pixel_values"], batch["image_grid_thw"], layout.grids, layout.vision_lengths)
                 torch.cuda.synchronize()
                 vis.append((time.perf_counter() - t) * 1000)
         print(f"  add() alone: host returns after {min(launch):6.1f} ms, GPU done after {min(wall):6.1f} ms; "

@@ -186,12 +186,39 @@ class Engine:
         self._progress = progress
         self._thread = threading.Thread(target=self._run_guarded, name="htrd-inference", daemon=True)
         self._thread.start()
+        self._warm_cpu_pool()
         self._warm.wait()
         if self._warm_error is not None:
             raise self._warm_error
         self.warmup_s = time.monotonic() - t0
         self.metrics.warmup_seconds.set(self.warmup_s)
         logger.info("warmed up in %.2fs (%s)", self.warmup_s, self.warmup_report)
+
+    def _warm_cpu_pool(self) -> None:
+        """Every preprocessing worker decodes and preprocesses the warm-up line once (while the inference thread
+        warms the GPU): the pool starts its threads lazily, and a request landing on a new one paid for the
+        thread, its torch thread settings and the first image decoding in it."""
+        import io
+
+        from .images import decode_image
+        from .model import warmup_image
+
+        buf = io.BytesIO()
+        warmup_image().save(buf, format="PNG")
+        png = buf.getvalue()
+        n = self.cpu_workers
+        barrier = threading.Barrier(n)  # each task holds its worker until all n run: one task per thread
+
+        def one() -> None:
+            try:
+                barrier.wait(timeout=30)
+            except threading.BrokenBarrierError:
+                pass
+            img = decode_image(png, max_pixels=self.settings.limits.max_image_pixels, max_pages=1)[0].image
+            self.gen.prepare(img)
+
+        for f in [self._cpu_pool.submit(one) for _ in range(n)]:
+            f.result()
 
     def _warm_up_here(self) -> None:
         import io
@@ -311,9 +338,12 @@ class Engine:
                 # Nothing runs: wait only for requests already admitted and still being decoded in the
                 # CPU pool -- a lone request starts at once, while many concurrent clients do not split
                 # into a few early arrivals and the rest. Bounded by the window plus HOLD_FOR_ARRIVING_S.
+                # Continuous batching waits for one prefill group at most: later arrivals join at the next
+                # step boundary, so holding the GPU idle for them would gain nothing.
                 limit = self.window_s + (HOLD_FOR_ARRIVING_S if self.window_s > 0 else 0.0)
                 end = time.monotonic() + limit
-                while len(self._queue) < free and not self._stopping:
+                want = min(free, gen_chunk(gen)) if self.settings.generation.continuous_batching else free
+                while len(self._queue) < want and not self._stopping:
                     left = end - time.monotonic()
                     if left <= 0 or self.state.in_flight <= len(self._queue):
                         break

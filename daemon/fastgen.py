@@ -47,11 +47,13 @@ import logging
 import math
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .generation import Finished, GeneratorBase, Seq
 from .model import DEFAULT_PROMPT, Preprocessor, load_model, prompt_layout
+from .vision import VisionTower
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,11 @@ SPAN_BUCKET = 256
 STEPS_PER_CALL = 4  # decode steps between host checks (finished lines, deadlines, newcomers)
 DEFAULT_PREFILL_CHUNK = 16
 KV_RESERVE_FRACTION = 0.10  # of the GPU's memory, kept free beside the KV cache (prefill activations)
+# A prefill of at most this many lines is launch-bound (one line: ~50 ms of host launches for ~19 ms of GPU
+# work on an H200); when its exact shape (prompt length, image grids) recurs, it is captured as a CUDA graph and
+# replayed. Larger prefills keep the GPU busy on their own.
+PREFILL_GRAPH_LINES = 4
+PREFILL_GRAPHS = 48  # prefill graphs kept (least recently used dropped first)
 
 
 def configure_compile_cache(cache_dir: str | os.PathLike | None) -> Path | None:
@@ -101,6 +108,13 @@ class _Graph:
         self.graph = graph
         self.batch = batch
         self.length = length
+
+
+class _PrefillGraph:
+    """A captured prefill of one shape: its static inputs, its output, and what it reads besides."""
+
+    def __init__(self, graph, inputs: list, out, keep: list) -> None:
+        self.graph, self.inputs, self.out, self.keep = graph, inputs, out, keep
 
 
 class FastGenerator(GeneratorBase):
@@ -169,11 +183,14 @@ class FastGenerator(GeneratorBase):
         self._missing_graphs: set[tuple[int, int]] = set()
         self.steps_run = 0
         self.occupied_sum = 0  # sum over steps of running lines (average occupancy = occupied_sum / steps_run)
+        self._prefill_graphs: OrderedDict[tuple, _PrefillGraph] = OrderedDict()
+        self._prefill_seen: OrderedDict[tuple, int] = OrderedDict()
+        self._prefill_graphs_ok = self.cuda_graphs
+        self.prefill_replays = 0
         self._alloc_state()
         self._fuse_weights()
-        self._batch_vision_attention()
+        self.vision = VisionTower(self.model.model.visual, compile=self.compile)
         self._ops = _Ops(torch, compile=self.compile)
-        self._vision_lengths: list[int] | None = None  # patches per image while a prefill runs (host-known)
         self._step_fn = self._decode_step
 
     @classmethod
@@ -316,7 +333,7 @@ class FastGenerator(GeneratorBase):
         slots = [heapq.heappop(self._free) for _ in range(n)]
         st = torch.tensor(slots, dtype=torch.long, device=self.device)
         try:
-            last = self._prompt_forward(batch, layout, st)
+            last = self._prompt_last(batch, layout, st)
         except BaseException:
             for s in slots:
                 heapq.heappush(self._free, s)
@@ -435,48 +452,81 @@ class FastGenerator(GeneratorBase):
                 self._qkv_w.append(_fuse_rows([att.q_proj, att.k_proj, att.v_proj], torch, nn))
                 self._gu_w.append(_fuse_rows([mlp.gate_proj, mlp.up_proj], torch, nn))
 
-    def _batch_vision_attention(self) -> None:
-        """The vision tower's attention: one SDPA call per run of equal-sized images, not per image.
+    def _prompt_last(self, batch, layout, st):
+        """:meth:`_prompt_forward`, replayed from a CUDA graph when a small prefill's shape has been seen before."""
+        args = [batch["input_ids"], batch["pixel_values"], batch["attention_mask"], layout.position_ids,
+                layout.image_index, st]
+        n = int(st.shape[0])
+        if not (self._prefill_graphs_ok and self.vision.own and n <= PREFILL_GRAPH_LINES):
+            return self._prompt_forward(*args, batch["image_grid_thw"], layout)
+        key = (int(args[0].shape[1]), tuple(layout.grids))
+        g = self._prefill_graphs.get(key)
+        if g is not None:
+            self._prefill_graphs.move_to_end(key)
+            for buf, a in zip(g.inputs, args):
+                buf.copy_(a)
+            g.graph.replay()
+            self.prefill_replays += 1
+            return g.out
+        last = self._prompt_forward(*args, batch["image_grid_thw"], layout)
+        seen = self._prefill_seen.pop(key, 0) + 1
+        self._prefill_seen[key] = seen
+        if len(self._prefill_seen) > 16 * PREFILL_GRAPHS:
+            self._prefill_seen.popitem(last=False)
+        if seen >= 2:  # a recurring shape: capture it (a one-off shape would pay the capture for nothing)
+            self._capture_prefill(key, args, batch["image_grid_thw"], layout, last)
+        return last
 
-        HF's non-flash path loops over the images of a batch (27 layers x 64 line
-        images = 1,728 small attention calls per prefill). Lines of one page
-        are mostly the same size; consecutive images with the same patch count
-        are stacked into one batched call. Same math (attention never crosses
-        images).
-        """
-        import functools
-
-        n = 0
-        for mod in self.model.model.visual.modules():
-            if type(mod).__name__.endswith("VisionAttention") and hasattr(mod, "qkv"):
-                mod.forward = functools.partial(_vision_attention_forward, self, mod)
-                n += 1
-        logger.debug("vision attention batched in %d layers", n)
-
-    def _prompt_forward(self, batch, layout, slots):
-        """The prompts of a prefill batch through the model; keys and values land in *slots*. Returns the
-        final hidden state (normed) of each line's last position, (n, H).
-
-        HF's vision tower (patches -> image tokens and the deepstack features); everything around it on
-        host-known indices (:func:`htrd.model.prompt_layout`): the image tokens placed by index, M-RoPE
-        positions from the per-grid cache. HF's multimodal forward would wait for the GPU four times per
-        prefill to learn the same (placeholder count, split sizes, rope index, deepstack mask), and its
-        vision attention once per layer; a one-line prefill was bound by those waits, not by the GPU.
-        """
-        embeds = self.text.embed_tokens(batch["input_ids"])  # (n, P, H)
-        self._vision_lengths = layout.vision_lengths
+    def _capture_prefill(self, key, args, grid_thw, layout, last) -> None:
+        """Record :meth:`_prompt_forward` for *key*'s shape (the same call just ran eagerly, so every kernel,
+        compiled op and cuDNN plan it needs exists; capturing launches nothing)."""
+        torch = self.torch
+        t0 = time.perf_counter()
+        inputs = [a.clone() for a in args]
+        out = torch.empty_like(last)
+        keep = [self.vision.grid_inputs([g]) for g in layout.grids]  # the cached tensors the graph reads
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
         try:
-            vis = self.model.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
-        finally:
-            self._vision_lengths = None
-        if hasattr(vis, "pooler_output"):  # transformers >= 5.2x: a model output
-            image, deepstack = vis.pooler_output, vis.deepstack_features
-        else:  # earlier: (merged image tokens, deepstack features)
-            image, deepstack = vis[0], vis[1]
+            with torch.cuda.stream(side):
+                graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+                try:
+                    out.copy_(self._prompt_forward(*inputs, grid_thw, layout))
+                finally:
+                    graph.capture_end()
+        except Exception as exc:  # never fatal: this prefill already ran; later ones stay eager
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self._prefill_graphs_ok = False
+            logger.warning("capturing a prefill graph failed (%s: %s); prefills stay uncaptured",
+                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            return
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self._prefill_graphs[key] = _PrefillGraph(graph, inputs, out, keep)
+        if len(self._prefill_graphs) > PREFILL_GRAPHS:
+            self._prefill_graphs.popitem(last=False)
+        logger.debug("captured a prefill graph: %d line(s) x %d positions in %.0f ms", len(layout.grids), key[0],
+                     (time.perf_counter() - t0) * 1000.0)
+
+    def _prompt_forward(self, input_ids, pixel_values, attention_mask, position_ids, image_index, st, grid_thw,
+                        layout):
+        """The prompts of a prefill batch through the model; keys and values land in the slots *st*. Returns
+        the final hidden state (normed) of each line's last position, (n, H).
+
+        The vision tower (:class:`htrd.vision.VisionTower`: patches -> image tokens and the deepstack
+        features); everything around it on host-known indices (:func:`htrd.model.prompt_layout`): the image
+        tokens placed by index, M-RoPE positions from the per-grid cache. HF's multimodal forward would wait
+        for the GPU four times per prefill to learn the same (placeholder count, split sizes, rope index,
+        deepstack mask), and its vision tower once per layer; a one-line prefill was bound by those waits.
+        Nothing in here asks the GPU for a value, so it can be captured (:meth:`_capture_prefill`).
+        """
+        embeds = self.text.embed_tokens(input_ids)  # (n, P, H)
+        image, deepstack = self.vision(pixel_values, grid_thw, layout.grids, layout.vision_lengths)
         H = embeds.shape[-1]
-        embeds.view(-1, H).index_copy_(0, layout.image_index, image.to(embeds.dtype))
-        return self._prefill_layers(embeds, batch["attention_mask"], layout.position_ids, layout.image_index,
-                                    deepstack, slots)[:, -1]
+        embeds.view(-1, H).index_copy_(0, image_index, image.to(embeds.dtype))
+        return self._prefill_layers(embeds, attention_mask, position_ids, image_index, deepstack, st)[:, -1]
 
     def _prefill_layers(self, h, attention_mask, position_ids, vis, deepstack, st):
         """The language model over a left-padded prompt batch, keys and values written straight into the
@@ -637,12 +687,17 @@ class FastGenerator(GeneratorBase):
                         n_graphs += 1
                 self._reset_slots(list(range(self.slots)))
         t_graphs = time.perf_counter()
+        with self.torch.inference_mode():
+            batch, layout = self._collate([prep]), prompt_layout([prep], device=self.device)
+            self.vision.check(batch["pixel_values"], batch["image_grid_thw"], layout.grids, layout.vision_lengths)
         report = {}
         sizes = sorted({b for b in self.batch_sizes if b <= self.prefill_chunk} | {min(self.prefill_chunk, self.slots)})
         for b in sizes:
             progress(f"warming up prefills of {b} line(s)")
             tb = time.perf_counter()
-            self.generate([prep] * b, max_new_tokens=min(max_new, 4), decode_text=False)
+            # Small prefills twice: the second captures the warm-up line's shape (see PREFILL_GRAPH_LINES).
+            for _ in range(2 if self._prefill_graphs_ok and b <= PREFILL_GRAPH_LINES else 1):
+                self.generate([prep] * b, max_new_tokens=min(max_new, 4), decode_text=False)
             report[b] = round((time.perf_counter() - tb) * 1000.0, 1)
         progress(f"warming up a full batch of {self.slots}")
         self.generate([prep] * self.slots, max_new_tokens=min(max_new, 8), decode_text=False)
@@ -695,40 +750,6 @@ def _silu_mul(gu):
 
     g, u = gu.chunk(2, dim=-1)
     return torch.nn.functional.silu(g) * u
-
-
-def _vision_attention_forward(gen, mod, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None,
-                              **kwargs):
-    """Qwen3-VL vision attention (HF's non-flash path) with equal-length images batched. The images' patch
-    counts come from the host during a prefill (``gen._vision_lengths``), else from *cu_seqlens* (a wait
-    for the GPU in every layer)."""
-    import torch
-    from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
-
-    n_tok = hidden_states.shape[0]
-    heads = mod.num_heads
-    q, k, v = mod.qkv(hidden_states).reshape(n_tok, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
-    cos, sin = position_embeddings
-    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)  # (n_tok, heads, d)
-    d = q.shape[-1]
-    lengths = gen._vision_lengths
-    if lengths is None:
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    outs = []
-    start = i = 0
-    while i < len(lengths):
-        j = i
-        while j < len(lengths) and lengths[j] == lengths[i]:
-            j += 1
-        cnt, length = j - i, lengths[i]
-        sl = slice(start, start + cnt * length)
-        qq, kk, vv = (t[sl].reshape(cnt, length, heads, d).transpose(1, 2) for t in (q, k, v))
-        o = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, scale=mod.scaling)
-        outs.append(o.transpose(1, 2).reshape(cnt * length, heads * d))
-        start += cnt * length
-        i = j
-    out = outs[0] if len(outs) == 1 else torch.cat(outs)
-    return mod.proj(out)
 
 
 class _Ops:

@@ -411,6 +411,7 @@ class PromptLayout:
     position_ids: Any  # LongTensor (3, B, P) on the device; 0 at left padding
     image_index: Any  # LongTensor (k,) on the device: flat (B * P) positions of every image token, in order
     vision_lengths: list[int]  # patches per image (frame), in order: the vision tower's attention blocks
+    grids: list[tuple[int, int, int]]  # (t, h, w) patch grid per image, in order
 
 
 def prompt_layout(items, *, device) -> PromptLayout:
@@ -419,15 +420,17 @@ def prompt_layout(items, *, device) -> PromptLayout:
 
     P = max(it.prompt_len for it in items)
     pos = torch.zeros((3, len(items), P), dtype=torch.long)
-    index, lengths = [], []
+    index, lengths, grids = [], [], []
     for i, it in enumerate(items):
         off = P - it.prompt_len
         pos[:, i, off:] = it.positions
         index.append(it.image_positions + (i * P + off))
         for t, h, w in it.image_grid_thw.tolist():
             lengths += [h * w] * t
+            grids.append((t, h, w))
     return PromptLayout(position_ids=pos.to(device, non_blocking=True),
-                        image_index=torch.cat(index).to(device, non_blocking=True), vision_lengths=lengths)
+                        image_index=torch.cat(index).to(device, non_blocking=True), vision_lengths=lengths,
+                        grids=grids)
 
 
 def warmup_image():

@@ -327,6 +327,28 @@ def test_prompt_layout_equals_hf_positions_and_image_placement(fast):
     assert [p.rope_span for p in preps] == [int(d) + p.prompt_len for d, p in zip(deltas.flatten(), preps)]
 
 
+def test_vision_tower_with_cached_grid_inputs_equals_hf_forward(fast):
+    """The vision tower as prefills run it (per-grid inputs cached, block sizes from the host) gives HF's
+    forward's image tokens and deepstack features exactly, on a batch of three widths (two alike)."""
+    from htrd.model import collate, prompt_layout
+    from htrd.vision import _split
+
+    preps = [fast.prepare(im) for im in (IMAGES[0], IMAGES[1], IMAGES[1], IMAGES[2])]
+    batch = collate(preps, pad_id=fast.pad_id, device="cpu", dtype=torch.float32)
+    layout = prompt_layout(preps, device="cpu")
+    assert layout.grids == [tuple(p.image_grid_thw[0].tolist()) for p in preps]
+    assert fast.vision.own
+    with torch.inference_mode():
+        image, deepstack = fast.vision(batch["pixel_values"], batch["image_grid_thw"], layout.grids,
+                                       layout.vision_lengths)
+        fast.vision.lengths = None  # HF's own forward, unbatched attention from cu_seqlens
+        ref_image, ref_deep = _split(fast.model.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]))
+    assert len(deepstack) == len(ref_deep) > 0
+    for got, want in zip([image, *deepstack], [ref_image, *ref_deep]):
+        assert torch.equal(got, want)
+    assert fast.vision.check(batch["pixel_values"], batch["image_grid_thw"], layout.grids, layout.vision_lengths)
+
+
 def test_plain_generator_gives_the_same_tokens(naive, demo_model_dir):
     """The reference path (static_cache: false): HF generate on the unmerged PeftModel, through the same contract."""
     from htrd.plaingen import PlainGenerator

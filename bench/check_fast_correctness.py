@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     fast.warmup(images[4], max_new_tokens=new)
     preps = [fast.prepare(im) for im in images]
     alone = [fast.generate([p], min_new_tokens=new)[0].token_ids for p in preps]
-    # The same lines twice more: a recurring shape's prefill is captured (second time) and replayed (third).
+    # The same lines three times more: a recurring shape's prefill is captured (third time) and replayed (fourth).
     replays0 = fast.prefill_replays
-    for _ in range(2):
+    for _ in range(3):
         replayed = [fast.generate([p], min_new_tokens=new)[0].token_ids for p in preps]
     n_replays = fast.prefill_replays - replays0
     batched = [g.token_ids for g in fast.generate(preps, min_new_tokens=new)]

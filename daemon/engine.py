@@ -509,6 +509,8 @@ class Engine:
             "kv_cache_bytes": int(getattr(gen, "kv_cache_bytes", 0)),
             "preprocess_ms_per_image": self.preprocess_ms_per_image(),
             "preprocess_workers": self.cpu_workers,
+            "prefill_graphs": len(getattr(gen, "_prefill_graphs", ())),
+            "prefill_replays": getattr(gen, "prefill_replays", 0),
         }
 
     def memory(self) -> dict[str, int | None]:

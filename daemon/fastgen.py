@@ -71,6 +71,9 @@ KV_RESERVE_FRACTION = 0.10  # of the GPU's memory, kept free beside the KV cache
 # replayed. Larger prefills keep the GPU busy on their own.
 PREFILL_GRAPH_LINES = 4
 PREFILL_GRAPHS = 48  # prefill graphs kept (least recently used dropped first)
+# Captured on the shape's third prefill: lines of varied sizes (most shapes seen once or twice) must not pay a
+# capture -- another launch of the whole prefill plus instantiation -- that no replay pays back.
+PREFILL_GRAPH_AFTER = 3
 
 
 def configure_compile_cache(cache_dir: str | os.PathLike | None) -> Path | None:
@@ -187,6 +190,7 @@ class FastGenerator(GeneratorBase):
         self._prefill_seen: OrderedDict[tuple, int] = OrderedDict()
         self._prefill_graphs_ok = self.cuda_graphs
         self.prefill_replays = 0
+        self.prefill_captures = 0
         self._alloc_state()
         self._fuse_weights()
         self.vision = VisionTower(self.model.model.visual, compile=self.compile)
@@ -473,7 +477,7 @@ class FastGenerator(GeneratorBase):
         self._prefill_seen[key] = seen
         if len(self._prefill_seen) > 16 * PREFILL_GRAPHS:
             self._prefill_seen.popitem(last=False)
-        if seen >= 2:  # a recurring shape: capture it (a one-off shape would pay the capture for nothing)
+        if seen >= PREFILL_GRAPH_AFTER:  # a recurring shape: capture it (a rare one would pay for nothing)
             self._capture_prefill(key, args, batch["image_grid_thw"], layout, last)
         return last
 
@@ -505,6 +509,7 @@ class FastGenerator(GeneratorBase):
             return
         torch.cuda.current_stream(self.device).wait_stream(side)
         self._prefill_graphs[key] = _PrefillGraph(graph, inputs, out, keep)
+        self.prefill_captures += 1
         if len(self._prefill_graphs) > PREFILL_GRAPHS:
             self._prefill_graphs.popitem(last=False)
         logger.debug("captured a prefill graph: %d line(s) x %d positions in %.0f ms", len(layout.grids), key[0],
@@ -695,8 +700,8 @@ class FastGenerator(GeneratorBase):
         for b in sizes:
             progress(f"warming up prefills of {b} line(s)")
             tb = time.perf_counter()
-            # Small prefills twice: the second captures the warm-up line's shape (see PREFILL_GRAPH_LINES).
-            for _ in range(2 if self._prefill_graphs_ok and b <= PREFILL_GRAPH_LINES else 1):
+            # Small prefills until the warm-up line's shape is captured (see PREFILL_GRAPH_LINES).
+            for _ in range(PREFILL_GRAPH_AFTER if self._prefill_graphs_ok and b <= PREFILL_GRAPH_LINES else 1):
                 self.generate([prep] * b, max_new_tokens=min(max_new, 4), decode_text=False)
             report[b] = round((time.perf_counter() - tb) * 1000.0, 1)
         progress(f"warming up a full batch of {self.slots}")

@@ -95,15 +95,17 @@ class VisionTower:
         vu = _helpers()
         vis = self.visual
         dev = vis.patch_embed.proj.weight.device
-        dtype = vis.patch_embed.proj.weight.dtype
-        thw = torch.tensor([g], dtype=torch.long, device=dev)
+        # The index arithmetic on the CPU (HF's helpers read grid values back: on the GPU, a wait for every
+        # queued kernel, once per new grid), then only the embedding lookup on the device.
+        thw = torch.tensor([g], dtype=torch.long)
         with torch.inference_mode():
             idx, w = vu.get_vision_interpolation_indices_and_weights(
                 thw, num_grid_per_side=vis.num_grid_per_side, mode=vis.interpolation_mode,
                 align_corners=vis.interpolation_align_corners, spatial_merge_size=vis.config.spatial_merge_size)
-            pos = (vis.pos_embed(idx) * w[:, :, None]).sum(1)
+            pos = (vis.pos_embed(idx.to(dev)) * w.to(dev)[:, :, None]).sum(1)
             position_ids = vu.get_vision_position_ids(thw, vis.spatial_merge_size)
-            cos, sin = vis.rotary_pos_emb(torch.empty((0,), dtype=dtype, device=dev), position_ids)
+            cos, sin = vis.rotary_pos_emb(torch.empty((0,)), position_ids)
+            cos, sin = cos.to(dev), sin.to(dev)
         if len(self._grids) >= GRID_CACHE:
             self._grids.clear()
         got = self._grids[g] = (pos, cos, sin)

@@ -137,6 +137,8 @@ class EngineInfo(BaseModel):
     kv_cache_bytes: int | None = None
     preprocess_ms_per_image: float | None = None  # CPU time to decode + preprocess one line, on average
     preprocess_workers: int | None = None
+    prefill_graphs: int | None = None  # small prefills of a recurring shape captured as CUDA graphs (kept now)
+    prefill_replays: int | None = None  # prefills served by replaying one of them, since start
 
 
 class StatusResponse(BaseModel):

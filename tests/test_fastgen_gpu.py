@@ -87,7 +87,7 @@ def test_compiled_fast_path_starts_like_hf_generate(cuda, demo_model_dir, tmp_pa
 
 
 def test_a_recurring_prefill_shape_is_captured_and_replays_the_eager_prefill(cuda, demo_model_dir):
-    """A small prefill whose shape recurs is captured on its second run and replayed from then on: the same
+    """A small prefill whose shape recurs is captured on its third run and replayed from then on: the same
     tokens as the eager prefill, alone and two lines together; a new shape still runs eagerly."""
     from htrd.fastgen import FastGenerator
 
@@ -97,11 +97,11 @@ def test_a_recurring_prefill_shape_is_captured_and_replays_the_eager_prefill(cud
     a, b = gen.prepare(_image(1000, 140, 5)), gen.prepare(_image(640, 120, 6))
     want = [x.token_ids for x in eager.generate([eager.prepare(_image(1000, 140, 5)),
                                                  eager.prepare(_image(640, 120, 6))], min_new_tokens=NEW)]
-    runs = [gen.generate([a], min_new_tokens=NEW)[0].token_ids for _ in range(3)]
-    assert gen.prefill_replays == 1 and len(gen._prefill_graphs) == 1  # eager, eager + capture, replay
-    assert runs == [want[0]] * 3
-    pair = [[x.token_ids for x in gen.generate([a, b], min_new_tokens=NEW)] for _ in range(3)]
+    runs = [gen.generate([a], min_new_tokens=NEW)[0].token_ids for _ in range(4)]
+    assert gen.prefill_replays == 1 and len(gen._prefill_graphs) == 1  # eager, eager, eager + capture, replay
+    assert runs == [want[0]] * 4
+    pair = [[x.token_ids for x in gen.generate([a, b], min_new_tokens=NEW)] for _ in range(4)]
     assert gen.prefill_replays == 2
-    assert pair == [want] * 3
+    assert pair == [want] * 4
     gen.generate([b], min_new_tokens=NEW)  # seen once alone: eager
     assert gen.prefill_replays == 2

@@ -103,9 +103,9 @@ class VisionTower:
                 thw, num_grid_per_side=vis.num_grid_per_side, mode=vis.interpolation_mode,
                 align_corners=vis.interpolation_align_corners, spatial_merge_size=vis.config.spatial_merge_size)
             pos = (vis.pos_embed(idx.to(dev)) * w.to(dev)[:, :, None]).sum(1)
-            position_ids = vu.get_vision_position_ids(thw, vis.spatial_merge_size)
-            cos, sin = vis.rotary_pos_emb(torch.empty((0,)), position_ids)
-            cos, sin = cos.to(dev), sin.to(dev)
+            position_ids = vu.get_vision_position_ids(thw, vis.spatial_merge_size).to(dev)
+            cos, sin = vis.rotary_pos_emb(torch.empty((0,), dtype=vis.patch_embed.proj.weight.dtype, device=dev),
+                                          position_ids)
         if len(self._grids) >= GRID_CACHE:
             self._grids.clear()
         got = self._grids[g] = (pos, cos, sin)

@@ -20,14 +20,19 @@ What the engine gets from :class:`FastGenerator` compared with the naive
   positions ``[:L]``; on CUDA it is captured once per (B bucket, L bucket) as a
   CUDA graph before READY and replayed: one launch per token. On the CPU the
   same step runs eagerly (what the tests exercise).
-- **A fused prefill that never waits for the GPU.** HF's vision tower turns
-  the patches into image tokens and deepstack features; everything around it
-  is known on the host (:func:`htrd.model.prompt_layout`: M-RoPE positions
-  from HF's own ``get_rope_index``, cached per image grid; where the image
-  tokens go; each image's patch count), so nothing asks the GPU for a shape.
-  The language model over the prompt runs on the decode step's fused weights
-  and ops (~10 kernels a layer) and writes keys and values straight into the
-  slots; no cache is copied afterwards.
+- **A fused prefill that never waits for the GPU.** The vision tower
+  (:class:`htrd.vision.VisionTower`: HF's modules on per-grid cached inputs)
+  turns the patches into image tokens and deepstack features; everything
+  around it is known on the host (:func:`htrd.model.prompt_layout`: M-RoPE
+  positions from HF's own ``get_rope_index``, cached per image grid; where the
+  image tokens go; each image's patch count), so nothing asks the GPU for a
+  shape. The language model over the prompt runs on the decode step's fused
+  weights and ops (~10 kernels a layer) and writes keys and values straight
+  into the slots; no cache is copied afterwards.
+- **Replayed small prefills.** A prefill of a few lines is bound by the host
+  launching ~1,500 kernels; when its exact shape (prompt length, image grids)
+  comes back a third time it is captured as a CUDA graph and replayed
+  (the warm-up line's shape before READY).
 - **SDPA attention**; optionally the elementwise ops (norms, rotary, SiLU)
   compiled with ``torch.compile`` (``compile=True``), with inductor/triton
   caches in a persistent directory.

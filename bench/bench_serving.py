@@ -192,10 +192,13 @@ def run_engine(args, name: str, continuous: bool, workloads: dict, work_dir: Pat
             steps = (after["decode_steps"] or 0) - (before["decode_steps"] or 0)
             occ = (after["occupied_slot_steps"] or 0) - (before["occupied_slot_steps"] or 0)
             r["avg_occupied_slots"] = occ / steps if steps else None
+            checks = (after.get("decode_checks") or 0) - (before.get("decode_checks") or 0)
+            r["steps_per_check"] = steps / checks if checks else None  # decode steps per wait for the GPU
             r.pop("done_ids")
             res[f"{mode}@{clients}"] = r
-            logger.info("%s %s@%d: %.1f lines/s, p50 %.3f s, p95 %.3f s, slots %.1f", name, mode, clients,
-                        r["lines_per_s"], r["p50_s"], r["p95_s"], r["avg_occupied_slots"] or 0)
+            logger.info("%s %s@%d: %.1f lines/s, p50 %.3f s, p95 %.3f s, slots %.1f, %.2f steps per check", name,
+                        mode, clients, r["lines_per_s"], r["p50_s"], r["p95_s"], r["avg_occupied_slots"] or 0,
+                        r["steps_per_check"] or 0)
         res["status"] = status(sock)
     finally:
         res["exit_code"] = d.stop()

@@ -505,6 +505,7 @@ class Engine:
             "slots_occupied": gen.occupancy(),
             "avg_occupied_slots": round(gen.occupied_sum / steps, 2) if steps else None,
             "decode_steps": steps,
+            "decode_checks": getattr(gen, "step_calls", None),
             "occupied_slot_steps": gen.occupied_sum,
             "kv_cache_bytes": int(getattr(gen, "kv_cache_bytes", 0)),
             "preprocess_ms_per_image": self.preprocess_ms_per_image(),

@@ -69,6 +69,10 @@ LENGTH_BUCKET = 64  # the cache's positions per slot are a multiple of this
 # cache instead of 8 keeps a warm start under 30 s, for at most 255 masked positions read per line and step.
 SPAN_BUCKET = 256
 STEPS_PER_CALL = 4  # decode steps between host checks (finished lines, deadlines, newcomers)
+# Up to this many running lines, step() stops at the nearest line's last token (latency: a lone 50-token line
+# is answered after 49 steps, not 52). Beyond, it runs STEPS_PER_CALL steps per host check (throughput: lines
+# of varied lengths end nearly every step, and each check waits for the GPU and for the GIL).
+STOP_AT_LAST_TOKEN_LINES = 4
 DEFAULT_PREFILL_CHUNK = 16
 KV_RESERVE_FRACTION = 0.10  # of the GPU's memory, kept free beside the KV cache (prefill activations)
 # A prefill of at most this many lines is launch-bound (one line: ~50 ms of host launches for ~19 ms of GPU
@@ -190,6 +194,7 @@ class FastGenerator(GeneratorBase):
         self._pool = None
         self._missing_graphs: set[tuple[int, int]] = set()
         self.steps_run = 0
+        self.step_calls = 0  # host checks (step() calls that ran steps): steps_run / step_calls steps per check
         self.occupied_sum = 0  # sum over steps of running lines (average occupancy = occupied_sum / steps_run)
         self._prefill_graphs: OrderedDict[tuple, _PrefillGraph] = OrderedDict()
         self._prefill_seen: OrderedDict[tuple, int] = OrderedDict()
@@ -377,13 +382,18 @@ class FastGenerator(GeneratorBase):
     def step(self, stop: Callable[[Seq], bool] | None = None, steps: int = STEPS_PER_CALL) -> list[Finished]:
         """Up to *steps* decode steps for every running line; returns (and frees) the lines that finished.
 
-        *stop(seq)* True takes a running line out now, with the tokens it has. Never more steps than the
-        nearest line's ``max_new_tokens`` needs: a line is answered right after its last token.
+        *stop(seq)* True takes a running line out now, with the tokens it has. With a few lines running,
+        never more steps than the nearest line's ``max_new_tokens`` needs: a line is answered right after
+        its last token. With more, a line that reaches its limit mid-call waits (frozen) for the call's
+        end: when lines of many lengths run, nearly every call would otherwise be one step and one wait
+        for the GPU (see STOP_AT_LAST_TOKEN_LINES).
         """
         occupied = [i for i, s in enumerate(self._seqs) if s is not None]
         if not occupied:
             return []
-        steps = max(1, min(steps, min(self._left[i] for i in occupied)))
+        if len(occupied) <= STOP_AT_LAST_TOKEN_LINES:
+            steps = max(1, min(steps, min(self._left[i] for i in occupied)))
+        self.step_calls += 1
         for i in occupied:
             self._left[i] -= steps
         torch = self.torch
@@ -713,7 +723,7 @@ class FastGenerator(GeneratorBase):
         self.generate([prep] * self.slots, max_new_tokens=min(max_new, 8), decode_text=False)
         if self.device.type == "cuda":
             self.torch.cuda.synchronize(self.device)
-        self.steps_run = self.occupied_sum = 0
+        self.steps_run = self.occupied_sum = self.step_calls = 0
         took = time.perf_counter() - t0
         logger.info("fast path warm in %.1f s: %d decode graphs in %.1f s, prefills of %s", took, n_graphs,
                     t_graphs - t0, sizes)

@@ -133,6 +133,7 @@ class EngineInfo(BaseModel):
     slots_occupied: int | None = None
     avg_occupied_slots: float | None = None  # over every decode step since READY
     decode_steps: int | None = None  # decode steps since READY (the plain generator: tokens of its batches)
+    decode_checks: int | None = None  # host checks (each a wait for the GPU) those steps took; fast path only
     occupied_slot_steps: int | None = None  # sum over those steps of the lines decoding
     kv_cache_bytes: int | None = None
     preprocess_ms_per_image: float | None = None  # CPU time to decode + preprocess one line, on average

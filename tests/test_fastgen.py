@@ -265,6 +265,36 @@ def test_a_line_is_answered_right_after_its_last_token(fast):
         fast.step()
 
 
+def test_with_many_lines_running_a_line_at_its_limit_waits_frozen_for_the_check(naive, demo_model_dir):
+    """Beyond STOP_AT_LAST_TOKEN_LINES running lines, step() runs STEPS_PER_CALL steps per host check: a
+    6-token line among long ones stops at its limit on the device (no token past it, the same tokens as
+    naive) and leaves at the end of that call; the long lines are unaffected."""
+    from htrd.fastgen import STEPS_PER_CALL, STOP_AT_LAST_TOKEN_LINES, FastGenerator
+    from htrd.generation import Seq
+
+    n = STOP_AT_LAST_TOKEN_LINES + 1
+    gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2, 4, 8],
+                             max_cache_len=512, max_new_tokens=NEW)
+    assert 5 % STEPS_PER_CALL and n <= gen.slots
+    gen.add([Seq(gen.prepare(IMAGES[0]), 6, tag="six")]
+            + [Seq(gen.prepare(IMAGES[1]), NEW, tag=f"long{i}") for i in range(n - 1)])
+    start, done = gen.steps_run, []
+    while not done:
+        done = gen.step()
+    assert [f.seq.tag for f in done] == ["six"]
+    assert done[0].token_ids == naive["tokens"][0][:6]
+    assert gen.steps_run - start == _round_up(5, STEPS_PER_CALL) and gen.step_calls * STEPS_PER_CALL >= 5
+    rest = []
+    while gen.running():
+        rest += gen.step()
+    assert sorted(f.seq.tag for f in rest) == sorted(f"long{i}" for i in range(n - 1))
+    assert all(f.token_ids == naive["tokens"][1] for f in rest)
+
+
+def _round_up(v: int, m: int) -> int:
+    return -(-v // m) * m
+
+
 def test_stop_takes_a_running_line_out_and_the_others_continue(naive, fast):
     from htrd.generation import Seq
 

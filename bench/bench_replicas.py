@@ -13,8 +13,9 @@ Then, with closed-loop clients (``--clients`` per replica, each sending its
 next 1200x160 line as soon as the previous one is answered, exactly
 ``--new-tokens`` tokens forced):
 
-1. replica 0 alone: lines/s;
-2. all N replicas at once (every client released by the same event): lines/s
+1. replica 0 alone: lines/s (each replica's clients run in a process of their own, so that the
+   benchmark's own GIL is not what is measured);
+2. all N replicas at once (every client released at the same instant): lines/s
    in total and per replica, and total / (N x alone) -- the target is >= 0.9;
 3. ``htrctl transcribe`` with one ``--socket`` per replica over a folder of
    line images (``--transcribe-images``; 0 skips it), timed.
@@ -29,7 +30,6 @@ Progress on stderr, a table on stdout, everything in ``--json``.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import os
@@ -49,7 +49,6 @@ from bench_generate import (
     line_image,
     pct,
     png_bytes,
-    run_clients,
     write_config,
 )
 
@@ -204,31 +203,62 @@ def engine_delta(before: dict, after: dict) -> dict:
 
 
 def closed_loop(sockets: list[Path], body: bytes, clients: int, per_client: int, new_tokens: int) -> dict:
-    """*clients* closed-loop clients on each socket, all released together (one start event)."""
+    """*clients* closed-loop clients on each socket, all released at the same moment.
+
+    Each replica's clients run in a process of their own (``--worker``), as separate users' clients would:
+    128 client threads in one Python process share its GIL, and the benchmark would measure itself. The
+    workers start their threads, then release them all at one wall-clock instant."""
     n = len(sockets)
-    lat: list[list[float]] = [[] for _ in range(n)]
-    errors: list[list[str]] = [[] for _ in range(n)]
-    ends: list[list[float]] = [[] for _ in range(n)]
-    order = itertools.count()
     before = [status(s) for s in sockets]
-
-    def client(start: threading.Event) -> None:
-        i = next(order) % n
-        client_requests(sockets[i], body, per_client, lat[i], errors[i], new_tokens, start)
-        ends[i].append(time.perf_counter())
-
-    wall = run_clients(clients * n, client)
-    released = time.perf_counter() - wall
+    release = time.time() + 3.0 + 0.02 * clients  # after every worker has imported httpx and started its threads
+    with tempfile.TemporaryDirectory(prefix="htrr-body-") as tmp:
+        png = Path(tmp) / "line.png"
+        png.write_bytes(body)
+        workers = [subprocess.Popen([sys.executable, __file__, "--worker", str(sock), "--worker-body", str(png),
+                                     "--worker-release", repr(release), "--clients", str(clients),
+                                     "--per-client", str(per_client), "--new-tokens", str(new_tokens)],
+                                    stdout=subprocess.PIPE, text=True) for sock in sockets]
+        outs = [w.communicate()[0] for w in workers]
+    for w, out in zip(workers, outs):
+        if w.returncode != 0:
+            raise RuntimeError(f"a client worker exited with {w.returncode}: {out[-500:]}")
+    got = [json.loads(out.strip().splitlines()[-1]) for out in outs]
     after = [status(s) for s in sockets]
     per = []
-    for i in range(n):
-        w = max(ends[i]) - released
-        per.append({"requests": len(lat[i]), "n_errors": len(errors[i]), "errors": errors[i][:3], "wall_s": w,
-                    "lines_per_s": len(lat[i]) / w if w > 0 else 0.0,
-                    "p50_s": pct(lat[i], 0.5), "p95_s": pct(lat[i], 0.95), **engine_delta(before[i], after[i])})
+    for g, b, a in zip(got, before, after):
+        w = g["end"] - release
+        per.append({"requests": len(g["lat"]), "n_errors": g["n_errors"], "errors": g["errors"], "wall_s": w,
+                    "lines_per_s": len(g["lat"]) / w if w > 0 else 0.0,
+                    "p50_s": pct(g["lat"], 0.5), "p95_s": pct(g["lat"], 0.95), **engine_delta(b, a)})
     total = sum(p["requests"] for p in per)
+    wall = max(g["end"] for g in got) - release
     return {"clients_per_replica": clients, "requests": total, "n_errors": sum(p["n_errors"] for p in per),
-            "wall_s": wall, "lines_per_s": total / wall if wall else 0.0, "replicas": per}
+            "wall_s": wall, "lines_per_s": total / wall if wall > 0 else 0.0, "replicas": per}
+
+
+def client_worker(args) -> int:
+    """``--worker SOCKET``: this replica's closed-loop clients, released at ``--worker-release`` (wall clock);
+    prints their latencies and the moment the last one ended, as one JSON line."""
+    body = Path(args.worker_body).read_bytes()
+    lat: list[float] = []
+    errors: list[str] = []
+    ends: list[float] = []
+
+    def client(start: threading.Event) -> None:
+        client_requests(Path(args.worker), body, args.per_client, lat, errors, args.new_tokens, start)
+        ends.append(time.time())
+
+    start = threading.Event()
+    threads = [threading.Thread(target=client, args=(start,), daemon=True) for _ in range(args.clients)]
+    for t in threads:
+        t.start()
+    time.sleep(max(0.0, float(args.worker_release) - time.time()))
+    start.set()
+    for t in threads:
+        t.join()
+    sys.stdout.write(json.dumps({"lat": lat, "errors": errors[:3], "n_errors": len(errors),
+                                 "end": max(ends) if ends else time.time()}) + "\n")
+    return 0
 
 
 def start_all(replicas: list[tuple[str, Daemon]], timeout: float) -> dict[str, float]:
@@ -397,7 +427,7 @@ def report(args, res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model-dir", type=Path, required=True, help="e.g. from bench/make_model_8b.py (--tiny on --cpu)")
+    ap.add_argument("--model-dir", type=Path, help="e.g. from bench/make_model_8b.py (--tiny on --cpu)")
     ap.add_argument("--cpu", action="store_true", help="smoke run: CPU replicas (gpu.select: cpu)")
     ap.add_argument("--replicas", type=int, default=None, help="default: every GPU nvidia-smi lists; 2 on --cpu")
     ap.add_argument("--clients", type=int, default=64, help="closed-loop clients PER REPLICA")
@@ -412,7 +442,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--state-dir", default=None, help="the replicas' state dir (compile caches); default: temporary")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds to READY, and for the transcribe pass")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one replica's clients (closed_loop)
+    ap.add_argument("--worker-body", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-release", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker:
+        return client_worker(args)
+    if args.model_dir is None:
+        ap.error("--model-dir is required")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     args.batch_sizes = [int(x) for x in args.batch_sizes.split(",")]

@@ -307,6 +307,16 @@ def write_config(path: Path, args, socket_path: Path, state_dir: Path) -> None:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
+def stop_daemons_on_sigterm() -> None:
+    """SIGTERM (``timeout``, a CI job's end) raises SystemExit in the main thread, so the benchmark's
+    ``finally`` blocks stop the htrd processes it started: they run in sessions of their own and would
+    otherwise outlive it, holding the GPU for whatever runs next."""
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 class Daemon:
     def __init__(self, cfg: Path, socket_path: Path, log_path: Path, env: dict) -> None:
         self.cfg, self.socket_path, self.log_path, self.env = cfg, socket_path, log_path, env
@@ -592,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="write all measurements here")
     ap.add_argument("--worker", choices=["naive"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    stop_daemons_on_sigterm()
     args.batch_sizes = sorted({int(x) for x in str(args.batch_sizes).split(",") if x})
     args.clients_list = [int(x) for x in str(args.clients).split(",") if x]
     args.clients = max(args.clients_list)

@@ -49,6 +49,7 @@ from bench_generate import (
     line_image,
     pct,
     png_bytes,
+    stop_daemons_on_sigterm,
     write_config,
 )
 
@@ -208,7 +209,6 @@ def closed_loop(sockets: list[Path], body: bytes, clients: int, per_client: int,
     Each replica's clients run in a process of their own (``--worker``), as separate users' clients would:
     128 client threads in one Python process share its GIL, and the benchmark would measure itself. The
     workers start their threads, then release them all at one wall-clock instant."""
-    n = len(sockets)
     before = [status(s) for s in sockets]
     release = time.time() + 3.0 + 0.02 * clients  # after every worker has imported httpx and started its threads
     with tempfile.TemporaryDirectory(prefix="htrr-body-") as tmp:
@@ -446,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker-body", help=argparse.SUPPRESS)
     ap.add_argument("--worker-release", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    stop_daemons_on_sigterm()
     if args.worker:
         return client_worker(args)
     if args.model_dir is None:

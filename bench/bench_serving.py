@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import Daemon, line_image, pct, run_clients
+from bench_generate import Daemon, line_image, pct, run_clients, stop_daemons_on_sigterm
 
 logger = logging.getLogger("bench_serving")
 REALISTIC_MAX_NEW = 120
@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    stop_daemons_on_sigterm()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     args.clients = [int(x) for x in args.clients.split(",")]

@@ -134,3 +134,51 @@ def test_replicas_bench_placement_check_verdicts():
     assert placement_check(SimpleNamespace(pids=pids, seen={(10, a): 17000}), assigned, {a: a, b: b})["pass"] is False
     unknown = placement_check(SimpleNamespace(pids=pids, seen={(5, a): 17000}), assigned, {a: a, b: b})
     assert unknown["pass"] is None and "PID namespace" in unknown["note"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_benchmark_stopped_by_sigterm_stops_the_htrd_it_started(tmp_path, demo_model_dir):
+    """`timeout` (SIGTERM) on a benchmark mid-run: the htrd it started in a session of its own exits too,
+    instead of holding the GPU for whatever runs next."""
+    import os
+    import signal
+
+    from helpers import wait_until
+
+    cmd = [sys.executable, str(REPO / "bench" / "bench_generate.py"), "--cpu", "--model-dir", str(demo_model_dir),
+           "--skip-naive", "--no-restart", "--single-requests", "100000", "--new-tokens", "4",
+           "--daemon-log", str(tmp_path / "htrd.log")]
+    bench = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def htrd_children() -> list[int]:
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = open(f"/proc/{entry}/stat").read()
+                    cmdline = open(f"/proc/{entry}/cmdline", "rb").read()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[1]) == bench.pid and b"htrd.app" in cmdline:
+                    pids.append(int(entry))
+        return pids
+
+    try:
+        log = tmp_path / "htrd.log"
+        wait_until(lambda: htrd_children() and log.exists() and "ready: serving on" in log.read_text(),
+                   timeout=150, what="htrd READY under the benchmark")
+        (daemon,) = htrd_children()
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(60) != 0
+
+        def gone() -> bool:
+            try:
+                return open(f"/proc/{daemon}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+            except OSError:
+                return True
+
+        wait_until(gone, timeout=60, what="htrd to exit with the benchmark that started it")
+    finally:
+        if bench.poll() is None:
+            bench.kill()

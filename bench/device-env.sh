@@ -10,5 +10,6 @@ fi
 mkdir -p /tmp/site
 ln -sfn "$PWD/daemon" /tmp/site/htrd
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PATH="/tmp/site/bin:$PATH"  # console scripts of the carried wheels (py-spy)
 export PYTHONUNBUFFERED=1
 set +e

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The serving path's GPU figures in few calls of a lent GPU machine (each part stays inside a 10-minute call).
+#
+#   source bench/device-env.sh
+#   bash bench/gpu_suite.sh OUT_DIR [PART ...]
+#
+# Parts (default: tests correctness generate, ~7 min on one H200):
+#   tests        pytest -m gpu tests/test_fastgen_gpu.py   (captured decode steps and replayed prefills == eager)
+#   correctness  bench/check_fast_correctness.py           (fp32 teacher-forced gaps vs HF bf16 generate)
+#   generate     bench/bench_generate.py --skip-naive      (p50, first request, 64 clients, READY cold/warm; py-spy)
+#   serving      bench/bench_serving.py --clients 64       (static vs continuous, fixed and realistic, ~5 min)
+#   serving256   bench/bench_serving.py --clients 256 --modes fixed
+#   replicas     bench/bench_replicas.py                   (one htrd per GPU; needs 2+ GPUs)
+#   profile      bench/profile_decode.py                   (decode step vs matmul floor, prefill launch vs GPU)
+#
+# Everything lands in OUT_DIR: suite.txt (every part's output, its limit and exit code) and one JSON per
+# part -- at most 8 files, what the device tool brings back. The 8.77 B random model is written once to
+# $HTR_BENCH_MODEL (default /srv/m8b); compile caches persist in $HTR_BENCH_STATE between parts.
+set -u
+out=${1:?usage: gpu_suite.sh OUT_DIR [PART ...]}
+shift
+parts=${*:-tests correctness generate}
+model=${HTR_BENCH_MODEL:-/srv/m8b}
+state=${HTR_BENCH_STATE:-/tmp/htr-bench-state}
+log=$out/suite.txt
+mkdir -p "$out" "$state"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+run() {  # run LIMIT_S CMD...: CMD's output into suite.txt, killed (and its daemons stopped) after LIMIT_S
+  local limit=$1
+  shift
+  echo "== $(date -u +%H:%M:%S) $* (limit ${limit} s)" >>"$log"
+  timeout "$limit" "$@" >>"$log" 2>&1
+  echo "== exit $?" >>"$log"
+}
+
+for part in $parts; do
+  case $part in
+    tests | correctness | generate | serving | serving256 | replicas | profile) ;;
+    *) echo "gpu_suite.sh: unknown part '$part' (see the header of this file)" >&2; exit 2 ;;
+  esac
+done
+nvidia-smi -L >>"$log" 2>&1
+python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' >>"$log" 2>&1
+[ -f "$model/config.json" ] || run 120 python3 bench/make_model_8b.py "$model"
+for part in $parts; do
+  case $part in
+    tests) run 150 python3 -m pytest -q -m gpu tests/test_fastgen_gpu.py -p no:cacheprovider ;;
+    correctness) run 240 python3 bench/check_fast_correctness.py "$model" --json "$out/correctness.json" ;;
+    generate) run 300 python3 bench/bench_generate.py --model-dir "$model" --skip-naive --state-dir "$state" \
+                --profile-load "$out/spy64.txt" --json "$out/generate.json" ;;
+    serving) run 540 python3 bench/bench_serving.py --model-dir "$model" --clients 64 --per-client 6 \
+               --state-dir "$state" --json "$out/serving.json" ;;
+    serving256) run 540 python3 bench/bench_serving.py --model-dir "$model" --clients 256 --per-client 4 \
+                  --modes fixed --state-dir "$state" --json "$out/serving256.json" ;;
+    replicas) run 400 python3 bench/bench_replicas.py --model-dir "$model" --per-client 6 --state-dir "$state" \
+                --json "$out/replicas.json" ;;
+    profile) run 200 python3 bench/profile_decode.py "$model" --kernels 12 ;;
+  esac
+done
+grep -E "^== exit|PASS|FAIL|passed|failed|lines/s|READY|p50|scaling" "$log" | tail -60

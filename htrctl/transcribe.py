@@ -335,6 +335,17 @@ class _Replica:
         return min(max(2 * biggest, 2), cap, AUTO_CONCURRENCY_MAX)
 
 
+def worker_plan(capacities: list[int], n_todo: int) -> list[int]:
+    """The replica of each worker thread, in start order: round-robin over the replicas, each at most its
+    capacity (requests in flight) and its share of the inputs. All workers pull from one queue, so with the
+    first replica's workers started first a run of fewer inputs than its capacity went to it alone (6 lines
+    over two GPUs: 6 and 0); now they spread (3 and 3), and a replica that is down leaves its share to the
+    others' workers."""
+    share = max(1, -(-n_todo // max(1, len(capacities))))
+    counts = [max(1, min(c, share)) for c in capacities]
+    return [i for j in range(max(counts, default=0)) for i, c in enumerate(counts) if j < c]
+
+
 def _without_name(exc: HtrError, item: InputItem) -> str:
     """An archival error's line without the file name it starts with (the failure line names the input)."""
     msg = exc.one_line()
@@ -686,10 +697,11 @@ class Transcriber:
             if progress is not None:
                 self._progress = progress
                 self._task = progress.add_task("transcribing", total=n_todo, rate=0.0, failed=0)
+            plan = worker_plan([r.workers(self.opts.concurrency) for r in self._replicas], n_todo)
             threads = [
-                threading.Thread(target=self._worker, args=(r,), name=f"htr-worker-{i}-{j}", daemon=True)
-                for i, r in enumerate(self._replicas)
-                for j in range(min(r.workers(self.opts.concurrency), max(n_todo, 1)))
+                threading.Thread(target=self._worker, args=(self._replicas[i],), name=f"htr-worker-{i}-{j}",
+                                 daemon=True)
+                for j, i in enumerate(plan)
             ]
             for t in threads:
                 t.start()

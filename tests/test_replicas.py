@@ -176,3 +176,15 @@ def test_requests_in_flight_follow_each_replicas_capacity():
     r.batch_sizes, r.queue_capacity = [64], 256
     assert r.workers(0) == 128
     assert r.workers(3) == 3  # --concurrency wins
+
+
+def test_worker_threads_spread_a_short_run_over_every_replica():
+    """Fewer inputs than one replica's capacity still reach every replica: round-robin start order, each
+    replica's workers capped at its share; a long run gets every replica's full capacity."""
+    from htrctl.transcribe import worker_plan
+
+    assert worker_plan([128, 128], 6) == [0, 1, 0, 1, 0, 1]
+    assert worker_plan([128, 128, 128], 7) == [0, 1, 2] * 3
+    assert worker_plan([2, 128], 100) == [0, 1, 0, 1] + [1] * 48  # a small replica keeps its capacity
+    assert sorted(worker_plan([16, 16], 10_000)) == [0] * 16 + [1] * 16
+    assert worker_plan([16], 0) == [0] and worker_plan([16, 16], 1) == [0, 1]

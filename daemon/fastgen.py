@@ -195,6 +195,9 @@ class FastGenerator(GeneratorBase):
         self._missing_graphs: set[tuple[int, int]] = set()
         self.steps_run = 0
         self.step_calls = 0  # host checks (step() calls that ran steps): steps_run / step_calls steps per check
+        # Host turnaround: from a check that waited for the GPU (lines still running) to the next GPU launch.
+        self.turnaround_s, self.turnarounds = 0.0, 0
+        self._idle_since: float | None = None
         self.occupied_sum = 0  # sum over steps of running lines (average occupancy = occupied_sum / steps_run)
         self._prefill_graphs: OrderedDict[tuple, _PrefillGraph] = OrderedDict()
         self._prefill_seen: OrderedDict[tuple, int] = OrderedDict()
@@ -338,6 +341,7 @@ class FastGenerator(GeneratorBase):
 
     def _prefill(self, seqs: Sequence[Seq]) -> None:
         torch = self.torch
+        self._turnaround_end()
         t0 = time.perf_counter()
         n = len(seqs)
         items = [s.prepared for s in seqs]
@@ -403,6 +407,7 @@ class FastGenerator(GeneratorBase):
         if self.cuda_graphs and graph is None and (B, L) not in self._missing_graphs:
             self._missing_graphs.add((B, L))
             logger.warning("no decode graph for batch %d x span %d (not warmed up): uncaptured steps", B, L)
+        self._turnaround_end()
         with torch.inference_mode():
             for _ in range(steps):
                 if graph is not None:
@@ -415,6 +420,7 @@ class FastGenerator(GeneratorBase):
             t_end = time.perf_counter()
             leaving = [i for i in occupied if fin[i] or (stop is not None and stop(self._seqs[i]))]
             if not leaving:
+                self._idle_since = time.perf_counter()
                 return []
             counts = self.nstep[:B].tolist()
             width = max(counts[i] for i in leaving)
@@ -433,7 +439,17 @@ class FastGenerator(GeneratorBase):
             heapq.heappush(self._free, i)
         with torch.inference_mode():
             self._reset_slots(leaving)
+        if len(leaving) < len(occupied):
+            self._idle_since = time.perf_counter()
         return done
+
+    def _turnaround_end(self) -> None:
+        """GPU work is about to be launched: count the host's time since the last check that waited for the
+        GPU (with lines running, the GPU had nothing to do meanwhile)."""
+        if self._idle_since is not None:
+            self.turnaround_s += time.perf_counter() - self._idle_since
+            self.turnarounds += 1
+            self._idle_since = None
 
     def _generate_eager(self, seq: Seq) -> Finished:
         """The uncaptured path for a line longer than the cache: HF ``generate`` on the merged model."""
@@ -723,7 +739,8 @@ class FastGenerator(GeneratorBase):
         self.generate([prep] * self.slots, max_new_tokens=min(max_new, 8), decode_text=False)
         if self.device.type == "cuda":
             self.torch.cuda.synchronize(self.device)
-        self.steps_run = self.occupied_sum = self.step_calls = 0
+        self.steps_run = self.occupied_sum = self.step_calls = self.turnarounds = 0
+        self.turnaround_s, self._idle_since = 0.0, None
         took = time.perf_counter() - t0
         logger.info("fast path warm in %.1f s: %d decode graphs in %.1f s, prefills of %s", took, n_graphs,
                     t_graphs - t0, sizes)

@@ -379,6 +379,66 @@ def test_vision_tower_with_cached_grid_inputs_equals_hf_forward(fast):
     assert fast.vision.check(batch["pixel_values"], batch["image_grid_thw"], layout.grids, layout.vision_lengths)
 
 
+def test_a_recurring_prefill_shape_is_replayed_with_the_new_lines_inputs_and_slots(naive, demo_model_dir):
+    """The prefill-graph bookkeeping on the CPU, with a stand-in for the CUDA graph whose replay runs the
+    captured call on its static inputs: a shape is captured on its third prefill, never for more than
+    PREFILL_GRAPH_LINES lines; a replay takes the new line's pixels, positions and slot (a line of the same
+    shape but other pixels, joining in slot 1 while another decodes in slot 0) -- naive's tokens for both."""
+    from htrd.fastgen import PREFILL_GRAPH_AFTER, PREFILL_GRAPH_LINES, FastGenerator, _PrefillGraph
+    from htrd.generation import Seq
+
+    gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2, 4, 8],
+                             max_cache_len=512, max_new_tokens=NEW)
+    gen._prefill_graphs_ok = True  # as on CUDA (the capture itself is replaced below)
+    captured = []
+
+    def capture(key, args, grid_thw, layout, last):
+        inputs, out = [a.clone() for a in args], torch.empty_like(last)
+
+        class Replay:
+            def replay(self):
+                out.copy_(gen._prompt_forward(*inputs, grid_thw, layout))
+
+        captured.append(key)
+        gen._prefill_graphs[key] = _PrefillGraph(Replay(), inputs, out, [])
+
+    gen._capture_prefill = capture
+    same_shape = _line(1200, 160, 7)  # IMAGES[0]'s size, other strokes
+    want = _naive_tokens(naive["model"], naive["processor"], same_shape)
+    a = gen.prepare(IMAGES[0])
+    for k in range(PREFILL_GRAPH_AFTER):
+        assert captured == [] and gen.prefill_replays == 0
+        assert gen.generate([a])[0].token_ids == naive["tokens"][0]
+    assert len(captured) == 1 and captured[0][1] == (tuple(a.image_grid_thw[0].tolist()),)
+    gen.add([Seq(gen.prepare(IMAGES[1]), NEW, tag="other")])  # decodes in slot 0
+    gen.step()
+    gen.add([Seq(gen.prepare(same_shape), NEW, tag="same")])  # replayed, into slot 1
+    assert gen.prefill_replays == 1
+    done = {}
+    while gen.running():
+        done.update({f.seq.tag: f.token_ids for f in gen.step()})
+    assert done == {"other": naive["tokens"][1], "same": want}
+    big = [gen.prepare(IMAGES[0])] * (PREFILL_GRAPH_LINES + 1)
+    for _ in range(PREFILL_GRAPH_AFTER + 1):
+        gen.generate(big)
+    assert len(captured) == 1  # more lines than PREFILL_GRAPH_LINES: never captured
+
+
+def test_host_turnaround_is_counted_between_checks_while_lines_run(fast):
+    """The GPU-idle gap from a host check to the next launch: one per step() call that leaves lines running
+    (the next step or prefill ends it); none once no line runs."""
+    from htrd.generation import Seq
+
+    fast._idle_since, n0 = None, fast.turnarounds
+    fast.add([Seq(fast.prepare(IMAGES[0]), 6, tag="six"), Seq(fast.prepare(IMAGES[1]), NEW, tag="long")])
+    calls = 0
+    while fast.running():
+        fast.step()
+        calls += 1
+    assert calls > 2 and fast.turnarounds - n0 == calls - 1
+    assert fast._idle_since is None and fast.turnaround_s >= 0
+
+
 def test_plain_generator_gives_the_same_tokens(naive, demo_model_dir):
     """The reference path (static_cache: false): HF generate on the unmerged PeftModel, through the same contract."""
     from htrd.plaingen import PlainGenerator

@@ -55,7 +55,12 @@ class VisionTower:
         self.lengths = lengths
         try:
             if self.own:
-                return self._forward(pixel_values, grids)
+                try:
+                    return self._forward(pixel_values, grids)
+                except _HelpersChanged as exc:
+                    logger.warning("transformers' vision helpers do not take what they did (%s): using HF's "
+                                   "forward, slower and without prefill graphs", exc)
+                    self.own = False
             return _split(self.visual(pixel_values, grid_thw=grid_thw))
         finally:
             self.lengths = None
@@ -65,15 +70,20 @@ class VisionTower:
         if not self.own:
             return False
         ours = self(pixel_values, grid_thw, grids, lengths)
+        if not self.own:  # the helpers failed (logged)
+            return False
         self.own = False
         try:
             ref = self(pixel_values, grid_thw, grids, lengths)
         finally:
             self.own = True
-        def close(a, b) -> bool:  # the same kernels on the same inputs: equal, bar a GEMM's reduction order
-            return a.shape == b.shape and bool((a.float() - b.float()).abs().max() <= 1e-3 * (1 + b.float().abs().max()))
 
-        same = len(ours[1]) == len(ref[1]) and all(close(a, b) for a, b in zip([ours[0], *ours[1]], [ref[0], *ref[1]]))
+        def close(a, b) -> bool:  # the same kernels on the same inputs: equal, bar a GEMM's reduction order
+            d = (a.float() - b.float()).abs().max()
+            return a.shape == b.shape and bool(d <= 1e-3 * (1 + b.float().abs().max()))
+
+        same = len(ours[1]) == len(ref[1]) and all(
+            close(a, b) for a, b in zip([ours[0], *ours[1]], [ref[0], *ref[1]]))
         if not same:
             logger.warning("the vision tower with cached grid inputs differs from HF's forward (transformers "
                            "changed?): using HF's forward, slower and without prefill graphs")
@@ -99,13 +109,16 @@ class VisionTower:
         # queued kernel, once per new grid), then only the embedding lookup on the device.
         thw = torch.tensor([g], dtype=torch.long)
         with torch.inference_mode():
-            idx, w = vu.get_vision_interpolation_indices_and_weights(
-                thw, num_grid_per_side=vis.num_grid_per_side, mode=vis.interpolation_mode,
-                align_corners=vis.interpolation_align_corners, spatial_merge_size=vis.config.spatial_merge_size)
+            try:
+                idx, w = vu.get_vision_interpolation_indices_and_weights(
+                    thw, num_grid_per_side=vis.num_grid_per_side, mode=vis.interpolation_mode,
+                    align_corners=vis.interpolation_align_corners, spatial_merge_size=vis.config.spatial_merge_size)
+                position_ids = vu.get_vision_position_ids(thw, vis.spatial_merge_size)
+            except (AttributeError, TypeError, ValueError) as exc:  # a release that changed them
+                raise _HelpersChanged(f"{type(exc).__name__}: {exc}") from exc
             pos = (vis.pos_embed(idx.to(dev)) * w.to(dev)[:, :, None]).sum(1)
-            position_ids = vu.get_vision_position_ids(thw, vis.spatial_merge_size).to(dev)
             cos, sin = vis.rotary_pos_emb(torch.empty((0,), dtype=vis.patch_embed.proj.weight.dtype, device=dev),
-                                          position_ids)
+                                          position_ids.to(dev))
         if len(self._grids) >= GRID_CACHE:
             self._grids.clear()
         got = self._grids[g] = (pos, cos, sin)
@@ -123,6 +136,10 @@ class VisionTower:
             if i in vis.deepstack_visual_indexes:
                 deepstack.append(vis.deepstack_merger_list[vis.deepstack_visual_indexes.index(i)](h))
         return vis.merger(h), deepstack
+
+
+class _HelpersChanged(Exception):
+    """transformers' vision helpers exist but no longer take the arguments HF's forward gave them here."""
 
 
 def _helpers():

@@ -379,6 +379,30 @@ def test_vision_tower_with_cached_grid_inputs_equals_hf_forward(fast):
     assert fast.vision.check(batch["pixel_values"], batch["image_grid_thw"], layout.grids, layout.vision_lengths)
 
 
+def test_vision_helpers_that_changed_fall_back_to_hf_forward(fast, monkeypatch, caplog):
+    """A transformers release whose vision helpers take other arguments: the tower logs it and serves through
+    HF's own forward (the same image tokens), instead of failing the request."""
+    from transformers import vision_utils
+
+    from htrd.model import collate, prompt_layout
+
+    def changed(*args, **kwargs):
+        raise TypeError("unexpected keyword argument 'num_grid_per_side'")
+
+    tower = fast.vision
+    preps = [fast.prepare(IMAGES[1])]
+    batch = collate(preps, pad_id=fast.pad_id, device="cpu", dtype=torch.float32)
+    layout = prompt_layout(preps, device="cpu")
+    with torch.inference_mode():
+        want = tower(batch["pixel_values"], batch["image_grid_thw"], layout.grids, layout.vision_lengths)
+        monkeypatch.setattr(tower, "own", True)  # restored after the test, as is the grid cache
+        monkeypatch.setattr(tower, "_grids", {})
+        monkeypatch.setattr(vision_utils, "get_vision_interpolation_indices_and_weights", changed)
+        got = tower(batch["pixel_values"], batch["image_grid_thw"], layout.grids, layout.vision_lengths)
+    assert not tower.own and "do not take what they did" in caplog.text
+    assert torch.equal(got[0], want[0]) and all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
+
+
 def test_a_recurring_prefill_shape_is_replayed_with_the_new_lines_inputs_and_slots(naive, demo_model_dir):
     """The prefill-graph bookkeeping on the CPU, with a stand-in for the CUDA graph whose replay runs the
     captured call on its static inputs: a shape is captured on its third prefill, never for more than

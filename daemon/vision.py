@@ -114,11 +114,11 @@ class VisionTower:
                     thw, num_grid_per_side=vis.num_grid_per_side, mode=vis.interpolation_mode,
                     align_corners=vis.interpolation_align_corners, spatial_merge_size=vis.config.spatial_merge_size)
                 position_ids = vu.get_vision_position_ids(thw, vis.spatial_merge_size)
-            except (AttributeError, TypeError, ValueError) as exc:  # a release that changed them
+                pos = (vis.pos_embed(idx.to(dev)) * w.to(dev)[:, :, None]).sum(1)
+                cos, sin = vis.rotary_pos_emb(
+                    torch.empty((0,), dtype=vis.patch_embed.proj.weight.dtype, device=dev), position_ids.to(dev))
+            except (AttributeError, TypeError, ValueError) as exc:  # a release that changed them or the modules
                 raise _HelpersChanged(f"{type(exc).__name__}: {exc}") from exc
-            pos = (vis.pos_embed(idx.to(dev)) * w.to(dev)[:, :, None]).sum(1)
-            cos, sin = vis.rotary_pos_emb(torch.empty((0,), dtype=vis.patch_embed.proj.weight.dtype, device=dev),
-                                          position_ids.to(dev))
         if len(self._grids) >= GRID_CACHE:
             self._grids.clear()
         got = self._grids[g] = (pos, cos, sin)

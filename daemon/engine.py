@@ -33,6 +33,7 @@ the first request after READY is as fast as the others.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -198,14 +199,6 @@ class Engine:
         """Every preprocessing worker decodes and preprocesses the warm-up line once (while the inference thread
         warms the GPU): the pool starts its threads lazily, and a request landing on a new one paid for the
         thread, its torch thread settings and the first image decoding in it."""
-        import io
-
-        from .images import decode_image
-        from .model import warmup_image
-
-        buf = io.BytesIO()
-        warmup_image().save(buf, format="PNG")
-        png = buf.getvalue()
         n = self.cpu_workers
         barrier = threading.Barrier(n)  # each task holds its worker until all n run: one task per thread
 
@@ -214,23 +207,21 @@ class Engine:
                 barrier.wait(timeout=30)
             except threading.BrokenBarrierError:
                 pass
-            img = decode_image(png, max_pixels=self.settings.limits.max_image_pixels, max_pages=1)[0].image
-            self.gen.prepare(img)
+            self.gen.prepare(self._warmup_line())
 
         for f in [self._cpu_pool.submit(one) for _ in range(n)]:
             f.result()
 
     def _warm_up_here(self) -> None:
-        import io
+        self.warmup_report = self.gen.warmup(self._warmup_line(), progress=self._progress,
+                                             max_new_tokens=self.settings.generation.max_new_tokens)
 
+    def _warmup_line(self):
+        """The warm-up line image, through the request path (PNG bytes decoded as a request's are: decoding is
+        slow on its first use in a thread)."""
         from .images import decode_image
-        from .model import warmup_image
 
-        buf = io.BytesIO()
-        warmup_image().save(buf, format="PNG")  # through the request path: PNG decoding is slow on its first use
-        img = decode_image(buf.getvalue(), max_pixels=self.settings.limits.max_image_pixels, max_pages=1)[0].image
-        self.warmup_report = self.gen.warmup(img, max_new_tokens=self.settings.generation.max_new_tokens,
-                                             progress=self._progress)
+        return decode_image(_warmup_png(), max_pixels=self.settings.limits.max_image_pixels, max_pages=1)[0].image
 
     def start(self) -> None:
         """Serve: the inference thread (started by :meth:`warm_up`) takes work from now on."""
@@ -530,6 +521,17 @@ class Engine:
             "reserved": int(torch.cuda.memory_reserved(0)),
             "total": int(torch.cuda.get_device_properties(0).total_memory),
         }
+
+
+@functools.cache
+def _warmup_png() -> bytes:
+    import io
+
+    from .model import warmup_image
+
+    buf = io.BytesIO()
+    warmup_image().save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def gen_chunk(gen) -> int:

@@ -195,8 +195,8 @@ def run_engine(args, name: str, continuous: bool, workloads: dict, work_dir: Pat
             checks = (after.get("decode_checks") or 0) - (before.get("decode_checks") or 0)
             r["steps_per_check"] = steps / checks if checks else None  # decode steps per wait for the GPU
             # the GPU's idle time between a host check and the next launch, while lines ran (seconds)
-            r["host_turnaround_s"] = ((after.get("turnaround_ms") or 0) * (after.get("turnarounds") or 0)
-                                      - (before.get("turnaround_ms") or 0) * (before.get("turnarounds") or 0)) / 1000
+            r["host_turnaround_s"] = ((after.get("turnaround_total_ms") or 0)
+                                      - (before.get("turnaround_total_ms") or 0)) / 1000
             r.pop("done_ids")
             res[f"{mode}@{clients}"] = r
             logger.info("%s %s@%d: %.1f lines/s, p50 %.3f s, p95 %.3f s, slots %.1f, %.2f steps per check, "

@@ -497,8 +497,7 @@ class Engine:
             "avg_occupied_slots": round(gen.occupied_sum / steps, 2) if steps else None,
             "decode_steps": steps,
             "decode_checks": getattr(gen, "step_calls", None),
-            "turnaround_ms": (round(gen.turnaround_s / gen.turnarounds * 1000.0, 3)
-                              if getattr(gen, "turnarounds", 0) else None),
+            "turnaround_total_ms": (round(gen.turnaround_s * 1000.0, 3) if hasattr(gen, "turnaround_s") else None),
             "turnarounds": getattr(gen, "turnarounds", None),
             "occupied_slot_steps": gen.occupied_sum,
             "kv_cache_bytes": int(getattr(gen, "kv_cache_bytes", 0)),

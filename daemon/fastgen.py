@@ -203,7 +203,6 @@ class FastGenerator(GeneratorBase):
         self._prefill_seen: OrderedDict[tuple, int] = OrderedDict()
         self._prefill_graphs_ok = self.cuda_graphs
         self.prefill_replays = 0
-        self.prefill_captures = 0
         self._alloc_state()
         self._fuse_weights()
         self.vision = VisionTower(self.model.model.visual, compile=self.compile)
@@ -540,7 +539,6 @@ class FastGenerator(GeneratorBase):
             return
         torch.cuda.current_stream(self.device).wait_stream(side)
         self._prefill_graphs[key] = _PrefillGraph(graph, inputs, out, keep)
-        self.prefill_captures += 1
         if len(self._prefill_graphs) > PREFILL_GRAPHS:
             self._prefill_graphs.popitem(last=False)
         logger.debug("captured a prefill graph: %d line(s) x %d positions in %.0f ms", len(layout.grids), key[0],

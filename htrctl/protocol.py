@@ -134,9 +134,9 @@ class EngineInfo(BaseModel):
     avg_occupied_slots: float | None = None  # over every decode step since READY
     decode_steps: int | None = None  # decode steps since READY (the plain generator: tokens of its batches)
     decode_checks: int | None = None  # host checks (each a wait for the GPU) those steps took; fast path only
-    # From a host check to the next GPU launch while lines run, on average: the GPU has nothing queued meanwhile
-    turnaround_ms: float | None = None
-    turnarounds: int | None = None  # how many such gaps (turnaround_ms x turnarounds: the GPU's idle total)
+    # From a host check to the next GPU launch while lines run, in total: the GPU has nothing queued meanwhile
+    turnaround_total_ms: float | None = None
+    turnarounds: int | None = None  # how many such gaps (turnaround_total_ms / turnarounds: one on average)
     occupied_slot_steps: int | None = None  # sum over those steps of the lines decoding
     kv_cache_bytes: int | None = None
     preprocess_ms_per_image: float | None = None  # CPU time to decode + preprocess one line, on average

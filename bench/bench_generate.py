@@ -390,13 +390,16 @@ def client_requests(socket_path: Path, body: bytes, n: int, lat: list, errors: l
                 errors.append(f"{r.status_code} {r.text[:200]}")
 
 
-def run_clients(n: int, client) -> float:
-    """Start *n* threads running ``client(start)`` (each waits on the event *start*), release them at once;
-    returns the wall time until the last one ends."""
+def run_clients(n: int, client, release_at: float | None = None) -> float:
+    """Start *n* threads running ``client(start)`` (each waits on the event *start*), release them at once --
+    or at the wall-clock time *release_at* (clients in several processes released together); returns the
+    wall time from the release until the last one ends."""
     start = threading.Event()
     threads = [threading.Thread(target=client, args=(start,), daemon=True) for _ in range(n)]
     for t in threads:
         t.start()
+    if release_at is not None:
+        time.sleep(max(0.0, release_at - time.time()))
     t0 = time.perf_counter()
     start.set()
     for t in threads:

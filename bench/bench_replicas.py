@@ -49,6 +49,7 @@ from bench_generate import (
     line_image,
     pct,
     png_bytes,
+    run_clients,
     stop_daemons_on_sigterm,
     write_config,
 )
@@ -248,14 +249,7 @@ def client_worker(args) -> int:
         client_requests(Path(args.worker), body, args.per_client, lat, errors, args.new_tokens, start)
         ends.append(time.time())
 
-    start = threading.Event()
-    threads = [threading.Thread(target=client, args=(start,), daemon=True) for _ in range(args.clients)]
-    for t in threads:
-        t.start()
-    time.sleep(max(0.0, float(args.worker_release) - time.time()))
-    start.set()
-    for t in threads:
-        t.join()
+    run_clients(args.clients, client, release_at=float(args.worker_release))
     sys.stdout.write(json.dumps({"lat": lat, "errors": errors[:3], "n_errors": len(errors),
                                  "end": max(ends) if ends else time.time()}) + "\n")
     return 0

@@ -410,10 +410,17 @@ class Engine:
             item: WorkItem = seq.tag
             return item.future.done() or time.monotonic() > item.deadline
 
+        def join() -> None:
+            # While the launched steps run on the GPU: newcomers' prefills are launched behind them (their
+            # host-side launching overlaps the decoding instead of leaving the GPU idle after it).
+            taken = self._take()
+            if taken:
+                self._admit(taken)
+
         n = self.gen.occupancy()
         t0, tokens0 = time.monotonic(), self.gen.occupied_sum
         try:
-            self._call(lambda: self._finish(self.gen.step(stop)), n, prefill=False)
+            self._call(lambda: self._finish(self.gen.step(stop, during=join)), n, prefill=False)
             dt = time.monotonic() - t0
             if self._serving and dt > 0:
                 self.metrics.tokens_per_second.set((self.gen.occupied_sum - tokens0) / dt)
@@ -427,14 +434,15 @@ class Engine:
     def _call(self, fn: Callable[[], Any], n: int, *, prefill: bool) -> None:
         """One model call, timed for the watchdog (a hung peer-to-peer copy blocks here as well)."""
         t0 = time.monotonic()
-        self.generate_started_at = t0
+        outer = self.generate_started_at  # a prefill launched while decode steps run (Engine._step's join)
+        self.generate_started_at = outer or t0
         self.metrics.generating.set(n)
         try:
             if prefill and self._serving:
                 self._inject_faults()
             fn()
         finally:
-            self.generate_started_at = None
+            self.generate_started_at = outer
             self.metrics.generating.set(self.occupied())
         if prefill:
             self.last_batch_s = time.monotonic() - t0

@@ -192,6 +192,7 @@ class FastGenerator(GeneratorBase):
         self._prefill_end = [0.0] * self.slots
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool = None
+        self._host = None  # pinned host copies of a step's results (see _results)
         self._missing_graphs: set[tuple[int, int]] = set()
         self.steps_run = 0
         self.step_calls = 0  # host checks (step() calls that ran steps): steps_run / step_calls steps per check
@@ -382,7 +383,8 @@ class FastGenerator(GeneratorBase):
             self._prefill_ms[slot] = (t1 - t0) * 1000.0
             self._prefill_end[slot] = t1
 
-    def step(self, stop: Callable[[Seq], bool] | None = None, steps: int = STEPS_PER_CALL) -> list[Finished]:
+    def step(self, stop: Callable[[Seq], bool] | None = None, steps: int = STEPS_PER_CALL,
+             during: Callable[[], None] | None = None) -> list[Finished]:
         """Up to *steps* decode steps for every running line; returns (and frees) the lines that finished.
 
         *stop(seq)* True takes a running line out now, with the tokens it has. With a few lines running,
@@ -390,9 +392,15 @@ class FastGenerator(GeneratorBase):
         its last token. With more, a line that reaches its limit mid-call waits (frozen) for the call's
         end: when lines of many lengths run, nearly every call would otherwise be one step and one wait
         for the GPU (see STOP_AT_LAST_TOKEN_LINES).
+
+        *during()* runs once the steps are launched and before the host waits for them: the engine
+        prefills newcomers there (:meth:`add`), so the host's work of launching a prefill overlaps the
+        GPU's decoding instead of following it. Lines added in *during* decode from the next call.
         """
         occupied = [i for i, s in enumerate(self._seqs) if s is not None]
         if not occupied:
+            if during is not None:
+                during()
             return []
         if len(occupied) <= STOP_AT_LAST_TOKEN_LINES:
             steps = max(1, min(steps, min(self._left[i] for i in occupied)))
@@ -415,20 +423,21 @@ class FastGenerator(GeneratorBase):
                     self._step_fn(B, L)
             self.steps_run += steps
             self.occupied_sum += steps * len(occupied)
-            fin = self.finished[:B].tolist()
-            t_end = time.perf_counter()
-            leaving = [i for i in occupied if fin[i] or (stop is not None and stop(self._seqs[i]))]
-            if not leaving:
-                self._idle_since = time.perf_counter()
-                return []
-            counts = self.nstep[:B].tolist()
-            width = max(counts[i] for i in leaving)
-            rows = self.out[torch.tensor(leaving, device=self.device), :width].tolist()
+            fin_t, counts_t, out_t = self._results(B)
+        if during is not None:
+            during()
+        self._results_ready()
+        fin, counts = fin_t.tolist(), counts_t.tolist()
+        t_end = time.perf_counter()
+        leaving = [i for i in occupied if fin[i] or (stop is not None and stop(self._seqs[i]))]
+        if not leaving:
+            self._idle_since = t_end
+            return []
         done = []
-        for i, row in zip(leaving, rows):
+        for i in leaving:
             seq = self._seqs[i]
             ids = []
-            for t in row[: counts[i]]:
+            for t in out_t[i, : counts[i]].tolist():
                 ids.append(int(t))
                 if t in self.eos_ids:
                     break
@@ -441,6 +450,30 @@ class FastGenerator(GeneratorBase):
         if len(leaving) < len(occupied):
             self._idle_since = time.perf_counter()
         return done
+
+    def _results(self, B: int):
+        """What the host reads after the launched steps, for slots [:B]: finished flags, token counts and the
+        tokens. On CUDA copied into pinned host memory without waiting (work launched later -- a prefill --
+        does not delay them); :meth:`_results_ready` waits for the copies."""
+        if self.device.type != "cuda":
+            return self.finished[:B], self.nstep[:B], self.out[:B]
+        torch = self.torch
+        if self._host is None:
+            S = self.slots
+            self._host = (torch.empty((S,), dtype=torch.bool, pin_memory=True),
+                          torch.empty((S,), dtype=torch.long, pin_memory=True),
+                          torch.empty(tuple(self.out.shape), dtype=torch.long, pin_memory=True),
+                          torch.cuda.Event())
+        fin, counts, out, event = self._host
+        fin[:B].copy_(self.finished[:B], non_blocking=True)
+        counts[:B].copy_(self.nstep[:B], non_blocking=True)
+        out[:B].copy_(self.out[:B], non_blocking=True)
+        event.record()
+        return fin[:B], counts[:B], out[:B]
+
+    def _results_ready(self) -> None:
+        if self._host is not None and self.device.type == "cuda":
+            self._host[3].synchronize()
 
     def _turnaround_end(self) -> None:
         """GPU work is about to be launched: count the host's time since the last check that waited for the

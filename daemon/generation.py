@@ -8,7 +8,10 @@ that can decode at once). The engine's inference thread is its only caller:
 - :meth:`Generator.step` -- advance every running line by a few tokens; returns
   the lines that finished (EOS or their own ``max_new_tokens``) and frees their
   slots at once. *stop(seq)* is asked for each running line: True takes it out
-  now (its deadline passed), returned with ``stopped=True``.
+  now (its deadline passed), returned with ``stopped=True``. *during()*, if
+  given, is called once while the steps run on the device, before the host
+  waits for them: the engine adds newcomers there, so launching their prefill
+  overlaps the decoding (a generator that cannot overlap calls it first).
 - :meth:`Generator.warmup` -- every shape it will serve, before READY.
 
 Two implementations: :class:`htrd.fastgen.FastGenerator` (the default: static
@@ -76,7 +79,8 @@ class Generator(Protocol):
 
     def add(self, seqs: Sequence[Seq]) -> list[Finished]: ...
 
-    def step(self, stop: Callable[[Seq], bool] | None = None) -> list[Finished]: ...
+    def step(self, stop: Callable[[Seq], bool] | None = None,
+             during: Callable[[], None] | None = None) -> list[Finished]: ...
 
     def warmup(self, image, *, max_new_tokens: int | None = None,
                progress: Callable[[str], None] = lambda s: None) -> dict: ...

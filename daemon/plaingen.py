@@ -68,8 +68,12 @@ class PlainGenerator(GeneratorBase):
         self._waiting.extend(seqs)
         return []
 
-    def step(self, stop: Callable[[Seq], bool] | None = None) -> list[Finished]:
-        """ONE ``generate`` for every line taken; returns all of them."""
+    def step(self, stop: Callable[[Seq], bool] | None = None,
+             during: Callable[[], None] | None = None) -> list[Finished]:
+        """ONE ``generate`` for every line taken; returns all of them. *during()* runs first (nothing here
+        overlaps: ``generate`` waits for the GPU throughout)."""
+        if during is not None:
+            during()
         seqs, self._waiting = self._waiting, []
         if not seqs:
             return []

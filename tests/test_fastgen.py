@@ -224,6 +224,35 @@ def test_a_line_joining_midway_gets_the_tokens_it_gets_alone(naive, fast):
     assert all(f.group == 1 for f in done.values())
 
 
+def test_lines_added_while_steps_run_join_the_next_call_with_their_solo_tokens(naive, fast):
+    """step(during=...): newcomers prefilled while the launched steps run (before the host reads their
+    results) take no part in those steps, are not reported by that call, and get the tokens they get alone;
+    the running line is unaffected. A line that ends in the same call still leaves with the right tokens."""
+    from htrd.generation import Seq
+
+    preps = [fast.prepare(im) for im in IMAGES]
+    fast.add([Seq(preps[0], NEW, tag="first"), Seq(preps[1], 3, tag="short")])
+    calls, done, joined = 0, {}, []
+
+    def join():
+        if calls == 1:  # the call in which "short" ends (3 tokens: the prefill's and two steps)
+            before = fast.steps_run
+            fast.add([Seq(preps[2], NEW, tag="during")])
+            assert fast.steps_run == before
+            joined.append(sorted(s.tag for s in fast.running()))
+
+    while fast.running():
+        calls += 1
+        out = fast.step(during=join)
+        if calls == 1:
+            assert [f.seq.tag for f in out] == ["short"]  # not "during": it joined after these steps
+        done.update({f.seq.tag: f for f in out})
+    assert joined == [["during", "first", "short"]]
+    assert done["short"].token_ids == naive["tokens"][1][:3]
+    assert done["first"].token_ids == naive["tokens"][0]
+    assert done["during"].token_ids == naive["tokens"][2]
+
+
 def test_a_short_line_leaves_early_and_its_slot_is_reused(naive, fast):
     """A 3-token line beside a 24-token one finishes after its own tokens, not the long line's; the freed
     slot takes the next line while the long one still decodes."""

@@ -197,12 +197,16 @@ def run_engine(args, name: str, continuous: bool, workloads: dict, work_dir: Pat
             # the GPU's idle time between a host check and the next launch, while lines ran (seconds)
             r["host_turnaround_s"] = ((after.get("turnaround_total_ms") or 0)
                                       - (before.get("turnaround_total_ms") or 0)) / 1000
+            r["prefill_replays"] = (after.get("prefill_replays") or 0) - (before.get("prefill_replays") or 0)
+            r["prefill_graphs"] = [after.get("prefill_graphs"), after.get("prefill_lm_graphs")]
             r.pop("done_ids")
             res[f"{mode}@{clients}"] = r
             logger.info("%s %s@%d: %.1f lines/s, p50 %.3f s, p95 %.3f s, slots %.1f, %.2f steps per check, "
-                        "GPU idle at host turnarounds %.1f %% of the load", name, mode, clients, r["lines_per_s"],
+                        "GPU idle at host turnarounds %.1f %% of the load, %d prefills replayed (graphs whole/LM "
+                        "part: %s)", name, mode, clients, r["lines_per_s"],
                         r["p50_s"], r["p95_s"], r["avg_occupied_slots"] or 0, r["steps_per_check"] or 0,
-                        100 * r["host_turnaround_s"] / r["wall_s"] if r.get("wall_s") else 0)
+                        100 * r["host_turnaround_s"] / r["wall_s"] if r.get("wall_s") else 0, r["prefill_replays"],
+                        r["prefill_graphs"])
         res["status"] = status(sock)
     finally:
         res["exit_code"] = d.stop()

@@ -52,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(3):
         replayed = [fast.generate([p], min_new_tokens=new)[0].token_ids for p in preps]
     n_replays = fast.prefill_replays - replays0
+    # The language model's graphs alone (a line of a new grid whose padded width has a graph): the whole-prefill
+    # graphs forgotten, each line once more.
+    fast._prefill_graphs.clear()
+    fast._prefill_seen.clear()
+    replays0 = fast.prefill_replays
+    lm_replayed = [fast.generate([p], min_new_tokens=new)[0].token_ids for p in preps]
+    n_lm_replays = fast.prefill_replays - replays0
     batched = [g.token_ids for g in fast.generate(preps, min_new_tokens=new)]
     # joining: the odd lines join while the even ones are decoding
     done = {}
@@ -92,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {"gpu": torch.cuda.get_device_name(0) if dev != "cpu" else "cpu", "new_tokens": new, "widths": WIDTHS, "paths": {}}
     for name, seqs in (("hf_bf16_generate", hf), ("fast_alone", alone), ("fast_batched", batched),
-                       ("fast_joined", joined), ("fast_replayed_prefill", replayed)):
+                       ("fast_joined", joined), ("fast_replayed_prefill", replayed),
+                       ("fast_replayed_lm_part", lm_replayed)):
         g = [x for p, s in zip(preps, seqs) for x in gaps(p, s)]
         agree = sum(1 for x in g if x <= 0.0)
         report["paths"][name] = {"max_gap": max(g), "mean_gap": sum(g) / len(g), "fp32_agrees": agree,
@@ -102,11 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     report["fast_alone_equals_joined"] = sum(a == b for a, b in zip(alone, joined))
     report["fast_alone_equals_hf_bf16"] = sum(a == b for a, b in zip(alone, hf))
     report["fast_alone_equals_replayed"] = sum(a == b for a, b in zip(alone, replayed))
+    report["fast_alone_equals_lm_replayed"] = sum(a == b for a, b in zip(alone, lm_replayed))
     report["prefill_graph_replays"] = n_replays
+    report["lm_graph_replays"] = n_lm_replays
     h = report["paths"]["hf_bf16_generate"]
     ok = all(report["paths"][n]["max_gap"] <= 1.5 * h["max_gap"] + 1e-3
              and report["paths"][n]["mean_gap"] <= 2 * h["mean_gap"] + 1e-3
-             for n in ("fast_alone", "fast_batched", "fast_joined", "fast_replayed_prefill"))
+             for n in ("fast_alone", "fast_batched", "fast_joined", "fast_replayed_prefill", "fast_replayed_lm_part"))
     report["pass"] = ok
     print("| path | max gap (fp32 logits) | mean gap | tokens where fp32 agrees |")
     print("|---|---|---|---|")
@@ -114,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {r['max_gap']:.4f} | {r['mean_gap']:.4f} | {r['fp32_agrees']} / {r['tokens']} |")
     print(f"prompt tokens {report['prompt_tokens']}; fast alone == batched for {report['fast_alone_equals_batched']}/8, "
           f"== joined {report['fast_alone_equals_joined']}/8, == HF bf16 {report['fast_alone_equals_hf_bf16']}/8, "
-          f"== replayed prefill graph {report['fast_alone_equals_replayed']}/8 ({n_replays} replays); "
+          f"== replayed prefill graph {report['fast_alone_equals_replayed']}/8 ({n_replays} replays), "
+          f"== replayed language-model graph {report['fast_alone_equals_lm_replayed']}/8 ({n_lm_replays} replays); "
           f"{'PASS' if ok else 'FAIL'}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))

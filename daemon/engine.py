@@ -512,6 +512,7 @@ class Engine:
             "preprocess_ms_per_image": self.preprocess_ms_per_image(),
             "preprocess_workers": self.cpu_workers,
             "prefill_graphs": len(getattr(gen, "_prefill_graphs", ())),
+            "prefill_lm_graphs": len(getattr(gen, "_lm_graphs", ())),
             "prefill_replays": getattr(gen, "prefill_replays", 0),
         }
 

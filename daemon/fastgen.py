@@ -83,6 +83,12 @@ PREFILL_GRAPHS = 48  # prefill graphs kept (least recently used dropped first)
 # Captured on the shape's third prefill: lines of varied sizes (most shapes seen once or twice) must not pay a
 # capture -- another launch of the whole prefill plus instantiation -- that no replay pays back.
 PREFILL_GRAPH_AFTER = 3
+# Prompts of a small prefill are left-padded to a multiple of this, and the language model's part of the prefill
+# (everything after the vision tower) is captured per (lines, padded width) on that shape's second prefill:
+# lines of any size reuse a few dozen graphs, the vision tower alone runs eagerly.
+PREFILL_BUCKET = 64
+LM_GRAPH_AFTER = 2
+LM_GRAPHS = PREFILL_GRAPH_LINES * 16
 
 
 def configure_compile_cache(cache_dir: str | os.PathLike | None) -> Path | None:
@@ -203,6 +209,9 @@ class FastGenerator(GeneratorBase):
         self._prefill_graphs: OrderedDict[tuple, _PrefillGraph] = OrderedDict()
         self._prefill_seen: OrderedDict[tuple, int] = OrderedDict()
         self._prefill_graphs_ok = self.cuda_graphs
+        self._lm_graphs: OrderedDict[tuple[int, int], _PrefillGraph] = OrderedDict()
+        self._lm_seen: OrderedDict[tuple[int, int], int] = OrderedDict()
+        self._lm_buffers: list = []
         self.prefill_replays = 0
         self._alloc_state()
         self._fuse_weights()
@@ -345,9 +354,10 @@ class FastGenerator(GeneratorBase):
         t0 = time.perf_counter()
         n = len(seqs)
         items = [s.prepared for s in seqs]
-        batch = self._collate(items)
+        width = self._graph_width(seqs)
+        batch = self._collate(items, width)
         P = int(batch["input_ids"].shape[1])
-        layout = prompt_layout(items, device=self.device)
+        layout = prompt_layout(items, device=self.device, width=width)
         slots = [heapq.heappop(self._free) for _ in range(n)]
         st = torch.tensor(slots, dtype=torch.long, device=self.device)
         try:
@@ -519,39 +529,110 @@ class FastGenerator(GeneratorBase):
                 self._qkv_w.append(_fuse_rows([att.q_proj, att.k_proj, att.v_proj], torch, nn))
                 self._gu_w.append(_fuse_rows([mlp.gate_proj, mlp.up_proj], torch, nn))
 
+    def _graph_width(self, seqs: Sequence[Seq]) -> int | None:
+        """The padded prompt width of a small prefill that may run as a CUDA graph: its longest prompt rounded
+        up to PREFILL_BUCKET positions (so prompts of many lengths share a few graphs), if the padded prompt
+        plus the group's new tokens still fits the cache. None: the group's own longest prompt."""
+        if not (self._prefill_graphs_ok and self.vision.own and len(seqs) <= PREFILL_GRAPH_LINES):
+            return None
+        width = _round_up(max(s.prepared.prompt_len for s in seqs), PREFILL_BUCKET)
+        longest = max(min(int(s.max_new_tokens), self.max_new_tokens) for s in seqs)
+        return width if width + longest <= self.max_cache_len else None
+
     def _prompt_last(self, batch, layout, st):
-        """:meth:`_prompt_forward`, replayed from a CUDA graph when a small prefill's shape has been seen before."""
-        args = [batch["input_ids"], batch["pixel_values"], batch["attention_mask"], layout.position_ids,
-                layout.image_index, st]
-        n = int(st.shape[0])
+        """The prompts through the model (:meth:`_prompt_inputs`, :meth:`_prefill_layers`); returns each line's
+        last hidden state, (n, H). A small prefill (see PREFILL_GRAPH_LINES) is replayed from a CUDA graph:
+        the whole prefill when its exact shape (prompt width, image grids) recurs, else the language model's
+        part when its (lines, padded width) has been seen before -- the vision tower then runs eagerly."""
+        ids, pixels, mask, grid_thw = batch["input_ids"], batch["pixel_values"], batch["attention_mask"], \
+            batch["image_grid_thw"]
+        args = [ids, pixels, mask, layout.position_ids, layout.image_index, st]
+        n, P = int(st.shape[0]), int(ids.shape[1])
         if not (self._prefill_graphs_ok and self.vision.own and n <= PREFILL_GRAPH_LINES):
-            return self._prompt_forward(*args, batch["image_grid_thw"], layout)
-        key = (int(args[0].shape[1]), tuple(layout.grids))
+            return self._prompt_forward(*args, grid_thw, layout)
+        key = (P, tuple(layout.grids))
         g = self._prefill_graphs.get(key)
         if g is not None:
             self._prefill_graphs.move_to_end(key)
-            for buf, a in zip(g.inputs, args):
-                buf.copy_(a)
-            g.graph.replay()
-            self.prefill_replays += 1
-            return g.out
-        last = self._prompt_forward(*args, batch["image_grid_thw"], layout)
-        seen = self._prefill_seen.pop(key, 0) + 1
-        self._prefill_seen[key] = seen
-        if len(self._prefill_seen) > 16 * PREFILL_GRAPHS:
-            self._prefill_seen.popitem(last=False)
-        if seen >= PREFILL_GRAPH_AFTER:  # a recurring shape: capture it (a rare one would pay for nothing)
-            self._capture_prefill(key, args, batch["image_grid_thw"], layout, last)
+            return self._replay(g, args)
+        if _seen(self._prefill_seen, key) >= PREFILL_GRAPH_AFTER:  # a recurring shape: capture it whole
+            last = self._prompt_forward(*args, grid_thw, layout)
+            inputs = [a.clone() for a in args]
+            keep = [self.vision.grid_inputs([gr]) for gr in layout.grids]  # the cached tensors the graph reads
+            g = self._record(lambda: self._prompt_forward(*inputs, grid_thw, layout), inputs, last, keep)
+            if g is not None:
+                self._prefill_graphs[key] = g
+                if len(self._prefill_graphs) > PREFILL_GRAPHS:
+                    self._prefill_graphs.popitem(last=False)
+            return last
+        embeds, deepstack = self._prompt_inputs(ids, pixels, layout.image_index, grid_thw, layout)
+        lm = self._lm_graphs.get((n, P))
+        if lm is None and _seen(self._lm_seen, (n, P)) < LM_GRAPH_AFTER:
+            return self._prefill_layers(embeds, mask, layout.position_ids, layout.image_index, deepstack, st)[:, -1]
+        # The language model's graph reads fixed-size inputs: the image positions and deepstack features padded.
+        lm_args = [embeds, mask, layout.position_ids, *self._dense_deepstack(layout.image_index, deepstack, n * P), st]
+        if lm is not None:
+            self._lm_graphs.move_to_end((n, P))
+            return self._replay(lm, lm_args)
+        inputs = self._lm_inputs(lm_args, n * P)
+
+        def lm_part():
+            return self._prefill_layers(inputs[0], inputs[1], inputs[2], inputs[3], inputs[4:-1], inputs[-1])[:, -1]
+
+        last = lm_part()  # eagerly first: the capture then finds every kernel it records
+        g = self._record(lm_part, inputs, last, [])
+        if g is not None:
+            self._lm_graphs[(n, P)] = g
+            if len(self._lm_graphs) > LM_GRAPHS:
+                self._lm_graphs.popitem(last=False)
         return last
 
-    def _capture_prefill(self, key, args, grid_thw, layout, last) -> None:
-        """Record :meth:`_prompt_forward` for *key*'s shape (the same call just ran eagerly, so every kernel,
-        compiled op and cuDNN plan it needs exists; capturing launches nothing)."""
+    def _replay(self, g: _PrefillGraph, args) -> object:
+        for buf, a in zip(g.inputs, args):
+            buf.copy_(a)
+        g.graph.replay()
+        self.prefill_replays += 1
+        return g.out
+
+    def _dense_deepstack(self, index, deepstack, rows: int) -> list:
+        """The image-token positions and the deepstack features padded to *rows* entries (position 0, zero
+        features: adding them changes nothing), so their shapes depend on the prompt's width only."""
+        torch = self.torch
+        k = int(index.shape[0])
+        vis = torch.zeros((rows,), dtype=index.dtype, device=index.device)
+        vis[:k] = index
+        out = [vis]
+        for d in deepstack:
+            full = torch.zeros((rows, d.shape[-1]), dtype=self.dtype, device=d.device)
+            full[:k] = d
+            out.append(full)
+        return out
+
+    def _lm_inputs(self, args: list, rows: int) -> list:
+        """Static input buffers of a language-model graph (*rows*: lines x padded width): views of one shared
+        allocation per argument, sized for the largest such graph (the graphs replay one at a time and every
+        replay copies its inputs in first)."""
+        views = []
+        for i, a in enumerate(args):
+            need = a.numel()
+            buf = self._lm_buffers[i] if i < len(self._lm_buffers) else None
+            if buf is None or buf.numel() < need or buf.dtype != a.dtype:
+                size = max(need, need // rows * PREFILL_GRAPH_LINES * self.max_cache_len)
+                buf = self.torch.empty((size,), dtype=a.dtype, device=a.device)
+                if i < len(self._lm_buffers):
+                    self._lm_buffers[i] = buf
+                else:
+                    self._lm_buffers.append(buf)
+            views.append(buf[:need].view(a.shape).copy_(a))
+        return views
+
+    def _record(self, fn: Callable[[], object], inputs: list, last, keep: list) -> _PrefillGraph | None:
+        """Capture *fn* (a prefill that just ran eagerly on the same shapes, so every kernel, compiled op and
+        cuDNN plan it needs exists: capturing launches nothing) reading *inputs*; its result lands in a
+        buffer shaped like *last*. None, and prefill graphs off, if capturing fails."""
         torch = self.torch
         t0 = time.perf_counter()
-        inputs = [a.clone() for a in args]
         out = torch.empty_like(last)
-        keep = [self.vision.grid_inputs([g]) for g in layout.grids]  # the cached tensors the graph reads
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
@@ -561,7 +642,7 @@ class FastGenerator(GeneratorBase):
             with torch.cuda.stream(side):
                 graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
                 try:
-                    out.copy_(self._prompt_forward(*inputs, grid_thw, layout))
+                    out.copy_(fn())
                 finally:
                     graph.capture_end()
         except Exception as exc:  # never fatal: this prefill already ran; later ones stay eager
@@ -569,13 +650,19 @@ class FastGenerator(GeneratorBase):
             self._prefill_graphs_ok = False
             logger.warning("capturing a prefill graph failed (%s: %s); prefills stay uncaptured",
                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-            return
+            return None
         torch.cuda.current_stream(self.device).wait_stream(side)
-        self._prefill_graphs[key] = _PrefillGraph(graph, inputs, out, keep)
-        if len(self._prefill_graphs) > PREFILL_GRAPHS:
-            self._prefill_graphs.popitem(last=False)
-        logger.debug("captured a prefill graph: %d line(s) x %d positions in %.0f ms", len(layout.grids), key[0],
+        logger.debug("captured a prefill graph: %s in %.0f ms", [tuple(a.shape) for a in inputs[:1]],
                      (time.perf_counter() - t0) * 1000.0)
+        return _PrefillGraph(graph, inputs, out, keep)
+
+    def _prompt_inputs(self, input_ids, pixel_values, image_index, grid_thw, layout):
+        """The prompt's input embeddings with the image tokens in place (at the flat positions *image_index*),
+        (n, P, H), and the vision tower's deepstack features (image tokens x H per layer)."""
+        embeds = self.text.embed_tokens(input_ids)  # (n, P, H)
+        image, deepstack = self.vision(pixel_values, grid_thw, layout.grids, layout.vision_lengths)
+        embeds.view(-1, embeds.shape[-1]).index_copy_(0, image_index, image.to(embeds.dtype))
+        return embeds, deepstack
 
     def _prompt_forward(self, input_ids, pixel_values, attention_mask, position_ids, image_index, st, grid_thw,
                         layout):
@@ -587,12 +674,9 @@ class FastGenerator(GeneratorBase):
         tokens placed by index, M-RoPE positions from the per-grid cache. HF's multimodal forward would wait
         for the GPU four times per prefill to learn the same (placeholder count, split sizes, rope index,
         deepstack mask), and its vision tower once per layer; a one-line prefill was bound by those waits.
-        Nothing in here asks the GPU for a value, so it can be captured (:meth:`_capture_prefill`).
+        Nothing in here asks the GPU for a value, so it can be captured (:meth:`_record`).
         """
-        embeds = self.text.embed_tokens(input_ids)  # (n, P, H)
-        image, deepstack = self.vision(pixel_values, grid_thw, layout.grids, layout.vision_lengths)
-        H = embeds.shape[-1]
-        embeds.view(-1, H).index_copy_(0, image_index, image.to(embeds.dtype))
+        embeds, deepstack = self._prompt_inputs(input_ids, pixel_values, image_index, grid_thw, layout)
         return self._prefill_layers(embeds, attention_mask, position_ids, image_index, deepstack, st)[:, -1]
 
     def _prefill_layers(self, h, attention_mask, position_ids, vis, deepstack, st):
@@ -836,6 +920,15 @@ class _Ops:
             # The prefill's copies: dynamic in every size from the start, so a prompt length not seen in the
             # warm-up reuses the graph instead of recompiling on a user's first request.
             setattr(self, f"prefill_{name}", torch.compile(fn, dynamic=True, fullgraph=True) if compile else fn)
+
+
+def _seen(counts: OrderedDict, key) -> int:
+    """Count one more sighting of *key*; returns the count (the oldest keys forgotten beyond 1,024)."""
+    seen = counts.pop(key, 0) + 1
+    counts[key] = seen
+    if len(counts) > 1024:
+        counts.popitem(last=False)
+    return seen
 
 
 def _round_up(n: int, m: int) -> int:

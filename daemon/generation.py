@@ -103,10 +103,10 @@ class GeneratorBase:
     def decode(self, ids: Sequence[int]) -> str:
         return self.pre.decode(ids)
 
-    def _collate(self, items: Sequence[Prepared]) -> dict:
+    def _collate(self, items: Sequence[Prepared], width: int | None = None) -> dict:
         from .model import collate
 
-        return collate(items, pad_id=self.pad_id, device=self.device, dtype=self.pre.dtype)
+        return collate(items, pad_id=self.pad_id, device=self.device, dtype=self.pre.dtype, width=width)
 
     def generate(self, items: Sequence[Prepared], *, max_new_tokens: int | None = None, min_new_tokens: int = 0,
                  decode_text: bool = True, stop: Callable[[], bool] | None = None) -> list[Generated]:

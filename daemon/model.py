@@ -374,12 +374,13 @@ class Preprocessor:
         self._tls.one_thread = True
 
 
-def collate(items, *, pad_id: int, device, dtype) -> dict[str, Any]:
-    """One prefill batch from prepared images: token tensors left-padded to the longest prompt (pad id,
-    attention 0), the images' patches and grids concatenated; everything on *device*, patches in *dtype*."""
+def collate(items, *, pad_id: int, device, dtype, width: int | None = None) -> dict[str, Any]:
+    """One prefill batch from prepared images: token tensors left-padded to the longest prompt (or to
+    *width*, if longer; pad id, attention 0), the images' patches and grids concatenated; everything on
+    *device*, patches in *dtype*."""
     import torch
 
-    P = max(it.prompt_len for it in items)
+    P = max([it.prompt_len for it in items] + [width or 0])
     B = len(items)
     ids = torch.full((B, P), pad_id, dtype=torch.long)
     att = torch.zeros((B, P), dtype=torch.long)
@@ -414,11 +415,11 @@ class PromptLayout:
     grids: list[tuple[int, int, int]]  # (t, h, w) patch grid per image, in order
 
 
-def prompt_layout(items, *, device) -> PromptLayout:
-    """The :class:`PromptLayout` of :func:`collate`'s left-padded batch of *items*."""
+def prompt_layout(items, *, device, width: int | None = None) -> PromptLayout:
+    """The :class:`PromptLayout` of :func:`collate`'s left-padded batch of *items* (the same *width*)."""
     import torch
 
-    P = max(it.prompt_len for it in items)
+    P = max([it.prompt_len for it in items] + [width or 0])
     pos = torch.zeros((3, len(items), P), dtype=torch.long)
     index, lengths, grids = [], [], []
     for i, it in enumerate(items):

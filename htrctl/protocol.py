@@ -142,7 +142,9 @@ class EngineInfo(BaseModel):
     preprocess_ms_per_image: float | None = None  # CPU time to decode + preprocess one line, on average
     preprocess_workers: int | None = None
     prefill_graphs: int | None = None  # small prefills of a recurring shape captured as CUDA graphs (kept now)
-    prefill_replays: int | None = None  # prefills served by replaying one of them, since start
+    # small prefills' language-model part captured per (lines, prompt width padded to 64) (kept now)
+    prefill_lm_graphs: int | None = None
+    prefill_replays: int | None = None  # prefills served by replaying one of either kind, since start
 
 
 class StatusResponse(BaseModel):

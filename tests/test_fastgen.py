@@ -432,12 +432,16 @@ def test_vision_helpers_that_changed_fall_back_to_hf_forward(fast, monkeypatch, 
     assert torch.equal(got[0], want[0]) and all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
 
 
-def test_a_recurring_prefill_shape_is_replayed_with_the_new_lines_inputs_and_slots(naive, demo_model_dir):
+def test_small_prefills_replay_graphs_with_the_new_lines_inputs_and_slots(naive, demo_model_dir):
     """The prefill-graph bookkeeping on the CPU, with a stand-in for the CUDA graph whose replay runs the
-    captured call on its static inputs: a shape is captured on its third prefill, never for more than
-    PREFILL_GRAPH_LINES lines; a replay takes the new line's pixels, positions and slot (a line of the same
-    shape but other pixels, joining in slot 1 while another decodes in slot 0) -- naive's tokens for both."""
-    from htrd.fastgen import PREFILL_GRAPH_AFTER, PREFILL_GRAPH_LINES, FastGenerator, _PrefillGraph
+    recorded call on its static inputs. A small prefill's prompt is padded to PREFILL_BUCKET positions; the
+    language model's part is captured per (lines, padded width) on its LM_GRAPH_AFTER-th prefill, the whole
+    prefill per exact shape (width, image grids) on its PREFILL_GRAPH_AFTER-th; never for more than
+    PREFILL_GRAPH_LINES lines. A replay takes the new line's embeddings, pixels, positions and slot: a line
+    of another grid but the same padded width (language-model graph) and a line of the same shape but other
+    pixels (whole graph), each joining while another line decodes -- naive's tokens for every line."""
+    from htrd.fastgen import (LM_GRAPH_AFTER, PREFILL_BUCKET, PREFILL_GRAPH_AFTER, PREFILL_GRAPH_LINES,
+                              FastGenerator, _PrefillGraph, _round_up)
     from htrd.generation import Seq
 
     gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2, 4, 8],
@@ -445,36 +449,51 @@ def test_a_recurring_prefill_shape_is_replayed_with_the_new_lines_inputs_and_slo
     gen._prefill_graphs_ok = True  # as on CUDA (the capture itself is replaced below)
     captured = []
 
-    def capture(key, args, grid_thw, layout, last):
-        inputs, out = [a.clone() for a in args], torch.empty_like(last)
+    def record(fn, inputs, last, keep):
+        out = torch.empty_like(last)
 
         class Replay:
             def replay(self):
-                out.copy_(gen._prompt_forward(*inputs, grid_thw, layout))
+                out.copy_(fn())
 
-        captured.append(key)
-        gen._prefill_graphs[key] = _PrefillGraph(Replay(), inputs, out, [])
+        captured.append("whole" if inputs[0].dtype == torch.long else "lm")
+        return _PrefillGraph(Replay(), inputs, out, keep)
 
-    gen._capture_prefill = capture
-    same_shape = _line(1200, 160, 7)  # IMAGES[0]'s size, other strokes
-    want = _naive_tokens(naive["model"], naive["processor"], same_shape)
+    gen._record = record
     a = gen.prepare(IMAGES[0])
-    for k in range(PREFILL_GRAPH_AFTER):
+    other_grid = _line(1000, 160, 9)  # another grid, the same padded width
+    b = gen.prepare(other_grid)
+    assert b.image_grid_thw.tolist() != a.image_grid_thw.tolist()
+    assert _round_up(b.prompt_len, PREFILL_BUCKET) == _round_up(a.prompt_len, PREFILL_BUCKET) != a.prompt_len
+    same_shape = _line(1200, 160, 7)  # IMAGES[0]'s size, other strokes
+    assert LM_GRAPH_AFTER < PREFILL_GRAPH_AFTER
+    for k in range(LM_GRAPH_AFTER):
         assert captured == [] and gen.prefill_replays == 0
+        assert gen.generate([a])[0].token_ids == naive["tokens"][0]  # padded to the bucket: the same tokens
+    assert captured == ["lm"]
+
+    def beside(prep, tag):  # *prep* joins (slot 1) while IMAGES[1] decodes in slot 0
+        gen.add([Seq(gen.prepare(IMAGES[1]), NEW, tag="running")])
+        gen.step()
+        replays = gen.prefill_replays
+        gen.add([Seq(prep, NEW, tag=tag)])
+        assert gen.prefill_replays == replays + 1
+        done = {}
+        while gen.running():
+            done.update({f.seq.tag: f.token_ids for f in gen.step()})
+        return done
+
+    assert beside(b, "lm") == {"running": naive["tokens"][1],
+                               "lm": _naive_tokens(naive["model"], naive["processor"], other_grid)}
+    for k in range(PREFILL_GRAPH_AFTER - LM_GRAPH_AFTER):
         assert gen.generate([a])[0].token_ids == naive["tokens"][0]
-    assert len(captured) == 1 and captured[0][1] == (tuple(a.image_grid_thw[0].tolist()),)
-    gen.add([Seq(gen.prepare(IMAGES[1]), NEW, tag="other")])  # decodes in slot 0
-    gen.step()
-    gen.add([Seq(gen.prepare(same_shape), NEW, tag="same")])  # replayed, into slot 1
-    assert gen.prefill_replays == 1
-    done = {}
-    while gen.running():
-        done.update({f.seq.tag: f.token_ids for f in gen.step()})
-    assert done == {"other": naive["tokens"][1], "same": want}
+    assert captured == ["lm", "whole"]
+    assert beside(gen.prepare(same_shape), "same") == {
+        "running": naive["tokens"][1], "same": _naive_tokens(naive["model"], naive["processor"], same_shape)}
     big = [gen.prepare(IMAGES[0])] * (PREFILL_GRAPH_LINES + 1)
     for _ in range(PREFILL_GRAPH_AFTER + 1):
         gen.generate(big)
-    assert len(captured) == 1  # more lines than PREFILL_GRAPH_LINES: never captured
+    assert captured == ["lm", "whole"]  # more lines than PREFILL_GRAPH_LINES: never captured
 
 
 def test_host_turnaround_is_counted_between_checks_while_lines_run(fast):

@@ -86,22 +86,30 @@ def test_compiled_fast_path_starts_like_hf_generate(cuda, demo_model_dir, tmp_pa
     assert same >= 4
 
 
-def test_a_recurring_prefill_shape_is_captured_and_replays_the_eager_prefill(cuda, demo_model_dir):
-    """A small prefill whose shape recurs is captured on its third run and replayed from then on: the same
-    tokens as the eager prefill, alone and two lines together; a new shape still runs eagerly."""
-    from htrd.fastgen import FastGenerator
+def test_small_prefills_are_captured_and_replay_the_eager_prefill(cuda, demo_model_dir):
+    """A small prefill is padded to PREFILL_BUCKET positions; its language-model part is captured per (lines,
+    padded width) on the second run, the whole prefill per exact shape on the third, and replayed from then
+    on: the same tokens as the eager prefill (no graphs, no padding), alone and two lines together; a line
+    of a new grid but the same padded width replays the language-model graph with its own vision output."""
+    from htrd.fastgen import PREFILL_BUCKET, FastGenerator, _round_up
 
     kw = dict(device=cuda, prompt=PROMPT, batch_sizes=[1, 2, 4], max_cache_len=512, max_new_tokens=NEW)
     gen = FastGenerator.load(demo_model_dir, cuda_graphs=True, **kw)
     eager = FastGenerator.load(demo_model_dir, cuda_graphs=False, **kw)
-    a, b = gen.prepare(_image(1000, 140, 5)), gen.prepare(_image(640, 120, 6))
-    want = [x.token_ids for x in eager.generate([eager.prepare(_image(1000, 140, 5)),
-                                                 eager.prepare(_image(640, 120, 6))], min_new_tokens=NEW)]
+    sizes = [(1000, 140, 5), (640, 120, 6)]
+    a, b = (gen.prepare(_image(*s)) for s in sizes)
+    want = [x.token_ids for x in eager.generate([eager.prepare(_image(*s)) for s in sizes], min_new_tokens=NEW)]
     runs = [gen.generate([a], min_new_tokens=NEW)[0].token_ids for _ in range(4)]
-    assert gen.prefill_replays == 1 and len(gen._prefill_graphs) == 1  # eager, eager, eager + capture, replay
+    # eager; eager + language-model capture; eager + whole capture; whole replay
+    assert gen.prefill_replays == 1 and len(gen._prefill_graphs) == 1 and len(gen._lm_graphs) == 1
     assert runs == [want[0]] * 4
     pair = [[x.token_ids for x in gen.generate([a, b], min_new_tokens=NEW)] for _ in range(4)]
-    assert gen.prefill_replays == 2
+    assert gen.prefill_replays == 2 and len(gen._lm_graphs) == 2
     assert pair == [want] * 4
-    gen.generate([b], min_new_tokens=NEW)  # seen once alone: eager
-    assert gen.prefill_replays == 2
+    width = _round_up(a.prompt_len, PREFILL_BUCKET)
+    c_size = next((w, h, 7) for w in range(1000, 200, -32) for h in (140, 120, 100)
+                  if (p := gen.prepare(_image(w, h, 7))).image_grid_thw.tolist() != a.image_grid_thw.tolist()
+                  and _round_up(p.prompt_len, PREFILL_BUCKET) == width)
+    got = gen.generate([gen.prepare(_image(*c_size))], min_new_tokens=NEW)[0].token_ids
+    assert gen.prefill_replays == 3  # the language-model graph of (1 line, width)
+    assert got == eager.generate([eager.prepare(_image(*c_size))], min_new_tokens=NEW)[0].token_ids

@@ -280,12 +280,18 @@ class FastGenerator(GeneratorBase):
         """Mark *slots* free on the device (inert rows: finished, position 0, one visible position)."""
         if not slots:
             return
-        t = self.torch.tensor(slots, dtype=self.torch.long, device=self.device)
-        self.finished[t] = True
-        self.pos[t] = 0
-        self.nstep[t] = 0
-        self.attend[t] = False
-        self.attend[t, 0] = True
+        t = self._on_device(slots)
+        self.finished.index_fill_(0, t, True)
+        self.pos.index_fill_(0, t, 0)
+        self.nstep.index_fill_(0, t, 0)
+        self.attend.index_fill_(0, t, False)
+        self.attend[:, :1].index_fill_(0, t, True)
+
+    def _on_device(self, values: Sequence[int]):
+        """A long tensor of host *values* on the device, without waiting for the GPU: a blocking copy (what
+        ``torch.tensor(..., device=cuda)`` does) waits for every kernel queued before it -- in a prefill
+        launched behind decode steps (:meth:`step`'s *during*), for those steps."""
+        return self.torch.tensor(values, dtype=self.torch.long).to(self.device, non_blocking=True)
 
     # ---------------------------------------------------------------- scheduling
     def free_slots(self) -> int:
@@ -359,22 +365,23 @@ class FastGenerator(GeneratorBase):
         P = int(batch["input_ids"].shape[1])
         layout = prompt_layout(items, device=self.device, width=width)
         slots = [heapq.heappop(self._free) for _ in range(n)]
-        st = torch.tensor(slots, dtype=torch.long, device=self.device)
+        st = self._on_device(slots)
         try:
             last = self._prompt_last(batch, layout, st)
         except BaseException:
             for s in slots:
                 heapq.heappush(self._free, s)
             raise
-        self.attend[st] = False
+        # Nothing below waits for the GPU: host values reach it through non-blocking copies, scalars through
+        # index_fill_ (see _on_device).
+        self.attend.index_fill_(0, st, False)
         self.attend[st, :P] = batch["attention_mask"].bool()
-        spans = torch.tensor([it.rope_span for it in items], dtype=torch.long)
-        self.delta[st] = (spans - P).to(self.device)
-        self.pos[st] = P
+        self.delta[st] = self._on_device([it.rope_span - P for it in items])
+        self.pos.index_fill_(0, st, P)
         max_new = [min(int(s.max_new_tokens), self.max_new_tokens) for s in seqs]
         min_new = [max(0, min(int(s.min_new_tokens), m)) for s, m in zip(seqs, max_new)]
-        lim_max = torch.tensor(max_new, dtype=torch.long, device=self.device)
-        lim_min = torch.tensor(min_new, dtype=torch.long, device=self.device)
+        lim_max = self._on_device(max_new)
+        lim_min = self._on_device(min_new)
         self.lim_max[st] = lim_max
         self.lim_min[st] = lim_min
         logits = torch.nn.functional.linear(last, self.lm_head.weight).float()
@@ -382,7 +389,7 @@ class FastGenerator(GeneratorBase):
         first = torch.argmax(logits, dim=-1)
         self.out[st, 0] = first
         self.tok[st, 0] = first
-        self.nstep[st] = 1
+        self.nstep.index_fill_(0, st, 1)
         self.finished[st] = (first[:, None] == self.eos[None, :]).any(dim=1) | (lim_max <= 1)
         t1 = time.perf_counter()
         for s, slot, m in zip(seqs, slots, max_new):

@@ -114,9 +114,10 @@ class VisionTower:
                     thw, num_grid_per_side=vis.num_grid_per_side, mode=vis.interpolation_mode,
                     align_corners=vis.interpolation_align_corners, spatial_merge_size=vis.config.spatial_merge_size)
                 position_ids = vu.get_vision_position_ids(thw, vis.spatial_merge_size)
-                pos = (vis.pos_embed(idx.to(dev)) * w.to(dev)[:, :, None]).sum(1)
-                cos, sin = vis.rotary_pos_emb(
-                    torch.empty((0,), dtype=vis.patch_embed.proj.weight.dtype, device=dev), position_ids.to(dev))
+                # Non-blocking copies: a blocking one would wait for every kernel queued (decode steps).
+                pos = (vis.pos_embed(idx.to(dev, non_blocking=True)) * w.to(dev, non_blocking=True)[:, :, None]).sum(1)
+                cos, sin = vis.rotary_pos_emb(torch.empty((0,), dtype=vis.patch_embed.proj.weight.dtype, device=dev),
+                                              position_ids.to(dev, non_blocking=True))
             except (AttributeError, TypeError, ValueError) as exc:  # a release that changed them or the modules
                 raise _HelpersChanged(f"{type(exc).__name__}: {exc}") from exc
         if len(self._grids) >= GRID_CACHE:

@@ -174,6 +174,12 @@ class FastGenerator(GeneratorBase):
         self.prefill_chunk = max(1, int(prefill_chunk))
         self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else bool(cuda_graphs)
         self.compile = bool(compile)
+        if self.device.type == "cuda":
+            # SDPA's cuDNN backend (torch's first choice on an H100/H200) builds an execution plan for every new
+            # shape: ~50 ms of host time per prefill of a new prompt length or image size, ~1 s for the first
+            # (measured on an H200, torch 2.11) -- line images come in hundreds of sizes. Flash attention
+            # (the vision tower) and memory-efficient attention (masked prompts, decode) need no plan.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.batch_sizes = self._fit_slots(sorted({int(b) for b in batch_sizes}))
         self.slots = self.max_batch = self.batch_sizes[-1]
 

@@ -174,12 +174,6 @@ class FastGenerator(GeneratorBase):
         self.prefill_chunk = max(1, int(prefill_chunk))
         self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else bool(cuda_graphs)
         self.compile = bool(compile)
-        if self.device.type == "cuda":
-            # SDPA's cuDNN backend (torch's first choice on an H100/H200) builds an execution plan for every new
-            # shape: ~50 ms of host time per prefill of a new prompt length or image size, ~1 s for the first
-            # (measured on an H200, torch 2.11) -- line images come in hundreds of sizes. Flash attention
-            # (the vision tower) and memory-efficient attention (masked prompts, decode) need no plan.
-            torch.backends.cuda.enable_cudnn_sdp(False)
         self.batch_sizes = self._fit_slots(sorted({int(b) for b in batch_sizes}))
         self.slots = self.max_batch = self.batch_sizes[-1]
 
@@ -373,7 +367,8 @@ class FastGenerator(GeneratorBase):
         slots = [heapq.heappop(self._free) for _ in range(n)]
         st = self._on_device(slots)
         try:
-            last = self._prompt_last(batch, layout, st)
+            with _no_cudnn_attention(torch):
+                last = self._prompt_last(batch, layout, st)
         except BaseException:
             for s in slots:
                 heapq.heappush(self._free, s)
@@ -853,7 +848,8 @@ class FastGenerator(GeneratorBase):
         t_graphs = time.perf_counter()
         with self.torch.inference_mode():
             batch, layout = self._collate([prep]), prompt_layout([prep], device=self.device)
-            self.vision.check(batch["pixel_values"], batch["image_grid_thw"], layout.grids, layout.vision_lengths)
+            with _no_cudnn_attention(self.torch):  # as in every prefill
+                self.vision.check(batch["pixel_values"], batch["image_grid_thw"], layout.grids, layout.vision_lengths)
         report = {}
         sizes = sorted({b for b in self.batch_sizes if b <= self.prefill_chunk} | {min(self.prefill_chunk, self.slots)})
         for b in sizes:
@@ -933,6 +929,18 @@ class _Ops:
             # The prefill's copies: dynamic in every size from the start, so a prompt length not seen in the
             # warm-up reuses the graph instead of recompiling on a user's first request.
             setattr(self, f"prefill_{name}", torch.compile(fn, dynamic=True, fullgraph=True) if compile else fn)
+
+
+def _no_cudnn_attention(torch):
+    """SDPA without its cuDNN backend, for prefills. cuDNN (torch's first choice on an H100/H200) builds an
+    execution plan for every new shape: ~50 ms of host time for a prefill of a new prompt length or image size,
+    ~1 s for the first (measured on an H200, torch 2.11), and line images come in hundreds of sizes; flash
+    attention (the vision tower) and memory-efficient attention (masked prompts) need no plan. The decode step's
+    few fixed shapes keep cuDNN (its plans are built before READY; measured faster there: a 50-token line took
+    ~25 ms longer with it off)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _seen(counts: OrderedDict, key) -> int:

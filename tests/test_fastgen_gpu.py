@@ -113,3 +113,36 @@ def test_small_prefills_are_captured_and_replay_the_eager_prefill(cuda, demo_mod
     got = gen.generate([gen.prepare(_image(*c_size))], min_new_tokens=NEW)[0].token_ids
     assert gen.prefill_replays == 3  # the language-model graph of (1 line, width)
     assert got == eager.generate([eager.prepare(_image(*c_size))], min_new_tokens=NEW)[0].token_ids
+
+
+def test_a_prefill_launched_behind_decode_steps_never_waits_for_the_gpu(cuda, demo_model_dir):
+    """step(during=...) overlaps a newcomer's prefill with the launched decode steps only if nothing in the
+    prefill waits for the GPU: under torch's sync debug mode set to "error", adding a line of a new image size
+    (eager vision tower, new grid inputs, eager language model) while another line decodes raises on any
+    blocking copy, .item() or synchronize. Both lines still get the eager generator's tokens."""
+    from htrd.fastgen import FastGenerator
+    from htrd.generation import Seq
+
+    kw = dict(device=cuda, prompt=PROMPT, batch_sizes=[1, 2, 4], max_cache_len=512, max_new_tokens=NEW)
+    gen = FastGenerator.load(demo_model_dir, cuda_graphs=True, **kw)
+    eager = FastGenerator.load(demo_model_dir, cuda_graphs=False, **kw)
+    sizes = [(1200, 160, 8), (760, 110, 9)]
+    gen.warmup(_image(*sizes[0]), max_new_tokens=NEW)
+    want = [eager.generate([eager.prepare(_image(*s))], min_new_tokens=NEW)[0].token_ids for s in sizes]
+    newcomer = gen.prepare(_image(*sizes[1]))  # preprocessing is the CPU pool's, not the inference thread's
+    gen.add([Seq(gen.prepare(_image(*sizes[0])), NEW, NEW, tag=0)])
+    calls = []
+
+    def join():
+        if not calls:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                gen.add([Seq(newcomer, NEW, NEW, tag=1)])
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        calls.append(1)
+
+    done = {}
+    while gen.running():
+        done.update({f.seq.tag: f.token_ids for f in gen.step(during=join)})
+    assert done == {0: want[0], 1: want[1]}

@@ -29,11 +29,18 @@ What the engine gets from :class:`FastGenerator` compared with the naive
   shape. The language model over the prompt runs on the decode step's fused
   weights and ops (~10 kernels a layer) and writes keys and values straight
   into the slots; no cache is copied afterwards.
+- **Prefills launched behind the decode steps.** :meth:`step` calls the engine
+  back (*during*) once the steps are queued on the GPU and before it waits for
+  them; newcomers' prefills are launched there, so the host's launching
+  overlaps the decoding. Nothing in a prefill waits for the GPU.
 - **Replayed small prefills.** A prefill of a few lines is bound by the host
-  launching ~1,500 kernels; when its exact shape (prompt length, image grids)
-  comes back a third time it is captured as a CUDA graph and replayed
-  (the warm-up line's shape before READY).
-- **SDPA attention**; optionally the elementwise ops (norms, rotary, SiLU)
+  launching ~1,500 kernels. Its prompts are padded to 64-position buckets and
+  the language model's part is captured per (lines, padded width) on its second
+  occurrence; when the exact shape (width, image grids) comes back a third time
+  the whole prefill, vision tower included, is captured (the warm-up line's
+  shapes before READY).
+- **SDPA attention** (prefills without its cuDNN backend, which plans every new
+  shape: see :func:`_no_cudnn_attention`); optionally the elementwise ops (norms, rotary, SiLU)
   compiled with ``torch.compile`` (``compile=True``), with inductor/triton
   caches in a persistent directory.
 

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import Daemon, line_image, pct, run_clients, stop_daemons_on_sigterm
+from bench_generate import Daemon, line_image, pct, py_spy, run_clients, stop_daemons_on_sigterm
 
 logger = logging.getLogger("bench_serving")
 REALISTIC_MAX_NEW = 120
@@ -187,7 +187,9 @@ def run_engine(args, name: str, continuous: bool, workloads: dict, work_dir: Pat
     try:
         for (mode, clients), work in workloads.items():
             before = status(sock)["engine"]
-            r = closed_loop(sock, work, clients)
+            spy = args.profile / f"spy-{name}-{mode}{clients}.txt" if args.profile else None
+            with py_spy(d.proc.pid, spy):
+                r = closed_loop(sock, work, clients)
             after = status(sock)["engine"]
             steps = (after["decode_steps"] or 0) - (before["decode_steps"] or 0)
             occ = (after["occupied_slot_steps"] or 0) - (before["occupied_slot_steps"] or 0)
@@ -232,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--state-dir", default=None)
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="sample htrd with py-spy during each load: raw stacks to DIR/spy-ENGINE-MODECLIENTS.txt")
     args = ap.parse_args(argv)
     stop_daemons_on_sigterm()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
@@ -239,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     args.clients = [int(x) for x in args.clients.split(",")]
     args.batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
     args.state_dir = args.state_dir or tempfile.mkdtemp(prefix="htrbs-state-")
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     device = "cpu" if args.cpu else "cuda:0"
     if args.make_tiny:
         import subprocess

@@ -8,7 +8,8 @@
 #   tests        pytest -m gpu tests/test_fastgen_gpu.py   (captured decode steps and replayed prefills == eager)
 #   correctness  bench/check_fast_correctness.py           (fp32 teacher-forced gaps vs HF bf16 generate)
 #   generate     bench/bench_generate.py --skip-naive      (p50, first request, 64 clients, READY cold/warm; py-spy)
-#   serving      bench/bench_serving.py --clients 64       (static vs continuous, fixed and realistic, ~5 min)
+#   serving      bench/bench_serving.py --clients 64       (static vs continuous, fixed and realistic, ~5 min;
+#                py-spy of each load in spy-serving.tgz: python3 bench/spy_summary.py FILE htrd-inference)
 #   serving256   bench/bench_serving.py --clients 256 --modes fixed
 #   replicas     bench/bench_replicas.py                   (one htrd per GPU; needs 2+ GPUs)
 #   profile      bench/profile_decode.py                   (decode step vs matmul floor, prefill launch vs GPU)
@@ -50,7 +51,8 @@ for part in $parts; do
     generate) run 300 python3 bench/bench_generate.py --model-dir "$model" --skip-naive --state-dir "$state" \
                 --profile-load "$out/spy64.txt" --json "$out/generate.json" ;;
     serving) run 540 python3 bench/bench_serving.py --model-dir "$model" --clients 64 --per-client 6 \
-               --state-dir "$state" --json "$out/serving.json" ;;
+               --state-dir "$state" --json "$out/serving.json" --profile "$state/spy-serving"
+             tar czf "$out/spy-serving.tgz" -C "$state" spy-serving 2>>"$log" ;;
     serving256) run 540 python3 bench/bench_serving.py --model-dir "$model" --clients 256 --per-client 4 \
                   --modes fixed --state-dir "$state" --json "$out/serving256.json" ;;
     replicas) run 400 python3 bench/bench_replicas.py --model-dir "$model" --per-client 6 --state-dir "$state" \

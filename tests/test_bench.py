@@ -182,3 +182,27 @@ def test_a_benchmark_stopped_by_sigterm_stops_the_htrd_it_started(tmp_path, demo
     finally:
         if bench.poll() is None:
             bench.kill()
+
+
+def test_spy_summary_splits_one_threads_samples_by_function_and_leaf(tmp_path, capsys):
+    """bench/spy_summary.py on py-spy's raw format (the stacks of two threads; one line of the file per
+    distinct stack, its sample count last): shares for the named thread only; clear errors otherwise."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import spy_summary
+
+    raw = tmp_path / "spy.txt"
+    raw.write_text(
+        "thread (686): htrd-inference;Thread.run (threading.py:1010);Engine._loop (htrd/engine.py:311);"
+        "FastGenerator.step (htrd/fastgen.py:440);Event.synchronize (torch/cuda/streams.py:254) 30\n"
+        "thread (686): htrd-inference;Thread.run (threading.py:1010);Engine._loop (htrd/engine.py:308);"
+        "FastGenerator._prefill (htrd/fastgen.py:369) 10\n"
+        "thread (619): htrd-http;Thread.run (threading.py:1010);Server.run (uvicorn/server.py:86) 500\n"
+        "garbage line without a count\n")
+    assert spy_summary.main([str(raw), "htrd-inference", "--top", "5"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "40 samples of htrd-inference"
+    assert "100.0% Engine._loop" in out and " 75.0% FastGenerator.step" in out
+    assert " 75.0% Event.synchronize (torch/cuda/streams.py:254)" in out and "Server.run" not in out
+    assert spy_summary.main([str(raw), "htrd-pre_"]) == 1
+    assert "no samples of a thread named like 'htrd-pre_'" in capsys.readouterr().err
+    assert spy_summary.main([str(tmp_path / "missing.txt"), "htrd-inference"]) == 2

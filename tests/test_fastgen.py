@@ -496,6 +496,27 @@ def test_small_prefills_replay_graphs_with_the_new_lines_inputs_and_slots(naive,
     assert captured == ["lm", "whole"]  # more lines than PREFILL_GRAPH_LINES: never captured
 
 
+def test_small_prefills_pad_to_the_bucket_only_where_the_cache_has_room(demo_model_dir):
+    """The padded width of a small prefill (graphs on): the longest prompt rounded up to PREFILL_BUCKET while
+    the padded prompt plus the group's new tokens fit the cache; else the group's own width (None), as for
+    groups of more than PREFILL_GRAPH_LINES lines or with the graphs off (the CPU's default)."""
+    from htrd.fastgen import PREFILL_BUCKET, PREFILL_GRAPH_LINES, FastGenerator, _round_up
+    from htrd.generation import Seq
+
+    gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2, 4, 8],
+                             max_cache_len=192, max_new_tokens=100)
+    a = gen.prepare(IMAGES[0])
+    padded = _round_up(a.prompt_len, PREFILL_BUCKET)
+    assert a.prompt_len < padded and padded + 24 <= 192
+    assert gen._graph_width([Seq(a, 24)]) is None  # graphs off
+    gen._prefill_graphs_ok = True
+    assert gen._graph_width([Seq(a, 24)]) == padded
+    room = 192 - a.prompt_len  # fits unpadded, not padded
+    assert padded + room > 192 and gen._graph_width([Seq(a, room)]) is None
+    assert gen._graph_width([Seq(a, 24), Seq(a, room)]) is None  # the group's longest decides
+    assert gen._graph_width([Seq(a, 24)] * (PREFILL_GRAPH_LINES + 1)) is None
+
+
 def test_host_turnaround_is_counted_between_checks_while_lines_run(fast):
     """The GPU-idle gap from a host check to the next launch: one per step() call that leaves lines running
     (the next step or prefill ends it); none once no line runs."""

@@ -317,6 +317,20 @@ def stop_daemons_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def ready_split(engine: dict) -> str:
+    """Where start -> READY went, from /v1/status's engine: loading, decode-graph capture, the rest of warm-up."""
+    load, warm, graphs = engine.get("load_s"), engine.get("warmup_s"), engine.get("warmup_graphs_s")
+    parts = []
+    if load is not None:
+        parts.append(f"load {load:.1f} s")
+    if warm is not None and graphs is not None:
+        parts.append(f"{engine.get('warmup_graphs')} decode graphs {graphs:.1f} s")
+        parts.append(f"prefills and the rest of warm-up {warm - graphs:.1f} s")
+    elif warm is not None:
+        parts.append(f"warm-up {warm:.1f} s")
+    return ", ".join(parts) or "-"
+
+
 class Daemon:
     def __init__(self, cfg: Path, socket_path: Path, log_path: Path, env: dict) -> None:
         self.cfg, self.socket_path, self.log_path, self.env = cfg, socket_path, log_path, env
@@ -540,6 +554,9 @@ def report(args, a: dict | None, b: dict | None) -> str:
     if b:
         add("(b) htrd: start -> READY (cold)", b["ready_cold_s"])
         add("(b) htrd: start -> READY (restart, warm caches)", b.get("ready_warm_s"))
+        for label, key in (("cold", "status"), ("warm", "warm_status")):
+            if key in b:
+                rows.append(f"| (b) READY {label}, of which | {ready_split(b[key].get('engine', {}))} |")
         add("(b) htrd: first request after READY", b["first_request_s"])
         add("(b) htrd: p50 one client", b["single_p50_s"])
         add("(b) htrd: p95 one client", b["single_p95_s"])

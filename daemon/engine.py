@@ -115,6 +115,7 @@ class Engine:
         self.last_batch_s = 0.0
         self.load_s: float | None = None
         self.warmup_s: float | None = None
+        self.warmup_report: dict = {}
         self.thread_error: BaseException | None = None
 
     # -- loading -------------------------------------------------------------------------------------
@@ -514,6 +515,10 @@ class Engine:
             "prefill_graphs": len(getattr(gen, "_prefill_graphs", ())),
             "prefill_lm_graphs": len(getattr(gen, "_lm_graphs", ())),
             "prefill_replays": getattr(gen, "prefill_replays", 0),
+            "load_s": _rounded(self.load_s),
+            "warmup_s": _rounded(self.warmup_s),
+            "warmup_graphs": self.warmup_report.get("graphs"),
+            "warmup_graphs_s": _rounded(self.warmup_report.get("graphs_s")),
         }
 
     def memory(self) -> dict[str, int | None]:
@@ -540,6 +545,10 @@ def _warmup_png() -> bytes:
     buf = io.BytesIO()
     warmup_image().save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 2)
 
 
 def gen_chunk(gen) -> int:

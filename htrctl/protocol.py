@@ -145,6 +145,12 @@ class EngineInfo(BaseModel):
     # small prefills' language-model part captured per (lines, prompt width padded to 64) (kept now)
     prefill_lm_graphs: int | None = None
     prefill_replays: int | None = None  # prefills served by replaying one of either kind, since start
+    # Where start -> READY went: loading the model onto the device, then warming up (every shape served), of
+    # which capturing the decode step's CUDA graphs (how many)
+    load_s: float | None = None
+    warmup_s: float | None = None
+    warmup_graphs: int | None = None
+    warmup_graphs_s: float | None = None
 
 
 class StatusResponse(BaseModel):

@@ -497,7 +497,7 @@ class FastGenerator(GeneratorBase):
         return fin[:B], counts[:B], out[:B]
 
     def _results_ready(self) -> None:
-        if self._host is not None and self.device.type == "cuda":
+        if self._host is not None:  # CUDA: wait for _results' copies
             self._host[3].synchronize()
 
     def _turnaround_end(self) -> None:
@@ -544,11 +544,15 @@ class FastGenerator(GeneratorBase):
                 self._qkv_w.append(_fuse_rows([att.q_proj, att.k_proj, att.v_proj], torch, nn))
                 self._gu_w.append(_fuse_rows([mlp.gate_proj, mlp.up_proj], torch, nn))
 
+    def _small_prefill_graphs(self, n: int) -> bool:
+        """Whether a prefill of *n* lines may run as a CUDA graph (see PREFILL_GRAPH_LINES)."""
+        return self._prefill_graphs_ok and self.vision.own and n <= PREFILL_GRAPH_LINES
+
     def _graph_width(self, seqs: Sequence[Seq]) -> int | None:
         """The padded prompt width of a small prefill that may run as a CUDA graph: its longest prompt rounded
         up to PREFILL_BUCKET positions (so prompts of many lengths share a few graphs), if the padded prompt
         plus the group's new tokens still fits the cache. None: the group's own longest prompt."""
-        if not (self._prefill_graphs_ok and self.vision.own and len(seqs) <= PREFILL_GRAPH_LINES):
+        if not self._small_prefill_graphs(len(seqs)):
             return None
         width = _round_up(max(s.prepared.prompt_len for s in seqs), PREFILL_BUCKET)
         longest = max(min(int(s.max_new_tokens), self.max_new_tokens) for s in seqs)
@@ -563,7 +567,7 @@ class FastGenerator(GeneratorBase):
             batch["image_grid_thw"]
         args = [ids, pixels, mask, layout.position_ids, layout.image_index, st]
         n, P = int(st.shape[0]), int(ids.shape[1])
-        if not (self._prefill_graphs_ok and self.vision.own and n <= PREFILL_GRAPH_LINES):
+        if not self._small_prefill_graphs(n):
             return self._prompt_forward(*args, grid_thw, layout)
         key = (P, tuple(layout.grids))
         g = self._prefill_graphs.get(key)
@@ -576,9 +580,7 @@ class FastGenerator(GeneratorBase):
             keep = [self.vision.grid_inputs([gr]) for gr in layout.grids]  # the cached tensors the graph reads
             g = self._record(lambda: self._prompt_forward(*inputs, grid_thw, layout), inputs, last, keep)
             if g is not None:
-                self._prefill_graphs[key] = g
-                if len(self._prefill_graphs) > PREFILL_GRAPHS:
-                    self._prefill_graphs.popitem(last=False)
+                _remember(self._prefill_graphs, key, g, PREFILL_GRAPHS)
             return last
         embeds, deepstack = self._prompt_inputs(ids, pixels, layout.image_index, grid_thw, layout)
         lm = self._lm_graphs.get((n, P))
@@ -597,9 +599,7 @@ class FastGenerator(GeneratorBase):
         last = lm_part()  # eagerly first: the capture then finds every kernel it records
         g = self._record(lm_part, inputs, last, [])
         if g is not None:
-            self._lm_graphs[(n, P)] = g
-            if len(self._lm_graphs) > LM_GRAPHS:
-                self._lm_graphs.popitem(last=False)
+            _remember(self._lm_graphs, (n, P), g, LM_GRAPHS)
         return last
 
     def _replay(self, g: _PrefillGraph, args) -> object:
@@ -660,7 +660,7 @@ class FastGenerator(GeneratorBase):
                     out.copy_(fn())
                 finally:
                     graph.capture_end()
-        except Exception as exc:  # never fatal: this prefill already ran; later ones stay eager
+        except Exception as exc:  # noqa: BLE001 -- never fatal: this prefill already ran; later ones stay eager
             torch.cuda.current_stream(self.device).wait_stream(side)
             self._prefill_graphs_ok = False
             logger.warning("capturing a prefill graph failed (%s: %s); prefills stay uncaptured",
@@ -950,12 +950,18 @@ def _no_cudnn_attention(torch):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
+def _remember(cache: OrderedDict, key, value, limit: int) -> None:
+    """Store *value* under *key* as the most recent entry; the least recent dropped beyond *limit*."""
+    cache.pop(key, None)
+    cache[key] = value
+    if len(cache) > limit:
+        cache.popitem(last=False)
+
+
 def _seen(counts: OrderedDict, key) -> int:
     """Count one more sighting of *key*; returns the count (the oldest keys forgotten beyond 1,024)."""
-    seen = counts.pop(key, 0) + 1
-    counts[key] = seen
-    if len(counts) > 1024:
-        counts.popitem(last=False)
+    seen = counts.get(key, 0) + 1
+    _remember(counts, key, seen, 1024)
     return seen
 
 

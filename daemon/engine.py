@@ -514,6 +514,7 @@ class Engine:
             "preprocess_workers": self.cpu_workers,
             "prefill_graphs": len(getattr(gen, "_prefill_graphs", ())),
             "prefill_lm_graphs": len(getattr(gen, "_lm_graphs", ())),
+            "prefill_vision_graphs": len(getattr(gen, "_vision_graphs", ())),
             "prefill_replays": getattr(gen, "prefill_replays", 0),
             "load_s": _rounded(self.load_s),
             "warmup_s": _rounded(self.warmup_s),

@@ -35,10 +35,12 @@ What the engine gets from :class:`FastGenerator` compared with the naive
   overlaps the decoding. Nothing in a prefill waits for the GPU.
 - **Replayed small prefills.** A prefill of a few lines is bound by the host
   launching ~1,500 kernels. Its prompts are padded to 64-position buckets and
-  the language model's part is captured per (lines, padded width) on its second
-  occurrence; when the exact shape (width, image grids) comes back a third time
-  the whole prefill, vision tower included, is captured (the warm-up line's
-  shapes before READY).
+  the language model's part is captured per (lines, padded width); its patches
+  are padded to 256-row buckets and the vision tower is captured per (images,
+  padded rows) -- each on its key's first occurrence, so lines of any size
+  reuse a few dozen graphs. When the exact shape (width, image grids) comes
+  back a third time the whole prefill is captured as one graph (the warm-up
+  line's shapes before READY).
 - **SDPA attention** (prefills without its cuDNN backend, which plans every new
   shape: see :func:`_no_cudnn_attention`); optionally the elementwise ops (norms, rotary, SiLU)
   compiled with ``torch.compile`` (``compile=True``), with inductor/triton
@@ -64,7 +66,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .generation import Finished, GeneratorBase, Seq
-from .model import DEFAULT_PROMPT, Preprocessor, load_model, prompt_layout
+from .model import DEFAULT_PROMPT, Preprocessor, load_model, prompt_layout, to_device
 from .vision import VisionTower
 
 logger = logging.getLogger(__name__)
@@ -94,8 +96,12 @@ PREFILL_GRAPH_AFTER = 3
 # (everything after the vision tower) is captured per (lines, padded width) on that shape's second prefill:
 # lines of any size reuse a few dozen graphs, the vision tower alone runs eagerly.
 PREFILL_BUCKET = 64
-LM_GRAPH_AFTER = 2
+LM_GRAPH_AFTER = 1
 LM_GRAPHS = PREFILL_GRAPH_LINES * 16
+# The vision tower of a small prefill runs over patches padded to 256-row buckets (VisionTower.padded), captured
+# per (images, padded rows) on that pair's first prefill: with the language model's graphs, a line of any size
+# is prefilled by two replays once its buckets have been seen.
+VISION_GRAPHS = PREFILL_GRAPH_LINES * 16
 
 
 def configure_compile_cache(cache_dir: str | os.PathLike | None) -> Path | None:
@@ -219,7 +225,9 @@ class FastGenerator(GeneratorBase):
         self._lm_graphs: OrderedDict[tuple[int, int], _PrefillGraph] = OrderedDict()
         self._lm_seen: OrderedDict[tuple[int, int], int] = OrderedDict()
         self._lm_buffers: list = []
+        self._vision_graphs: OrderedDict[tuple[int, int], _PrefillGraph] = OrderedDict()
         self.prefill_replays = 0
+        self.vision_replays = 0
         self._alloc_state()
         self._fuse_weights()
         self.vision = VisionTower(self.model.model.visual, compile=self.compile)
@@ -295,10 +303,10 @@ class FastGenerator(GeneratorBase):
         self.attend[:, :1].index_fill_(0, t, True)
 
     def _on_device(self, values: Sequence[int]):
-        """A long tensor of host *values* on the device, without waiting for the GPU: a blocking copy (what
-        ``torch.tensor(..., device=cuda)`` does) waits for every kernel queued before it -- in a prefill
-        launched behind decode steps (:meth:`step`'s *during*), for those steps."""
-        return self.torch.tensor(values, dtype=self.torch.long).to(self.device, non_blocking=True)
+        """A long tensor of host *values* on the device, without waiting for the GPU (:func:`to_device`): a
+        blocking copy (what ``torch.tensor(..., device=cuda)`` does) waits for every kernel queued before it
+        -- in a prefill launched behind decode steps (:meth:`step`'s *during*), for those steps."""
+        return to_device(self.torch.tensor(values, dtype=self.torch.long), self.device)
 
     # ---------------------------------------------------------------- scheduling
     def free_slots(self) -> int:
@@ -380,8 +388,8 @@ class FastGenerator(GeneratorBase):
             for s in slots:
                 heapq.heappush(self._free, s)
             raise
-        # Nothing below waits for the GPU: host values reach it through non-blocking copies, scalars through
-        # index_fill_ (see _on_device).
+        # Nothing below waits for the GPU: host values reach it through pinned non-blocking copies, scalars
+        # through index_fill_ (see _on_device).
         self.attend.index_fill_(0, st, False)
         self.attend[st, :P] = batch["attention_mask"].bool()
         self.delta[st] = self._on_device([it.rope_span - P for it in items])
@@ -561,8 +569,9 @@ class FastGenerator(GeneratorBase):
     def _prompt_last(self, batch, layout, st):
         """The prompts through the model (:meth:`_prompt_inputs`, :meth:`_prefill_layers`); returns each line's
         last hidden state, (n, H). A small prefill (see PREFILL_GRAPH_LINES) is replayed from a CUDA graph:
-        the whole prefill when its exact shape (prompt width, image grids) recurs, else the language model's
-        part when its (lines, padded width) has been seen before -- the vision tower then runs eagerly."""
+        the whole prefill when its exact shape (prompt width, image grids) recurs, else its two parts: the
+        vision tower per (images, padded patch rows), the language model per (lines, padded width), each
+        captured on its key's first prefill."""
         ids, pixels, mask, grid_thw = batch["input_ids"], batch["pixel_values"], batch["attention_mask"], \
             batch["image_grid_thw"]
         args = [ids, pixels, mask, layout.position_ids, layout.image_index, st]
@@ -582,7 +591,8 @@ class FastGenerator(GeneratorBase):
             if g is not None:
                 _remember(self._prefill_graphs, key, g, PREFILL_GRAPHS)
             return last
-        embeds, deepstack = self._prompt_inputs(ids, pixels, layout.image_index, grid_thw, layout)
+        embeds, deepstack = self._prompt_inputs(ids, pixels, layout.image_index, grid_thw, layout,
+                                                replay_vision=True)
         lm = self._lm_graphs.get((n, P))
         if lm is None and _seen(self._lm_seen, (n, P)) < LM_GRAPH_AFTER:
             return self._prefill_layers(embeds, mask, layout.position_ids, layout.image_index, deepstack, st)[:, -1]
@@ -671,13 +681,41 @@ class FastGenerator(GeneratorBase):
                      (time.perf_counter() - t0) * 1000.0)
         return _PrefillGraph(graph, inputs, out, keep)
 
-    def _prompt_inputs(self, input_ids, pixel_values, image_index, grid_thw, layout):
+    def _prompt_inputs(self, input_ids, pixel_values, image_index, grid_thw, layout, replay_vision: bool = False):
         """The prompt's input embeddings with the image tokens in place (at the flat positions *image_index*),
-        (n, P, H), and the vision tower's deepstack features (image tokens x H per layer)."""
+        (n, P, H), and the vision tower's deepstack features (image tokens x H per layer). *replay_vision*:
+        the vision tower from a graph over padded patches (:meth:`_vision_replayed`)."""
         embeds = self.text.embed_tokens(input_ids)  # (n, P, H)
-        image, deepstack = self.vision(pixel_values, grid_thw, layout.grids, layout.vision_lengths)
+        if replay_vision and self.vision.varlen:
+            image, deepstack = self._vision_replayed(pixel_values, layout)
+        else:
+            image, deepstack = self.vision(pixel_values, grid_thw, layout.grids, layout.vision_lengths)
         embeds.view(-1, embeds.shape[-1]).index_copy_(0, image_index, image.to(embeds.dtype))
         return embeds, deepstack
+
+    def _vision_replayed(self, pixel_values, layout):
+        """The vision tower of a small prefill over its patches padded to a 256-row bucket
+        (:meth:`htrd.vision.VisionTower.padded`), replayed from a CUDA graph per (images, padded rows) --
+        captured on that pair's first prefill. Returns the real images' (image tokens, deepstack features)."""
+        vt = self.vision
+        patches = int(pixel_values.shape[0])
+        rows = vt.rows_for(patches)
+        key = (len(layout.vision_lengths), rows)
+        g = self._vision_graphs.get(key)
+        if g is not None:
+            self._vision_graphs.move_to_end(key)
+            vt.padded_inputs(pixel_values, layout.grids, layout.vision_lengths, rows, into=g.inputs)
+            g.graph.replay()
+            self.vision_replays += 1
+            out = g.out
+        else:
+            inputs = vt.padded_inputs(pixel_values, layout.grids, layout.vision_lengths, rows)
+            out = vt.padded(*inputs)  # eagerly first: the capture then finds every kernel it records
+            g = self._record(lambda: vt.padded(*inputs), inputs, out, [])
+            if g is not None:
+                _remember(self._vision_graphs, key, g, VISION_GRAPHS)
+        k = patches // vt.merge
+        return out[0, :k], [d[:k] for d in out[1:]]
 
     def _prompt_forward(self, input_ids, pixel_values, attention_mask, position_ids, image_index, st, grid_thw,
                         layout):

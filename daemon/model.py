@@ -281,6 +281,9 @@ class Preprocessor:
         self.tokenizer = processor.tokenizer
         self.prompt = prompt
         self.dtype = next(model.parameters()).dtype
+        # Patches in pinned memory when the model is on a GPU: the prefill's copy is then queued on the stream
+        # (see to_device), and the pinning's memcpy runs here, in the preprocessing pool.
+        self._pin = next(model.parameters()).device.type == "cuda"
         cfg = model.config
         self.image_token_id = int(cfg.image_token_id)
         inner = model  # the multimodal model under ForConditionalGeneration (and PEFT's wrappers)
@@ -311,8 +314,10 @@ class Preprocessor:
         else:
             self.hits += 1
         input_ids, mm, span, positions, image_positions = cached
-        return Prepared(input_ids=input_ids, mm_token_type_ids=mm,
-                        pixel_values=px["pixel_values"].to(self.dtype),  # the vision tower casts to it anyway
+        pixels = px["pixel_values"].to(self.dtype)  # the vision tower casts to it anyway
+        if self._pin:
+            pixels = pixels.pin_memory()
+        return Prepared(input_ids=input_ids, mm_token_type_ids=mm, pixel_values=pixels,
                         image_grid_thw=grid, rope_span=span, preprocess_ms=(time.perf_counter() - t0) * 1000.0,
                         positions=positions, image_positions=image_positions)
 
@@ -393,15 +398,31 @@ def collate(items, *, pad_id: int, device, dtype, width: int | None = None) -> d
         if has_mm:
             mm[i, P - n :] = it.mm_token_type_ids
     batch = {
-        "input_ids": ids.to(device, non_blocking=True),
-        "attention_mask": att.to(device, non_blocking=True),
+        "input_ids": to_device(ids, device),
+        "attention_mask": to_device(att, device),
         # Per-item copies concatenated on the device: no large CPU-side cat of the patches.
-        "pixel_values": torch.cat([it.pixel_values.to(device, dtype, non_blocking=True) for it in items]),
-        "image_grid_thw": torch.cat([it.image_grid_thw for it in items]).to(device, non_blocking=True),
+        "pixel_values": torch.cat([to_device(it.pixel_values, device).to(dtype) for it in items]),
+        "image_grid_thw": to_device(torch.cat([it.image_grid_thw for it in items]), device),
     }
     if has_mm:
-        batch["mm_token_type_ids"] = mm.to(device, non_blocking=True)
+        batch["mm_token_type_ids"] = to_device(mm, device)
     return batch
+
+
+def to_device(t, device):
+    """The CPU tensor *t* on *device*; on a GPU without waiting for it. A copy from pageable memory waits for
+    the kernels queued before it (the driver stages it, and its staging buffers free only as queued copies
+    run): in a prefill launched behind decode steps, for those steps -- on an H200 under 64 clients, 24-30 %
+    of the inference thread's time, the GPU idle meanwhile. From pinned memory the copy is queued on the
+    stream; torch's caching host allocator keeps a pinned block until the copies reading it have run."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    if not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 @dataclass
@@ -429,8 +450,8 @@ def prompt_layout(items, *, device, width: int | None = None) -> PromptLayout:
         for t, h, w in it.image_grid_thw.tolist():
             lengths += [h * w] * t
             grids.append((t, h, w))
-    return PromptLayout(position_ids=pos.to(device, non_blocking=True),
-                        image_index=torch.cat(index).to(device, non_blocking=True), vision_lengths=lengths,
+    return PromptLayout(position_ids=to_device(pos, device), image_index=to_device(torch.cat(index), device),
+                        vision_lengths=lengths,
                         grids=grids)
 
 

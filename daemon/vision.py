@@ -14,6 +14,14 @@ changed the helpers), and it can be captured in a CUDA graph.
 
 Attention runs one SDPA call per run of equal-sized images (HF's non-flash
 path loops over images: 27 layers x 64 lines = 1,728 small calls per prefill).
+
+:meth:`VisionTower.padded` runs the tower over patches padded to a fixed row
+count: the padding is one more image, a block of its own in the attention
+(flash attention's variable-length form, the block boundaries read from a
+device tensor), and every other module works row by row, so the real images'
+outputs do not depend on it. Its shapes depend on (images, padded rows) only:
+the fast generator captures it once per such pair and replays it for lines of
+any size (a collection's lines come in hundreds of sizes).
 """
 
 from __future__ import annotations
@@ -22,9 +30,15 @@ import functools
 import logging
 from collections.abc import Sequence
 
+from .model import to_device
+
 logger = logging.getLogger(__name__)
 
 GRID_CACHE = 512  # image grids whose position inputs are kept on the device
+# Padded rows of :meth:`VisionTower.padded`: the padding image has at least PAD_ROWS rows (a whole merge group,
+# never empty), the total is a multiple of ROW_BUCKET.
+PAD_ROWS = 4
+ROW_BUCKET = 256
 
 
 class VisionTower:
@@ -42,6 +56,13 @@ class VisionTower:
         self.lengths: list[int] | None = None  # patches per image while a forward runs (host-known)
         self._grids: dict[tuple[int, int, int], tuple] = {}
         self.own = _helpers() is not None  # False: HF's forward (still with batched attention)
+        weight = visual.patch_embed.proj.weight
+        # padded() on a GPU needs flash attention's variable-length kernel (half precision only).
+        self.varlen = self.own and weight.is_cuda and weight.dtype in (torch.float16, torch.bfloat16) and hasattr(
+            torch.ops.aten, "_flash_attention_forward")
+        self.merge = int(visual.spatial_merge_size) ** 2  # patches per image token
+        self._blocks: tuple | None = None  # (cu_seqlens, rows) while padded() runs
+        self._buffers: list = []  # padded_inputs' shared buffers
         n = 0
         for mod in visual.modules():
             if type(mod).__name__.endswith("VisionAttention") and hasattr(mod, "qkv"):
@@ -87,8 +108,72 @@ class VisionTower:
         if not same:
             logger.warning("the vision tower with cached grid inputs differs from HF's forward (transformers "
                            "changed?): using HF's forward, slower and without prefill graphs")
-            self.own = False
+            self.own = self.varlen = False
+            return False
+        if self.varlen:
+            rows = self.rows_for(int(pixel_values.shape[0]))
+            args = self.padded_inputs(pixel_values, grids, lengths, rows)
+            out = self.padded(*args)
+            k = int(ref[0].shape[0])
+            if not (out.shape[0] == 1 + len(ref[1]) and all(close(a[:k], b) for a, b in zip(out, [ref[0], *ref[1]]))):
+                logger.warning("the vision tower over padded patches (flash attention, variable lengths) differs "
+                               "from HF's forward: small prefills run it eagerly")
+                self.varlen = False
         return same
+
+    # --------------------------------------------------------------- padded rows
+    def rows_for(self, patches: int) -> int:
+        """The padded row count of :meth:`padded` for *patches* real patch rows."""
+        return -(-(patches + PAD_ROWS) // ROW_BUCKET) * ROW_BUCKET
+
+    def padded_inputs(self, pixel_values, grids, lengths: list[int], rows: int, into: list | None = None) -> list:
+        """:meth:`padded`'s arguments for the images of *grids* (*lengths* patches per frame) padded to *rows*:
+        [patches, position embeddings, rotary cos, rotary sin] -- views of buffers shared by every call, the
+        images' rows written in -- and the attention blocks' boundaries (int32 on the device: 0, each image's
+        end, *rows*). *into*: an earlier result (a captured graph's inputs) to write into instead. Rows past
+        the images keep what they held (zeros, or earlier images' values): finite, and only the padding image
+        reads them."""
+        torch = self.torch
+        parts = [pixel_values, *self.grid_inputs(grids)]
+        bounds = [0]
+        for length in lengths:
+            bounds.append(bounds[-1] + int(length))
+        bounds.append(rows)
+        cu = to_device(torch.tensor(bounds, dtype=torch.int32), pixel_values.device)
+        if into is None:
+            into = [self._shared(i, rows, t) for i, t in enumerate(parts)] + [cu]
+        else:
+            into[-1].copy_(cu)
+        for buf, t in zip(into, parts):
+            buf[: t.shape[0]].copy_(t)
+        return into
+
+    def _shared(self, i: int, rows: int, like):
+        """Rows [:rows] of the *i*-th shared input buffer (zeros when allocated), grown as needed: graphs
+        replay one at a time and each writes its inputs first; an outgrown buffer lives on in the graphs that
+        captured views of it."""
+        buf = self._buffers[i] if i < len(self._buffers) else None
+        if buf is None or buf.shape[0] < rows or buf.dtype != like.dtype:
+            size = max(rows, 2 * buf.shape[0]) if buf is not None and buf.dtype == like.dtype else rows
+            buf = self.torch.zeros((size, *like.shape[1:]), dtype=like.dtype, device=like.device)
+            if i < len(self._buffers):
+                self._buffers[i] = buf
+            else:
+                self._buffers.append(buf)
+        return buf[:rows]
+
+    def padded(self, pixel_values, pos, cos, sin, cu_seqlens):
+        """HF's modules over patch rows padded with one more image (see the module docstring): image tokens
+        and deepstack features stacked, (1 + deepstack layers, rows / merge, H); the real images' are the
+        first patches / merge rows of each. Shapes depend on (images, rows) only; nothing waits for the GPU."""
+        vis = self.visual
+        self._blocks = (cu_seqlens, int(pixel_values.shape[0]))
+        try:
+            h = vis.patch_embed(pixel_values)
+            image, deepstack = self._blocks_forward(h + pos.to(h.dtype), cos, sin)
+        finally:
+            self._blocks = None
+        return self.torch.stack([image, *deepstack])
 
     def grid_inputs(self, grids: Sequence[tuple[int, int, int]]):
         """Position embeddings and rotary (cos, sin) for images of *grids*, in order (cached per grid)."""
@@ -114,10 +199,10 @@ class VisionTower:
                     thw, num_grid_per_side=vis.num_grid_per_side, mode=vis.interpolation_mode,
                     align_corners=vis.interpolation_align_corners, spatial_merge_size=vis.config.spatial_merge_size)
                 position_ids = vu.get_vision_position_ids(thw, vis.spatial_merge_size)
-                # Non-blocking copies: a blocking one would wait for every kernel queued (decode steps).
-                pos = (vis.pos_embed(idx.to(dev, non_blocking=True)) * w.to(dev, non_blocking=True)[:, :, None]).sum(1)
+                # Pinned non-blocking copies: a blocking one would wait for every kernel queued (decode steps).
+                pos = (vis.pos_embed(to_device(idx, dev)) * to_device(w, dev)[:, :, None]).sum(1)
                 cos, sin = vis.rotary_pos_emb(torch.empty((0,), dtype=vis.patch_embed.proj.weight.dtype, device=dev),
-                                              position_ids.to(dev, non_blocking=True))
+                                              to_device(position_ids, dev))
             except (AttributeError, TypeError, ValueError) as exc:  # a release that changed them or the modules
                 raise _HelpersChanged(f"{type(exc).__name__}: {exc}") from exc
         if len(self._grids) >= GRID_CACHE:
@@ -130,7 +215,10 @@ class VisionTower:
         vis = self.visual
         pos, cos, sin = self.grid_inputs(grids)
         h = vis.patch_embed(pixel_values)
-        h = h + pos.to(h.dtype)
+        return self._blocks_forward(h + pos.to(h.dtype), cos, sin)
+
+    def _blocks_forward(self, h, cos, sin):
+        vis = self.visual
         deepstack = []
         for i, blk in enumerate(vis.blocks):
             h = blk(h, cu_seqlens=None, position_embeddings=(cos, sin))
@@ -163,7 +251,8 @@ def _attention_forward(tower, mod, hidden_states, cu_seqlens=None, position_embe
                        **kwargs):
     """Qwen3-VL vision attention (HF's non-flash path) with equal-length images batched. The images' patch
     counts come from the host during a prefill (``tower.lengths``), else from *cu_seqlens* (a wait for the GPU
-    in every layer)."""
+    in every layer); in :meth:`VisionTower.padded`, one variable-length flash attention call over the blocks
+    whose boundaries are on the device."""
     import torch
 
     n_tok = hidden_states.shape[0]
@@ -172,9 +261,17 @@ def _attention_forward(tower, mod, hidden_states, cu_seqlens=None, position_embe
     cos, sin = position_embeddings
     q, k = tower.rope(q, k, cos, sin)  # (n_tok, heads, d)
     d = q.shape[-1]
-    lengths = tower.lengths
-    if lengths is None:
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    if tower._blocks is not None:  # VisionTower.padded: the block boundaries are a device tensor
+        bounds, rows = tower._blocks
+        if q.is_cuda:
+            o = torch.ops.aten._flash_attention_forward(q, k, v, bounds, bounds, rows, rows, 0.0, False, False,
+                                                        scale=mod.scaling)[0]
+            return mod.proj(o.reshape(n_tok, heads * d))
+        lengths = (bounds[1:] - bounds[:-1]).tolist()  # on the CPU (tests): a loop over the blocks
+    else:
+        lengths = tower.lengths
+        if lengths is None:
+            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     outs = []
     start = i = 0
     while i < len(lengths):

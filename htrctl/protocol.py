@@ -144,6 +144,8 @@ class EngineInfo(BaseModel):
     prefill_graphs: int | None = None  # small prefills of a recurring shape captured as CUDA graphs (kept now)
     # small prefills' language-model part captured per (lines, prompt width padded to 64) (kept now)
     prefill_lm_graphs: int | None = None
+    # small prefills' vision tower captured per (images, patches padded to 256 rows) (kept now)
+    prefill_vision_graphs: int | None = None
     prefill_replays: int | None = None  # prefills served by replaying one of either kind, since start
     # Where start -> READY went: loading the model onto the device, then warming up (every shape served), of
     # which capturing the decode step's CUDA graphs (how many)

@@ -8,6 +8,7 @@ hand-written decode step (uncaptured on the CPU).
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -494,6 +495,77 @@ def test_small_prefills_replay_graphs_with_the_new_lines_inputs_and_slots(naive,
     for _ in range(PREFILL_GRAPH_AFTER + 1):
         gen.generate(big)
     assert captured == ["lm", "whole"]  # more lines than PREFILL_GRAPH_LINES: never captured
+
+
+def test_the_vision_tower_over_padded_patches_gives_the_images_own_outputs(demo_model_dir):
+    """VisionTower.padded: the patches padded to a 256-row bucket with one more image (its own attention
+    block, boundaries in a tensor), two lines of different sizes in one call -- each real image token and
+    deepstack feature as the unpadded forward's; stale values in the padding rows change nothing."""
+    from htrd.fastgen import FastGenerator
+    from htrd.model import prompt_layout
+
+    gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2], max_cache_len=512,
+                             max_new_tokens=NEW)
+    vt = gen.vision
+    items = [gen.prepare(IMAGES[0]), gen.prepare(IMAGES[1])]
+    batch, layout = gen._collate(items), prompt_layout(items, device="cpu")
+    px = batch["pixel_values"]
+    with torch.inference_mode():
+        want = vt(px, batch["image_grid_thw"], layout.grids, layout.vision_lengths)
+        rows = vt.rows_for(int(px.shape[0]))
+        assert rows % 256 == 0 and rows - px.shape[0] >= 4
+        for fill in (0.0, 7.0):  # zeros, then another image's leftovers in the padding rows
+            inputs = vt.padded_inputs(px, layout.grids, layout.vision_lengths, rows)
+            for t in inputs[:4]:
+                t[px.shape[0]:] = fill
+            assert inputs[4].tolist() == [0, *itertools.accumulate(layout.vision_lengths), rows]
+            out = vt.padded(*inputs)
+            k = int(want[0].shape[0])
+            assert out.shape[0] == 1 + len(want[1]) and out.shape[1] == rows // vt.merge
+            for got, ref in zip(out, [want[0], *want[1]]):
+                torch.testing.assert_close(got[:k], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_small_prefills_replay_the_vision_tower_per_padded_patch_bucket(naive, demo_model_dir):
+    """With the padded vision tower on (a GPU's default, here with a stand-in graph whose replay runs the
+    recorded call on its static inputs): a small prefill's vision tower is captured per (images, padded rows)
+    on its first prefill and replayed for a line of another grid in the same bucket, joining while another
+    line decodes -- naive's tokens for every line."""
+    from htrd.fastgen import FastGenerator, _PrefillGraph
+    from htrd.generation import Seq
+
+    gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2, 4], max_cache_len=512,
+                             max_new_tokens=NEW)
+    gen._prefill_graphs_ok = True
+    gen.vision.varlen = True  # as on a GPU (the CPU runs the blocks' attention in a loop)
+    captured = []
+
+    def record(fn, inputs, last, keep):
+        out = torch.empty_like(last)
+
+        class Replay:
+            def replay(self):
+                out.copy_(fn())
+
+        captured.append("vision" if inputs[-1].dtype == torch.int32 else "other")
+        return _PrefillGraph(Replay(), inputs, out, keep)
+
+    gen._record = record
+    a = gen.prepare(IMAGES[0])
+    other = _line(800, 150, 11)
+    b = gen.prepare(other)
+    assert b.image_grid_thw.tolist() != a.image_grid_thw.tolist()
+    assert gen.vision.rows_for(int(a.pixel_values.shape[0])) == gen.vision.rows_for(int(b.pixel_values.shape[0]))
+    assert gen.generate([a])[0].token_ids == naive["tokens"][0]
+    assert captured.count("vision") == 1 and gen.vision_replays == 0
+    gen.add([Seq(gen.prepare(IMAGES[1]), NEW, tag="running")])  # another grid, the same bucket: a replay
+    gen.step()
+    gen.add([Seq(b, NEW, tag="joined")])
+    assert gen.vision_replays == 2 and captured.count("vision") == 1
+    done = {}
+    while gen.running():
+        done.update({f.seq.tag: f.token_ids for f in gen.step()})
+    assert done == {"running": naive["tokens"][1], "joined": _naive_tokens(naive["model"], naive["processor"], other)}
 
 
 def test_small_prefills_pad_to_the_bucket_only_where_the_cache_has_room(demo_model_dir):

@@ -87,39 +87,50 @@ def test_compiled_fast_path_starts_like_hf_generate(cuda, demo_model_dir, tmp_pa
 
 
 def test_small_prefills_are_captured_and_replay_the_eager_prefill(cuda, demo_model_dir):
-    """A small prefill is padded to PREFILL_BUCKET positions; its language-model part is captured per (lines,
-    padded width) on the second run, the whole prefill per exact shape on the third, and replayed from then
-    on: the same tokens as the eager prefill (no graphs, no padding), alone and two lines together; a line
-    of a new grid but the same padded width replays the language-model graph with its own vision output."""
+    """A small prefill is padded to PREFILL_BUCKET positions and its patches to a 256-row bucket; its two parts
+    are captured on the first run (vision tower per (images, padded rows), language model per (lines, padded
+    width)) and replayed on the second, the whole prefill per exact shape is captured on the third and replayed
+    from then on: the same tokens as the eager prefill (no graphs, no padding), alone and two lines together; a
+    line of a new grid but the same padded width replays both parts' graphs with its own inputs. The padded
+    vision tower (flash attention over variable-length blocks) passes its check against HF's forward."""
     from htrd.fastgen import PREFILL_BUCKET, FastGenerator, _round_up
+    from htrd.model import prompt_layout
 
     kw = dict(device=cuda, prompt=PROMPT, batch_sizes=[1, 2, 4], max_cache_len=512, max_new_tokens=NEW)
     gen = FastGenerator.load(demo_model_dir, cuda_graphs=True, **kw)
     eager = FastGenerator.load(demo_model_dir, cuda_graphs=False, **kw)
     sizes = [(1000, 140, 5), (640, 120, 6)]
     a, b = (gen.prepare(_image(*s)) for s in sizes)
+    assert gen.vision.varlen
+    with torch.inference_mode():
+        batch, layout = gen._collate([a, b]), prompt_layout([a, b], device=gen.device)
+        assert gen.vision.check(batch["pixel_values"], batch["image_grid_thw"], layout.grids, layout.vision_lengths)
+    assert gen.vision.varlen, "the padded vision tower differs from HF's forward"
     want = [x.token_ids for x in eager.generate([eager.prepare(_image(*s)) for s in sizes], min_new_tokens=NEW)]
     runs = [gen.generate([a], min_new_tokens=NEW)[0].token_ids for _ in range(4)]
-    # eager; eager + language-model capture; eager + whole capture; whole replay
-    assert gen.prefill_replays == 1 and len(gen._prefill_graphs) == 1 and len(gen._lm_graphs) == 1
+    # both parts captured; both replayed; whole captured; whole replayed
+    assert gen.prefill_replays == 2 and len(gen._prefill_graphs) == 1 and len(gen._lm_graphs) == 1
+    assert len(gen._vision_graphs) == 1 and gen.vision_replays == 1
     assert runs == [want[0]] * 4
     pair = [[x.token_ids for x in gen.generate([a, b], min_new_tokens=NEW)] for _ in range(4)]
-    assert gen.prefill_replays == 2 and len(gen._lm_graphs) == 2
+    assert gen.prefill_replays == 4 and len(gen._lm_graphs) == 2 and len(gen._vision_graphs) == 2
     assert pair == [want] * 4
     width = _round_up(a.prompt_len, PREFILL_BUCKET)
     c_size = next((w, h, 7) for w in range(1000, 200, -32) for h in (140, 120, 100)
                   if (p := gen.prepare(_image(w, h, 7))).image_grid_thw.tolist() != a.image_grid_thw.tolist()
-                  and _round_up(p.prompt_len, PREFILL_BUCKET) == width)
+                  and _round_up(p.prompt_len, PREFILL_BUCKET) == width
+                  and gen.vision.rows_for(p.pixel_values.shape[0]) == gen.vision.rows_for(a.pixel_values.shape[0]))
+    vision_replays = gen.vision_replays
     got = gen.generate([gen.prepare(_image(*c_size))], min_new_tokens=NEW)[0].token_ids
-    assert gen.prefill_replays == 3  # the language-model graph of (1 line, width)
+    assert gen.prefill_replays == 5 and gen.vision_replays == vision_replays + 1  # both parts' graphs
     assert got == eager.generate([eager.prepare(_image(*c_size))], min_new_tokens=NEW)[0].token_ids
 
 
 def test_a_prefill_launched_behind_decode_steps_never_waits_for_the_gpu(cuda, demo_model_dir):
     """step(during=...) overlaps a newcomer's prefill with the launched decode steps only if nothing in the
     prefill waits for the GPU: under torch's sync debug mode set to "error", adding a line of a new image size
-    (eager vision tower, new grid inputs, eager language model) while another line decodes raises on any
-    blocking copy, .item() or synchronize. Both lines still get the eager generator's tokens."""
+    (new grid inputs, both parts of the prefill run eagerly and captured: a first sighting) while another
+    line decodes raises on any blocking copy, .item() or synchronize. Both lines still get the eager generator's tokens."""
     from htrd.fastgen import FastGenerator
     from htrd.generation import Seq
 

@@ -303,13 +303,16 @@ class Engine:
     def _loop(self) -> None:
         gen = self.gen
         while True:
-            taken = self._take()
-            if taken is None:
-                return
-            if taken:
-                self._admit(taken)
             if gen.running():
+                # Newcomers join inside the step, once its decode steps are launched (_step's join): the host's
+                # work of launching their prefill then overlaps the GPU's decoding instead of preceding it.
                 self._step()
+            else:
+                taken = self._take()
+                if taken is None:
+                    return
+                if taken:
+                    self._admit(taken)
             self.heartbeat = time.monotonic()
 
     def _take(self) -> list[WorkItem] | None:

@@ -379,8 +379,12 @@ class FastGenerator(GeneratorBase):
         batch = self._collate(items, width)
         P = int(batch["input_ids"].shape[1])
         layout = prompt_layout(items, device=self.device, width=width)
+        max_new = [min(int(s.max_new_tokens), self.max_new_tokens) for s in seqs]
+        min_new = [max(0, min(int(s.min_new_tokens), m)) for s, m in zip(seqs, max_new)]
         slots = [heapq.heappop(self._free) for _ in range(n)]
-        st = self._on_device(slots)
+        # The slots and the lines' host values in one copy: slots, rope deltas, max_new, min_new.
+        st, delta, lim_max, lim_min = self._on_device(
+            [*slots, *(it.rope_span - P for it in items), *max_new, *min_new]).view(4, n)
         try:
             with _no_cudnn_attention(torch):
                 last = self._prompt_last(batch, layout, st)
@@ -392,12 +396,8 @@ class FastGenerator(GeneratorBase):
         # through index_fill_ (see _on_device).
         self.attend.index_fill_(0, st, False)
         self.attend[st, :P] = batch["attention_mask"].bool()
-        self.delta[st] = self._on_device([it.rope_span - P for it in items])
+        self.delta[st] = delta
         self.pos.index_fill_(0, st, P)
-        max_new = [min(int(s.max_new_tokens), self.max_new_tokens) for s in seqs]
-        min_new = [max(0, min(int(s.min_new_tokens), m)) for s, m in zip(seqs, max_new)]
-        lim_max = self._on_device(max_new)
-        lim_min = self._on_device(min_new)
         self.lim_max[st] = lim_max
         self.lim_min[st] = lim_min
         logits = torch.nn.functional.linear(last, self.lm_head.weight).float()

@@ -387,8 +387,8 @@ def collate(items, *, pad_id: int, device, dtype, width: int | None = None) -> d
 
     P = max([it.prompt_len for it in items] + [width or 0])
     B = len(items)
-    ids = torch.full((B, P), pad_id, dtype=torch.long)
-    att = torch.zeros((B, P), dtype=torch.long)
+    tokens = torch.zeros((2, B, P), dtype=torch.long)  # ids and attention mask: one copy to the device
+    ids, att = tokens[0].fill_(pad_id), tokens[1]
     has_mm = items[0].mm_token_type_ids is not None
     mm = torch.zeros((B, P), dtype=items[0].mm_token_type_ids.dtype) if has_mm else None
     for i, it in enumerate(items):
@@ -397,9 +397,10 @@ def collate(items, *, pad_id: int, device, dtype, width: int | None = None) -> d
         att[i, P - n :] = 1
         if has_mm:
             mm[i, P - n :] = it.mm_token_type_ids
+    tokens = to_device(tokens, device)
     batch = {
-        "input_ids": to_device(ids, device),
-        "attention_mask": to_device(att, device),
+        "input_ids": tokens[0],
+        "attention_mask": tokens[1],
         # Per-item copies concatenated on the device: no large CPU-side cat of the patches.
         "pixel_values": torch.cat([to_device(it.pixel_values, device).to(dtype) for it in items]),
         "image_grid_thw": to_device(torch.cat([it.image_grid_thw for it in items]), device),

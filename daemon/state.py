@@ -64,7 +64,8 @@ class DaemonState:
             return True
 
     def set_detail(self, detail: str) -> None:
-        """Progress while loading/warming (also what ``STATUS=`` shows)."""
+        """Progress while loading/warming (also what ``STATUS=`` shows; logged: where a slow start went)."""
+        logger.info("%s: %s", self.state, detail)
         with self._lock:
             self.detail = detail
             self.progress_at = time.monotonic()

@@ -115,7 +115,11 @@ class VisionTower:
             args = self.padded_inputs(pixel_values, grids, lengths, rows)
             out = self.padded(*args)
             k = int(ref[0].shape[0])
-            if not (out.shape[0] == 1 + len(ref[1]) and all(close(a[:k], b) for a, b in zip(out, [ref[0], *ref[1]]))):
+
+            def near(a, b) -> bool:  # other GEMM shapes (padded rows): half-precision rounding, not equality
+                return a.shape == b.shape and bool((a.float() - b.float()).norm() <= 0.02 * b.float().norm())
+
+            if not (out.shape[0] == 1 + len(ref[1]) and all(near(a[:k], b) for a, b in zip(out, [ref[0], *ref[1]]))):
                 logger.warning("the vision tower over padded patches (flash attention, variable lengths) differs "
                                "from HF's forward: small prefills run it eagerly")
                 self.varlen = False

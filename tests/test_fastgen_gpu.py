@@ -5,6 +5,8 @@ CI has no GPU, so these skip there; run them on a GPU host (bench/device-env.sh)
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -146,7 +148,9 @@ def test_a_prefill_launched_behind_decode_steps_never_waits_for_the_gpu(cuda, de
 
     def join():
         if not calls:
-            torch.cuda.set_sync_debug_mode("error")
+            with warnings.catch_warnings():  # "a prototype feature" (a UserWarning, an error under pytest here)
+                warnings.simplefilter("ignore", UserWarning)
+                torch.cuda.set_sync_debug_mode("error")
             try:
                 gen.add([Seq(newcomer, NEW, NEW, tag=1)])
             finally:

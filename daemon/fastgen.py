@@ -577,7 +577,7 @@ class FastGenerator(GeneratorBase):
         args = [ids, pixels, mask, layout.position_ids, layout.image_index, st]
         n, P = int(st.shape[0]), int(ids.shape[1])
         if not self._small_prefill_graphs(n):
-            return self._prompt_forward(*args, grid_thw, layout, vision="padded")
+            return self._prompt_forward(*args, grid_thw, layout)
         key = (P, tuple(layout.grids))
         g = self._prefill_graphs.get(key)
         if g is not None:
@@ -591,7 +591,8 @@ class FastGenerator(GeneratorBase):
             if g is not None:
                 _remember(self._prefill_graphs, key, g, PREFILL_GRAPHS)
             return last
-        embeds, deepstack = self._prompt_inputs(ids, pixels, layout.image_index, grid_thw, layout, vision="graph")
+        embeds, deepstack = self._prompt_inputs(ids, pixels, layout.image_index, grid_thw, layout,
+                                                replay_vision=True)
         lm = self._lm_graphs.get((n, P))
         if lm is None and _seen(self._lm_seen, (n, P)) < LM_GRAPH_AFTER:
             return self._prefill_layers(embeds, mask, layout.position_ids, layout.image_index, deepstack, st)[:, -1]
@@ -680,24 +681,15 @@ class FastGenerator(GeneratorBase):
                      (time.perf_counter() - t0) * 1000.0)
         return _PrefillGraph(graph, inputs, out, keep)
 
-    def _prompt_inputs(self, input_ids, pixel_values, image_index, grid_thw, layout, vision: str = "eager"):
+    def _prompt_inputs(self, input_ids, pixel_values, image_index, grid_thw, layout, replay_vision: bool = False):
         """The prompt's input embeddings with the image tokens in place (at the flat positions *image_index*),
-        (n, P, H), and the vision tower's deepstack features (image tokens x H per layer). *vision*: how the
-        vision tower runs where it can run over padded patches (:meth:`htrd.vision.VisionTower.padded`, on a
-        GPU): "graph" replayed (:meth:`_vision_replayed`), "padded" eagerly -- one attention call a layer for
-        images of many sizes, where the plain forward makes one per size -- else "eager" (what a whole-prefill
-        graph captures: it must not copy host values)."""
+        (n, P, H), and the vision tower's deepstack features (image tokens x H per layer). *replay_vision*:
+        the vision tower from a graph over padded patches (:meth:`_vision_replayed`)."""
         embeds = self.text.embed_tokens(input_ids)  # (n, P, H)
-        vt = self.vision
-        if vision == "graph" and vt.varlen:
+        if replay_vision and self.vision.varlen:
             image, deepstack = self._vision_replayed(pixel_values, layout)
-        elif vision == "padded" and vt.varlen:
-            patches = int(pixel_values.shape[0])
-            out = vt.padded(*vt.padded_inputs(pixel_values, layout.grids, layout.vision_lengths, vt.rows_for(patches)))
-            k = patches // vt.merge
-            image, deepstack = out[0, :k], [d[:k] for d in out[1:]]
         else:
-            image, deepstack = vt(pixel_values, grid_thw, layout.grids, layout.vision_lengths)
+            image, deepstack = self.vision(pixel_values, grid_thw, layout.grids, layout.vision_lengths)
         embeds.view(-1, embeds.shape[-1]).index_copy_(0, image_index, image.to(embeds.dtype))
         return embeds, deepstack
 
@@ -726,7 +718,7 @@ class FastGenerator(GeneratorBase):
         return out[0, :k], [d[:k] for d in out[1:]]
 
     def _prompt_forward(self, input_ids, pixel_values, attention_mask, position_ids, image_index, st, grid_thw,
-                        layout, vision: str = "eager"):
+                        layout):
         """The prompts of a prefill batch through the model; keys and values land in the slots *st*. Returns
         the final hidden state (normed) of each line's last position, (n, H).
 
@@ -735,9 +727,9 @@ class FastGenerator(GeneratorBase):
         tokens placed by index, M-RoPE positions from the per-grid cache. HF's multimodal forward would wait
         for the GPU four times per prefill to learn the same (placeholder count, split sizes, rope index,
         deepstack mask), and its vision tower once per layer; a one-line prefill was bound by those waits.
-        Nothing in here asks the GPU for a value; with *vision* "eager" nothing copies from the host either,
-        so it can be captured (:meth:`_record`)."""
-        embeds, deepstack = self._prompt_inputs(input_ids, pixel_values, image_index, grid_thw, layout, vision)
+        Nothing in here asks the GPU for a value, so it can be captured (:meth:`_record`).
+        """
+        embeds, deepstack = self._prompt_inputs(input_ids, pixel_values, image_index, grid_thw, layout)
         return self._prefill_layers(embeds, attention_mask, position_ids, image_index, deepstack, st)[:, -1]
 
     def _prefill_layers(self, h, attention_mask, position_ids, vis, deepstack, st):

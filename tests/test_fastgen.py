@@ -568,25 +568,6 @@ def test_small_prefills_replay_the_vision_tower_per_padded_patch_bucket(naive, d
     assert done == {"running": naive["tokens"][1], "joined": _naive_tokens(naive["model"], naive["processor"], other)}
 
 
-def test_a_large_prefill_runs_the_vision_tower_over_padded_patches_once_per_layer(naive, demo_model_dir):
-    """More lines than PREFILL_GRAPH_LINES, of different sizes, with the padded vision tower on (a GPU's
-    default; the CPU loops over the blocks): the prefill runs VisionTower.padded eagerly (one attention call a
-    layer on a GPU, not one per image size) and every line gets naive's tokens."""
-    from htrd.fastgen import PREFILL_GRAPH_LINES, FastGenerator
-
-    gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2, 4, 8], max_cache_len=512,
-                             max_new_tokens=NEW)
-    gen.vision.varlen = True
-    calls = []
-    padded = gen.vision.padded
-    gen.vision.padded = lambda *a: calls.append(a[0].shape[0]) or padded(*a)
-    extra = [_line(700 + 90 * i, 110 + 10 * i, 20 + i) for i in range(PREFILL_GRAPH_LINES + 1 - len(IMAGES))]
-    images = IMAGES + extra
-    got = [g.token_ids for g in gen.generate([gen.prepare(im) for im in images])]
-    assert len(calls) == 1 and len({gen.prepare(im).pixel_values.shape[0] for im in images}) > 1
-    assert got == naive["tokens"] + [_naive_tokens(naive["model"], naive["processor"], im) for im in extra]
-
-
 def test_small_prefills_pad_to_the_bucket_only_where_the_cache_has_room(demo_model_dir):
     """The padded width of a small prefill (graphs on): the longest prompt rounded up to PREFILL_BUCKET while
     the padded prompt plus the group's new tokens fit the cache; else the group's own width (None), as for

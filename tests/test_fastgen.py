@@ -433,21 +433,12 @@ def test_vision_helpers_that_changed_fall_back_to_hf_forward(fast, monkeypatch, 
     assert torch.equal(got[0], want[0]) and all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
 
 
-def test_small_prefills_replay_graphs_with_the_new_lines_inputs_and_slots(naive, demo_model_dir):
-    """The prefill-graph bookkeeping on the CPU, with a stand-in for the CUDA graph whose replay runs the
-    recorded call on its static inputs. A small prefill's prompt is padded to PREFILL_BUCKET positions; the
-    language model's part is captured per (lines, padded width) on its LM_GRAPH_AFTER-th prefill, the whole
-    prefill per exact shape (width, image grids) on its PREFILL_GRAPH_AFTER-th; never for more than
-    PREFILL_GRAPH_LINES lines. A replay takes the new line's embeddings, pixels, positions and slot: a line
-    of another grid but the same padded width (language-model graph) and a line of the same shape but other
-    pixels (whole graph), each joining while another line decodes -- naive's tokens for every line."""
-    from htrd.fastgen import (LM_GRAPH_AFTER, PREFILL_BUCKET, PREFILL_GRAPH_AFTER, PREFILL_GRAPH_LINES,
-                              FastGenerator, _PrefillGraph, _round_up)
-    from htrd.generation import Seq
+def _stand_in_graphs(gen, kind) -> list:
+    """Prefill graphs on the CPU: *gen*'s capture replaced by a stand-in whose replay runs the recorded call
+    on its static inputs (what a CUDA graph replay computes). Returns the list that names each capture
+    (*kind(inputs)*), in order."""
+    from htrd.fastgen import _PrefillGraph
 
-    gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2, 4, 8],
-                             max_cache_len=512, max_new_tokens=NEW)
-    gen._prefill_graphs_ok = True  # as on CUDA (the capture itself is replaced below)
     captured = []
 
     def record(fn, inputs, last, keep):
@@ -457,10 +448,29 @@ def test_small_prefills_replay_graphs_with_the_new_lines_inputs_and_slots(naive,
             def replay(self):
                 out.copy_(fn())
 
-        captured.append("whole" if inputs[0].dtype == torch.long else "lm")
+        captured.append(kind(inputs))
         return _PrefillGraph(Replay(), inputs, out, keep)
 
+    gen._prefill_graphs_ok = True  # as on CUDA
     gen._record = record
+    return captured
+
+
+def test_small_prefills_replay_graphs_with_the_new_lines_inputs_and_slots(naive, demo_model_dir):
+    """The prefill-graph bookkeeping on the CPU, with a stand-in for the CUDA graph whose replay runs the
+    recorded call on its static inputs. A small prefill's prompt is padded to PREFILL_BUCKET positions; the
+    language model's part is captured per (lines, padded width) on its LM_GRAPH_AFTER-th prefill, the whole
+    prefill per exact shape (width, image grids) on its PREFILL_GRAPH_AFTER-th; never for more than
+    PREFILL_GRAPH_LINES lines. A replay takes the new line's embeddings, pixels, positions and slot: a line
+    of another grid but the same padded width (language-model graph) and a line of the same shape but other
+    pixels (whole graph), each joining while another line decodes -- naive's tokens for every line."""
+    from htrd.fastgen import (LM_GRAPH_AFTER, PREFILL_BUCKET, PREFILL_GRAPH_AFTER, PREFILL_GRAPH_LINES,
+                              FastGenerator, _round_up)
+    from htrd.generation import Seq
+
+    gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2, 4, 8],
+                             max_cache_len=512, max_new_tokens=NEW)
+    captured = _stand_in_graphs(gen, lambda inputs: "whole" if inputs[0].dtype == torch.long else "lm")
     a = gen.prepare(IMAGES[0])
     other_grid = _line(1000, 160, 9)  # another grid, the same padded width
     b = gen.prepare(other_grid)
@@ -531,26 +541,13 @@ def test_small_prefills_replay_the_vision_tower_per_padded_patch_bucket(naive, d
     recorded call on its static inputs): a small prefill's vision tower is captured per (images, padded rows)
     on its first prefill and replayed for a line of another grid in the same bucket, joining while another
     line decodes -- naive's tokens for every line."""
-    from htrd.fastgen import FastGenerator, _PrefillGraph
+    from htrd.fastgen import FastGenerator
     from htrd.generation import Seq
 
     gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2, 4], max_cache_len=512,
                              max_new_tokens=NEW)
-    gen._prefill_graphs_ok = True
     gen.vision.varlen = True  # as on a GPU (the CPU runs the blocks' attention in a loop)
-    captured = []
-
-    def record(fn, inputs, last, keep):
-        out = torch.empty_like(last)
-
-        class Replay:
-            def replay(self):
-                out.copy_(fn())
-
-        captured.append("vision" if inputs[-1].dtype == torch.int32 else "other")
-        return _PrefillGraph(Replay(), inputs, out, keep)
-
-    gen._record = record
+    captured = _stand_in_graphs(gen, lambda inputs: "vision" if inputs[-1].dtype == torch.int32 else "other")
     a = gen.prepare(IMAGES[0])
     other = _line(800, 150, 11)
     b = gen.prepare(other)

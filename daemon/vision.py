@@ -57,9 +57,11 @@ class VisionTower:
         self._grids: dict[tuple[int, int, int], tuple] = {}
         self.own = _helpers() is not None  # False: HF's forward (still with batched attention)
         weight = visual.patch_embed.proj.weight
-        # padded() on a GPU needs flash attention's variable-length kernel (half precision only).
-        self.varlen = self.own and weight.is_cuda and weight.dtype in (torch.float16, torch.bfloat16) and hasattr(
-            torch.ops.aten, "_flash_attention_forward")
+        # padded() on a GPU needs flash attention's variable-length kernel: half precision, compute capability
+        # 8.0 or newer (A100, L4, H100...), a torch that has it. Elsewhere small prefills run the tower eagerly.
+        self.varlen = (self.own and weight.is_cuda and weight.dtype in (torch.float16, torch.bfloat16)
+                       and torch.cuda.get_device_capability(weight.device)[0] >= 8
+                       and hasattr(torch.ops.aten, "_flash_attention_forward"))
         self.merge = int(visual.spatial_merge_size) ** 2  # patches per image token
         self._blocks: tuple | None = None  # (cu_seqlens, rows) while padded() runs
         self._buffers: list = []  # padded_inputs' shared buffers
@@ -87,7 +89,9 @@ class VisionTower:
             self.lengths = None
 
     def check(self, pixel_values, grid_thw, grids, lengths) -> bool:
-        """Our forward against HF's on one batch; on a difference, log it and use HF's from now on."""
+        """Our forward against HF's on one batch; on a difference, log it and use HF's from now on. Then, where
+        :meth:`padded` is on (:attr:`varlen`), the same over padded patches: if it fails or differs beyond
+        half-precision rounding, it is turned off (logged) and small prefills run the tower eagerly."""
         if not self.own:
             return False
         ours = self(pixel_values, grid_thw, grids, lengths)
@@ -112,8 +116,13 @@ class VisionTower:
             return False
         if self.varlen:
             rows = self.rows_for(int(pixel_values.shape[0]))
-            args = self.padded_inputs(pixel_values, grids, lengths, rows)
-            out = self.padded(*args)
+            try:
+                out = self.padded(*self.padded_inputs(pixel_values, grids, lengths, rows))
+            except RuntimeError as exc:  # e.g. a torch or GPU whose flash attention refuses these inputs
+                logger.warning("the vision tower over padded patches fails here (%s): small prefills run it "
+                               "eagerly", str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+                self.varlen = False
+                return same
             k = int(ref[0].shape[0])
 
             def near(a, b) -> bool:  # other GEMM shapes (padded rows): half-precision rounding, not equality

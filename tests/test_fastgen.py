@@ -536,6 +536,37 @@ def test_the_vision_tower_over_padded_patches_gives_the_images_own_outputs(demo_
                 torch.testing.assert_close(got[:k], ref, rtol=1e-5, atol=1e-5)
 
 
+def test_the_vision_check_turns_the_padded_tower_off_where_it_fails_or_differs(demo_model_dir, monkeypatch, caplog):
+    """The warm-up's check of VisionTower.padded (on by default on a GPU with flash attention): kept where it
+    gives the forward's outputs; turned off, logged, and the tower still served, where it raises (a GPU or
+    torch whose flash attention refuses) or where its outputs differ beyond half-precision rounding."""
+    from htrd.fastgen import FastGenerator
+    from htrd.model import prompt_layout
+
+    gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2], max_cache_len=512,
+                             max_new_tokens=NEW)
+    vt = gen.vision
+    items = [gen.prepare(IMAGES[0]), gen.prepare(IMAGES[1])]
+    batch, layout = gen._collate(items), prompt_layout(items, device="cpu")
+    args = (batch["pixel_values"], batch["image_grid_thw"], layout.grids, layout.vision_lengths)
+    assert not vt.varlen  # a CPU: off
+    vt.varlen = True
+    with torch.inference_mode():
+        assert vt.check(*args) and vt.varlen
+        padded = vt.padded
+
+        def refuses(*a):
+            raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
+
+        monkeypatch.setattr(vt, "padded", refuses)
+        assert vt.check(*args) and not vt.varlen and vt.own
+        assert "fails here (FlashAttention only supports Ampere GPUs or newer.)" in caplog.text
+        vt.varlen = True
+        monkeypatch.setattr(vt, "padded", lambda *a: padded(*a) * 1.05)
+        assert vt.check(*args) and not vt.varlen and vt.own
+        assert "over padded patches (flash attention, variable lengths) differs" in caplog.text
+
+
 def test_small_prefills_replay_the_vision_tower_per_padded_patch_bucket(naive, demo_model_dir):
     """With the padded vision tower on (a GPU's default, here with a stand-in graph whose replay runs the
     recorded call on its static inputs): a small prefill's vision tower is captured per (images, padded rows)

@@ -316,7 +316,7 @@ class Preprocessor:
         input_ids, mm, span, positions, image_positions = cached
         pixels = px["pixel_values"].to(self.dtype)  # the vision tower casts to it anyway
         if self._pin:
-            pixels = pixels.pin_memory()
+            pixels = pinned(pixels)
         return Prepared(input_ids=input_ids, mm_token_type_ids=mm, pixel_values=pixels,
                         image_grid_thw=grid, rope_span=span, preprocess_ms=(time.perf_counter() - t0) * 1000.0,
                         positions=positions, image_positions=image_positions)
@@ -421,9 +421,26 @@ def to_device(t, device):
     device = torch.device(device)
     if device.type != "cuda":
         return t.to(device)
-    if not t.is_pinned():
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
+    return pinned(t).to(device, non_blocking=True)
+
+
+_pin_failed = threading.Event()
+
+
+def pinned(t):
+    """The CPU tensor *t* in pinned (page-locked) memory; *t* itself where pinning fails (e.g. the host cannot
+    lock more memory): its copies to the GPU then wait for queued work -- slower, the same results. Logged
+    once."""
+    if t.is_pinned():
+        return t
+    try:
+        return t.pin_memory()
+    except RuntimeError as exc:
+        if not _pin_failed.is_set():
+            _pin_failed.set()
+            logger.warning("cannot pin host memory (%s): copies to the GPU go through pageable memory, slower "
+                           "under load", _first_line(exc))
+        return t
 
 
 @dataclass

@@ -567,6 +567,26 @@ def test_the_vision_check_turns_the_padded_tower_off_where_it_fails_or_differs(d
         assert "over padded patches (flash attention, variable lengths) differs" in caplog.text
 
 
+def test_where_host_memory_cannot_be_pinned_lines_are_still_served(demo_model_dir, caplog, monkeypatch):
+    """On a GPU host the patches are pinned as they are prepared (their copy to the GPU then never waits for
+    queued decode steps). Where pinning fails -- here a CPU-only torch, which has no pinned memory -- the
+    patches stay pageable, once logged, and the line gets the same tokens."""
+    import threading
+
+    import htrd.model
+    from htrd.fastgen import FastGenerator
+
+    monkeypatch.setattr(htrd.model, "_pin_failed", threading.Event())  # "logged once" counts from here
+    gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2], max_cache_len=512,
+                             max_new_tokens=NEW)
+    want = gen.generate([gen.prepare(IMAGES[0])])[0].token_ids
+    gen.pre._pin = True  # as on a GPU host
+    preps = [gen.prepare(IMAGES[0]) for _ in range(2)]
+    assert not preps[0].pixel_values.is_pinned()
+    assert caplog.text.count("cannot pin host memory") == 1
+    assert [g.token_ids for g in gen.generate(preps)] == [want, want]
+
+
 def test_small_prefills_replay_the_vision_tower_per_padded_patch_bucket(naive, demo_model_dir):
     """With the padded vision tower on (a GPU's default, here with a stand-in graph whose replay runs the
     recorded call on its static inputs): a small prefill's vision tower is captured per (images, padded rows)

@@ -93,8 +93,8 @@ PREFILL_GRAPHS = 48  # prefill graphs kept (least recently used dropped first)
 # capture -- another launch of the whole prefill plus instantiation -- that no replay pays back.
 PREFILL_GRAPH_AFTER = 3
 # Prompts of a small prefill are left-padded to a multiple of this, and the language model's part of the prefill
-# (everything after the vision tower) is captured per (lines, padded width) on that shape's second prefill:
-# lines of any size reuse a few dozen graphs, the vision tower alone runs eagerly.
+# (everything after the vision tower) is captured per (lines, padded width) on that shape's LM_GRAPH_AFTER-th
+# prefill (the first: a capture costs about one eager prefill, and the few dozen keys recur all day).
 PREFILL_BUCKET = 64
 LM_GRAPH_AFTER = 1
 LM_GRAPHS = PREFILL_GRAPH_LINES * 16

@@ -83,7 +83,7 @@ class VisionTower:
                 except _HelpersChanged as exc:
                     logger.warning("transformers' vision helpers do not take what they did (%s): using HF's "
                                    "forward, slower and without prefill graphs", exc)
-                    self.own = False
+                    self.own = self.varlen = False
             return _split(self.visual(pixel_values, grid_thw=grid_thw))
         finally:
             self.lengths = None

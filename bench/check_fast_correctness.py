@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(3):
         replayed = [fast.generate([p], min_new_tokens=new)[0].token_ids for p in preps]
     n_replays = fast.prefill_replays - replays0
-    # The language model's graphs alone (a line of a new grid whose padded width has a graph): the whole-prefill
-    # graphs forgotten, each line once more.
+    # The two parts' graphs (on a GPU: the vision tower per (images, padded patch rows), the language model per
+    # (lines, padded width)) without the whole-prefill graphs: those forgotten, each line once more.
     fast._prefill_graphs.clear()
     fast._prefill_seen.clear()
     replays0 = fast.prefill_replays

@@ -187,3 +187,18 @@ def _tail(log: Path, chars: int = 4000) -> str:
         return log.read_text(errors="replace")[-chars:]
     except OSError:
         return "<no log>"
+
+
+def stroke_line(w: int, h: int, seed: int):
+    """A line image of *w* x *h* with 25 random black strokes on white (PIL, RGB): lines of many sizes and
+    contents for the generator tests, deterministic per *seed*."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rnd = random.Random(seed)
+    img = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(img)
+    for _ in range(25):
+        draw.line([(rnd.randrange(w), rnd.randrange(h)), (rnd.randrange(w), rnd.randrange(h))], fill=(0, 0, 0), width=3)
+    return img

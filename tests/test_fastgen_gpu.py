@@ -8,6 +8,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
+from helpers import stroke_line
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.gpu
@@ -24,16 +25,7 @@ def cuda():
 
 
 def _image(w: int, h: int, seed: int):
-    import random
-
-    from PIL import Image, ImageDraw
-
-    rnd = random.Random(seed)
-    img = Image.new("RGB", (w, h), "white")
-    draw = ImageDraw.Draw(img)
-    for _ in range(25):
-        draw.line([(rnd.randrange(w), rnd.randrange(h)), (rnd.randrange(w), rnd.randrange(h))], fill=(0, 0, 0), width=3)
-    return img
+    return stroke_line(w, h, seed)
 
 
 def test_cuda_graphs_replay_the_eager_step_exactly(cuda, demo_model_dir):

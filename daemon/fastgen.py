@@ -40,7 +40,8 @@ What the engine gets from :class:`FastGenerator` compared with the naive
   padded rows) -- each on its key's first occurrence, so lines of any size
   reuse a few dozen graphs. When the exact shape (width, image grids) comes
   back a third time the whole prefill is captured as one graph (the warm-up
-  line's shapes before READY).
+  line's shapes before READY). Graphs are kept: a full cache captures no more
+  (dropping old graphs would re-capture on every prefill of many shapes).
 - **SDPA attention** (prefills without its cuDNN backend, which plans every new
   shape: see :func:`_no_cudnn_attention`); optionally the elementwise ops (norms, rotary, SiLU)
   compiled with ``torch.compile`` (``compile=True``), with inductor/triton
@@ -88,7 +89,10 @@ KV_RESERVE_FRACTION = 0.10  # of the GPU's memory, kept free beside the KV cache
 # work on an H200); when its exact shape (prompt length, image grids) recurs, it is captured as a CUDA graph and
 # replayed. Larger prefills keep the GPU busy on their own.
 PREFILL_GRAPH_LINES = 4
-PREFILL_GRAPHS = 48  # prefill graphs kept (least recently used dropped first)
+# Whole-prefill graphs kept: the first shapes to recur. A full cache captures no more and drops none -- with
+# more recurring shapes than room, dropping the least recently used would re-capture (an eager prefill plus
+# a capture) on nearly every prefill; the shapes without a whole graph replay the two parts' graphs instead.
+PREFILL_GRAPHS = 48
 # Captured on the shape's third prefill: lines of varied sizes (most shapes seen once or twice) must not pay a
 # capture -- another launch of the whole prefill plus instantiation -- that no replay pays back.
 PREFILL_GRAPH_AFTER = 3
@@ -97,11 +101,11 @@ PREFILL_GRAPH_AFTER = 3
 # prefill (the first: a capture costs about one eager prefill, and the few dozen keys recur all day).
 PREFILL_BUCKET = 64
 LM_GRAPH_AFTER = 1
-LM_GRAPHS = PREFILL_GRAPH_LINES * 16
 # The vision tower of a small prefill runs over patches padded to 256-row buckets (VisionTower.padded), captured
 # per (images, padded rows) on that pair's first prefill: with the language model's graphs, a line of any size
-# is prefilled by two replays once its buckets have been seen.
-VISION_GRAPHS = PREFILL_GRAPH_LINES * 16
+# is prefilled by two replays once its buckets have been seen. Kept like the whole graphs (none dropped); the
+# language model's cache has room for every (lines, padded width) of the cache's length.
+VISION_GRAPHS = 96
 
 
 def configure_compile_cache(cache_dir: str | os.PathLike | None) -> Path | None:
@@ -219,13 +223,14 @@ class FastGenerator(GeneratorBase):
         self.turnaround_s, self.turnarounds = 0.0, 0
         self._idle_since: float | None = None
         self.occupied_sum = 0  # sum over steps of running lines (average occupancy = occupied_sum / steps_run)
-        self._prefill_graphs: OrderedDict[tuple, _PrefillGraph] = OrderedDict()
+        self._prefill_graphs: dict[tuple, _PrefillGraph] = {}
         self._prefill_seen: OrderedDict[tuple, int] = OrderedDict()
         self._prefill_graphs_ok = self.cuda_graphs
-        self._lm_graphs: OrderedDict[tuple[int, int], _PrefillGraph] = OrderedDict()
+        self._lm_graphs: dict[tuple[int, int], _PrefillGraph] = {}
         self._lm_seen: OrderedDict[tuple[int, int], int] = OrderedDict()
         self._lm_buffers: list = []
-        self._vision_graphs: OrderedDict[tuple[int, int], _PrefillGraph] = OrderedDict()
+        self.lm_graph_limit = PREFILL_GRAPH_LINES * -(-self.max_cache_len // PREFILL_BUCKET)  # every key fits
+        self._vision_graphs: dict[tuple[int, int], _PrefillGraph] = {}
         self.prefill_replays = 0
         self.vision_replays = 0
         self._alloc_state()
@@ -581,25 +586,25 @@ class FastGenerator(GeneratorBase):
         key = (P, tuple(layout.grids))
         g = self._prefill_graphs.get(key)
         if g is not None:
-            self._prefill_graphs.move_to_end(key)
             return self._replay(g, args)
-        if _seen(self._prefill_seen, key) >= PREFILL_GRAPH_AFTER:  # a recurring shape: capture it whole
+        if len(self._prefill_graphs) < PREFILL_GRAPHS and _seen(self._prefill_seen, key) >= PREFILL_GRAPH_AFTER:
+            # a recurring shape, room for its graph: capture it whole
             last = self._prompt_forward(*args, grid_thw, layout)
             inputs = [a.clone() for a in args]
             keep = [self.vision.grid_inputs([gr]) for gr in layout.grids]  # the cached tensors the graph reads
             g = self._record(lambda: self._prompt_forward(*inputs, grid_thw, layout), inputs, last, keep)
             if g is not None:
-                _remember(self._prefill_graphs, key, g, PREFILL_GRAPHS)
+                self._prefill_graphs[key] = g
             return last
         embeds, deepstack = self._prompt_inputs(ids, pixels, layout.image_index, grid_thw, layout,
                                                 replay_vision=True)
         lm = self._lm_graphs.get((n, P))
-        if lm is None and _seen(self._lm_seen, (n, P)) < LM_GRAPH_AFTER:
+        full = len(self._lm_graphs) >= self.lm_graph_limit
+        if lm is None and (full or _seen(self._lm_seen, (n, P)) < LM_GRAPH_AFTER):
             return self._prefill_layers(embeds, mask, layout.position_ids, layout.image_index, deepstack, st)[:, -1]
         # The language model's graph reads fixed-size inputs: the image positions and deepstack features padded.
         lm_args = [embeds, mask, layout.position_ids, *self._dense_deepstack(layout.image_index, deepstack, n * P), st]
         if lm is not None:
-            self._lm_graphs.move_to_end((n, P))
             return self._replay(lm, lm_args)
         inputs = self._lm_inputs(lm_args, n * P)
 
@@ -609,7 +614,7 @@ class FastGenerator(GeneratorBase):
         last = lm_part()  # eagerly first: the capture then finds every kernel it records
         g = self._record(lm_part, inputs, last, [])
         if g is not None:
-            _remember(self._lm_graphs, (n, P), g, LM_GRAPHS)
+            self._lm_graphs[(n, P)] = g
         return last
 
     def _replay(self, g: _PrefillGraph, args) -> object:
@@ -703,7 +708,6 @@ class FastGenerator(GeneratorBase):
         key = (len(layout.vision_lengths), rows)
         g = self._vision_graphs.get(key)
         if g is not None:
-            self._vision_graphs.move_to_end(key)
             vt.padded_inputs(pixel_values, layout.grids, layout.vision_lengths, rows, into=g.inputs)
             g.graph.replay()
             self.vision_replays += 1
@@ -711,9 +715,10 @@ class FastGenerator(GeneratorBase):
         else:
             inputs = vt.padded_inputs(pixel_values, layout.grids, layout.vision_lengths, rows)
             out = vt.padded(*inputs)  # eagerly first: the capture then finds every kernel it records
-            g = self._record(lambda: vt.padded(*inputs), inputs, out, [])
-            if g is not None:
-                _remember(self._vision_graphs, key, g, VISION_GRAPHS)
+            if len(self._vision_graphs) < VISION_GRAPHS:
+                g = self._record(lambda: vt.padded(*inputs), inputs, out, [])
+                if g is not None:
+                    self._vision_graphs[key] = g
         k = patches // vt.merge
         return out[0, :k], [d[:k] for d in out[1:]]
 
@@ -988,18 +993,12 @@ def _no_cudnn_attention(torch):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def _remember(cache: OrderedDict, key, value, limit: int) -> None:
-    """Store *value* under *key* as the most recent entry; the least recent dropped beyond *limit*."""
-    cache.pop(key, None)
-    cache[key] = value
-    if len(cache) > limit:
-        cache.popitem(last=False)
-
-
 def _seen(counts: OrderedDict, key) -> int:
-    """Count one more sighting of *key*; returns the count (the oldest keys forgotten beyond 1,024)."""
-    seen = counts.get(key, 0) + 1
-    _remember(counts, key, seen, 1024)
+    """Count one more sighting of *key*; returns the count (the least recently seen of 1,024 keys forgotten)."""
+    seen = counts.pop(key, 0) + 1
+    counts[key] = seen
+    if len(counts) > 1024:
+        counts.popitem(last=False)
     return seen
 
 

@@ -616,6 +616,33 @@ def test_small_prefills_replay_the_vision_tower_per_padded_patch_bucket(naive, d
     assert done == {"running": naive["tokens"][1], "joined": _naive_tokens(naive["model"], naive["processor"], other)}
 
 
+def test_full_prefill_graph_caches_capture_no_more_and_drop_none(naive, demo_model_dir, monkeypatch):
+    """More recurring shapes than the whole-prefill cache holds (here 1): the first to recur keeps its graph
+    and replays it; the second is never captured whole -- a full cache that dropped its least recent graph
+    would re-capture on nearly every prefill -- and replays the language model's graph instead. With that
+    cache full too, a new (lines, width) prefills eagerly, uncaptured. Naive's tokens throughout."""
+    import htrd.fastgen as fg
+    from htrd.fastgen import PREFILL_GRAPH_AFTER, FastGenerator
+
+    monkeypatch.setattr(fg, "PREFILL_GRAPHS", 1)
+    gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2, 4], max_cache_len=512,
+                             max_new_tokens=NEW)
+    captured = _stand_in_graphs(gen, lambda inputs: "whole" if inputs[0].dtype == torch.long else "lm")
+    a, b = gen.prepare(IMAGES[0]), gen.prepare(IMAGES[1])
+    for _ in range(PREFILL_GRAPH_AFTER + 2):
+        assert gen.generate([a])[0].token_ids == naive["tokens"][0]
+        assert gen.generate([b])[0].token_ids == naive["tokens"][1]
+    assert captured.count("whole") == 1 and len(gen._prefill_graphs) == 1
+    replays = gen.prefill_replays
+    assert gen.generate([b])[0].token_ids == naive["tokens"][1]
+    assert gen.prefill_replays == replays + 1 and captured.count("whole") == 1  # b: the language model's graph
+    gen.lm_graph_limit = len(gen._lm_graphs)
+    before = len(captured)
+    c = gen.prepare(IMAGES[2])
+    assert [g.token_ids for g in gen.generate([c, c])] == [naive["tokens"][2]] * 2  # (2 lines, width): new
+    assert len(captured) == before
+
+
 def test_small_prefills_pad_to_the_bucket_only_where_the_cache_has_room(demo_model_dir):
     """The padded width of a small prefill (graphs on): the longest prompt rounded up to PREFILL_BUCKET while
     the padded prompt plus the group's new tokens fit the cache; else the group's own width (None), as for

@@ -68,7 +68,7 @@ from pathlib import Path
 
 from .generation import Finished, GeneratorBase, Seq
 from .model import DEFAULT_PROMPT, Preprocessor, load_model, prompt_layout, to_device
-from .vision import VisionTower
+from .vision import ROW_BUCKET, VisionTower
 
 logger = logging.getLogger(__name__)
 
@@ -228,9 +228,10 @@ class FastGenerator(GeneratorBase):
         self._prefill_graphs_ok = self.cuda_graphs
         self._lm_graphs: dict[tuple[int, int], _PrefillGraph] = {}
         self._lm_seen: OrderedDict[tuple[int, int], int] = OrderedDict()
-        self._lm_buffers: list = []
+        self._lm_buffers: list = []  # the language-model graphs' static inputs (_static_inputs)
         self.lm_graph_limit = PREFILL_GRAPH_LINES * -(-self.max_cache_len // PREFILL_BUCKET)  # every key fits
         self._vision_graphs: dict[tuple[int, int], _PrefillGraph] = {}
+        self._vision_buffers: list = []  # the vision graphs' static inputs
         self.prefill_replays = 0
         self.vision_replays = 0
         self._alloc_state()
@@ -606,7 +607,7 @@ class FastGenerator(GeneratorBase):
         lm_args = [embeds, mask, layout.position_ids, *self._dense_deepstack(layout.image_index, deepstack, n * P), st]
         if lm is not None:
             return self._replay(lm, lm_args)
-        inputs = self._lm_inputs(lm_args, n * P)
+        inputs = self._static_inputs(self._lm_buffers, lm_args, n * P, PREFILL_GRAPH_LINES * self.max_cache_len)
 
         def lm_part():
             return self._prefill_layers(inputs[0], inputs[1], inputs[2], inputs[3], inputs[4:-1], inputs[-1])[:, -1]
@@ -638,21 +639,23 @@ class FastGenerator(GeneratorBase):
             out.append(full)
         return out
 
-    def _lm_inputs(self, args: list, rows: int) -> list:
-        """Static input buffers of a language-model graph (*rows*: lines x padded width): views of one shared
-        allocation per argument, sized for the largest such graph (the graphs replay one at a time and every
-        replay copies its inputs in first)."""
+    def _static_inputs(self, buffers: list, args: list, rows: int, max_rows: int) -> list:
+        """Static inputs of a graph about to be captured, holding *args*' values: views of one allocation per
+        argument in *buffers* (one list per kind of graph), sized at first for *max_rows* where *args* have
+        *rows* (lines x padded width, or padded patch rows) and grown as needed -- graphs of a kind replay one
+        at a time and every replay writes its inputs first; an outgrown allocation lives on in the graphs that
+        captured views of it."""
         views = []
         for i, a in enumerate(args):
             need = a.numel()
-            buf = self._lm_buffers[i] if i < len(self._lm_buffers) else None
+            buf = buffers[i] if i < len(buffers) else None
             if buf is None or buf.numel() < need or buf.dtype != a.dtype:
-                size = max(need, need // rows * PREFILL_GRAPH_LINES * self.max_cache_len)
+                size = max(need, need // rows * max_rows)
                 buf = self.torch.empty((size,), dtype=a.dtype, device=a.device)
-                if i < len(self._lm_buffers):
-                    self._lm_buffers[i] = buf
+                if i < len(buffers):
+                    buffers[i] = buf
                 else:
-                    self._lm_buffers.append(buf)
+                    buffers.append(buf)
             views.append(buf[:need].view(a.shape).copy_(a))
         return views
 
@@ -713,9 +716,11 @@ class FastGenerator(GeneratorBase):
             self.vision_replays += 1
             out = g.out
         else:
-            inputs = vt.padded_inputs(pixel_values, layout.grids, layout.vision_lengths, rows)
-            out = vt.padded(*inputs)  # eagerly first: the capture then finds every kernel it records
+            args = vt.padded_inputs(pixel_values, layout.grids, layout.vision_lengths, rows)
+            out = vt.padded(*args)  # eagerly first: the capture then finds every kernel it records
             if len(self._vision_graphs) < VISION_GRAPHS:
+                # sized at first for PREFILL_GRAPH_LINES lines of up to 1,024 patches (a 2,000 x 128 px line)
+                inputs = self._static_inputs(self._vision_buffers, args, rows, PREFILL_GRAPH_LINES * 4 * ROW_BUCKET)
                 g = self._record(lambda: vt.padded(*inputs), inputs, out, [])
                 if g is not None:
                     self._vision_graphs[key] = g

@@ -64,7 +64,6 @@ class VisionTower:
                        and hasattr(torch.ops.aten, "_flash_attention_forward"))
         self.merge = int(visual.spatial_merge_size) ** 2  # patches per image token
         self._blocks: tuple | None = None  # (cu_seqlens, rows) while padded() runs
-        self._buffers: list = []  # padded_inputs' shared buffers
         n = 0
         for mod in visual.modules():
             if type(mod).__name__.endswith("VisionAttention") and hasattr(mod, "qkv"):
@@ -141,11 +140,10 @@ class VisionTower:
 
     def padded_inputs(self, pixel_values, grids, lengths: list[int], rows: int, into: list | None = None) -> list:
         """:meth:`padded`'s arguments for the images of *grids* (*lengths* patches per frame) padded to *rows*:
-        [patches, position embeddings, rotary cos, rotary sin] -- views of buffers shared by every call, the
-        images' rows written in -- and the attention blocks' boundaries (int32 on the device: 0, each image's
-        end, *rows*). *into*: an earlier result (a captured graph's inputs) to write into instead. Rows past
-        the images keep what they held (zeros, or earlier images' values): finite, and only the padding image
-        reads them."""
+        [patches, position embeddings, rotary cos, rotary sin], zeros past the images, and the attention
+        blocks' boundaries (int32 on the device: 0, each image's end, *rows*). *into*: an earlier result (a
+        captured graph's static inputs) to write the images into instead; its rows past them keep what they
+        held (finite values that only the padding image reads)."""
         torch = self.torch
         parts = [pixel_values, *self.grid_inputs(grids)]
         bounds = [0]
@@ -154,26 +152,12 @@ class VisionTower:
         bounds.append(rows)
         cu = to_device(torch.tensor(bounds, dtype=torch.int32), pixel_values.device)
         if into is None:
-            into = [self._shared(i, rows, t) for i, t in enumerate(parts)] + [cu]
+            into = [t.new_zeros((rows, *t.shape[1:])) for t in parts] + [cu]
         else:
             into[-1].copy_(cu)
         for buf, t in zip(into, parts):
             buf[: t.shape[0]].copy_(t)
         return into
-
-    def _shared(self, i: int, rows: int, like):
-        """Rows [:rows] of the *i*-th shared input buffer (zeros when allocated), grown as needed: graphs
-        replay one at a time and each writes its inputs first; an outgrown buffer lives on in the graphs that
-        captured views of it."""
-        buf = self._buffers[i] if i < len(self._buffers) else None
-        if buf is None or buf.shape[0] < rows or buf.dtype != like.dtype:
-            size = max(rows, 2 * buf.shape[0]) if buf is not None and buf.dtype == like.dtype else rows
-            buf = self.torch.zeros((size, *like.shape[1:]), dtype=like.dtype, device=like.device)
-            if i < len(self._buffers):
-                self._buffers[i] = buf
-            else:
-                self._buffers.append(buf)
-        return buf[:rows]
 
     def padded(self, pixel_values, pos, cos, sin, cu_seqlens):
         """HF's modules over patch rows padded with one more image (see the module docstring): image tokens

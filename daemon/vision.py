@@ -30,7 +30,7 @@ import functools
 import logging
 from collections.abc import Sequence
 
-from .model import to_device
+from .model import _first_line, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class VisionTower:
                 out = self.padded(*self.padded_inputs(pixel_values, grids, lengths, rows))
             except RuntimeError as exc:  # e.g. a torch or GPU whose flash attention refuses these inputs
                 logger.warning("the vision tower over padded patches fails here (%s): small prefills run it "
-                               "eagerly", str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+                               "eagerly", _first_line(exc))
                 self.varlen = False
                 return same
             k = int(ref[0].shape[0])

@@ -86,10 +86,12 @@ def pct(values: list[float], q: float) -> float:
 
 # ------------------------------------------------------------------ GPU memory sampler
 class GpuSampler:
-    """Peak used memory of each visible GPU (NVML), sampled every 50 ms in a thread."""
+    """Peak used memory of each visible GPU (NVML), sampled every 50 ms in a thread, and how busy each was:
+    NVML's utilization (the share of its last sample period in which a kernel ran), averaged."""
 
     def __init__(self) -> None:
         self.peak: dict[int, int] = {}
+        self.util: dict[int, list[int]] = {}
         self.names: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -111,11 +113,18 @@ class GpuSampler:
 
     def reset(self) -> None:
         self.peak = self.used() if self._handles else {}
+        self.util = {}
+
+    def busy(self) -> dict[int, float]:
+        """Each GPU's mean utilization (%) over the samples so far."""
+        return {i: sum(v) / len(v) for i, v in self.util.items() if v}
 
     def _run(self) -> None:
         while not self._stop.wait(0.05):
             for i, u in self.used().items():
                 self.peak[i] = max(self.peak.get(i, 0), u)
+            for i, h in enumerate(self._handles):
+                self.util.setdefault(i, []).append(int(self._nvml.nvmlDeviceGetUtilizationRates(h).gpu))
 
     def __enter__(self) -> GpuSampler:
         if self._handles:

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import Daemon, line_image, pct, py_spy, run_clients, stop_daemons_on_sigterm
+from bench_generate import Daemon, GpuSampler, line_image, pct, py_spy, run_clients, stop_daemons_on_sigterm
 
 logger = logging.getLogger("bench_serving")
 REALISTIC_MAX_NEW = 120
@@ -188,8 +188,9 @@ def run_engine(args, name: str, continuous: bool, workloads: dict, work_dir: Pat
         for (mode, clients), work in workloads.items():
             before = status(sock)["engine"]
             spy = args.profile / f"spy-{name}-{mode}{clients}.txt" if args.profile else None
-            with py_spy(d.proc.pid, spy):
+            with py_spy(d.proc.pid, spy), GpuSampler() as gpu:
                 r = closed_loop(sock, work, clients)
+            r["gpu_busy_pct"] = gpu.busy().get(0)  # the daemon's GPU (gpu.select), as NVML counts kernels running
             after = status(sock)["engine"]
             steps = (after["decode_steps"] or 0) - (before["decode_steps"] or 0)
             occ = (after["occupied_slot_steps"] or 0) - (before["occupied_slot_steps"] or 0)
@@ -204,9 +205,10 @@ def run_engine(args, name: str, continuous: bool, workloads: dict, work_dir: Pat
             r.pop("done_ids")
             res[f"{mode}@{clients}"] = r
             logger.info("%s %s@%d: %.1f lines/s, p50 %.3f s, p95 %.3f s, slots %.1f, %.2f steps per check, "
-                        "GPU idle at host turnarounds %.1f %% of the load, %d prefills replayed (graphs whole/LM "
-                        "part: %s)", name, mode, clients, r["lines_per_s"],
+                        "GPU busy %.0f %% (NVML), idle at host turnarounds %.1f %% of the load, %d prefills replayed "
+                        "(graphs whole/LM part: %s)", name, mode, clients, r["lines_per_s"],
                         r["p50_s"], r["p95_s"], r["avg_occupied_slots"] or 0, r["steps_per_check"] or 0,
+                        r["gpu_busy_pct"] if r["gpu_busy_pct"] is not None else float("nan"),
                         100 * r["host_turnaround_s"] / r["wall_s"] if r.get("wall_s") else 0, r["prefill_replays"],
                         r["prefill_graphs"])
         res["status"] = status(sock)
@@ -280,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         results["gpu"] = torch.cuda.get_device_name(0)
     for name in args.engines.split(","):
         results["engines"][name] = run_engine(args, name, name == "continuous", workloads, work_dir)
-    rows = ["| load | engine | lines/s | tokens/s | p50 s | p95 s | p95/p50 | slots occupied | MFU |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| load | engine | lines/s | tokens/s | p50 s | p95 s | p95/p50 | slots occupied | MFU | GPU busy |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for key in workloads:
         label = f"{key[0]} @ {key[1]} clients"
         for name, res in results["engines"].items():
@@ -290,13 +292,14 @@ def main(argv: list[str] | None = None) -> int:
             r["mfu"] = mfu
             rows.append(f"| {label} | {name} | {r['lines_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['p50_s']:.3f} | "
                         f"{r['p95_s']:.3f} | {r['p95_s'] / r['p50_s']:.2f} | {r['avg_occupied_slots'] or 0:.1f} | "
-                        + (f"{mfu:.1%}" if mfu is not None else "-") + " |")
+                        + (f"{mfu:.1%}" if mfu is not None else "-") + " | "
+                        + (f"{r['gpu_busy_pct']:.0f} %" if r.get("gpu_busy_pct") is not None else "-") + " |")
         if {"static", "continuous"} <= set(results["engines"]):
             s = results["engines"]["static"][f"{key[0]}@{key[1]}"]["lines_per_s"]
             c = results["engines"]["continuous"][f"{key[0]}@{key[1]}"]["lines_per_s"]
-            rows.append(f"| {label} | **continuous / static** | **{c / s:.2f}x** | | | | | | |")
+            rows.append(f"| {label} | **continuous / static** | **{c / s:.2f}x** | | | | | | | |")
     for name, res in results["engines"].items():
-        rows.append(f"| start -> READY | {name} | {res['ready_s']:.1f} s | | | | | | |")
+        rows.append(f"| start -> READY | {name} | {res['ready_s']:.1f} s | | | | | | | |")
     head = f"device: {results.get('gpu', device)}; bf16 peak measured: " + (f"{peak:.0f} TFLOP/s" if peak else "-")
     print(head)
     print("\n".join(rows))

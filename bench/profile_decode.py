@@ -1,11 +1,14 @@
 """Where one decode step and one small prefill go (GPU): captured step time per batch, a floor, top kernels.
 
-    python bench/profile_decode.py MODEL_DIR [--batches 1,16,64] [--span 512]
+    python bench/profile_decode.py MODEL_DIR [--batches 1,16,64] [--span 512] [--used 250-330] [--attention both]
 
 Diagnostic for the serving path's per-token cost (FastGenerator). Prints, for
 each batch size: the captured decode step (CUDA graph replay, averaged over
-100 steps), the same step's matmuls alone (the weight-streaming floor of that
-batch), and torch.profiler's top kernels of one eager step; then one line's
+50 steps, every slot decoding at a cache position drawn from --used), the same
+step's matmuls alone (the weight-streaming floor of that batch), and
+torch.profiler's top kernels of one eager step; with --attention both, the
+step with flash attention over each line's own keys and with SDPA over the
+masked span, captured in the same process; then one line's
 prefill: wall time against the GPU time of its kernels (how launch-bound it is).
 """
 
@@ -25,6 +28,10 @@ def main() -> int:
     ap.add_argument("model_dir", type=Path)
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--span", type=int, default=512)
+    ap.add_argument("--used", default="250-330",
+                    help="cache positions of the decoding lines, drawn from LO-HI (the fixed-shape line: 284 + 50)")
+    ap.add_argument("--attention", choices=["auto", "both"], default="auto",
+                    help="both: the step with flash attention over each line's keys and with SDPA over the span")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--kernels", type=int, default=14, help="rows of the kernel table")
     ap.add_argument("--prefill-only", action="store_true", help="only the prefill comparison (HF forward vs ours)")
@@ -34,10 +41,9 @@ def main() -> int:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     import torch
-    from torch.profiler import ProfilerActivity, profile
-
     from bench_generate import PROMPT, line_image
     from htrd.fastgen import FastGenerator
+    from torch.profiler import ProfilerActivity, profile
 
     batches = [int(b) for b in args.batches.split(",")]
     fast = FastGenerator.load(args.model_dir, device="cuda", prompt=PROMPT, batch_sizes=batches,
@@ -60,7 +66,21 @@ def main() -> int:
             fn()
         return g
 
-    def per_replay_ms(g, n=100):
+    lo, hi = (int(x) for x in args.used.split("-"))
+    hi = min(hi, L - 60)  # room for the replays' positions
+
+    def occupy(B):
+        """Slots [:B] decoding: cache positions from --used, prompts starting at 0-59 (left padding)."""
+        gen = torch.Generator().manual_seed(B)
+        first = torch.randint(0, 60, (B,), generator=gen)
+        pos = torch.maximum(torch.randint(lo, hi, (B,), generator=gen), first + 1)
+        ar = torch.arange(fast.max_cache_len)
+        fast.kv_first[:B], fast.pos[:B] = first.to(dev), pos.to(dev)
+        fast.attend[:B] = ((ar[None] >= first[:, None]) & (ar[None] < pos[:, None])).to(dev)
+        fast.finished[:B], fast.nstep[:B], fast.lim_max[:B] = False, 0, 10**6
+
+    def per_replay_ms(g, n=50, before=lambda: None):
+        before()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         g.replay()
         torch.cuda.synchronize()
@@ -88,13 +108,28 @@ def main() -> int:
     ) + fast.lm_head.weight.numel()
     gbytes = weights * 2 / 1e9
     print(f"GPU: {torch.cuda.get_device_name(dev)}; matmul weights per step {gbytes:.2f} GB; span {L}", flush=True)
+    replaced = []  # graphs captured again in another mode: a graph freed while its pool is shared breaks capture
     with torch.inference_mode():
         for B in ([] if args.prefill_only else batches):
+            modes = [fast.flash_decode] + ([not fast.flash_decode] if args.attention == "both" and
+                                           fast.flash_decode else [])
+            for flash in modes[1:]:  # the other attention first; the generator's own last (profiled below)
+                fast.flash_decode = flash
+                replaced.append(fast._graphs.pop((B, L), None))  # kept alive: its memory pool is shared
+                occupy(B)
+                t_other = per_replay_ms(fast._capture(B, L).graph, before=lambda: occupy(B))  # noqa: B023
+                print(f"batch {B:3d}: captured step with {'flash' if flash else 'sdpa'} attention {t_other:6.2f} ms",
+                      flush=True)
+            fast.flash_decode = modes[0]
+            replaced.append(fast._graphs.pop((B, L), None))
+            occupy(B)
             step = fast._capture(B, L)
-            t_step = per_replay_ms(step.graph)
+            t_step = per_replay_ms(step.graph, before=lambda: occupy(B))  # noqa: B023
             t_mm = per_replay_ms(graph_of(matmuls_only(B)))
-            print(f"batch {B:3d}: captured step {t_step:6.2f} ms ({B / t_step * 1000:7.0f} tok/s); matmuls alone "
-                  f"{t_mm:6.2f} ms ({gbytes / t_mm:5.2f} TB/s); rest {t_step - t_mm:5.2f} ms", flush=True)
+            kind = "flash" if fast.flash_decode else "sdpa"
+            print(f"batch {B:3d}: captured step ({kind}) {t_step:6.2f} ms ({B / t_step * 1000:7.0f} tok/s); matmuls "
+                  f"alone {t_mm:6.2f} ms ({gbytes / t_mm:5.2f} TB/s); rest {t_step - t_mm:5.2f} ms", flush=True)
+            occupy(B)
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 fast._step_fn(B, L)

@@ -513,6 +513,7 @@ class Engine:
             "turnarounds": getattr(gen, "turnarounds", None),
             "occupied_slot_steps": gen.occupied_sum,
             "kv_cache_bytes": int(getattr(gen, "kv_cache_bytes", 0)),
+            "decode_attention": ("flash" if gen.flash_decode else "sdpa") if self.fast else None,
             "preprocess_ms_per_image": self.preprocess_ms_per_image(),
             "preprocess_workers": self.cpu_workers,
             "prefill_graphs": len(getattr(gen, "_prefill_graphs", ())),

@@ -42,7 +42,13 @@ What the engine gets from :class:`FastGenerator` compared with the naive
   back a third time the whole prefill is captured as one graph (the warm-up
   line's shapes before READY). Graphs are kept: a full cache captures no more
   (dropping old graphs would re-capture on every prefill of many shapes).
-- **SDPA attention** (prefills without its cuDNN backend, which plans every new
+- **Decode attention reads only the keys in use.** On a GPU with flash
+  attention's variable-length kernel, each (slot, KV head) is its own sequence
+  from its first prompt position to its current one (:func:`_flash_decode`),
+  so a step reads each line's keys, not the span bucket's for every slot (a
+  2,000-px line in the batch made every slot's attention read ~1,000
+  positions). Elsewhere SDPA with an additive mask over the span.
+- **SDPA attention** in prefills (without its cuDNN backend, which plans every new
   shape: see :func:`_no_cudnn_attention`); optionally the elementwise ops (norms, rotary, SiLU)
   compiled with ``torch.compile`` (``compile=True``), with inductor/triton
   caches in a persistent directory.
@@ -57,6 +63,7 @@ only after the GPU is pinned.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import logging
 import math
@@ -67,16 +74,25 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .generation import Finished, GeneratorBase, Seq
-from .model import DEFAULT_PROMPT, Preprocessor, load_model, prompt_layout, to_device
+from .model import (
+    DEFAULT_PROMPT,
+    Preprocessor,
+    _first_line,
+    has_flash_varlen,
+    load_model,
+    prompt_layout,
+    to_device,
+)
 from .vision import ROW_BUCKET, VisionTower
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 LENGTH_BUCKET = 64  # the cache's positions per slot are a multiple of this
-# Attention spans (cache positions a decode step reads) are multiples of this, capped at the cache's length:
-# one CUDA graph per (batch size, span), each ~0.5 s to capture on an H200 -- 4 spans for a 1024-position
-# cache instead of 8 keeps a warm start under 30 s, for at most 255 masked positions read per line and step.
+# Without flash attention (SDPA over a masked span), attention spans (cache positions a decode step reads) are
+# multiples of this, capped at the cache's length: one CUDA graph per (batch size, span), each ~0.5 s to capture
+# on an H200 -- 4 spans for a 1024-position cache instead of 8, for at most 255 masked positions read per line
+# and step. With flash attention a step reads each line's own keys: one span, the whole cache.
 SPAN_BUCKET = 256
 STEPS_PER_CALL = 4  # decode steps between host checks (finished lines, deadlines, newcomers)
 # Up to this many running lines, step() stops at the nearest line's last token (latency: a lone 50-token line
@@ -235,6 +251,7 @@ class FastGenerator(GeneratorBase):
         self.prefill_replays = 0
         self.vision_replays = 0
         self._alloc_state()
+        self.flash_decode = self._flash_decode_ok()
         self._fuse_weights()
         self.vision = VisionTower(self.model.model.visual, compile=self.compile)
         self._ops = _Ops(torch, compile=self.compile)
@@ -277,10 +294,15 @@ class FastGenerator(GeneratorBase):
         shape = (S, self.n_kv, L, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in self.layers]
-        self.attend = torch.zeros((S, L), dtype=torch.bool, device=dev)  # which cache positions a slot sees
+        # Which cache positions a slot sees: SDPA's mask (decode steps without flash attention keep it current).
+        self.attend = torch.zeros((S, L), dtype=torch.bool, device=dev)
         self.attend[:, 0] = True  # a free slot sees one position: no all-masked softmax
         self.tok = torch.zeros((S, 1), dtype=torch.long, device=dev)  # last token, input of the next step
         self.pos = torch.zeros((S,), dtype=torch.long, device=dev)  # cache position of self.tok
+        # First cache position a slot attends to (its prompt is left-padded to its prefill group's width): the
+        # slot sees positions [kv_first, pos] -- what self.attend marks, as offsets for flash attention.
+        self.kv_first = torch.zeros((S,), dtype=torch.long, device=dev)
+        self.cu_q = torch.arange(S * self.n_kv + 1, dtype=torch.int32, device=dev)  # one query per (slot, head)
         self.delta = torch.zeros((S,), dtype=torch.long, device=dev)  # rope position - cache position
         self.nstep = torch.zeros((S,), dtype=torch.long, device=dev)  # tokens produced so far
         self.lim_max = torch.ones((S,), dtype=torch.long, device=dev)  # the line's max_new_tokens
@@ -297,6 +319,39 @@ class FastGenerator(GeneratorBase):
         self.kv_cache_bytes = 2 * len(self.layers) * math.prod(shape) * self.k_cache[0].element_size()
         logger.info("static KV cache: %d slots x %d positions, %.2f GiB", S, L, self.kv_cache_bytes / 2**30)
 
+    def _flash_decode_ok(self) -> bool:
+        """Whether decode steps attend with flash attention over each slot's own positions (:func:`_flash_decode`)
+        instead of SDPA over the whole span: where the kernel exists, checked against SDPA with the mask on a
+        small random cache. Where it fails or differs (another torch whose kernel reads its offsets otherwise),
+        logged, and SDPA it is."""
+        if not has_flash_varlen(self.k_cache[0]):
+            return False
+        torch = self.torch
+        nkv, hd, g = self.n_kv, self.head_dim, self.n_heads // self.n_kv
+        S, M = 3, 2 * LENGTH_BUCKET
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        k, v = (torch.randn((S, nkv, M, hd), generator=gen, device=self.device, dtype=self.dtype) for _ in range(2))
+        q = torch.randn((S, nkv, g, hd), generator=gen, device=self.device, dtype=self.dtype)
+        first = torch.tensor([0, 5, 37], device=self.device)
+        pos = torch.tensor([9, M - 1, 37], device=self.device)
+        seen = torch.arange(M, device=self.device)
+        seen = (seen[None] >= first[:, None]) & (seen[None] <= pos[:, None])
+        bias = torch.zeros((S, 1, 1, M), device=self.device).masked_fill_(~seen[:, None, None], float("-inf"))
+        ref = _sdpa_decode(q.float(), k.float(), v.float(), scale=hd**-0.5, bias=bias, span=M).reshape(S, -1)
+        try:
+            cu_k, used = _kv_spans(first, pos, nkv, M)
+            out = _flash_decode(q, k, v, scale=hd**-0.5, cu_q=torch.arange(S * nkv + 1, dtype=torch.int32,
+                                device=self.device), cu_k=cu_k, used=used, span=M).reshape(S, -1).float()
+        except RuntimeError as exc:
+            logger.warning("flash attention over the KV cache's slots fails here (%s): decode steps use SDPA over "
+                           "every position of the span", _first_line(exc))
+            return False
+        if not bool((out - ref).norm() <= 0.01 * ref.norm()):
+            logger.warning("flash attention over the KV cache's slots differs from SDPA with a mask: decode steps "
+                           "use SDPA over every position of the span")
+            return False
+        return True
+
     def _reset_slots(self, slots: list[int]) -> None:
         """Mark *slots* free on the device (inert rows: finished, position 0, one visible position)."""
         if not slots:
@@ -304,6 +359,7 @@ class FastGenerator(GeneratorBase):
         t = self._on_device(slots)
         self.finished.index_fill_(0, t, True)
         self.pos.index_fill_(0, t, 0)
+        self.kv_first.index_fill_(0, t, 0)
         self.nstep.index_fill_(0, t, 0)
         self.attend.index_fill_(0, t, False)
         self.attend[:, :1].index_fill_(0, t, True)
@@ -388,9 +444,10 @@ class FastGenerator(GeneratorBase):
         max_new = [min(int(s.max_new_tokens), self.max_new_tokens) for s in seqs]
         min_new = [max(0, min(int(s.min_new_tokens), m)) for s, m in zip(seqs, max_new)]
         slots = [heapq.heappop(self._free) for _ in range(n)]
-        # The slots and the lines' host values in one copy: slots, rope deltas, max_new, min_new.
-        st, delta, lim_max, lim_min = self._on_device(
-            [*slots, *(it.rope_span - P for it in items), *max_new, *min_new]).view(4, n)
+        # The slots and the lines' host values in one copy: slots, rope deltas, max_new, min_new, first positions.
+        st, delta, lim_max, lim_min, first_pos = self._on_device(
+            [*slots, *(it.rope_span - P for it in items), *max_new, *min_new,
+             *(P - it.prompt_len for it in items)]).view(5, n)
         try:
             with _no_cudnn_attention(torch):
                 last = self._prompt_last(batch, layout, st)
@@ -404,6 +461,7 @@ class FastGenerator(GeneratorBase):
         self.attend[st, :P] = batch["attention_mask"].bool()
         self.delta[st] = delta
         self.pos.index_fill_(0, st, P)
+        self.kv_first[st] = first_pos
         self.lim_max[st] = lim_max
         self.lim_min[st] = lim_min
         logits = torch.nn.functional.linear(last, self.lm_head.weight).float()
@@ -448,7 +506,7 @@ class FastGenerator(GeneratorBase):
             self._left[i] -= steps
         torch = self.torch
         B = self.bucket_for(occupied[-1] + 1)
-        L = min(_round_up(max(self._need[i] for i in occupied), SPAN_BUCKET), self.max_cache_len)
+        L = self._span_for(max(self._need[i] for i in occupied))
         graph = self._graphs.get((B, L)) if self.cuda_graphs else None
         if self.cuda_graphs and graph is None and (B, L) not in self._missing_graphs:
             self._missing_graphs.add((B, L))
@@ -796,10 +854,17 @@ class FastGenerator(GeneratorBase):
         ops = self._ops
         rows = self.rows[:B]
         pos = self.pos[:B]
-        self.attend.index_put_((rows, pos), self._true)  # a device scalar: no host copy inside a graph
-        # Additive mask, built once per step (SDPA would convert a boolean one in every layer).
-        bias = torch.zeros((B, 1, 1, L), dtype=self.dtype, device=self.device).masked_fill_(
-            ~self.attend[:B, None, None, :L], float("-inf"))
+        if self.flash_decode:  # each slot's keys from its first position on, nothing past its own position
+            cu_k, used = _kv_spans(self.kv_first[:B], pos, self.n_kv, self.max_cache_len)
+            attention = functools.partial(_flash_decode, cu_q=self.cu_q[: B * self.n_kv + 1], cu_k=cu_k, used=used,
+                                          span=L)
+        else:
+            self.attend.index_put_((rows, pos), self._true)  # a device scalar: no host copy inside a graph
+            # Additive mask, built once per step (SDPA would convert a boolean one in every layer). Reads every
+            # position of the span for every slot.
+            bias = torch.zeros((B, 1, 1, L), dtype=self.dtype, device=self.device).masked_fill_(
+                ~self.attend[:B, None, None, :L], float("-inf"))
+            attention = functools.partial(_sdpa_decode, bias=bias, span=L)
         h = self.text.embed_tokens(self.tok[:B, 0])  # (B,H)
         rope = (pos + self.delta[:B]).view(1, B, 1).expand(3, B, 1)
         cos, sin = self.text.rotary_emb(h, rope)  # (B,1,hd)
@@ -813,10 +878,8 @@ class FastGenerator(GeneratorBase):
             q, k, v = ops.qk(qkv, att.q_norm.weight, att.k_norm.weight, cos, sin, nh, nkv, hd, self.eps)
             self.k_cache[li].view(-1, hd).index_copy_(0, kv_rows, k.reshape(B * nkv, hd))
             self.v_cache[li].view(-1, hd).index_copy_(0, kv_rows, v.reshape(B * nkv, hd))
-            kc = self.k_cache[li][:B, :, :L]
-            vc = self.v_cache[li][:B, :, :L]
             # GQA with one query token: each KV head's g query heads ride on the query-length axis.
-            o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=bias, scale=att.scaling)
+            o = attention(q, self.k_cache[li], self.v_cache[li], scale=att.scaling)
             h, x = ops.add_rms(h, F.linear(o.reshape(B, nh * hd), att.o_proj.weight),
                                layer.post_attention_layernorm.weight, self.eps)
             a = ops.silu_mul(F.linear(x, self._gu_w[li]))
@@ -870,9 +933,19 @@ class FastGenerator(GeneratorBase):
         return g
 
     def spans(self, min_prompt: int = 1) -> list[int]:
-        """The attention spans (L buckets) a line of at least *min_prompt* prompt tokens can need."""
+        """The attention spans (L buckets) a line of at least *min_prompt* prompt tokens can need: one per
+        SPAN_BUCKET positions with SDPA, which reads the whole span; with flash attention only the whole cache
+        (it reads each line's own keys whatever the span: one decode graph per batch size)."""
+        if self.flash_decode:
+            return [self.max_cache_len]
         lo = min(_round_up(min_prompt + 1, SPAN_BUCKET), self.max_cache_len)
         return sorted(set(range(lo, self.max_cache_len, SPAN_BUCKET)) | {self.max_cache_len})
+
+    def _span_for(self, need: int) -> int:
+        """The span (L bucket) of a decode step whose running lines reach cache position *need*."""
+        if self.flash_decode:
+            return self.max_cache_len
+        return min(_round_up(need, SPAN_BUCKET), self.max_cache_len)
 
     # ------------------------------------------------------------------ warmup
     def warmup(self, image=None, *, max_new_tokens: int | None = None,
@@ -925,6 +998,42 @@ class FastGenerator(GeneratorBase):
                     t_graphs - t0, sizes)
         return {"warmup_s": took, "graphs": n_graphs, "graphs_s": t_graphs - t0, "per_batch_ms": report,
                 "prompt_tokens": prep.prompt_len}
+
+
+def _kv_spans(first, pos, n_kv: int, max_len: int):
+    """Where each (slot, KV head) of slots [:B] has its keys in a layer's cache seen as rows of head_dim:
+    flash attention's cumulative key offsets (B * n_kv + 1, int32; offsets, not lengths: a slot's keys start
+    at its first position) and its used lengths (first .. pos inclusive, at least 1: a free slot sees one)."""
+    import torch
+
+    B = first.shape[0]
+    heads = torch.arange(n_kv, device=first.device)
+    starts = ((torch.arange(B, device=first.device) * n_kv)[:, None] + heads[None, :]) * max_len + first[:, None]
+    cu_k = torch.cat([starts.reshape(-1), starts.new_full((1,), B * n_kv * max_len)]).to(torch.int32)
+    used = (pos + 1 - first).clamp(min=1)[:, None].expand(B, n_kv).reshape(-1).to(torch.int32)
+    return cu_k, used
+
+
+def _flash_decode(q, k_cache, v_cache, *, scale: float, cu_q, cu_k, used, span: int):
+    """One query per slot (*q*: (B, n_kv, g, hd), each KV head's g query heads) against a layer's cache
+    (slots, n_kv, positions, hd), every (slot, head) its own sequence of one KV head: reads only the keys
+    in use (:func:`_kv_spans`), not the span. Returns (B * n_kv, g, hd)."""
+    import torch
+
+    B, nkv, g, hd = q.shape
+    return torch.ops.aten._flash_attention_forward(
+        q.reshape(B * nkv, g, hd), k_cache.view(-1, 1, hd), v_cache.view(-1, 1, hd), cu_q, cu_k, 1, span, 0.0,
+        False, False, scale=scale, seqused_k=used)[0]
+
+
+def _sdpa_decode(q, k_cache, v_cache, *, scale: float, bias, span: int):
+    """:func:`_flash_decode` with SDPA and an additive mask (*bias*: (B, 1, 1, span)) over every position of the
+    span: the fallback (CPU, fp32, older GPUs)."""
+    import torch
+
+    B = q.shape[0]
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k_cache[:B, :, :span], v_cache[:B, :, :span], attn_mask=bias, scale=scale)
 
 
 def _rms(x, w, eps: float):

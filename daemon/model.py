@@ -410,6 +410,17 @@ def collate(items, *, pad_id: int, device, dtype, width: int | None = None) -> d
     return batch
 
 
+def has_flash_varlen(t) -> bool:
+    """Whether flash attention's variable-length kernel (``aten._flash_attention_forward`` with cumulative
+    sequence offsets) can run on *t*'s device and dtype: a GPU of compute capability 8.0 or newer (A100, L4,
+    H100...), half precision, a torch that has it. Callers keep a fallback for everywhere else."""
+    import torch
+
+    return (t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_capability(t.device)[0] >= 8
+            and hasattr(torch.ops.aten, "_flash_attention_forward"))
+
+
 def to_device(t, device):
     """The CPU tensor *t* on *device*; on a GPU without waiting for it. A copy from pageable memory waits for
     the kernels queued before it (the driver stages it, and its staging buffers free only as queued copies

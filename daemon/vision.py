@@ -30,7 +30,7 @@ import functools
 import logging
 from collections.abc import Sequence
 
-from .model import _first_line, to_device
+from .model import _first_line, has_flash_varlen, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +57,9 @@ class VisionTower:
         self._grids: dict[tuple[int, int, int], tuple] = {}
         self.own = _helpers() is not None  # False: HF's forward (still with batched attention)
         weight = visual.patch_embed.proj.weight
-        # padded() on a GPU needs flash attention's variable-length kernel: half precision, compute capability
-        # 8.0 or newer (A100, L4, H100...), a torch that has it. Elsewhere small prefills run the tower eagerly.
-        self.varlen = (self.own and weight.is_cuda and weight.dtype in (torch.float16, torch.bfloat16)
-                       and torch.cuda.get_device_capability(weight.device)[0] >= 8
-                       and hasattr(torch.ops.aten, "_flash_attention_forward"))
+        # padded() on a GPU needs flash attention's variable-length kernel; elsewhere small prefills run the
+        # tower eagerly.
+        self.varlen = self.own and has_flash_varlen(weight)
         self.merge = int(visual.spatial_merge_size) ** 2  # patches per image token
         self._blocks: tuple | None = None  # (cu_seqlens, rows) while padded() runs
         n = 0

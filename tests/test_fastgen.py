@@ -763,3 +763,36 @@ def test_doctor_sizes_the_kv_cache_htrd_allocates(fast, demo_model_dir):
     assert fast.kv_cache_bytes > 0
     assert kv_cache_bytes(demo_model_dir, "auto", slots=fast.slots, max_cache_len=fast.max_cache_len,
                           dtype_bytes=4) == fast.kv_cache_bytes
+
+
+def test_each_slot_s_first_position_and_position_bound_what_its_mask_lets_it_see(fast):
+    """Decode attention on a GPU reads each slot's keys from kv_first to pos (flash attention's offsets,
+    fastgen._kv_spans) instead of masking the span: on lines prefilled together with left padding, joined
+    later and freed, those bounds are exactly the positions the SDPA path's mask marks."""
+    from htrd.fastgen import _kv_spans
+    from htrd.generation import Seq
+
+    preps = [fast.prepare(im) for im in IMAGES]
+    fast.add([Seq(preps[0], NEW, tag=0), Seq(preps[1], 3, tag=1)])  # one group: the shorter prompt padded
+    fast.step(steps=2)
+    fast.add([Seq(preps[2], NEW, tag=2)])
+    for _ in range(3):
+        fast.step(steps=1)
+        B = fast.bucket_for(max(i for i, s in enumerate(fast._seqs) if s is not None) + 1)
+        first, pos = fast.kv_first[:B], fast.pos[:B]
+        assert len({int(x) for x in first}) > 1  # lines with different padding run
+        cu_k, used = _kv_spans(first, pos, fast.n_kv, fast.max_cache_len)
+        for slot in range(B):
+            # the mask marks [first, pos) after a step; the next step adds pos itself, the position it writes
+            seen = fast.attend[slot].nonzero().flatten().tolist() + [int(pos[slot])]
+            if fast._seqs[slot] is None:
+                assert seen == [0, 0] and int(first[slot]) == 0  # a free slot: one position
+                continue
+            assert seen == list(range(int(first[slot]), int(pos[slot]) + 1))
+            for h in range(fast.n_kv):
+                i = slot * fast.n_kv + h
+                assert int(cu_k[i]) == (slot * fast.n_kv + h) * fast.max_cache_len + int(first[slot])
+                assert int(used[i]) == len(seen)
+    while fast.running():
+        fast.step()
+    assert not fast.kv_first.any() and not fast.pos.any()

@@ -35,6 +35,7 @@ def main() -> int:
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--kernels", type=int, default=14, help="rows of the kernel table")
     ap.add_argument("--prefill-only", action="store_true", help="only the prefill comparison (HF forward vs ours)")
+    ap.add_argument("--decode-only", action="store_true", help="only the decode steps")
     ap.add_argument("--new-shapes", action="store_true",
                     help="only: first vs second prefill of line images of widths not seen before, with cuDNN's "
                          "attention allowed and not (a new shape's first prefill builds kernels/plans)")
@@ -137,6 +138,8 @@ def main() -> int:
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.kernels,
                                             max_name_column_width=70), flush=True)
         fast._reset_slots(list(range(fast.slots)))
+    if args.decode_only:
+        return 0
 
     # Prefills: HF's whole forward (what the prefill was) against FastGenerator's (HF's vision tower, the fused
     # language model writing into the slots), timed as generate(max_new_tokens=1): the prefill plus one host check.

@@ -186,12 +186,17 @@ def run_engine(args, name: str, continuous: bool, workloads: dict, work_dir: Pat
     res["ready_s"] = d.start(args.timeout)
     try:
         for (mode, clients), work in workloads.items():
-            before = status(sock)["engine"]
+            before_all = status(sock)
+            before = before_all["engine"]
             spy = args.profile / f"spy-{name}-{mode}{clients}.txt" if args.profile else None
             with py_spy(d.proc.pid, spy), GpuSampler() as gpu:
                 r = closed_loop(sock, work, clients)
             r["gpu_busy_pct"] = gpu.busy().get(0)  # the daemon's GPU (gpu.select), as NVML counts kernels running
-            after = status(sock)["engine"]
+            after_all = status(sock)
+            after = after_all["engine"]
+            prefills = after_all["counters"]["batches"] - before_all["counters"]["batches"]
+            r["avg_prefill_lines"] = ((after_all["counters"]["images"] - before_all["counters"]["images"]) / prefills
+                                      if prefills else None)  # lines per prefill group (generation.join_wait_ms)
             steps = (after["decode_steps"] or 0) - (before["decode_steps"] or 0)
             occ = (after["occupied_slot_steps"] or 0) - (before["occupied_slot_steps"] or 0)
             r["avg_occupied_slots"] = occ / steps if steps else None
@@ -205,11 +210,12 @@ def run_engine(args, name: str, continuous: bool, workloads: dict, work_dir: Pat
             r.pop("done_ids")
             res[f"{mode}@{clients}"] = r
             logger.info("%s %s@%d: %.1f lines/s, p50 %.3f s, p95 %.3f s, slots %.1f, %.2f steps per check, "
-                        "GPU busy %.0f %% (NVML), idle at host turnarounds %.1f %% of the load, %d prefills replayed "
-                        "(graphs whole/LM part: %s)", name, mode, clients, r["lines_per_s"],
+                        "GPU busy %.0f %% (NVML), idle at host turnarounds %.1f %% of the load, %.1f lines per prefill, "
+                        "%d prefills replayed (graphs whole/LM part: %s)", name, mode, clients, r["lines_per_s"],
                         r["p50_s"], r["p95_s"], r["avg_occupied_slots"] or 0, r["steps_per_check"] or 0,
                         r["gpu_busy_pct"] if r["gpu_busy_pct"] is not None else float("nan"),
-                        100 * r["host_turnaround_s"] / r["wall_s"] if r.get("wall_s") else 0, r["prefill_replays"],
+                        100 * r["host_turnaround_s"] / r["wall_s"] if r.get("wall_s") else 0,
+                        r["avg_prefill_lines"] or 0, r["prefill_replays"],
                         r["prefill_graphs"])
         res["status"] = status(sock)
     finally:
@@ -229,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128")
     ap.add_argument("--max-cache-len", type=int, default=1024, help="generation.max_cache_len (the shipped default)")
     ap.add_argument("--prefill-chunk", type=int, default=16)
-    ap.add_argument("--join-wait-ms", type=float, default=30.0)
+    ap.add_argument("--join-wait-ms", type=float, default=100.0, help="generation.join_wait_ms (the shipped default)")
     ap.add_argument("--modes", default="fixed,realistic")
     ap.add_argument("--engines", default="static,continuous")
     ap.add_argument("--no-compile", action="store_true")

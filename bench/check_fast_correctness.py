@@ -80,21 +80,30 @@ def main(argv: list[str] | None = None) -> int:
         for f in fast.step():
             done[f.seq.tag] = f.token_ids
     joined = [done[i] for i in range(len(preps))]
-    # HF bf16 generate on the same merged weights, one image at a time
-    hf = []
+    # HF bf16 generate on the same merged weights, one image at a time (and its raw logits per token)
+    hf, hf_logits = [], []
     with torch.inference_mode():
         for p in preps:
             batch = fast._collate([p])
             out = fast.model.generate(**batch, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                      pad_token_id=fast.pad_id, eos_token_id=fast.eos_ids)
-            hf.append(out[0, p.prompt_len:].tolist())
+                                      pad_token_id=fast.pad_id, eos_token_id=fast.eos_ids, output_logits=True,
+                                      return_dict_in_generate=True)
+            hf.append(out.sequences[0, p.prompt_len:].tolist())
+            hf_logits.append(torch.stack([x[0].float() for x in out.logits[1:]]).cpu())
+    # The decode steps teacher-forced on HF's tokens, with each decode attention in turn: their logits along the
+    # very sequences HF chose, so what differs is the arithmetic, not which near-tie a path happened to follow.
+    forced = {}
+    modes = [True, False] if fast.flash_decode else [False]
+    for flash in modes:
+        forced["flash" if flash else "sdpa"] = [forced_logits(fast, p, toks, flash=flash) for p, toks in zip(preps, hf)]
     del fast
     dev = args.device
     if dev != "cpu":
         torch.cuda.empty_cache()
     ref = load_model(args.model_dir, device=dev, dtype="float32", merge=True).model
 
-    def gaps(p, chosen: list[int]) -> list[float]:
+    def ref_logits(p, chosen: list[int]):
+        """fp32's logits teacher-forced on *chosen*: row t is its prediction of chosen[t]."""
         ids = torch.cat([p.input_ids, torch.tensor(chosen[:-1], dtype=torch.long)])[None].to(dev)
         kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": p.pixel_values.float().to(dev),
               "image_grid_thw": p.image_grid_thw.to(dev)}
@@ -102,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             mm = torch.cat([p.mm_token_type_ids, torch.zeros(len(chosen) - 1, dtype=p.mm_token_type_ids.dtype)])
             kw["mm_token_type_ids"] = mm[None].to(dev)
         with torch.inference_mode():
-            logits = ref(**kw).logits[0, p.prompt_len - 1:].float()
+            return ref(**kw).logits[0, p.prompt_len - 1:].float()
+
+    def gaps(p, chosen: list[int]) -> list[float]:
+        logits = ref_logits(p, chosen)
         best = logits.max(dim=-1).values
         pick = logits[torch.arange(len(chosen)), torch.tensor(chosen).to(dev)]
         return (best - pick).tolist()
@@ -116,6 +128,18 @@ def main(argv: list[str] | None = None) -> int:
         agree = sum(1 for x in g if x <= 0.0)
         report["paths"][name] = {"max_gap": max(g), "p99_gap": sorted(g)[int(0.99 * (len(g) - 1))],
                                  "mean_gap": sum(g) / len(g), "fp32_agrees": agree, "tokens": len(g)}
+    # Logit error against fp32 along HF's tokens (decode steps: tokens 1..), per step the largest |difference|
+    errors = {"hf_bf16_generate": hf_logits, **{f"fast_forced_{k}_decode": v for k, v in forced.items()}}
+    diffs = {name: [] for name in errors}
+    for i, (p, toks) in enumerate(zip(preps, hf)):
+        want = ref_logits(p, toks)[1:].cpu()
+        for name, got in errors.items():
+            diffs[name].append((got[i] - want).abs().amax(dim=-1))
+    report["forced_logit_error"] = {}
+    for name, d in diffs.items():
+        d = torch.cat(d)
+        report["forced_logit_error"][name] = {"mean_step_max": float(d.mean()), "max": float(d.max()),
+                                              "steps": int(d.numel())}
     report["prompt_tokens"] = [p.prompt_len for p in preps]
     report["fast_alone_equals_batched"] = sum(a == b for a, b in zip(alone, batched))
     report["fast_alone_equals_joined"] = sum(a == b for a, b in zip(alone, joined))
@@ -142,9 +166,39 @@ def main(argv: list[str] | None = None) -> int:
           f"== replayed language-model graph {report['fast_alone_equals_lm_replayed']}/8 ({n_lm_replays} replays); "
           f"largest gaps within 1.5x HF's: {'yes' if report['max_within_1_5x_hf'] else 'no'}; "
           f"{'PASS' if ok else 'FAIL'}")
+    print("| teacher-forced on HF's tokens | largest logit error vs fp32 per step, mean | largest | steps |")
+    print("|---|---|---|---|")
+    for name, r in report["forced_logit_error"].items():
+        print(f"| {name} | {r['mean_step_max']:.4f} | {r['max']:.4f} | {r['steps']} |")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0 if ok else 1
+
+
+def forced_logits(fast, p, tokens: list[int], *, flash: bool):
+    """The fast generator's decode-step logits for line *p* teacher-forced on *tokens* (its first token is taken
+    as the prefill's choice), uncaptured steps with flash attention or SDPA: row t predicts tokens[t + 1]."""
+    import torch
+    from htrd.generation import Seq
+
+    rec = []
+    select, graphs, attention = fast._select, fast.cuda_graphs, fast.flash_decode
+
+    def forcing(logits, B):
+        rec.append(logits[0].float().cpu())  # slot 0: the line runs alone
+        select(logits, B)
+        if len(rec) < len(tokens):
+            fast.tok[0, 0] = tokens[len(rec)]
+
+    fast._select, fast.cuda_graphs, fast.flash_decode = forcing, False, flash
+    try:
+        fast.add([Seq(p, len(tokens), len(tokens))])
+        fast.tok[0, 0] = tokens[0]
+        while fast.running():
+            fast.step(steps=1)
+    finally:
+        fast._select, fast.cuda_graphs, fast.flash_decode = select, graphs, attention
+    return torch.stack(rec)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,7 @@ torch = pytest.importorskip("torch")
 from helpers import stroke_line
 
 
-@pytest.fixture(scope="module")
-def engine(demo_model_dir):
+def _engine(demo_model_dir, join_wait_ms: float):
     from htrd.engine import Engine
     from htrd.faults import Faults
     from htrd.metrics import Metrics
@@ -23,14 +22,82 @@ def engine(demo_model_dir):
 
     settings = Settings(model={"dir": str(demo_model_dir), "verify_on_start": "off"}, gpu={"select": "cpu"},
                         limits={"batch_sizes": [1, 2, 4], "batch_window_ms": 0},
-                        generation={"max_new_tokens": 40, "min_new_tokens": 40, "join_wait_ms": 0})
+                        generation={"max_new_tokens": 40, "min_new_tokens": 40, "join_wait_ms": join_wait_ms})
     eng = Engine(settings, device="cpu", faults=Faults(), state=DaemonState(),
                  metrics=Metrics(list(settings.limits.batch_sizes)))
     eng.load()
     eng.warm_up()
     eng.start()
+    return eng
+
+
+@pytest.fixture(scope="module")
+def engine(demo_model_dir):
+    eng = _engine(demo_model_dir, 0)
     yield eng
     eng.stop()
+
+
+@pytest.fixture(scope="module")
+def patient_engine(demo_model_dir):
+    """generation.join_wait_ms longer than a 40-token line takes here."""
+    eng = _engine(demo_model_dir, 5000)
+    yield eng
+    eng.stop()
+
+
+def _traced(gen, calls: list):
+    """Record each add() as (lines, inside a step); returns the originals to restore."""
+    inside = threading.local()
+    add, step = gen.add, gen.step
+
+    def traced_add(seqs):
+        calls.append((len(seqs), getattr(inside, "on", False)))
+        return add(seqs)
+
+    def traced_step(*a, **kw):
+        inside.on = True
+        try:
+            return step(*a, **kw)
+        finally:
+            inside.on = False
+
+    gen.add, gen.step = traced_add, traced_step
+    return add, step
+
+
+@pytest.mark.parametrize("on_their_way", [0, 1])
+def test_a_newcomer_waits_to_share_its_prefill_only_with_requests_on_their_way(patient_engine, on_their_way):
+    """While a line decodes, a newcomer joins at the next step when no other request is on its way -- however
+    long generation.join_wait_ms is (waiting would only add latency; it waited that long before). With one
+    more request accepted and still being preprocessed (counted in flight, not queued), it waits for it, and
+    both are prefilled together, inside a step of the running line."""
+    eng = patient_engine
+    gen = eng.gen
+    calls: list[tuple[int, bool]] = []
+    deadline = time.monotonic() + 120
+    long_prep, short_prep = eng.prepare(stroke_line(1200, 160, 1)), eng.prepare(stroke_line(600, 100, 2))
+    add, step = _traced(gen, calls)
+    with eng.state._lock:  # the requests as the HTTP layer counts them: the long line, the newcomer, the others
+        eng.state.in_flight += 2 + on_their_way
+    try:
+        long = eng.submit([long_prep], deadline=deadline, max_new_tokens=40, request_id="long")
+        while gen.steps_run == 0 or not gen.running():
+            time.sleep(0.001)
+        start = gen.steps_run
+        items = eng.submit([short_prep], deadline=deadline, max_new_tokens=3, request_id="newcomer")
+        if on_their_way:
+            while gen.steps_run < start + 8:  # it waits: the other request is still on its way
+                time.sleep(0.001)
+            assert calls == [(1, False)] and gen.running()
+            items += eng.submit([short_prep], deadline=deadline, max_new_tokens=3, request_id="arrived")
+        results = [it.future.result(timeout=120) for it in [*long, *items]]
+    finally:
+        gen.add, gen.step = add, step
+        with eng.state._lock:
+            eng.state.in_flight -= 2 + on_their_way
+    assert calls == [(1, False), (1 + on_their_way, True)]
+    assert [r.tokens for r in results] == [40] + [3] * (1 + on_their_way)
 
 
 def test_a_newcomer_joins_behind_the_launched_decode_steps(engine):

@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128")
     ap.add_argument("--max-cache-len", type=int, default=1024, help="generation.max_cache_len (the shipped default)")
     ap.add_argument("--prefill-chunk", type=int, default=16)
-    ap.add_argument("--join-wait-ms", type=float, default=100.0, help="generation.join_wait_ms (the shipped default)")
+    ap.add_argument("--join-wait-ms", type=float, default=30.0, help="generation.join_wait_ms (the shipped default)")
     ap.add_argument("--modes", default="fixed,realistic")
     ap.add_argument("--engines", default="static,continuous")
     ap.add_argument("--no-compile", action="store_true")

@@ -7,13 +7,19 @@ chooses tokens alone, all batched together, and joining a running batch
 midway; HF ``generate`` in bf16 on the same merged weights chooses its own.
 Every chosen token is then scored by the merged model in **fp32**, teacher-
 forced on that sequence: the gap between fp32's best logit and the chosen
-token's logit (0 where fp32 agrees). The fast path passes when its gaps stay
-within what HF's own bf16 ``generate`` shows on the same inputs: the 99th
-percentile within x1.5 of HF's, the mean within x2, the largest within x2
-(both round differently). The largest gap alone is one token of 256: on one
-H200 the same code's largest gap went 0.115 -> 0.167 from one process to the
-next (fast alone, SDPA decode), and HF's own mean moves too, so it is reported
-(with the earlier rule, largest within x1.5 of HF's) but not the verdict.
+token's logit (0 where fp32 agrees). Then the decode steps are teacher-forced
+on HF's own tokens, with each decode attention the GPU has (flash over each
+line's keys, SDPA over the masked span): their logits along the very sequences
+HF chose, against fp32's -- the arithmetic alone, whatever near-tie a path
+happened to follow.
+
+The fast path passes when, teacher-forced, its largest logit error per step is
+on average within x1.25 of HF bf16's own (largest within x1.5), and along its
+own tokens its gaps stay within HF's: the 99th percentile within x1.5, the mean
+within x2. The largest gap of 256 is reported, not judged: it is whichever
+near-tie a run's path reaches -- on H200s the same code's went 0.115 -> 0.167
+from one process to the next, and one token scored exactly 0.2524 in two runs
+of different code, reached by some paths and not others.
 Exit code 0 on pass.
 """
 
@@ -140,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         d = torch.cat(d)
         report["forced_logit_error"][name] = {"mean_step_max": float(d.mean()), "max": float(d.max()),
                                               "steps": int(d.numel())}
+    hf_err = report["forced_logit_error"]["hf_bf16_generate"]
+    forced_ok = all(r["mean_step_max"] <= 1.25 * hf_err["mean_step_max"] + 1e-3
+                    and r["max"] <= 1.5 * hf_err["max"] + 1e-3
+                    for name, r in report["forced_logit_error"].items() if name.startswith("fast_"))
     report["prompt_tokens"] = [p.prompt_len for p in preps]
     report["fast_alone_equals_batched"] = sum(a == b for a, b in zip(alone, batched))
     report["fast_alone_equals_joined"] = sum(a == b for a, b in zip(alone, joined))
@@ -150,9 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     report["lm_graph_replays"] = n_lm_replays
     h = report["paths"]["hf_bf16_generate"]
     fast_paths = ("fast_alone", "fast_batched", "fast_joined", "fast_replayed_prefill", "fast_replayed_lm_part")
-    ok = all(report["paths"][n]["p99_gap"] <= 1.5 * h["p99_gap"] + 1e-3
-             and report["paths"][n]["mean_gap"] <= 2 * h["mean_gap"] + 1e-3
-             and report["paths"][n]["max_gap"] <= 2 * h["max_gap"] + 1e-3 for n in fast_paths)
+    ok = forced_ok and all(report["paths"][n]["p99_gap"] <= 1.5 * h["p99_gap"] + 1e-3
+                           and report["paths"][n]["mean_gap"] <= 2 * h["mean_gap"] + 1e-3 for n in fast_paths)
     report["pass"] = ok
     report["max_within_1_5x_hf"] = all(report["paths"][n]["max_gap"] <= 1.5 * h["max_gap"] + 1e-3 for n in fast_paths)
     print("| path | max gap (fp32 logits) | 99th percentile | mean gap | tokens where fp32 agrees |")

@@ -141,7 +141,7 @@ class GenerationSettings(_Section):
         "before the next starts (static batching: for comparison in benchmarks)"
     )
     join_wait_ms: float = Field(
-        100.0, ge=0, le=5000, description="while lines decode, how long a newcomer waits at most for requests "
+        30.0, ge=0, le=5000, description="while lines decode, how long a newcomer waits at most for requests "
         "already on their way (being preprocessed) to share its prefill (one line's prefill costs the GPU ~40 % "
         "of four lines'); with none on its way it joins at the next step"
     )

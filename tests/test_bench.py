@@ -206,3 +206,19 @@ def test_spy_summary_splits_one_threads_samples_by_function_and_leaf(tmp_path, c
     assert spy_summary.main([str(raw), "htrd-pre_"]) == 1
     assert "no samples of a thread named like 'htrd-pre_'" in capsys.readouterr().err
     assert spy_summary.main([str(tmp_path / "missing.txt"), "htrd-inference"]) == 2
+
+
+@pytest.mark.timeout(300)
+def test_fast_correctness_check_cpu_smoke(demo_model_dir, tmp_path):
+    """check_fast_correctness.py on the CPU demo model: every path scored, and the decode steps teacher-forced on
+    HF's tokens give HF's logits (the same arithmetic here: a forced token off by one step would not)."""
+    out = tmp_path / "c.json"
+    cmd = [sys.executable, str(REPO / "bench" / "check_fast_correctness.py"), str(demo_model_dir), "--device", "cpu",
+           "--new-tokens", "3", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["pass"] and set(data["paths"]) >= {"hf_bf16_generate", "fast_alone", "fast_batched", "fast_joined"}
+    forced = data["forced_logit_error"]
+    assert forced["fast_forced_sdpa_decode"]["steps"] == forced["hf_bf16_generate"]["steps"] == 8 * 2
+    assert forced["fast_forced_sdpa_decode"]["mean_step_max"] <= 1.01 * forced["hf_bf16_generate"]["mean_step_max"]

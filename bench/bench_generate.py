@@ -91,7 +91,7 @@ class GpuSampler:
 
     def __init__(self) -> None:
         self.peak: dict[int, int] = {}
-        self.util: dict[int, list[int]] = {}
+        self.util: dict[int, list[tuple[float, int]]] = {}  # (time.perf_counter(), %) per GPU
         self.names: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -115,16 +115,23 @@ class GpuSampler:
         self.peak = self.used() if self._handles else {}
         self.util = {}
 
-    def busy(self) -> dict[int, float]:
-        """Each GPU's mean utilization (%) over the samples so far."""
-        return {i: sum(v) / len(v) for i, v in self.util.items() if v}
+    def busy(self, since: float | None = None, until: float | None = None) -> dict[int, float]:
+        """Each GPU's mean utilization (%) over the samples taken between *since* and *until*
+        (``time.perf_counter()``; default: all of them)."""
+        out = {}
+        for i, v in self.util.items():
+            u = [x for t, x in v if (since is None or t >= since) and (until is None or t <= until)]
+            if u:
+                out[i] = sum(u) / len(u)
+        return out
 
     def _run(self) -> None:
         while not self._stop.wait(0.05):
             for i, u in self.used().items():
                 self.peak[i] = max(self.peak.get(i, 0), u)
+            now = time.perf_counter()
             for i, h in enumerate(self._handles):
-                self.util.setdefault(i, []).append(int(self._nvml.nvmlDeviceGetUtilizationRates(h).gpu))
+                self.util.setdefault(i, []).append((now, int(self._nvml.nvmlDeviceGetUtilizationRates(h).gpu)))
 
     def __enter__(self) -> GpuSampler:
         if self._handles:

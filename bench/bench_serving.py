@@ -60,11 +60,15 @@ def encode(img) -> bytes:
 
 
 def closed_loop(socket_path: Path, work: list[tuple[bytes, int]], clients: int) -> dict:
-    """*clients* threads take requests from *work* in order until it is empty."""
+    """*clients* threads take requests from *work* in order until it is empty. Besides the whole load's
+    figures, the steady part's: from the release until the last request is taken (every client busy until
+    then; afterwards the load drains with fewer and fewer clients), its lines/s and its time span."""
     import httpx
 
     lock = threading.Lock()
     items = list(enumerate(work))
+    finished_at: list[float] = []
+    last_taken = [0.0]
     lat: list[float] = []
     tokens: list[int] = []
     errors: list[str] = []
@@ -79,11 +83,14 @@ def closed_loop(socket_path: Path, work: list[tuple[bytes, int]], clients: int) 
                     if not items:
                         return
                     idx, (body, new) = items.pop(0)
+                    if not items:
+                        last_taken[0] = time.perf_counter()
                 t = time.perf_counter()
                 r = c.post("/v1/transcribe", content=body, headers={"Content-Type": "image/png"},
                            params={"max_new_tokens": new})
                 dt = time.perf_counter() - t
                 with lock:
+                    finished_at.append(t + dt)
                     if r.status_code == 200:
                         lat.append(dt)
                         tokens.append(r.json()["results"][0]["tokens"])
@@ -92,7 +99,12 @@ def closed_loop(socket_path: Path, work: list[tuple[bytes, int]], clients: int) 
                         errors.append(f"{r.status_code} {r.text[:200]}")
 
     wall = run_clients(clients, client)
+    released = time.perf_counter() - wall
+    steady_s = last_taken[0] - released
+    steady = sum(1 for t in finished_at if t <= last_taken[0])
     return {"clients": clients, "requests": len(lat), "n_errors": len(errors), "errors": errors[:3],
+            "released_at": released, "steady_until": last_taken[0], "steady_s": steady_s,
+            "steady_lines_per_s": steady / steady_s if steady_s > 0 else None,
             "wall_s": wall, "lines_per_s": len(lat) / wall, "tokens_per_s": sum(tokens) / wall,
             "tokens": sum(tokens), "p50_s": pct(lat, 0.5), "p95_s": pct(lat, 0.95), "done_ids": done_ids}
 
@@ -192,6 +204,7 @@ def run_engine(args, name: str, continuous: bool, workloads: dict, work_dir: Pat
             with py_spy(d.proc.pid, spy), GpuSampler() as gpu:
                 r = closed_loop(sock, work, clients)
             r["gpu_busy_pct"] = gpu.busy().get(0)  # the daemon's GPU (gpu.select), as NVML counts kernels running
+            r["gpu_busy_steady_pct"] = gpu.busy(r["released_at"], r["steady_until"]).get(0)
             after_all = status(sock)
             after = after_all["engine"]
             prefills = after_all["counters"]["batches"] - before_all["counters"]["batches"]
@@ -209,11 +222,13 @@ def run_engine(args, name: str, continuous: bool, workloads: dict, work_dir: Pat
             r["prefill_graphs"] = [after.get("prefill_graphs"), after.get("prefill_lm_graphs")]
             r.pop("done_ids")
             res[f"{mode}@{clients}"] = r
-            logger.info("%s %s@%d: %.1f lines/s, p50 %.3f s, p95 %.3f s, slots %.1f, %.2f steps per check, "
-                        "GPU busy %.0f %% (NVML), idle at host turnarounds %.1f %% of the load, %.1f lines per prefill, "
-                        "%d prefills replayed (graphs whole/LM part: %s)", name, mode, clients, r["lines_per_s"],
+            logger.info("%s %s@%d: %.1f lines/s (steady part: %.1f over %.1f s), p50 %.3f s, p95 %.3f s, slots %.1f, "
+                        "%.2f steps per check, GPU busy %.0f %% (NVML; steady part %.0f %%), idle at host turnarounds "
+                        "%.1f %% of the load, %.1f lines per prefill, %d prefills replayed (graphs whole/LM part: %s)",
+                        name, mode, clients, r["lines_per_s"], r["steady_lines_per_s"] or 0, r["steady_s"],
                         r["p50_s"], r["p95_s"], r["avg_occupied_slots"] or 0, r["steps_per_check"] or 0,
                         r["gpu_busy_pct"] if r["gpu_busy_pct"] is not None else float("nan"),
+                        r["gpu_busy_steady_pct"] if r["gpu_busy_steady_pct"] is not None else float("nan"),
                         100 * r["host_turnaround_s"] / r["wall_s"] if r.get("wall_s") else 0,
                         r["avg_prefill_lines"] or 0, r["prefill_replays"],
                         r["prefill_graphs"])
@@ -288,24 +303,26 @@ def main(argv: list[str] | None = None) -> int:
         results["gpu"] = torch.cuda.get_device_name(0)
     for name in args.engines.split(","):
         results["engines"][name] = run_engine(args, name, name == "continuous", workloads, work_dir)
-    rows = ["| load | engine | lines/s | tokens/s | p50 s | p95 s | p95/p50 | slots occupied | MFU | GPU busy |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [("| load | engine | lines/s | steady lines/s | tokens/s | p50 s | p95 s | p95/p50 | slots occupied | MFU | "
+             "GPU busy (steady) |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in workloads:
         label = f"{key[0]} @ {key[1]} clients"
         for name, res in results["engines"].items():
             r = res[f"{key[0]}@{key[1]}"]
             mfu = flops[key] / r["wall_s"] / (peak * 1e12) if peak else None
             r["mfu"] = mfu
-            rows.append(f"| {label} | {name} | {r['lines_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['p50_s']:.3f} | "
+            steady = f"{r['steady_lines_per_s']:.1f}" if r.get("steady_lines_per_s") else "-"
+            rows.append(f"| {label} | {name} | {r['lines_per_s']:.1f} | {steady} | {r['tokens_per_s']:.0f} | {r['p50_s']:.3f} | "
                         f"{r['p95_s']:.3f} | {r['p95_s'] / r['p50_s']:.2f} | {r['avg_occupied_slots'] or 0:.1f} | "
                         + (f"{mfu:.1%}" if mfu is not None else "-") + " | "
-                        + (f"{r['gpu_busy_pct']:.0f} %" if r.get("gpu_busy_pct") is not None else "-") + " |")
+                        + (f"{r['gpu_busy_pct']:.0f} % ({r['gpu_busy_steady_pct']:.0f} %)"
+                           if r.get("gpu_busy_steady_pct") is not None else "-") + " |")
         if {"static", "continuous"} <= set(results["engines"]):
             s = results["engines"]["static"][f"{key[0]}@{key[1]}"]["lines_per_s"]
             c = results["engines"]["continuous"][f"{key[0]}@{key[1]}"]["lines_per_s"]
-            rows.append(f"| {label} | **continuous / static** | **{c / s:.2f}x** | | | | | | | |")
+            rows.append(f"| {label} | **continuous / static** | **{c / s:.2f}x** | | | | | | | | |")
     for name, res in results["engines"].items():
-        rows.append(f"| start -> READY | {name} | {res['ready_s']:.1f} s | | | | | | | |")
+        rows.append(f"| start -> READY | {name} | {res['ready_s']:.1f} s | | | | | | | | |")
     head = f"device: {results.get('gpu', device)}; bf16 peak measured: " + (f"{peak:.0f} TFLOP/s" if peak else "-")
     print(head)
     print("\n".join(rows))

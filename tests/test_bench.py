@@ -76,6 +76,8 @@ def test_serving_bench_cpu_smoke_both_engines_both_modes(tmp_path):
         assert fixed["requests"] == real["requests"] == 6 and fixed["n_errors"] == real["n_errors"] == 0
         assert fixed["tokens"] == 6 * NEW
         assert real["tokens"] == sum(new for _, _, new in realistic)  # every request answered, so all of them
+        for r in (fixed, real):  # the steady part: from the release until the last request was taken
+            assert 0 < r["steady_s"] < r["wall_s"] and r["steady_lines_per_s"] > 0
     assert "**continuous / static**" in proc.stdout
 
 

@@ -46,8 +46,9 @@ def patient_engine(demo_model_dir):
     eng.stop()
 
 
-def _traced(gen, calls: list):
-    """Record each add() as (lines, inside a step); returns the originals to restore."""
+def _traced(gen, calls: list, after_step=lambda: None):
+    """Record each add() as (lines, inside a step), run *after_step()* after each step; returns the originals to
+    restore."""
     inside = threading.local()
     add, step = gen.add, gen.step
 
@@ -58,9 +59,11 @@ def _traced(gen, calls: list):
     def traced_step(*a, **kw):
         inside.on = True
         try:
-            return step(*a, **kw)
+            out = step(*a, **kw)
         finally:
             inside.on = False
+        after_step()
+        return out
 
     gen.add, gen.step = traced_add, traced_step
     return add, step
@@ -106,28 +109,16 @@ def test_a_newcomer_joins_behind_the_launched_decode_steps(engine):
     GPU's steps queued, the host's launching of the prefill overlaps them. The newcomer arrives between two
     steps here (the moment the loop could admit it first). Both lines are answered in full."""
     gen = engine.gen
-    inside = threading.local()
     calls: list[tuple[int, bool]] = []  # (lines added, inside a step)
-    add, step = gen.add, gen.step
     deadline = time.monotonic() + 120
     short_prep = engine.prepare(stroke_line(600, 100, 2))
     short: list = []
 
-    def traced_add(seqs):
-        calls.append((len(seqs), getattr(inside, "on", False)))
-        return add(seqs)
-
-    def traced_step(*a, **kw):
-        inside.on = True
-        try:
-            out = step(*a, **kw)
-        finally:
-            inside.on = False
+    def newcomer():
         if not short and gen.running():  # between two steps of the long line
             short.extend(engine.submit([short_prep], deadline=deadline, max_new_tokens=3, request_id="short"))
-        return out
 
-    gen.add, gen.step = traced_add, traced_step
+    add, step = _traced(gen, calls, after_step=newcomer)
     try:
         long = engine.submit([engine.prepare(stroke_line(1200, 160, 1))], deadline=deadline, max_new_tokens=40,
                              request_id="long")

@@ -80,25 +80,32 @@ def test_a_newcomer_waits_to_share_its_prefill_only_with_requests_on_their_way(p
     calls: list[tuple[int, bool]] = []
     deadline = time.monotonic() + 120
     long_prep, short_prep = eng.prepare(stroke_line(1200, 160, 1)), eng.prepare(stroke_line(600, 100, 2))
-    add, step = _traced(gen, calls)
+    items: list = []
+    first_at: list[int] = []  # decode steps run when the newcomer was submitted
+    waiting: list = []  # what had been added when the request on its way arrived
+
+    def arrivals():  # on the inference thread, between two steps of the long line
+        if not gen.running():
+            return
+        if not first_at:
+            first_at.append(gen.steps_run)
+            items.extend(eng.submit([short_prep], deadline=deadline, max_new_tokens=3, request_id="newcomer"))
+        elif on_their_way and not waiting and gen.steps_run >= first_at[0] + 8:
+            waiting.append(list(calls))  # 8 steps on, the newcomer still waits for the request on its way
+            items.extend(eng.submit([short_prep], deadline=deadline, max_new_tokens=3, request_id="arrived"))
+
+    add, step = _traced(gen, calls, after_step=arrivals)
     with eng.state._lock:  # the requests as the HTTP layer counts them: the long line, the newcomer, the others
         eng.state.in_flight += 2 + on_their_way
     try:
         long = eng.submit([long_prep], deadline=deadline, max_new_tokens=40, request_id="long")
-        while gen.steps_run == 0 or not gen.running():
-            time.sleep(0.001)
-        start = gen.steps_run
-        items = eng.submit([short_prep], deadline=deadline, max_new_tokens=3, request_id="newcomer")
-        if on_their_way:
-            while gen.steps_run < start + 8:  # it waits: the other request is still on its way
-                time.sleep(0.001)
-            assert calls == [(1, False)] and gen.running()
-            items += eng.submit([short_prep], deadline=deadline, max_new_tokens=3, request_id="arrived")
-        results = [it.future.result(timeout=120) for it in [*long, *items]]
+        results = [long[0].future.result(timeout=120)]
+        results += [it.future.result(timeout=120) for it in items]  # all submitted while the long line ran
     finally:
         gen.add, gen.step = add, step
         with eng.state._lock:
             eng.state.in_flight -= 2 + on_their_way
+    assert waiting == ([[(1, False)]] if on_their_way else [])
     assert calls == [(1, False), (1 + on_their_way, True)]
     assert [r.tokens for r in results] == [40] + [3] * (1 + on_their_way)
 

@@ -339,7 +339,8 @@ class FastGenerator(GeneratorBase):
         bias = torch.zeros((S, 1, 1, M), device=self.device).masked_fill_(~seen[:, None, None], float("-inf"))
         ref = _sdpa_decode(q.float(), k.float(), v.float(), scale=hd**-0.5, bias=bias, span=M).reshape(S, -1)
         try:
-            cu_k, used = _kv_spans(first, pos, nkv, M)
+            rows = _kv_rows(torch.arange(S, device=self.device), torch.arange(nkv, device=self.device), pos, M)
+            cu_k, used = _kv_spans(rows, first, pos, M)
             out = _flash_decode(q, k, v, scale=hd**-0.5, cu_q=torch.arange(S * nkv + 1, dtype=torch.int32,
                                 device=self.device), cu_k=cu_k, used=used, span=M).reshape(S, -1).float()
         except RuntimeError as exc:
@@ -854,8 +855,10 @@ class FastGenerator(GeneratorBase):
         ops = self._ops
         rows = self.rows[:B]
         pos = self.pos[:B]
+        # Where each slot's new key/value goes in a layer's cache seen as rows of head_dim: one index_copy_ each.
+        kv_rows = _kv_rows(rows, self.kv_heads, pos, self.max_cache_len)
         if self.flash_decode:  # each slot's keys from its first position on, nothing past its own position
-            cu_k, used = _kv_spans(self.kv_first[:B], pos, self.n_kv, self.max_cache_len)
+            cu_k, used = _kv_spans(kv_rows, self.kv_first[:B], pos, self.max_cache_len)
             attention = functools.partial(_flash_decode, cu_q=self.cu_q[: B * self.n_kv + 1], cu_k=cu_k, used=used,
                                           span=L)
         else:
@@ -869,15 +872,14 @@ class FastGenerator(GeneratorBase):
         rope = (pos + self.delta[:B]).view(1, B, 1).expand(3, B, 1)
         cos, sin = self.text.rotary_emb(h, rope)  # (B,1,hd)
         nh, hd, nkv = self.n_heads, self.head_dim, self.n_kv
-        # Where each slot's new key/value goes in a layer's cache seen as rows of head_dim: one index_copy_ each.
-        kv_rows = ((rows[:, None] * nkv + self.kv_heads[None, :]) * self.max_cache_len + pos[:, None]).reshape(-1)
+        kv_flat = kv_rows.reshape(-1)
         x = ops.rms(h, self.layers[0].input_layernorm.weight, self.eps)
         for li, layer in enumerate(self.layers):
             att = layer.self_attn
             qkv = F.linear(x, self._qkv_w[li])
             q, k, v = ops.qk(qkv, att.q_norm.weight, att.k_norm.weight, cos, sin, nh, nkv, hd, self.eps)
-            self.k_cache[li].view(-1, hd).index_copy_(0, kv_rows, k.reshape(B * nkv, hd))
-            self.v_cache[li].view(-1, hd).index_copy_(0, kv_rows, v.reshape(B * nkv, hd))
+            self.k_cache[li].view(-1, hd).index_copy_(0, kv_flat, k.reshape(B * nkv, hd))
+            self.v_cache[li].view(-1, hd).index_copy_(0, kv_flat, v.reshape(B * nkv, hd))
             # GQA with one query token: each KV head's g query heads ride on the query-length axis.
             o = attention(q, self.k_cache[li], self.v_cache[li], scale=att.scaling)
             h, x = ops.add_rms(h, F.linear(o.reshape(B, nh * hd), att.o_proj.weight),
@@ -1000,17 +1002,22 @@ class FastGenerator(GeneratorBase):
                 "prompt_tokens": prep.prompt_len}
 
 
-def _kv_spans(first, pos, n_kv: int, max_len: int):
-    """Where each (slot, KV head) of slots [:B] has its keys in a layer's cache seen as rows of head_dim:
-    flash attention's cumulative key offsets (B * n_kv + 1, int32; offsets, not lengths: a slot's keys start
-    at its first position) and its used lengths (first .. pos inclusive, at least 1: a free slot sees one)."""
+def _kv_rows(slots, heads, at, max_len: int):
+    """The row of cache position *at[b]* of slot *slots[b]*, for each KV head of *heads*, in a layer's cache
+    (slots, n_kv, max_len, head_dim) seen as rows of head_dim: (B, n_kv)."""
+    return ((slots * heads.numel())[:, None] + heads[None, :]) * max_len + at[:, None]
+
+
+def _kv_spans(rows, first, pos, max_len: int):
+    """Where each (slot, KV head) of slots [:B] has its keys, from the rows of its current position *pos*
+    (:func:`_kv_rows`, where the step writes): flash attention's cumulative key offsets (B * n_kv + 1, int32;
+    offsets, not lengths: a slot's keys start at its first position) and its used lengths (first .. pos
+    inclusive, at least 1: a free slot sees one)."""
     import torch
 
-    B = first.shape[0]
-    heads = torch.arange(n_kv, device=first.device)
-    starts = ((torch.arange(B, device=first.device) * n_kv)[:, None] + heads[None, :]) * max_len + first[:, None]
-    cu_k = torch.cat([starts.reshape(-1), starts.new_full((1,), B * n_kv * max_len)]).to(torch.int32)
-    used = (pos + 1 - first).clamp(min=1)[:, None].expand(B, n_kv).reshape(-1).to(torch.int32)
+    starts = rows - (pos - first)[:, None]
+    cu_k = torch.cat([starts.reshape(-1), starts.new_full((1,), rows.numel() * max_len)]).to(torch.int32)
+    used = (pos + 1 - first).clamp(min=1)[:, None].expand_as(rows).reshape(-1).to(torch.int32)
     return cu_k, used
 
 

@@ -769,7 +769,7 @@ def test_each_slot_s_first_position_and_position_bound_what_its_mask_lets_it_see
     """Decode attention on a GPU reads each slot's keys from kv_first to pos (flash attention's offsets,
     fastgen._kv_spans) instead of masking the span: on lines prefilled together with left padding, joined
     later and freed, those bounds are exactly the positions the SDPA path's mask marks."""
-    from htrd.fastgen import _kv_spans
+    from htrd.fastgen import _kv_rows, _kv_spans
     from htrd.generation import Seq
 
     preps = [fast.prepare(im) for im in IMAGES]
@@ -781,7 +781,8 @@ def test_each_slot_s_first_position_and_position_bound_what_its_mask_lets_it_see
         B = fast.bucket_for(max(i for i, s in enumerate(fast._seqs) if s is not None) + 1)
         first, pos = fast.kv_first[:B], fast.pos[:B]
         assert len({int(x) for x in first}) > 1  # lines with different padding run
-        cu_k, used = _kv_spans(first, pos, fast.n_kv, fast.max_cache_len)
+        rows = _kv_rows(fast.rows[:B], fast.kv_heads, pos, fast.max_cache_len)
+        cu_k, used = _kv_spans(rows, first, pos, fast.max_cache_len)
         for slot in range(B):
             # the mask marks [first, pos) after a step; the next step adds pos itself, the position it writes
             seen = fast.attend[slot].nonzero().flatten().tolist() + [int(pos[slot])]

@@ -160,7 +160,7 @@ def test_decode_attention_reads_each_slot_s_own_keys_as_the_masked_span_does(cud
     pos) gives SDPA's attention over the masked span, on the live cache of lines prefilled together with left
     padding, one joined later and one freed; the generator checked it at start (flash_decode on). The steps run
     through SDPA here, which keeps its mask current (decode steps with flash attention do not update it)."""
-    from htrd.fastgen import FastGenerator, _flash_decode, _kv_spans, _sdpa_decode
+    from htrd.fastgen import FastGenerator, _flash_decode, _kv_rows, _kv_spans, _sdpa_decode
     from htrd.generation import Seq
 
     gen = FastGenerator.load(demo_model_dir, device=cuda, prompt=PROMPT, batch_sizes=[1, 2, 4], max_cache_len=512,
@@ -176,7 +176,8 @@ def test_decode_attention_reads_each_slot_s_own_keys_as_the_masked_span_does(cud
     with torch.inference_mode():
         first, pos = gen.kv_first[:B], gen.pos[:B]
         assert len(set(first.tolist())) > 1
-        cu_k, used = _kv_spans(first, pos, gen.n_kv, gen.max_cache_len)
+        rows = _kv_rows(gen.rows[:B], gen.kv_heads, pos, gen.max_cache_len)
+        cu_k, used = _kv_spans(rows, first, pos, gen.max_cache_len)
         seen = gen.attend[:B, :L].clone()
         seen[torch.arange(B, device=gen.device), pos] = True  # what the step adds before attending
         bias = torch.zeros((B, 1, 1, L), device=gen.device).masked_fill_(~seen[:, None, None], float("-inf"))

@@ -119,26 +119,27 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             return ref(**kw).logits[0, p.prompt_len - 1:].float()
 
-    def gaps(p, chosen: list[int]) -> list[float]:
-        logits = ref_logits(p, chosen)
+    def gaps(logits, chosen: list[int]) -> list[float]:
         best = logits.max(dim=-1).values
         pick = logits[torch.arange(len(chosen)), torch.tensor(chosen).to(dev)]
         return (best - pick).tolist()
 
     report = {"gpu": torch.cuda.get_device_name(0) if dev != "cpu" else "cpu", "new_tokens": new, "widths": WIDTHS,
               "decode_attention": decode_attention, "paths": {}}
+    hf_ref = [ref_logits(p, toks) for p, toks in zip(preps, hf)]  # scores HF's path and the forced decode steps
     for name, seqs in (("hf_bf16_generate", hf), ("fast_alone", alone), ("fast_batched", batched),
                        ("fast_joined", joined), ("fast_replayed_prefill", replayed),
                        ("fast_replayed_lm_part", lm_replayed)):
-        g = [x for p, s in zip(preps, seqs) for x in gaps(p, s)]
+        g = [x for i, (p, s) in enumerate(zip(preps, seqs))
+             for x in gaps(hf_ref[i] if seqs is hf else ref_logits(p, s), s)]
         agree = sum(1 for x in g if x <= 0.0)
         report["paths"][name] = {"max_gap": max(g), "p99_gap": sorted(g)[int(0.99 * (len(g) - 1))],
                                  "mean_gap": sum(g) / len(g), "fp32_agrees": agree, "tokens": len(g)}
     # Logit error against fp32 along HF's tokens (decode steps: tokens 1..), per step the largest |difference|
     errors = {"hf_bf16_generate": hf_logits, **{f"fast_forced_{k}_decode": v for k, v in forced.items()}}
     diffs = {name: [] for name in errors}
-    for i, (p, toks) in enumerate(zip(preps, hf)):
-        want = ref_logits(p, toks)[1:].cpu()
+    for i in range(len(preps)):
+        want = hf_ref[i][1:].cpu()
         for name, got in errors.items():
             diffs[name].append((got[i] - want).abs().amax(dim=-1))
     report["forced_logit_error"] = {}

@@ -84,7 +84,7 @@ def pct(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-# ------------------------------------------------------------------ GPU memory sampler
+# ------------------------------------------------------------------ GPU sampler (memory, utilization)
 class GpuSampler:
     """Peak used memory of each visible GPU (NVML), sampled every 50 ms in a thread, and how busy each was:
     NVML's utilization (the share of its last sample period in which a kernel ran), averaged."""

@@ -16,25 +16,13 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from PIL import Image, ImageDraw  # noqa: E402
+from helpers import stroke_line  # noqa: E402
 
 PROMPT = "Transcribe the handwritten text in this image exactly. Output only the text."
 NEW = 24
 
 
-def _line(w: int, h: int, seed: int) -> Image.Image:
-    import random
-
-    rnd = random.Random(seed)
-    img = Image.new("RGB", (w, h), "white")
-    draw = ImageDraw.Draw(img)
-    for _ in range(25):
-        draw.line([(rnd.randrange(w), rnd.randrange(h)), (rnd.randrange(w), rnd.randrange(h))],
-                  fill=(rnd.randrange(200),) * 3, width=3)
-    return img
-
-
-IMAGES = [_line(1200, 160, 1), _line(600, 100, 2), _line(900, 130, 3)]  # different prompt lengths
+IMAGES = [stroke_line(1200, 160, 1), stroke_line(600, 100, 2), stroke_line(900, 130, 3)]  # different prompt lengths
 
 
 def _naive_model(model_dir):
@@ -353,7 +341,7 @@ def test_preprocessing_equals_the_processor_and_caches_the_prompt_per_grid(fast)
     """prepare() = image processor + prompt ids cached per image grid; equal to the processor's own encoding."""
     pre = fast.pre
     hits0 = pre.hits
-    for im in IMAGES + [_line(1200, 160, 9), _line(333, 48, 4), _line(2000, 120, 5)]:
+    for im in IMAGES + [stroke_line(1200, 160, 9), stroke_line(333, 48, 4), stroke_line(2000, 120, 5)]:
         p = pre.prepare(im)
         full = pre.encode_full(im)
         assert torch.equal(p.input_ids, full["input_ids"][0])
@@ -472,11 +460,11 @@ def test_small_prefills_replay_graphs_with_the_new_lines_inputs_and_slots(naive,
                              max_cache_len=512, max_new_tokens=NEW)
     captured = _stand_in_graphs(gen, lambda inputs: "whole" if inputs[0].dtype == torch.long else "lm")
     a = gen.prepare(IMAGES[0])
-    other_grid = _line(1000, 160, 9)  # another grid, the same padded width
+    other_grid = stroke_line(1000, 160, 9)  # another grid, the same padded width
     b = gen.prepare(other_grid)
     assert b.image_grid_thw.tolist() != a.image_grid_thw.tolist()
     assert _round_up(b.prompt_len, PREFILL_BUCKET) == _round_up(a.prompt_len, PREFILL_BUCKET) != a.prompt_len
-    same_shape = _line(1200, 160, 7)  # IMAGES[0]'s size, other strokes
+    same_shape = stroke_line(1200, 160, 7)  # IMAGES[0]'s size, other strokes
     assert LM_GRAPH_AFTER < PREFILL_GRAPH_AFTER
     for k in range(LM_GRAPH_AFTER):
         assert captured == [] and gen.prefill_replays == 0
@@ -600,7 +588,7 @@ def test_small_prefills_replay_the_vision_tower_per_padded_patch_bucket(naive, d
     gen.vision.varlen = True  # as on a GPU (the CPU runs the blocks' attention in a loop)
     captured = _stand_in_graphs(gen, lambda inputs: "vision" if inputs[-1].dtype == torch.int32 else "other")
     a = gen.prepare(IMAGES[0])
-    other = _line(800, 150, 11)
+    other = stroke_line(800, 150, 11)
     b = gen.prepare(other)
     assert b.image_grid_thw.tolist() != a.image_grid_thw.tolist()
     assert gen.vision.rows_for(int(a.pixel_values.shape[0])) == gen.vision.rows_for(int(b.pixel_values.shape[0]))

@@ -24,10 +24,6 @@ def cuda():
     return "cuda"
 
 
-def _image(w: int, h: int, seed: int):
-    return stroke_line(w, h, seed)
-
-
 def test_cuda_graphs_replay_the_eager_step_exactly(cuda, demo_model_dir):
     """Graph replay runs the very kernels of the eager step: identical tokens, batched and padded."""
     from htrd.fastgen import FastGenerator
@@ -35,7 +31,7 @@ def test_cuda_graphs_replay_the_eager_step_exactly(cuda, demo_model_dir):
     kw = dict(device=cuda, prompt=PROMPT, batch_sizes=[1, 2, 4], max_cache_len=512, max_new_tokens=NEW)
     graphs = FastGenerator.load(demo_model_dir, cuda_graphs=True, **kw)
     eager = FastGenerator.load(demo_model_dir, cuda_graphs=False, **kw)
-    images = [_image(1200, 160, 1), _image(700, 120, 2), _image(1200, 160, 3)]
+    images = [stroke_line(1200, 160, 1), stroke_line(700, 120, 2), stroke_line(1200, 160, 3)]
     graphs.warmup(images[0], max_new_tokens=NEW)  # captures every (batch, span) graph, as before READY
     a = graphs.generate([graphs.prepare(im) for im in images], min_new_tokens=NEW)
     b = eager.generate([eager.prepare(im) for im in images], min_new_tokens=NEW)
@@ -64,7 +60,7 @@ def test_compiled_fast_path_starts_like_hf_generate(cuda, demo_model_dir, tmp_pa
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(demo_model_dir, local_files_only=True)
-    image = _image(1200, 160, 4)
+    image = stroke_line(1200, 160, 4)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     enc = processor(text=[text], images=[image], return_tensors="pt").to(cuda)
@@ -94,13 +90,13 @@ def test_small_prefills_are_captured_and_replay_the_eager_prefill(cuda, demo_mod
     gen = FastGenerator.load(demo_model_dir, cuda_graphs=True, **kw)
     eager = FastGenerator.load(demo_model_dir, cuda_graphs=False, **kw)
     sizes = [(1000, 140, 5), (640, 120, 6)]
-    a, b = (gen.prepare(_image(*s)) for s in sizes)
+    a, b = (gen.prepare(stroke_line(*s)) for s in sizes)
     assert gen.vision.varlen
     with torch.inference_mode():
         batch, layout = gen._collate([a, b]), prompt_layout([a, b], device=gen.device)
         assert gen.vision.check(batch["pixel_values"], batch["image_grid_thw"], layout.grids, layout.vision_lengths)
     assert gen.vision.varlen, "the padded vision tower differs from HF's forward"
-    want = [x.token_ids for x in eager.generate([eager.prepare(_image(*s)) for s in sizes], min_new_tokens=NEW)]
+    want = [x.token_ids for x in eager.generate([eager.prepare(stroke_line(*s)) for s in sizes], min_new_tokens=NEW)]
     runs = [gen.generate([a], min_new_tokens=NEW)[0].token_ids for _ in range(4)]
     # both parts captured; both replayed; whole captured; whole replayed
     assert gen.prefill_replays == 2 and len(gen._prefill_graphs) == 1 and len(gen._lm_graphs) == 1
@@ -111,13 +107,13 @@ def test_small_prefills_are_captured_and_replay_the_eager_prefill(cuda, demo_mod
     assert pair == [want] * 4
     width = _round_up(a.prompt_len, PREFILL_BUCKET)
     c_size = next((w, h, 7) for w in range(1000, 200, -32) for h in (140, 120, 100)
-                  if (p := gen.prepare(_image(w, h, 7))).image_grid_thw.tolist() != a.image_grid_thw.tolist()
+                  if (p := gen.prepare(stroke_line(w, h, 7))).image_grid_thw.tolist() != a.image_grid_thw.tolist()
                   and _round_up(p.prompt_len, PREFILL_BUCKET) == width
                   and gen.vision.rows_for(p.pixel_values.shape[0]) == gen.vision.rows_for(a.pixel_values.shape[0]))
     vision_replays = gen.vision_replays
-    got = gen.generate([gen.prepare(_image(*c_size))], min_new_tokens=NEW)[0].token_ids
+    got = gen.generate([gen.prepare(stroke_line(*c_size))], min_new_tokens=NEW)[0].token_ids
     assert gen.prefill_replays == 5 and gen.vision_replays == vision_replays + 1  # both parts' graphs
-    assert got == eager.generate([eager.prepare(_image(*c_size))], min_new_tokens=NEW)[0].token_ids
+    assert got == eager.generate([eager.prepare(stroke_line(*c_size))], min_new_tokens=NEW)[0].token_ids
 
 
 def test_a_prefill_launched_behind_decode_steps_never_waits_for_the_gpu(cuda, demo_model_dir):
@@ -132,10 +128,10 @@ def test_a_prefill_launched_behind_decode_steps_never_waits_for_the_gpu(cuda, de
     gen = FastGenerator.load(demo_model_dir, cuda_graphs=True, **kw)
     eager = FastGenerator.load(demo_model_dir, cuda_graphs=False, **kw)
     sizes = [(1200, 160, 8), (760, 110, 9)]
-    gen.warmup(_image(*sizes[0]), max_new_tokens=NEW)
-    want = [eager.generate([eager.prepare(_image(*s))], min_new_tokens=NEW)[0].token_ids for s in sizes]
-    newcomer = gen.prepare(_image(*sizes[1]))  # preprocessing is the CPU pool's, not the inference thread's
-    gen.add([Seq(gen.prepare(_image(*sizes[0])), NEW, NEW, tag=0)])
+    gen.warmup(stroke_line(*sizes[0]), max_new_tokens=NEW)
+    want = [eager.generate([eager.prepare(stroke_line(*s))], min_new_tokens=NEW)[0].token_ids for s in sizes]
+    newcomer = gen.prepare(stroke_line(*sizes[1]))  # preprocessing is the CPU pool's, not the inference thread's
+    gen.add([Seq(gen.prepare(stroke_line(*sizes[0])), NEW, NEW, tag=0)])
     calls = []
 
     def join():
@@ -167,7 +163,7 @@ def test_decode_attention_reads_each_slot_s_own_keys_as_the_masked_span_does(cud
                              max_new_tokens=NEW, cuda_graphs=False)
     assert gen.flash_decode, "flash attention over the slots is off (see the log) on a GPU that has it"
     gen.flash_decode = False  # steps through SDPA keep the mask (`attend`) current: the reference below
-    preps = [gen.prepare(_image(*s)) for s in [(1200, 160, 11), (500, 100, 12), (900, 130, 13)]]
+    preps = [gen.prepare(stroke_line(*s)) for s in [(1200, 160, 11), (500, 100, 12), (900, 130, 13)]]
     gen.add([Seq(preps[0], NEW, tag=0), Seq(preps[1], 2, tag=1)])
     gen.step(steps=2)
     gen.add([Seq(preps[2], NEW, tag=2)])

@@ -54,7 +54,7 @@ from .api_errors import ApiError
 from .faults import Faults
 from .generation import Finished, Seq
 from .metrics import Metrics
-from .model import Prepared, resolve_dtype_name
+from .model import Prepared, _first_line, resolve_dtype_name
 from .state import DaemonState
 
 logger = logging.getLogger(__name__)
@@ -586,8 +586,3 @@ def _settle(item: WorkItem, *, result: Any = None, exc: BaseException | None = N
 def _deadline_error(item: WorkItem) -> ApiError:
     return ApiError("deadline_exceeded", "the request was not done within limits.request_deadline_s; retry later "
                     "or raise the limit", detail={"request_id": item.request_id})
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]

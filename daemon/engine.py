@@ -34,6 +34,7 @@ the first request after READY is as fast as the others.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
@@ -47,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from htrctl.errors import GpuError
+from htrctl.errors import GpuError, ModelError
 from htrctl.protocol import PageResult, Timings
 
 from .api_errors import ApiError
@@ -128,6 +129,8 @@ class Engine:
         from .model import Preprocessor, load_model
 
         gen_s = self.settings.generation
+        compiling = self.fast and self.device.startswith("cuda") and gen_s.compile
+        precompiled = self._precompile() if compiling else None
         loaded = load_model(self.model_dir, device=self.device, dtype=self.settings.model.dtype,
                             variant=self.settings.model.variant, merge=self.fast, progress=progress)
         if self.device.startswith("cuda"):
@@ -138,15 +141,14 @@ class Engine:
         pre = Preprocessor(loaded.processor, loaded.model, prompt=gen_s.prompt,
                            one_cpu_thread=self.device.startswith("cuda"))
         if self.fast:
-            from .fastgen import FastGenerator, configure_compile_cache
+            from .fastgen import FastGenerator
 
-            compile_ = self.device.startswith("cuda") and gen_s.compile
-            if compile_:
-                configure_compile_cache(gen_s.compile_cache_dir)
             progress("building the fast generator (static KV cache with slots)")
             self.gen = FastGenerator(loaded.model, loaded.processor, batch_sizes=self.batch_sizes,
                                      max_cache_len=gen_s.max_cache_len, max_new_tokens=gen_s.max_new_tokens,
-                                     prefill_chunk=gen_s.prefill_chunk, compile=compile_, preprocessor=pre)
+                                     prefill_chunk=gen_s.prefill_chunk, compile=compiling, preprocessor=pre)
+            if precompiled is not None:
+                precompiled.join()  # the warm-up must not compile the same ops beside it
             self.batch_sizes = list(self.gen.batch_sizes)  # those whose KV cache fits
             self.max_batch = self.gen.slots
         else:
@@ -160,6 +162,38 @@ class Engine:
         logger.info("model loaded in %.2fs: variant=%s dtype=%s device=%s params=%d generator=%s slots=%d",
                     self.load_s, self.variant, self.dtype_name, self.device,
                     sum(p.numel() for p in loaded.model.parameters()), type(self.gen).__name__, self.gen.slots)
+
+    def _precompile(self) -> threading.Thread | None:
+        """Point the compile caches at the state directory and start compiling the fast path's elementwise ops
+        (:func:`htrd.fastgen.precompile_ops`) in a thread while the weights load -- ~4 s of an H200's warm-up
+        otherwise (8 compilations from the persistent cache, the first paying inductor's imports). Never
+        fatal: what it does not compile, the warm-up does."""
+        from htrctl.modeldir import variant_paths
+
+        from .fastgen import configure_compile_cache, precompile_ops
+
+        configure_compile_cache(self.settings.generation.compile_cache_dir)
+        try:
+            _, weights, _ = variant_paths(self.model_dir, self.settings.model.variant)
+            text_config = json.loads((weights / "config.json").read_text())["text_config"]
+        except (ModelError, OSError, ValueError, KeyError, TypeError):
+            return None  # load_model reports what is wrong with the directory
+        dtype_name = resolve_dtype_name(self.settings.model.dtype, self.device)
+
+        def run() -> None:
+            t0 = time.monotonic()
+            try:
+                n = precompile_ops(text_config, device=self.device, dtype_name=dtype_name)
+            except Exception as exc:  # noqa: BLE001 -- the warm-up compiles them instead
+                logger.warning("compiling the fast path's ops beside the load failed (%s: %s); the warm-up "
+                               "compiles them", type(exc).__name__, _first_line(exc))
+                return
+            logger.info("compiled the fast path's ops (%d calls) beside the load in %.1f s", n,
+                        time.monotonic() - t0)
+
+        thread = threading.Thread(target=run, name="htrd-precompile", daemon=True)
+        thread.start()
+        return thread
 
     def _beat(self) -> None:
         self.heartbeat = time.monotonic()

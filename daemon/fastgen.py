@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import functools
 import heapq
+import itertools
 import logging
 import math
 import os
@@ -76,9 +77,12 @@ from pathlib import Path
 from .generation import Finished, GeneratorBase, Seq
 from .model import (
     DEFAULT_PROMPT,
+    Prepared,
     Preprocessor,
+    PromptLayout,
     _first_line,
     has_flash_varlen,
+    image_grids,
     load_model,
     prompt_layout,
     to_device,
@@ -122,6 +126,10 @@ LM_GRAPH_AFTER = 1
 # is prefilled by two replays once its buckets have been seen. Kept like the whole graphs (none dropped); the
 # language model's cache has room for every (lines, padded width) of the cache's length.
 VISION_GRAPHS = 96
+# Packed prefills (every prompt back to back, flash attention per line): padded to _pack_width tokens, at least
+# this many; the language model's part is one CUDA graph per padded width.
+PACK_MIN = 64
+PACKED_BUFFER_TOKENS = 4096  # the packed graphs' static inputs are sized for this many tokens at first
 
 
 def configure_compile_cache(cache_dir: str | os.PathLike | None) -> Path | None:
@@ -250,11 +258,17 @@ class FastGenerator(GeneratorBase):
         self._vision_buffers: list = []  # the vision graphs' static inputs
         self.prefill_replays = 0
         self.vision_replays = 0
+        self._packed_graphs: dict[int, _PrefillGraph] = {}
+        self._packed_buffers: list = []  # the packed prefill graphs' static inputs
         self._alloc_state()
         self.flash_decode = self._flash_decode_ok()
+        # Prefills packed (every prompt's tokens back to back, no padding) where flash attention's variable-length
+        # kernel runs (it passed the decode check above; the warm-up checks the packed prefill itself:
+        # _packed_matches), and on the CPU (attention per line). GPUs without it left-pad each group.
+        self.packed = self.flash_decode or self.device.type == "cpu"
         self._fuse_weights()
         self.vision = VisionTower(self.model.model.visual, compile=self.compile)
-        self._ops = _Ops(torch, compile=self.compile)
+        self._ops = _ops(torch, compile=self.compile)
         self._step_fn = self._decode_step
 
     @classmethod
@@ -292,8 +306,13 @@ class FastGenerator(GeneratorBase):
         torch = self.torch
         dev, S, L = self.device, self.slots, self.max_cache_len
         shape = (S, self.n_kv, L, self.head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in self.layers]
-        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in self.layers]
+        # Each layer's cache is one allocation of its rows of head_dim plus one scratch row, where a packed
+        # prefill's padding tokens write their keys and values (see _packed_layers).
+        flat = [[torch.zeros((math.prod(shape) + self.head_dim,), dtype=self.dtype, device=dev) for _ in self.layers]
+                for _ in range(2)]
+        self._k_rows, self._v_rows = ([f.view(-1, self.head_dim) for f in fs] for fs in flat)
+        self.k_cache, self.v_cache = ([f[:-self.head_dim].view(shape) for f in fs] for fs in flat)
+        self._scratch_row = S * self.n_kv * L
         # Which cache positions a slot sees: SDPA's mask (decode steps without flash attention keep it current).
         self.attend = torch.zeros((S, L), dtype=torch.bool, device=dev)
         self.attend[:, 0] = True  # a free slot sees one position: no all-masked softmax
@@ -310,6 +329,7 @@ class FastGenerator(GeneratorBase):
         self.finished = torch.ones((S,), dtype=torch.bool, device=dev)
         self.out = torch.zeros((S, self.max_new_tokens + 1), dtype=torch.long, device=dev)  # generated tokens
         self.rows = torch.arange(S, dtype=torch.long, device=dev)
+        self.rows_l = torch.arange(L, dtype=torch.long, device=dev)  # cache positions
         self.kv_heads = torch.arange(self.n_kv, dtype=torch.long, device=dev)
         self._true = torch.ones((), dtype=torch.bool, device=dev)
         self.eos = torch.tensor(self.eos_ids, dtype=torch.long, device=dev)
@@ -351,6 +371,35 @@ class FastGenerator(GeneratorBase):
             logger.warning("flash attention over the KV cache's slots differs from SDPA with a mask: decode steps "
                            "use SDPA over every position of the span")
             return False
+        return True
+
+    def _packed_matches(self, prep: Prepared) -> bool:
+        """The packed prefill (flash attention per line) against the left-padded one (SDPA with a mask) on two
+        copies of *prep*, both eager, in free slots: each line's last hidden state agrees within half-precision
+        rounding (relative norm of the difference <= 2 %). Where it fails or differs (a torch whose kernel reads its bounds
+        otherwise): logged, and prefills are left-padded."""
+        items, slots = [prep, prep], [0, 1]
+        graphs, self._prefill_graphs_ok = self._prefill_graphs_ok, False
+        try:
+            batch = self._collate(items)
+            layout = prompt_layout(items, device=self.device)
+            ref = self._prompt_forward(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+                                       layout.position_ids, layout.image_index, self._on_device(slots),
+                                       batch["image_grid_thw"], layout).float()
+            got = self._packed_last(batch, items, slots).float()
+        except RuntimeError as exc:
+            logger.warning("packed prefills fail here (%s): prompts are left-padded to their group's longest",
+                           _first_line(exc))
+            return False
+        finally:
+            self._prefill_graphs_ok = graphs
+            self._reset_slots(slots)
+        err = float(((got - ref).norm(dim=-1) / ref.norm(dim=-1)).max())
+        if not err <= 0.02:
+            logger.warning("packed prefills (flash attention per line) differ from left-padded ones (%.1f %%): "
+                           "prompts are left-padded to their group's longest", 100 * err)
+            return False
+        logger.info("packed prefills checked against left-padded ones: %.2f %% apart at most", 100 * err)
         return True
 
     def _reset_slots(self, slots: list[int]) -> None:
@@ -438,30 +487,36 @@ class FastGenerator(GeneratorBase):
         t0 = time.perf_counter()
         n = len(seqs)
         items = [s.prepared for s in seqs]
-        width = self._graph_width(seqs)
+        packed = self.packed
+        width = None if packed else self._graph_width(seqs)
         batch = self._collate(items, width)
         P = int(batch["input_ids"].shape[1])
-        layout = prompt_layout(items, device=self.device, width=width)
+        # Each line's cache positions [first, end): from 0 packed, else its prompt left-padded to the group's width.
+        ends = [it.prompt_len if packed else P for it in items]
+        firsts = [0 if packed else P - it.prompt_len for it in items]
         max_new = [min(int(s.max_new_tokens), self.max_new_tokens) for s in seqs]
         min_new = [max(0, min(int(s.min_new_tokens), m)) for s, m in zip(seqs, max_new)]
         slots = [heapq.heappop(self._free) for _ in range(n)]
-        # The slots and the lines' host values in one copy: slots, rope deltas, max_new, min_new, first positions.
-        st, delta, lim_max, lim_min, first_pos = self._on_device(
-            [*slots, *(it.rope_span - P for it in items), *max_new, *min_new,
-             *(P - it.prompt_len for it in items)]).view(5, n)
+        # The slots and the lines' host values in one copy: slots, rope deltas, max_new, min_new, first and end
+        # positions.
+        st, delta, lim_max, lim_min, first_pos, end_pos = self._on_device(
+            [*slots, *(it.rope_span - e for it, e in zip(items, ends)), *max_new, *min_new, *firsts, *ends]).view(6, n)
         try:
             with _no_cudnn_attention(torch):
-                last = self._prompt_last(batch, layout, st)
+                if packed:
+                    last = self._packed_last(batch, items, slots)
+                else:
+                    last = self._prompt_last(batch, prompt_layout(items, device=self.device, width=width), st)
         except BaseException:
             for s in slots:
                 heapq.heappush(self._free, s)
             raise
         # Nothing below waits for the GPU: host values reach it through pinned non-blocking copies, scalars
         # through index_fill_ (see _on_device).
-        self.attend.index_fill_(0, st, False)
-        self.attend[st, :P] = batch["attention_mask"].bool()
+        seen = self.rows_l[None]
+        self.attend[st] = (seen >= first_pos[:, None]) & (seen < end_pos[:, None])
         self.delta[st] = delta
-        self.pos.index_fill_(0, st, P)
+        self.pos[st] = end_pos
         self.kv_first[st] = first_pos
         self.lim_max[st] = lim_max
         self.lim_min[st] = lim_min
@@ -473,9 +528,9 @@ class FastGenerator(GeneratorBase):
         self.nstep.index_fill_(0, st, 1)
         self.finished[st] = (first[:, None] == self.eos[None, :]).any(dim=1) | (lim_max <= 1)
         t1 = time.perf_counter()
-        for s, slot, m in zip(seqs, slots, max_new):
+        for s, slot, m, e in zip(seqs, slots, max_new, ends):
             self._seqs[slot] = s
-            self._need[slot] = P + m
+            self._need[slot] = e + m
             self._left[slot] = m - 1  # the prefill chose the first token
             self._group[slot] = n
             self._prefill_ms[slot] = (t1 - t0) * 1000.0
@@ -677,6 +732,101 @@ class FastGenerator(GeneratorBase):
             self._lm_graphs[(n, P)] = g
         return last
 
+    def _packed_last(self, batch, items: Sequence[Prepared], slots: list[int]):
+        """The prompts of a prefill packed back to back (no padding) through the model, keys and values into
+        *slots* at positions [0, prompt length); returns each line's last hidden state, (n, H). Its tokens
+        are padded to :func:`_pack_width` and the language model's part replays a CUDA graph per padded width
+        (captured on the width's first prefill): a prefill of any number of lines is a few launches, where
+        the eager one is bound by launching ~1,000 kernels (on an H200 under load, a 7-line prefill kept the
+        GPU busy under half its time). The vision tower: replayed for small prefills, else eager."""
+        torch = self.torch
+        n, N = len(items), self.prefill_chunk
+        lens = [it.prompt_len for it in items]
+        T = _pack_width(sum(lens))
+        # Host-built, one copy: token ids, rope positions (3 rows), each token's slot (padding: the scratch
+        # slot) and cache position, the sequences' bounds (the padding is one more sequence, then empty ones up
+        # to N lines), each line's last token, the image tokens' places.
+        ids = torch.full((T,), self.pad_id, dtype=torch.long)
+        pos3 = torch.zeros((3, T), dtype=torch.long)
+        tok_slot = torch.full((T,), self.slots, dtype=torch.long)
+        tok_pos = torch.zeros((T,), dtype=torch.long)
+        cu = torch.full((N + 2,), T, dtype=torch.long)
+        last = torch.zeros((N,), dtype=torch.long)
+        index, off = [], 0
+        cu[0] = 0
+        for i, (it, slot, m) in enumerate(zip(items, slots, lens)):
+            ids[off : off + m] = it.input_ids
+            pos3[:, off : off + m] = it.positions
+            tok_slot[off : off + m] = slot
+            tok_pos[off : off + m] = torch.arange(m)
+            index.append(it.image_positions + off)
+            off += m
+            cu[i + 1] = off
+            last[i] = off - 1
+        index = torch.cat(index)
+        parts = to_device(torch.cat([ids, pos3.view(-1), tok_slot, tok_pos, cu, last, index]), self.device).split(
+            [T, 3 * T, T, T, N + 2, N, int(index.shape[0])])
+        ids_d, pos_d, slot_d, tpos_d, cu_d, last_d, index_d = parts
+        lengths, grids = image_grids(items)
+        layout = PromptLayout(position_ids=None, image_index=index_d, vision_lengths=lengths, grids=grids)
+        embeds, deepstack = self._prompt_inputs(ids_d, batch["pixel_values"], index_d, batch["image_grid_thw"],
+                                                layout, replay_vision=self._small_prefill_graphs(n))
+        args = [embeds, pos_d.view(3, T), slot_d, tpos_d, cu_d.int(), last_d,
+                *self._dense_deepstack(index_d, deepstack, T)]
+        g = self._packed_graphs.get(T)
+        if g is not None:
+            return self._replay(g, args)[:n]
+        if not self._prefill_graphs_ok:
+            return self._packed_layers(*args)[:n]
+        inputs = self._static_inputs(self._packed_buffers, args, T, max(T, PACKED_BUFFER_TOKENS))
+
+        def lm_part():
+            return self._packed_layers(*inputs)
+
+        out = lm_part()  # eagerly first: the capture then finds every kernel it records
+        g = self._record(lm_part, inputs, out, [])
+        if g is not None:
+            self._packed_graphs[T] = g
+        return out[:n]
+
+    def _packed_layers(self, h, pos3, tok_slot, tok_pos, cu, last, vis, *deepstack):
+        """The language model over packed prompts *h* (T, H): rope positions *pos3* (3, T); each token's keys
+        and values land in its slot *tok_slot* at cache position *tok_pos* (padding tokens: slot ``slots``, the
+        cache's scratch row); causal flash attention within each sequence of the bounds *cu* (int32); the
+        deepstack features join at *vis*. Returns the final norm at the positions *last*, (len(last), H). Shapes
+        depend on T only (and the prefill chunk): captured per T."""
+        torch = self.torch
+        F = torch.nn.functional
+        ops = self._ops
+        T = h.shape[0]
+        nh, nkv, hd, L = self.n_heads, self.n_kv, self.head_dim, self.max_cache_len
+        cos, sin = self.text.rotary_emb(h[None], pos3[:, None])  # (1, T, hd)
+        cos, sin = cos.reshape(T, 1, hd), sin.reshape(T, 1, hd)
+        rows = (tok_slot[:, None] * nkv + self.kv_heads[None]) * L + tok_pos[:, None]
+        rows = torch.where(tok_slot[:, None] < self.slots, rows, self._scratch_row).reshape(-1)
+        # Every real sequence fits the cache; the padding sequence is shorter than one step of _pack_width.
+        span = min(T, max(L, T // 8 + PACK_MIN))
+        x = ops.rms(h, self.layers[0].input_layernorm.weight, self.eps)
+        for li, layer in enumerate(self.layers):
+            att = layer.self_attn
+            qkv = F.linear(x, self._qkv_w[li])
+            q, k, v = ops.qk(qkv, att.q_norm.weight, att.k_norm.weight, cos, sin, nh, nkv, hd, self.eps)
+            k, v = k.reshape(T, nkv, hd), v.reshape(T, nkv, hd)
+            self._k_rows[li].index_copy_(0, rows, k.reshape(T * nkv, hd))
+            self._v_rows[li].index_copy_(0, rows, v.reshape(T * nkv, hd))
+            o = _packed_attention(q.reshape(T, nh, hd), k, v, cu, span=span, scale=att.scaling)
+            h, x = ops.add_rms(h, F.linear(o.reshape(T, nh * hd), att.o_proj.weight),
+                               layer.post_attention_layernorm.weight, self.eps)
+            d = F.linear(ops.silu_mul(F.linear(x, self._gu_w[li])), layer.mlp.down_proj.weight)
+            nxt_w = self.layers[li + 1].input_layernorm.weight if li + 1 < len(self.layers) else self.text.norm.weight
+            if li < len(deepstack):  # deepstack: the vision tower's layer features join here
+                h = h + d
+                h.index_add_(0, vis, deepstack[li])
+                x = ops.rms(h, nxt_w, self.eps)
+            else:
+                h, x = ops.add_rms(h, d, nxt_w, self.eps)
+        return x.index_select(0, last)
+
     def _replay(self, g: _PrefillGraph, args) -> object:
         for buf, a in zip(g.inputs, args):
             buf.copy_(a)
@@ -823,11 +973,13 @@ class FastGenerator(GeneratorBase):
         bias = torch.zeros((allowed.shape[0], 1, P, P), dtype=h.dtype, device=dev).masked_fill_(
             ~allowed[:, None], float("-inf"))
         g = nh // nkv
-        x = ops.prefill_rms(h, self.layers[0].input_layernorm.weight, self.eps)
+        # Rows (n*P, H) throughout, as the decode step's (B, H): the same compiled ops serve both (see _Ops).
+        h = h.reshape(n * P, H)
+        x = ops.rms(h, self.layers[0].input_layernorm.weight, self.eps)
         for li, layer in enumerate(self.layers):
             att = layer.self_attn
-            qkv = F.linear(x, self._qkv_w[li]).view(n * P, -1)
-            q, k, v = ops.prefill_qk(qkv, att.q_norm.weight, att.k_norm.weight, cos, sin, nh, nkv, hd, self.eps)
+            qkv = F.linear(x, self._qkv_w[li])
+            q, k, v = ops.qk(qkv, att.q_norm.weight, att.k_norm.weight, cos, sin, nh, nkv, hd, self.eps)
             q = q.reshape(n, P, nh, hd).transpose(1, 2)
             k = k.reshape(n, P, nkv, hd).transpose(1, 2)
             v = v.reshape(n, P, nkv, hd).transpose(1, 2)
@@ -836,17 +988,17 @@ class FastGenerator(GeneratorBase):
             k = k[:, :, None].expand(n, nkv, g, P, hd).reshape(n, nh, P, hd)
             v = v[:, :, None].expand(n, nkv, g, P, hd).reshape(n, nh, P, hd)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=att.scaling)
-            o = o.transpose(1, 2).reshape(n, P, nh * hd)
-            h, x = ops.prefill_add_rms(h, F.linear(o, att.o_proj.weight), layer.post_attention_layernorm.weight, self.eps)
-            d = F.linear(ops.prefill_silu_mul(F.linear(x, self._gu_w[li])), layer.mlp.down_proj.weight)
+            o = o.transpose(1, 2).reshape(n * P, nh * hd)
+            h, x = ops.add_rms(h, F.linear(o, att.o_proj.weight), layer.post_attention_layernorm.weight, self.eps)
+            d = F.linear(ops.silu_mul(F.linear(x, self._gu_w[li])), layer.mlp.down_proj.weight)
             nxt_w = self.layers[li + 1].input_layernorm.weight if li + 1 < len(self.layers) else self.text.norm.weight
             if li < len(deepstack):  # deepstack: the vision tower's layer features join here
                 h = h + d
-                h.view(n * P, H).index_add_(0, vis, deepstack[li].to(h.device, h.dtype))
-                x = ops.prefill_rms(h, nxt_w, self.eps)
+                h.index_add_(0, vis, deepstack[li].to(h.device, h.dtype))
+                x = ops.rms(h, nxt_w, self.eps)
             else:
-                h, x = ops.prefill_add_rms(h, d, nxt_w, self.eps)
-        return x
+                h, x = ops.add_rms(h, d, nxt_w, self.eps)
+        return x.view(n, P, H)
 
     def _decode_step(self, B: int, L: int) -> None:
         """One greedy token for slots [:B], attending over cache positions [:L]. Only touches fixed buffers."""
@@ -980,13 +1132,16 @@ class FastGenerator(GeneratorBase):
             batch, layout = self._collate([prep]), prompt_layout([prep], device=self.device)
             with _no_cudnn_attention(self.torch):  # as in every prefill
                 self.vision.check(batch["pixel_values"], batch["image_grid_thw"], layout.grids, layout.vision_lengths)
+                if self.packed and self.device.type == "cuda":
+                    self.packed = self._packed_matches(prep)
         report = {}
         sizes = sorted({b for b in self.batch_sizes if b <= self.prefill_chunk} | {min(self.prefill_chunk, self.slots)})
         for b in sizes:
             progress(f"warming up prefills of {b} line(s)")
             tb = time.perf_counter()
             # Small prefills until the warm-up line's shape is captured (see PREFILL_GRAPH_LINES).
-            for _ in range(PREFILL_GRAPH_AFTER if self._prefill_graphs_ok and b <= PREFILL_GRAPH_LINES else 1):
+            small = self._prefill_graphs_ok and not self.packed and b <= PREFILL_GRAPH_LINES
+            for _ in range(PREFILL_GRAPH_AFTER if small else 1):
                 self.generate([prep] * b, max_new_tokens=min(max_new, 4), decode_text=False)
             report[b] = round((time.perf_counter() - tb) * 1000.0, 1)
         progress(f"warming up a full batch of {self.slots}")
@@ -1031,6 +1186,25 @@ def _flash_decode(q, k_cache, v_cache, *, scale: float, cu_q, cu_k, used, span: 
     return torch.ops.aten._flash_attention_forward(
         q.reshape(B * nkv, g, hd), k_cache.view(-1, 1, hd), v_cache.view(-1, 1, hd), cu_q, cu_k, 1, span, 0.0,
         False, False, scale=scale, seqused_k=used)[0]
+
+
+def _packed_attention(q, k, v, cu, *, span: int, scale: float):
+    """Causal attention within each sequence of packed rows: *q* (T, heads, d), *k*/*v* (T, kv heads, d), the
+    sequences' bounds *cu* (int32, on the device). On a GPU flash attention's variable-length kernel (*span*:
+    no sequence is longer); on the CPU SDPA per sequence."""
+    import torch
+
+    if q.is_cuda:
+        return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, span, span, 0.0, True, False, scale=scale)[0]
+    g = q.shape[1] // k.shape[1]
+    out = torch.zeros_like(q)
+    bounds = cu.tolist()
+    for a, b in itertools.pairwise(bounds):
+        if b > a:
+            qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
+            out[a:b] = torch.nn.functional.scaled_dot_product_attention(
+                qs, ks.repeat_interleave(g, 0), vs.repeat_interleave(g, 0), is_causal=True, scale=scale).transpose(0, 1)
+    return out
 
 
 def _sdpa_decode(q, k_cache, v_cache, *, scale: float, bias, span: int):
@@ -1085,21 +1259,65 @@ def _silu_mul(gu):
 
 
 class _Ops:
-    """The decode step's elementwise pieces: plain PyTorch, or each compiled by inductor (fused kernels).
+    """The elementwise pieces of the decode step and the prefill: plain PyTorch, or each compiled by inductor
+    (fused kernels).
 
-    Compiled per function with dynamic batch size, so a handful of small graphs
-    serve every layer and every batch bucket; their kernels land in the
-    persistent compile cache (:func:`configure_compile_cache`). ``prefill_*`` are
-    the same functions compiled for the prefill's varying token counts.
+    One compiled copy per function serves every layer, every batch bucket and every prefill: both pass rows
+    (batch lines, or prompt tokens) x features, so after the first two row counts (batch 1, then batch 2:
+    torch.compile's automatic dynamic shapes) one graph with a dynamic row count serves every later call --
+    8 compilations before READY, not the 16 of separate prefill copies (each ~0.5 s even from the persistent
+    compile cache, :func:`configure_compile_cache`). A prompt length not seen in the warm-up reuses it.
     """
 
     def __init__(self, torch, *, compile: bool) -> None:
         fns = {"rms": _rms, "add_rms": _add_rms, "qk": _qk, "silu_mul": _silu_mul}
         for name, fn in fns.items():
             setattr(self, name, torch.compile(fn, dynamic=None, fullgraph=True) if compile else fn)
-            # The prefill's copies: dynamic in every size from the start, so a prompt length not seen in the
-            # warm-up reuses the graph instead of recompiling on a user's first request.
-            setattr(self, f"prefill_{name}", torch.compile(fn, dynamic=True, fullgraph=True) if compile else fn)
+
+
+_OPS: dict[bool, _Ops] = {}
+
+
+def _ops(torch, *, compile: bool) -> _Ops:
+    """The process's ops (one per *compile*): compiled graphs live on the functions' code, and a generator
+    built after :func:`precompile_ops` finds the graphs it compiled."""
+    if compile not in _OPS:
+        _OPS[compile] = _Ops(torch, compile=compile)
+    return _OPS[compile]
+
+
+def precompile_ops(text_config: dict, *, device: str, dtype_name: str) -> int:
+    """Compile the ops (:class:`_Ops`) for rows of 1 and of 2 on stand-in tensors of the language model's sizes
+    (*text_config*: the model's ``config.json`` ``text_config``) -- the two compilations per function every
+    warm-up needs (batch 1, then the dynamic row count). Meant for a thread while the weights load: each
+    compilation takes ~0.5 s even from the persistent cache, and the first ~2 s more (inductor's imports).
+    Returns the number of calls made. The stand-ins match the real calls' guards (dtype, device, layout,
+    inference mode, parameters); any call that does not just compiles once more in the warm-up."""
+    import torch
+
+    hidden, heads = int(text_config["hidden_size"]), int(text_config["num_attention_heads"])
+    kv = int(text_config.get("num_key_value_heads") or heads)
+    hd = int(text_config.get("head_dim") or hidden // heads)
+    inter, eps = int(text_config["intermediate_size"]), float(text_config["rms_norm_eps"])
+    dtype, dev = getattr(torch, dtype_name), torch.device(device)
+    ops = _ops(torch, compile=True)
+
+    def weight(n: int):
+        return torch.nn.Parameter(torch.ones(n, dtype=dtype, device=dev), requires_grad=False)
+
+    w, qw, kw = weight(hidden), weight(hd), weight(hd)
+    calls = 0
+    with torch.inference_mode():
+        for rows in (1, 2):
+            x = torch.zeros((rows, hidden), dtype=dtype, device=dev)
+            ops.rms(x, w, eps)
+            ops.add_rms(x, torch.zeros_like(x), w, eps)
+            qkv = torch.zeros((rows, (heads + 2 * kv) * hd), dtype=dtype, device=dev)
+            cos = torch.zeros((rows, 1, hd), dtype=dtype, device=dev)
+            ops.qk(qkv, qw, kw, cos, torch.zeros_like(cos), heads, kv, hd, eps)
+            ops.silu_mul(torch.zeros((rows, 2 * inter), dtype=dtype, device=dev))
+            calls += 4
+    return calls
 
 
 def _no_cudnn_attention(torch):
@@ -1121,6 +1339,14 @@ def _seen(counts: OrderedDict, key) -> int:
     if len(counts) > 1024:
         counts.popitem(last=False)
     return seen
+
+
+def _pack_width(tokens: int) -> int:
+    """The padded token count of a packed prefill of *tokens* prompt tokens (one CUDA graph each): rounded up
+    to an eighth of its power of two, at least PACK_MIN -- at most 12.5 % padding, 8 widths per doubling
+    (~45 for prefills of up to 16 lines of 1,024 tokens)."""
+    step = max(PACK_MIN, (1 << (max(tokens, 1).bit_length() - 1)) // 8)
+    return _round_up(tokens, step)
 
 
 def _round_up(n: int, m: int) -> int:

@@ -471,17 +471,25 @@ def prompt_layout(items, *, device, width: int | None = None) -> PromptLayout:
 
     P = max([it.prompt_len for it in items] + [width or 0])
     pos = torch.zeros((3, len(items), P), dtype=torch.long)
-    index, lengths, grids = [], [], []
+    index = []
     for i, it in enumerate(items):
         off = P - it.prompt_len
         pos[:, i, off:] = it.positions
         index.append(it.image_positions + (i * P + off))
+    lengths, grids = image_grids(items)
+    return PromptLayout(position_ids=to_device(pos, device), image_index=to_device(torch.cat(index), device),
+                        vision_lengths=lengths, grids=grids)
+
+
+def image_grids(items) -> tuple[list[int], list[tuple[int, int, int]]]:
+    """The images of *items*, in order: patches per frame (the vision tower's attention blocks) and the
+    (t, h, w) patch grid of each image."""
+    lengths, grids = [], []
+    for it in items:
         for t, h, w in it.image_grid_thw.tolist():
             lengths += [h * w] * t
             grids.append((t, h, w))
-    return PromptLayout(position_ids=to_device(pos, device), image_index=to_device(torch.cat(index), device),
-                        vision_lengths=lengths,
-                        grids=grids)
+    return lengths, grids
 
 
 def warmup_image():

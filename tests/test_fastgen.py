@@ -458,6 +458,7 @@ def test_small_prefills_replay_graphs_with_the_new_lines_inputs_and_slots(naive,
 
     gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2, 4, 8],
                              max_cache_len=512, max_new_tokens=NEW)
+    gen.packed = False  # the left-padded prefill: GPUs without flash attention's variable-length kernel
     captured = _stand_in_graphs(gen, lambda inputs: "whole" if inputs[0].dtype == torch.long else "lm")
     a = gen.prepare(IMAGES[0])
     other_grid = stroke_line(1000, 160, 9)  # another grid, the same padded width
@@ -604,6 +605,58 @@ def test_small_prefills_replay_the_vision_tower_per_padded_patch_bucket(naive, d
     assert done == {"running": naive["tokens"][1], "joined": _naive_tokens(naive["model"], naive["processor"], other)}
 
 
+def test_packed_prefills_replay_one_graph_per_padded_width(naive, demo_model_dir):
+    """Packed prefills (every prompt back to back from cache position 0; what a GPU with flash attention and
+    the CPU run): the language model's part is captured per padded token count (_pack_width) on its first
+    prefill and replayed by every later prefill of that count, whatever its lines -- one line or two of other
+    sizes, joining while others decode. A stand-in graph replays the recorded call on its static inputs;
+    naive's tokens for every line, and padding tokens write only the cache's scratch row."""
+    from htrd.fastgen import FastGenerator, _pack_width
+    from htrd.generation import Seq
+
+    gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2, 4], max_cache_len=512,
+                             max_new_tokens=NEW)
+    assert gen.packed
+    captured = _stand_in_graphs(gen, lambda inputs: _pack_width(int(inputs[0].shape[0])))
+    a, b, c = (gen.prepare(im) for im in IMAGES)
+    assert gen.generate([a])[0].token_ids == naive["tokens"][0]
+    width = _pack_width(a.prompt_len)
+    assert captured == [width] and gen.prefill_replays == 0 and width > a.prompt_len
+    for li in (0, len(gen.layers) - 1):  # slot 0's prompt; its padding in the scratch row, no other slot
+        assert not gen.k_cache[li][1:].any() and not gen.v_cache[li][1:].any()
+        assert gen.k_cache[li][0, :, : a.prompt_len].abs().sum(-1).all() and gen._k_rows[li][-1].any()
+    assert gen.generate([a])[0].token_ids == naive["tokens"][0]
+    assert captured == [width] and gen.prefill_replays == 1
+    pair = _pack_width(b.prompt_len + c.prompt_len)
+    gen.add([Seq(a, NEW, NEW, tag=0)])
+    done = gen.step(steps=3)
+    gen.add([Seq(c, NEW, NEW, tag=2), Seq(b, NEW, NEW, tag=1)])  # joining together, while line 0 decodes
+    while gen.running():
+        done += gen.step()
+    assert {f.seq.tag: f.token_ids for f in done} == dict(enumerate(naive["tokens"][:3]))
+    assert captured.count(pair) == 1 and gen.prefill_replays == 2 + (pair == width)
+
+
+def test_the_packed_prefill_check_passes_equal_prefills_and_catches_a_wrong_one(fast, monkeypatch):
+    """The warm-up's check of packed prefills against left-padded ones (on a GPU: flash attention per line vs
+    SDPA with a mask): equal on the CPU; attention that reads the lines' bounds wrong fails it (prefills are
+    then left-padded). The slots it used are free again."""
+    import htrd.fastgen as fg
+
+    prep = fast.prepare(IMAGES[0])
+    assert fast._packed_matches(prep)
+    real = fg._packed_attention
+
+    def shifted(q, k, v, cu, **kw):  # bounds read 8 tokens off: the second line misses its first 8
+        off = (cu + 8).clamp(max=int(cu[-1]))
+        off[0] = 0
+        return real(q, k, v, off, **kw)
+
+    monkeypatch.setattr(fg, "_packed_attention", shifted)
+    assert not fast._packed_matches(prep)
+    assert fast.free_slots() == fast.slots and not fast.pos.any()
+
+
 def test_full_prefill_graph_caches_capture_no_more_and_drop_none(naive, demo_model_dir, monkeypatch):
     """More recurring shapes than the whole-prefill cache holds (here 1): the first to recur keeps its graph
     and replays it; the second is never captured whole -- a full cache that dropped its least recent graph
@@ -615,6 +668,7 @@ def test_full_prefill_graph_caches_capture_no_more_and_drop_none(naive, demo_mod
     monkeypatch.setattr(fg, "PREFILL_GRAPHS", 1)
     gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2, 4], max_cache_len=512,
                              max_new_tokens=NEW)
+    gen.packed = False  # the left-padded prefill: GPUs without flash attention's variable-length kernel
     captured = _stand_in_graphs(gen, lambda inputs: "whole" if inputs[0].dtype == torch.long else "lm")
     a, b = gen.prepare(IMAGES[0]), gen.prepare(IMAGES[1])
     for _ in range(PREFILL_GRAPH_AFTER + 2):
@@ -753,10 +807,21 @@ def test_doctor_sizes_the_kv_cache_htrd_allocates(fast, demo_model_dir):
                           dtype_bytes=4) == fast.kv_cache_bytes
 
 
-def test_each_slot_s_first_position_and_position_bound_what_its_mask_lets_it_see(fast):
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "left-padded"])
+def test_each_slot_s_first_position_and_position_bound_what_its_mask_lets_it_see(fast, packed):
     """Decode attention on a GPU reads each slot's keys from kv_first to pos (flash attention's offsets,
-    fastgen._kv_spans) instead of masking the span: on lines prefilled together with left padding, joined
-    later and freed, those bounds are exactly the positions the SDPA path's mask marks."""
+    fastgen._kv_spans) instead of masking the span: on lines prefilled together (packed from position 0, or
+    left-padded to the group's width), joined later and freed, those bounds are exactly the positions the
+    SDPA path's mask marks."""
+    was = fast.packed
+    fast.packed = packed
+    try:
+        _check_first_and_pos(fast, packed)
+    finally:
+        fast.packed = was
+
+
+def _check_first_and_pos(fast, packed: bool) -> None:
     from htrd.fastgen import _kv_rows, _kv_spans
     from htrd.generation import Seq
 
@@ -768,7 +833,10 @@ def test_each_slot_s_first_position_and_position_bound_what_its_mask_lets_it_see
         fast.step(steps=1)
         B = fast.bucket_for(max(i for i, s in enumerate(fast._seqs) if s is not None) + 1)
         first, pos = fast.kv_first[:B], fast.pos[:B]
-        assert len({int(x) for x in first}) > 1  # lines with different padding run
+        if packed:
+            assert not first.any() and len({int(x) for x in pos}) > 1  # from 0, prompts of different lengths
+        else:
+            assert len({int(x) for x in first}) > 1  # lines with different padding run
         rows = _kv_rows(fast.rows[:B], fast.kv_heads, pos, fast.max_cache_len)
         cu_k, used = _kv_spans(rows, first, pos, fast.max_cache_len)
         for slot in range(B):

@@ -33,6 +33,7 @@ def test_cuda_graphs_replay_the_eager_step_exactly(cuda, demo_model_dir):
     eager = FastGenerator.load(demo_model_dir, cuda_graphs=False, **kw)
     images = [stroke_line(1200, 160, 1), stroke_line(700, 120, 2), stroke_line(1200, 160, 3)]
     graphs.warmup(images[0], max_new_tokens=NEW)  # captures every (batch, span) graph, as before READY
+    assert graphs.packed, "the warm-up's check turned packed prefills off"
     a = graphs.generate([graphs.prepare(im) for im in images], min_new_tokens=NEW)
     b = eager.generate([eager.prepare(im) for im in images], min_new_tokens=NEW)
     assert graphs._graphs, "no CUDA graph was captured"
@@ -76,6 +77,30 @@ def test_compiled_fast_path_starts_like_hf_generate(cuda, demo_model_dir, tmp_pa
     assert same >= 4
 
 
+def test_ops_compiled_beside_the_load_serve_the_warm_up(cuda, demo_model_dir, tmp_path):
+    """precompile_ops (htrd compiles them in a thread while the weights load) compiles exactly the graphs the
+    warm-up needs: the warm-up compiles no op again -- at most the vision tower's rotary -- and the decode
+    steps and the prefills share them (8 graphs for the 4 ops, not 16)."""
+    import json
+
+    from htrd.fastgen import FastGenerator, configure_compile_cache, precompile_ops
+    from htrd.model import load_model
+    from torch._dynamo.utils import counters
+
+    configure_compile_cache(tmp_path / "cc")
+    torch._dynamo.reset()  # whatever earlier tests compiled
+    counters.clear()
+    text_config = json.loads((demo_model_dir / "config.json").read_text())["text_config"]
+    assert precompile_ops(text_config, device=cuda, dtype_name="bfloat16") == 8
+    assert counters["stats"]["unique_graphs"] == 8
+    loaded = load_model(demo_model_dir, device=cuda, dtype="bfloat16")
+    gen = FastGenerator(loaded.model, loaded.processor, prompt=PROMPT, batch_sizes=[1, 2, 4], max_cache_len=512,
+                        max_new_tokens=NEW, compile=True)
+    gen.warmup(stroke_line(1200, 160, 8), max_new_tokens=NEW)
+    gen.generate([gen.prepare(stroke_line(s * 300, 120, s)) for s in (1, 2, 3)], min_new_tokens=NEW)
+    assert counters["stats"]["unique_graphs"] <= 9, dict(counters["recompiles"])
+
+
 def test_small_prefills_are_captured_and_replay_the_eager_prefill(cuda, demo_model_dir):
     """A small prefill is padded to PREFILL_BUCKET positions and its patches to a 256-row bucket; its two parts
     are captured on the first run (vision tower per (images, padded rows), language model per (lines, padded
@@ -89,6 +114,7 @@ def test_small_prefills_are_captured_and_replay_the_eager_prefill(cuda, demo_mod
     kw = dict(device=cuda, prompt=PROMPT, batch_sizes=[1, 2, 4], max_cache_len=512, max_new_tokens=NEW)
     gen = FastGenerator.load(demo_model_dir, cuda_graphs=True, **kw)
     eager = FastGenerator.load(demo_model_dir, cuda_graphs=False, **kw)
+    gen.packed = eager.packed = False  # the left-padded prefill: GPUs without flash attention's varlen kernel
     sizes = [(1000, 140, 5), (640, 120, 6)]
     a, b = (gen.prepare(stroke_line(*s)) for s in sizes)
     assert gen.vision.varlen
@@ -114,6 +140,32 @@ def test_small_prefills_are_captured_and_replay_the_eager_prefill(cuda, demo_mod
     got = gen.generate([gen.prepare(stroke_line(*c_size))], min_new_tokens=NEW)[0].token_ids
     assert gen.prefill_replays == 5 and gen.vision_replays == vision_replays + 1  # both parts' graphs
     assert got == eager.generate([eager.prepare(stroke_line(*c_size))], min_new_tokens=NEW)[0].token_ids
+
+
+def test_packed_prefill_graphs_replay_the_eager_packed_prefill(cuda, demo_model_dir):
+    """Packed prefills (flash attention per line): one graph per padded token count, captured on its first
+    prefill, replayed by later ones of any lines; the same tokens as the eager packed prefill, for one line,
+    two, and six of different sizes (the vision tower eager above PREFILL_GRAPH_LINES), and each line's first
+    hidden state within bf16 rounding of the left-padded prefill's."""
+    from htrd.fastgen import FastGenerator, _pack_width
+
+    kw = dict(device=cuda, prompt=PROMPT, batch_sizes=[1, 2, 4, 8], max_cache_len=512, max_new_tokens=NEW)
+    gen = FastGenerator.load(demo_model_dir, cuda_graphs=True, **kw)
+    eager = FastGenerator.load(demo_model_dir, cuda_graphs=False, **kw)
+    assert gen.packed and eager.packed
+    sizes = [(1200, 160, 1), (700, 120, 2), (300, 64, 3), (2000, 150, 4), (900, 100, 5), (1500, 140, 6)]
+    for group in (sizes[:1], sizes[1:3], sizes):
+        preps = [gen.prepare(stroke_line(*s)) for s in group]
+        want = [x.token_ids for x in eager.generate([eager.prepare(stroke_line(*s)) for s in group],
+                                                    min_new_tokens=NEW)]
+        width = _pack_width(sum(p.prompt_len for p in preps))
+        replays, seen = gen.prefill_replays, width in gen._packed_graphs
+        for k in range(2):  # captured (unless an earlier group had this width), then replayed
+            got = [x.token_ids for x in gen.generate(preps, min_new_tokens=NEW)]
+            assert got == want, (group, k)
+        assert width in gen._packed_graphs and gen.prefill_replays == replays + 1 + seen
+    with torch.inference_mode():
+        assert gen._packed_matches(gen.prepare(stroke_line(1000, 140, 7)))
 
 
 def test_a_prefill_launched_behind_decode_steps_never_waits_for_the_gpu(cuda, demo_model_dir):

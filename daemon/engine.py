@@ -130,9 +130,10 @@ class Engine:
 
         gen_s = self.settings.generation
         compiling = self.fast and self.device.startswith("cuda") and gen_s.compile
-        precompiled = self._precompile() if compiling else None
+        precompiled: list[threading.Thread] = []
         loaded = load_model(self.model_dir, device=self.device, dtype=self.settings.model.dtype,
-                            variant=self.settings.model.variant, merge=self.fast, progress=progress)
+                            variant=self.settings.model.variant, merge=self.fast, progress=progress,
+                            imported=lambda: precompiled.extend(self._precompile() if compiling else []))
         if self.device.startswith("cuda"):
             import torch
 
@@ -147,8 +148,8 @@ class Engine:
             self.gen = FastGenerator(loaded.model, loaded.processor, batch_sizes=self.batch_sizes,
                                      max_cache_len=gen_s.max_cache_len, max_new_tokens=gen_s.max_new_tokens,
                                      prefill_chunk=gen_s.prefill_chunk, compile=compiling, preprocessor=pre)
-            if precompiled is not None:
-                precompiled.join()  # the warm-up must not compile the same ops beside it
+            for thread in precompiled:
+                thread.join()  # the warm-up must not compile the same ops beside it
             self.batch_sizes = list(self.gen.batch_sizes)  # those whose KV cache fits
             self.max_batch = self.gen.slots
         else:
@@ -163,11 +164,12 @@ class Engine:
                     self.load_s, self.variant, self.dtype_name, self.device,
                     sum(p.numel() for p in loaded.model.parameters()), type(self.gen).__name__, self.gen.slots)
 
-    def _precompile(self) -> threading.Thread | None:
+    def _precompile(self) -> list[threading.Thread]:
         """Point the compile caches at the state directory and start compiling the fast path's elementwise ops
-        (:func:`htrd.fastgen.precompile_ops`) in a thread while the weights load -- ~4 s of an H200's warm-up
-        otherwise (8 compilations from the persistent cache, the first paying inductor's imports). Never
-        fatal: what it does not compile, the warm-up does."""
+        (:func:`htrd.fastgen.precompile_ops`) in a thread while the weights load -- ~5 s of an H200's warm-up
+        otherwise (8 compilations from the persistent cache, the first paying inductor's imports). Started
+        once torch and transformers are imported: beside the imports (pure Python, like compiling) the two
+        only took turns. Never fatal: what it does not compile, the warm-up does."""
         from htrctl.modeldir import variant_paths
 
         from .fastgen import configure_compile_cache, precompile_ops
@@ -177,7 +179,7 @@ class Engine:
             _, weights, _ = variant_paths(self.model_dir, self.settings.model.variant)
             text_config = json.loads((weights / "config.json").read_text())["text_config"]
         except (ModelError, OSError, ValueError, KeyError, TypeError):
-            return None  # load_model reports what is wrong with the directory
+            return []  # load_model reports what is wrong with the directory
         dtype_name = resolve_dtype_name(self.settings.model.dtype, self.device)
 
         def run() -> None:
@@ -193,7 +195,7 @@ class Engine:
 
         thread = threading.Thread(target=run, name="htrd-precompile", daemon=True)
         thread.start()
-        return thread
+        return [thread]
 
     def _beat(self) -> None:
         self.heartbeat = time.monotonic()

@@ -67,8 +67,10 @@ class Loaded:
 
 
 def load_model(model_dir: str | os.PathLike, *, device: str, dtype: str = "auto", variant: str = "auto",
-               merge: bool = True, progress: Callable[[str], None] = lambda s: None) -> Loaded:
-    """Load processor and model onto *device*; raises ModelError/ModelMissingError/GpuError."""
+               merge: bool = True, progress: Callable[[str], None] = lambda s: None,
+               imported: Callable[[], None] = lambda: None) -> Loaded:
+    """Load processor and model onto *device*; raises ModelError/ModelMissingError/GpuError. *imported()* runs
+    once torch and transformers are imported, before the weights load (htrd starts compiling beside them)."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     model_dir = Path(model_dir)
@@ -83,6 +85,7 @@ def load_model(model_dir: str | os.PathLike, *, device: str, dtype: str = "auto"
     from transformers import AutoModelForImageTextToText
 
     transformers.utils.logging.disable_progress_bar()
+    imported()
     dtype_name = resolve_dtype_name(dtype, device)
     if str(device).startswith("cuda"):
         if not torch.cuda.is_available():

@@ -33,7 +33,7 @@ def test_cuda_graphs_replay_the_eager_step_exactly(cuda, demo_model_dir):
     eager = FastGenerator.load(demo_model_dir, cuda_graphs=False, **kw)
     images = [stroke_line(1200, 160, 1), stroke_line(700, 120, 2), stroke_line(1200, 160, 3)]
     graphs.warmup(images[0], max_new_tokens=NEW)  # captures every (batch, span) graph, as before READY
-    assert graphs.packed, "the warm-up's check turned packed prefills off"
+    assert graphs.packed, "the start-up check turned packed prefills off (see the log)"
     a = graphs.generate([graphs.prepare(im) for im in images], min_new_tokens=NEW)
     b = eager.generate([eager.prepare(im) for im in images], min_new_tokens=NEW)
     assert graphs._graphs, "no CUDA graph was captured"
@@ -145,8 +145,8 @@ def test_small_prefills_are_captured_and_replay_the_eager_prefill(cuda, demo_mod
 def test_packed_prefill_graphs_replay_the_eager_packed_prefill(cuda, demo_model_dir):
     """Packed prefills (flash attention per line): one graph per padded token count, captured on its first
     prefill, replayed by later ones of any lines; the same tokens as the eager packed prefill, for one line,
-    two, and six of different sizes (the vision tower eager above PREFILL_GRAPH_LINES), and each line's first
-    hidden state within bf16 rounding of the left-padded prefill's."""
+    two, and six of different sizes (the vision tower eager above PREFILL_GRAPH_LINES). The generators checked
+    flash attention over packed rows at start (packed on)."""
     from htrd.fastgen import FastGenerator, _pack_width
 
     kw = dict(device=cuda, prompt=PROMPT, batch_sizes=[1, 2, 4, 8], max_cache_len=512, max_new_tokens=NEW)
@@ -164,8 +164,6 @@ def test_packed_prefill_graphs_replay_the_eager_packed_prefill(cuda, demo_model_
             got = [x.token_ids for x in gen.generate(preps, min_new_tokens=NEW)]
             assert got == want, (group, k)
         assert width in gen._packed_graphs and gen.prefill_replays == replays + 1 + seen
-    with torch.inference_mode():
-        assert gen._packed_matches(gen.prepare(stroke_line(1000, 140, 7)))
 
 
 def test_a_prefill_launched_behind_decode_steps_never_waits_for_the_gpu(cuda, demo_model_dir):
@@ -215,6 +213,7 @@ def test_decode_attention_reads_each_slot_s_own_keys_as_the_masked_span_does(cud
                              max_new_tokens=NEW, cuda_graphs=False)
     assert gen.flash_decode, "flash attention over the slots is off (see the log) on a GPU that has it"
     gen.flash_decode = False  # steps through SDPA keep the mask (`attend`) current: the reference below
+    gen.packed = False  # left-padded prefills: lines start at different positions
     preps = [gen.prepare(stroke_line(*s)) for s in [(1200, 160, 11), (500, 100, 12), (900, 130, 13)]]
     gen.add([Seq(preps[0], NEW, tag=0), Seq(preps[1], 2, tag=1)])
     gen.step(steps=2)

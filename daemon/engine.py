@@ -561,6 +561,8 @@ class Engine:
             "decode_attention": ("flash" if gen.flash_decode else "sdpa") if self.fast else None,
             "preprocess_ms_per_image": self.preprocess_ms_per_image(),
             "preprocess_workers": self.cpu_workers,
+            "prefill_layout": ("packed" if gen.packed else "left-padded") if self.fast else None,
+            "prefill_packed_graphs": len(getattr(gen, "_packed_graphs", ())),
             "prefill_graphs": len(getattr(gen, "_prefill_graphs", ())),
             "prefill_lm_graphs": len(getattr(gen, "_lm_graphs", ())),
             "prefill_vision_graphs": len(getattr(gen, "_vision_graphs", ())),

@@ -143,12 +143,16 @@ class EngineInfo(BaseModel):
     decode_attention: str | None = None
     preprocess_ms_per_image: float | None = None  # CPU time to decode + preprocess one line, on average
     preprocess_workers: int | None = None
+    # fast path: "packed" (prompts back to back, attention per line; GPUs with flash attention, the CPU) |
+    # "left-padded" (each prefill group padded to its longest prompt; older GPUs)
+    prefill_layout: str | None = None
+    prefill_packed_graphs: int | None = None  # packed prefills' language model captured per padded token count
     prefill_graphs: int | None = None  # small prefills of a recurring shape captured as CUDA graphs (kept now)
     # small prefills' language-model part captured per (lines, prompt width padded to 64) (kept now)
     prefill_lm_graphs: int | None = None
     # small prefills' vision tower captured per (images, patches padded to 256 rows) (kept now)
     prefill_vision_graphs: int | None = None
-    prefill_replays: int | None = None  # prefills served by replaying one of either kind, since start
+    prefill_replays: int | None = None  # prefills whose language model (or all) was a replayed graph, since start
     # Where start -> READY went: loading the model onto the device, then warming up (every shape served), of
     # which capturing the decode step's CUDA graphs (how many)
     load_s: float | None = None

@@ -274,6 +274,7 @@ def test_default_fast_generator_gives_the_plain_paths_text(daemon, htrd):
     eng = daemon.status()["engine"]
     assert eng["slots"] == 8 and eng["preprocess_ms_per_image"] > 0 and eng["kv_cache_bytes"] > 0
     assert eng["decode_attention"] == "sdpa" and plain.status()["engine"]["decode_attention"] is None  # CPU
+    assert eng["prefill_layout"] == "packed" and plain.status()["engine"]["prefill_layout"] is None
     # where start -> READY went (the CPU captures no decode graphs)
     assert eng["load_s"] > 0 and eng["warmup_s"] > 0 and eng["warmup_graphs"] == 0 and eng["warmup_graphs_s"] >= 0
 

@@ -371,20 +371,15 @@ class FastGenerator(GeneratorBase):
         seen = (seen[None] >= first[:, None]) & (seen[None] <= pos[:, None])
         bias = torch.zeros((S, 1, 1, M), device=self.device).masked_fill_(~seen[:, None, None], float("-inf"))
         ref = _sdpa_decode(q.float(), k.float(), v.float(), scale=hd**-0.5, bias=bias, span=M).reshape(S, -1)
-        try:
+
+        def flash():
             rows = _kv_rows(torch.arange(S, device=self.device), torch.arange(nkv, device=self.device), pos, M)
             cu_k, used = _kv_spans(rows, first, pos, M)
-            out = _flash_decode(q, k, v, scale=hd**-0.5, cu_q=torch.arange(S * nkv + 1, dtype=torch.int32,
-                                device=self.device), cu_k=cu_k, used=used, span=M).reshape(S, -1).float()
-        except RuntimeError as exc:
-            logger.warning("flash attention over the KV cache's slots fails here (%s): decode steps use SDPA over "
-                           "every position of the span", _first_line(exc))
-            return False
-        if not bool((out - ref).norm() <= 0.01 * ref.norm()):
-            logger.warning("flash attention over the KV cache's slots differs from SDPA with a mask: decode steps "
-                           "use SDPA over every position of the span")
-            return False
-        return True
+            return _flash_decode(q, k, v, scale=hd**-0.5, cu_q=torch.arange(S * nkv + 1, dtype=torch.int32,
+                                 device=self.device), cu_k=cu_k, used=used, span=M).reshape(S, -1)
+
+        return _kernel_agrees(flash, ref, what="flash attention over the KV cache's slots",
+                              fallback="decode steps use SDPA over every position of the span")
 
     def _packed_attention_ok(self) -> bool:
         """Whether packed prefills may attend with flash attention's variable-length kernel
@@ -409,18 +404,10 @@ class FastGenerator(GeneratorBase):
         ref = torch.nn.functional.scaled_dot_product_attention(
             q.float().transpose(0, 1), k.float().repeat_interleave(g, 1).transpose(0, 1),
             v.float().repeat_interleave(g, 1).transpose(0, 1), attn_mask=bias, scale=hd**-0.5).transpose(0, 1)
-        try:
-            cu = torch.tensor(bounds, dtype=torch.int32, device=self.device)
-            out = _packed_attention(q, k, v, cu, span=T, scale=hd**-0.5).float()
-        except RuntimeError as exc:
-            logger.warning("flash attention over packed prompts fails here (%s): prompts are left-padded to their "
-                           "group's longest", _first_line(exc))
-            return False
-        if not bool((out - ref).norm() <= 0.01 * ref.norm()):
-            logger.warning("flash attention over packed prompts differs from SDPA with a mask: prompts are "
-                           "left-padded to their group's longest")
-            return False
-        return True
+        cu = torch.tensor(bounds, dtype=torch.int32, device=self.device)
+        return _kernel_agrees(lambda: _packed_attention(q, k, v, cu, span=T, scale=hd**-0.5), ref,
+                              what="flash attention over packed prompts",
+                              fallback="prompts are left-padded to their group's longest")
 
     def _reset_slots(self, slots: list[int]) -> None:
         """Mark *slots* free on the device (inert rows: finished, position 0, one visible position)."""
@@ -1205,6 +1192,20 @@ def _flash_decode(q, k_cache, v_cache, *, scale: float, cu_q, cu_k, used, span: 
     return torch.ops.aten._flash_attention_forward(
         q.reshape(B * nkv, g, hd), k_cache.view(-1, 1, hd), v_cache.view(-1, 1, hd), cu_q, cu_k, 1, span, 0.0,
         False, False, scale=scale, seqused_k=used)[0]
+
+
+def _kernel_agrees(run: Callable[[], object], ref, *, what: str, fallback: str) -> bool:
+    """A start-up check: *run()* (an attention kernel's output) against *ref* (SDPA with a mask, fp32) within
+    1 % (relative norm of the difference). Where it raises or differs: logged with *fallback*, False."""
+    try:
+        out = run().float()
+    except RuntimeError as exc:
+        logger.warning("%s fails here (%s): %s", what, _first_line(exc), fallback)
+        return False
+    if not bool((out - ref).norm() <= 0.01 * ref.norm()):
+        logger.warning("%s differs from SDPA with a mask: %s", what, fallback)
+        return False
+    return True
 
 
 def _packed_attention(q, k, v, cu, *, span: int, scale: float):

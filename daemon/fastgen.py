@@ -41,14 +41,15 @@ What the engine gets from :class:`FastGenerator` compared with the naive
   captured on its first prefill -- a prefill of any number of lines is a few
   launches. Eagerly, a prefill launches ~1,000 kernels from Python: on an H200
   under 64 clients, groups of 5-7 lines kept the GPU busy under half the time
-  they took. The vision tower replays its graphs for small prefills (below)
-  and runs eagerly for larger ones (their GPU work covers its launching).
+  they took. The vision tower runs over the patches padded to 256-row buckets
+  and is replayed per padded row count, whatever the number of lines (eagerly,
+  lines of many sizes attended in one call per size and layer).
 - **Replayed small prefills** (GPUs without that kernel: prompts left-padded to
   the group's longest). A prefill of a few lines is bound by the host
   launching ~1,500 kernels. Its prompts are padded to 64-position buckets and
   the language model's part is captured per (lines, padded width); its patches
-  are padded to 256-row buckets and the vision tower is captured per (images,
-  padded rows) -- each on its key's first occurrence, so lines of any size
+  are padded to 256-row buckets and the vision tower is captured per padded
+  row count -- each on its key's first occurrence, so lines of any size
   reuse a few dozen graphs. When the exact shape (width, image grids) comes
   back a third time the whole prefill is captured as one graph (the warm-up
   line's shapes before READY). Graphs are kept: a full cache captures no more
@@ -134,10 +135,11 @@ PREFILL_GRAPH_AFTER = 3
 # prefill (the first: a capture costs about one eager prefill, and the few dozen keys recur all day).
 PREFILL_BUCKET = 64
 LM_GRAPH_AFTER = 1
-# The vision tower of a small prefill runs over patches padded to 256-row buckets (VisionTower.padded), captured
-# per (images, padded rows) on that pair's first prefill: with the language model's graphs, a line of any size
-# is prefilled by two replays once its buckets have been seen. Kept like the whole graphs (none dropped); the
-# language model's cache has room for every (lines, padded width) of the cache's length.
+# The vision tower of a prefill (any number of lines when packed; small left-padded ones) runs over patches
+# padded to 256-row buckets (VisionTower.padded, the attention blocks' boundaries padded to the prefill chunk),
+# captured per padded row count on that count's first prefill: with the language model's graphs, lines of any
+# sizes are prefilled by two replays once their buckets have been seen. Kept like the whole graphs (none
+# dropped): room for 16 lines of up to ~1,500 patches (a 2,000 x 128 px line has ~1,000).
 VISION_GRAPHS = 96
 # Packed prefills (every prompt back to back, flash attention per line): padded to _pack_width tokens, at least
 # this many; the language model's part is one CUDA graph per padded width.
@@ -267,7 +269,7 @@ class FastGenerator(GeneratorBase):
         self._lm_seen: OrderedDict[tuple[int, int], int] = OrderedDict()
         self._lm_buffers: list = []  # the language-model graphs' static inputs (_static_inputs)
         self.lm_graph_limit = PREFILL_GRAPH_LINES * -(-self.max_cache_len // PREFILL_BUCKET)  # every key fits
-        self._vision_graphs: dict[tuple[int, int], _PrefillGraph] = {}
+        self._vision_graphs: dict[int, _PrefillGraph] = {}  # per padded patch rows
         self._vision_buffers: list = []  # the vision graphs' static inputs
         self.prefill_replays = 0
         self.vision_replays = 0
@@ -778,7 +780,7 @@ class FastGenerator(GeneratorBase):
         lengths, grids = image_grids(items)
         layout = PromptLayout(position_ids=None, image_index=index_d, vision_lengths=lengths, grids=grids)
         embeds, deepstack = self._prompt_inputs(ids_d, batch["pixel_values"], index_d, batch["image_grid_thw"],
-                                                layout, replay_vision=self._small_prefill_graphs(n))
+                                                layout, replay_vision=self._prefill_graphs_ok and self.vision.own)
         args = [embeds, pos_d.view(3, T), slot_d, tpos_d, cu_d.int(), last_d,
                 *self._dense_deepstack(index_d, deepstack, T)]
         g = self._packed_graphs.get(T)
@@ -908,10 +910,12 @@ class FastGenerator(GeneratorBase):
 
     def _prompt_inputs(self, input_ids, pixel_values, image_index, grid_thw, layout, replay_vision: bool = False):
         """The prompt's input embeddings with the image tokens in place (at the flat positions *image_index*),
-        (n, P, H), and the vision tower's deepstack features (image tokens x H per layer). *replay_vision*:
-        the vision tower from a graph over padded patches (:meth:`_vision_replayed`)."""
+        (n, P, H) -- or (T, H) for packed ids (T,) -- and the vision tower's deepstack features (image tokens x
+        H per layer). *replay_vision*: the vision tower from a graph over padded patches
+        (:meth:`_vision_replayed`)."""
         embeds = self.text.embed_tokens(input_ids)  # (n, P, H)
-        if replay_vision and self.vision.varlen:
+        # (frames: one per line image; more frames than a prefill's lines only in other inputs)
+        if replay_vision and self.vision.varlen and len(layout.vision_lengths) <= self.prefill_chunk:
             image, deepstack = self._vision_replayed(pixel_values, layout)
         else:
             image, deepstack = self.vision(pixel_values, grid_thw, layout.grids, layout.vision_lengths)
@@ -919,21 +923,24 @@ class FastGenerator(GeneratorBase):
         return embeds, deepstack
 
     def _vision_replayed(self, pixel_values, layout):
-        """The vision tower of a small prefill over its patches padded to a 256-row bucket
-        (:meth:`htrd.vision.VisionTower.padded`), replayed from a CUDA graph per (images, padded rows) --
-        captured on that pair's first prefill. Returns the real images' (image tokens, deepstack features)."""
+        """The vision tower of a prefill over its patches padded to a 256-row bucket
+        (:meth:`htrd.vision.VisionTower.padded`, the attention blocks' boundaries padded to ``prefill_chunk``
+        images), replayed from a CUDA graph per padded row count -- captured on that count's first prefill,
+        whatever its number of lines. Eagerly, lines of many sizes attended in one call per size, per layer:
+        ~2,000 launches for 16 lines. Returns the real images' (image tokens, deepstack features)."""
         vt = self.vision
         patches = int(pixel_values.shape[0])
         rows = vt.rows_for(patches)
-        key = (len(layout.vision_lengths), rows)
+        key = rows
+        blocks = self.prefill_chunk
         g = self._vision_graphs.get(key)
         if g is not None:
-            vt.padded_inputs(pixel_values, layout.grids, layout.vision_lengths, rows, into=g.inputs)
+            vt.padded_inputs(pixel_values, layout.grids, layout.vision_lengths, rows, into=g.inputs, blocks=blocks)
             g.graph.replay()
             self.vision_replays += 1
             out = g.out
         else:
-            args = vt.padded_inputs(pixel_values, layout.grids, layout.vision_lengths, rows)
+            args = vt.padded_inputs(pixel_values, layout.grids, layout.vision_lengths, rows, blocks=blocks)
             out = vt.padded(*args)  # eagerly first: the capture then finds every kernel it records
             if len(self._vision_graphs) < VISION_GRAPHS:
                 # sized at first for PREFILL_GRAPH_LINES lines of up to 1,024 patches (a 2,000 x 128 px line)

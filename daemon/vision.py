@@ -136,18 +136,20 @@ class VisionTower:
         """The padded row count of :meth:`padded` for *patches* real patch rows."""
         return -(-(patches + PAD_ROWS) // ROW_BUCKET) * ROW_BUCKET
 
-    def padded_inputs(self, pixel_values, grids, lengths: list[int], rows: int, into: list | None = None) -> list:
+    def padded_inputs(self, pixel_values, grids, lengths: list[int], rows: int, into: list | None = None,
+                      blocks: int | None = None) -> list:
         """:meth:`padded`'s arguments for the images of *grids* (*lengths* patches per frame) padded to *rows*:
         [patches, position embeddings, rotary cos, rotary sin], zeros past the images, and the attention
-        blocks' boundaries (int32 on the device: 0, each image's end, *rows*). *into*: an earlier result (a
-        captured graph's static inputs) to write the images into instead; its rows past them keep what they
-        held (finite values that only the padding image reads)."""
+        blocks' boundaries (int32 on the device: 0, each image's end, *rows*, then *rows* again up to *blocks*
+        frames -- empty blocks, so that any number of images up to *blocks* has the same shapes). *into*: an
+        earlier result (a captured graph's static inputs) to write the images into instead; its rows past them
+        keep what they held (finite values that only the padding image reads)."""
         torch = self.torch
         parts = [pixel_values, *self.grid_inputs(grids)]
         bounds = [0]
         for length in lengths:
             bounds.append(bounds[-1] + int(length))
-        bounds.append(rows)
+        bounds += [rows] * (1 + max(0, (blocks or 0) - len(lengths)))
         cu = to_device(torch.tensor(bounds, dtype=torch.int32), pixel_values.device)
         if into is None:
             into = [t.new_zeros((rows, *t.shape[1:])) for t in parts] + [cu]
@@ -160,7 +162,8 @@ class VisionTower:
     def padded(self, pixel_values, pos, cos, sin, cu_seqlens):
         """HF's modules over patch rows padded with one more image (see the module docstring): image tokens
         and deepstack features stacked, (1 + deepstack layers, rows / merge, H); the real images' are the
-        first patches / merge rows of each. Shapes depend on (images, rows) only; nothing waits for the GPU."""
+        first patches / merge rows of each. Shapes depend on rows and the boundaries' length only; nothing
+        waits for the GPU."""
         vis = self.visual
         self._blocks = (cu_seqlens, int(pixel_values.shape[0]))
         try:
@@ -262,7 +265,7 @@ def _attention_forward(tower, mod, hidden_states, cu_seqlens=None, position_embe
             o = torch.ops.aten._flash_attention_forward(q, k, v, bounds, bounds, rows, rows, 0.0, False, False,
                                                         scale=mod.scaling)[0]
             return mod.proj(o.reshape(n_tok, heads * d))
-        lengths = (bounds[1:] - bounds[:-1]).tolist()  # on the CPU (tests): a loop over the blocks
+        lengths = [n for n in (bounds[1:] - bounds[:-1]).tolist() if n]  # on the CPU (tests): a loop over the blocks
     else:
         lengths = tower.lengths
         if lengths is None:

@@ -150,7 +150,7 @@ class EngineInfo(BaseModel):
     prefill_graphs: int | None = None  # small prefills of a recurring shape captured as CUDA graphs (kept now)
     # small prefills' language-model part captured per (lines, prompt width padded to 64) (kept now)
     prefill_lm_graphs: int | None = None
-    # small prefills' vision tower captured per (images, patches padded to 256 rows) (kept now)
+    # prefills' vision tower captured per patch rows padded to 256 (kept now; small prefills only when left-padded)
     prefill_vision_graphs: int | None = None
     prefill_replays: int | None = None  # prefills whose language model (or all) was a replayed graph, since start
     # Where start -> READY went: loading the model onto the device, then warming up (every shape served), of

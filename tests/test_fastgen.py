@@ -499,7 +499,8 @@ def test_small_prefills_replay_graphs_with_the_new_lines_inputs_and_slots(naive,
 def test_the_vision_tower_over_padded_patches_gives_the_images_own_outputs(demo_model_dir):
     """VisionTower.padded: the patches padded to a 256-row bucket with one more image (its own attention
     block, boundaries in a tensor), two lines of different sizes in one call -- each real image token and
-    deepstack feature as the unpadded forward's; stale values in the padding rows change nothing."""
+    deepstack feature as the unpadded forward's; stale values in the padding rows change nothing, nor do
+    empty blocks after them (the boundaries padded to a prefill chunk of 5 images)."""
     from htrd.fastgen import FastGenerator
     from htrd.model import prompt_layout
 
@@ -513,11 +514,12 @@ def test_the_vision_tower_over_padded_patches_gives_the_images_own_outputs(demo_
         want = vt(px, batch["image_grid_thw"], layout.grids, layout.vision_lengths)
         rows = vt.rows_for(int(px.shape[0]))
         assert rows % 256 == 0 and rows - px.shape[0] >= 4
-        for fill in (0.0, 7.0):  # zeros, then another image's leftovers in the padding rows
-            inputs = vt.padded_inputs(px, layout.grids, layout.vision_lengths, rows)
+        for fill, blocks in ((0.0, None), (7.0, None), (7.0, 5)):  # zeros, another image's leftovers; empty blocks
+            inputs = vt.padded_inputs(px, layout.grids, layout.vision_lengths, rows, blocks=blocks)
             for t in inputs[:4]:
                 t[px.shape[0]:] = fill
-            assert inputs[4].tolist() == [0, *itertools.accumulate(layout.vision_lengths), rows]
+            empty = [rows] * (blocks - len(items) if blocks else 0)
+            assert inputs[4].tolist() == [0, *itertools.accumulate(layout.vision_lengths), rows, *empty]
             out = vt.padded(*inputs)
             k = int(want[0].shape[0])
             assert out.shape[0] == 1 + len(want[1]) and out.shape[1] == rows // vt.merge
@@ -576,11 +578,12 @@ def test_where_host_memory_cannot_be_pinned_lines_are_still_served(demo_model_di
     assert [g.token_ids for g in gen.generate(preps)] == [want, want]
 
 
-def test_small_prefills_replay_the_vision_tower_per_padded_patch_bucket(naive, demo_model_dir):
+def test_prefills_replay_the_vision_tower_per_padded_patch_bucket(naive, demo_model_dir):
     """With the padded vision tower on (a GPU's default, here with a stand-in graph whose replay runs the
-    recorded call on its static inputs): a small prefill's vision tower is captured per (images, padded rows)
-    on its first prefill and replayed for a line of another grid in the same bucket, joining while another
-    line decodes -- naive's tokens for every line."""
+    recorded call on its static inputs): a prefill's vision tower is captured per padded patch rows on its
+    first prefill and replayed for a line of another grid in the same bucket, joining while another line
+    decodes, and for two lines of other sizes together (the attention blocks' boundaries are padded to the
+    prefill chunk, so the number of lines does not matter) -- naive's tokens for every line."""
     from htrd.fastgen import FastGenerator
     from htrd.generation import Seq
 
@@ -603,6 +606,11 @@ def test_small_prefills_replay_the_vision_tower_per_padded_patch_bucket(naive, d
     while gen.running():
         done.update({f.seq.tag: f.token_ids for f in gen.step()})
     assert done == {"running": naive["tokens"][1], "joined": _naive_tokens(naive["model"], naive["processor"], other)}
+    pair = [gen.prepare(IMAGES[1]), gen.prepare(IMAGES[2])]
+    assert gen.vision.rows_for(sum(int(p.pixel_values.shape[0]) for p in pair)) == gen.vision.rows_for(
+        int(a.pixel_values.shape[0]))
+    assert [g.token_ids for g in gen.generate(pair)] == naive["tokens"][1:3]
+    assert gen.vision_replays == 3 and captured.count("vision") == 1
 
 
 def test_packed_prefills_replay_one_graph_per_padded_width(naive, demo_model_dir):

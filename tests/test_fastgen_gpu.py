@@ -103,7 +103,7 @@ def test_ops_compiled_beside_the_load_serve_the_warm_up(cuda, demo_model_dir, tm
 
 def test_small_prefills_are_captured_and_replay_the_eager_prefill(cuda, demo_model_dir):
     """A small prefill is padded to PREFILL_BUCKET positions and its patches to a 256-row bucket; its two parts
-    are captured on the first run (vision tower per (images, padded rows), language model per (lines, padded
+    are captured on the first run (vision tower per padded rows, language model per (lines, padded
     width)) and replayed on the second, the whole prefill per exact shape is captured on the third and replayed
     from then on: the same tokens as the eager prefill (no graphs, no padding), alone and two lines together; a
     line of a new grid but the same padded width replays both parts' graphs with its own inputs. The padded
@@ -129,7 +129,9 @@ def test_small_prefills_are_captured_and_replay_the_eager_prefill(cuda, demo_mod
     assert len(gen._vision_graphs) == 1 and gen.vision_replays == 1
     assert runs == [want[0]] * 4
     pair = [[x.token_ids for x in gen.generate([a, b], min_new_tokens=NEW)] for _ in range(4)]
-    assert gen.prefill_replays == 4 and len(gen._lm_graphs) == 2 and len(gen._vision_graphs) == 2
+    buckets = {gen.vision.rows_for(int(a.pixel_values.shape[0])),
+               gen.vision.rows_for(int(a.pixel_values.shape[0] + b.pixel_values.shape[0]))}
+    assert gen.prefill_replays == 4 and len(gen._lm_graphs) == 2 and len(gen._vision_graphs) == len(buckets)
     assert pair == [want] * 4
     width = _round_up(a.prompt_len, PREFILL_BUCKET)
     c_size = next((w, h, 7) for w in range(1000, 200, -32) for h in (140, 120, 100)
@@ -149,7 +151,7 @@ def test_packed_prefill_graphs_replay_the_eager_packed_prefill(cuda, demo_model_
     flash attention over packed rows at start (packed on)."""
     from htrd.fastgen import FastGenerator, _pack_width
 
-    kw = dict(device=cuda, prompt=PROMPT, batch_sizes=[1, 2, 4, 8], max_cache_len=512, max_new_tokens=NEW)
+    kw = {"device": cuda, "prompt": PROMPT, "batch_sizes": [1, 2, 4, 8], "max_cache_len": 512, "max_new_tokens": NEW}
     gen = FastGenerator.load(demo_model_dir, cuda_graphs=True, **kw)
     eager = FastGenerator.load(demo_model_dir, cuda_graphs=False, **kw)
     assert gen.packed and eager.packed

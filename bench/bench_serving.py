@@ -15,6 +15,11 @@ soon as the previous one is answered) over the Unix socket, in two modes:
   20 % 80-120), forced per request (``max_new_tokens`` per request with
   ``generation.min_new_tokens`` at the maximum, so random weights cannot stop early).
 
+``--rounds 2`` runs every load again on the same daemons: round 1 pays for
+capturing the CUDA graphs of every new prefill shape (lines of new sizes, a
+first few minutes' cost), round 2 is what a daemon serving a collection all day
+gets.
+
 For each: lines/s, generated tokens/s, p50/p95 latency, the average number of
 occupied slots per decode step (from ``/v1/status``) and, on a GPU, an MFU
 estimate: FLOPs per line (2 x parameters x (prompt + new tokens), prompt tokens
@@ -185,6 +190,19 @@ def write_config(path: Path, args, socket_path: Path, *, continuous: bool, min_n
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
+def rounds(workloads: dict, n: int):
+    """((mode, clients, round), requests) for every load of every round: round 1 of each load, then round 2...
+    A later round sends the same requests to a daemon that has seen their shapes (every prefill graph captured):
+    what a server serving a collection all day gets."""
+    for rnd in range(1, n + 1):
+        for (mode, clients), work in workloads.items():
+            yield (mode, clients, rnd), work
+
+
+def load_key(mode: str, clients: int, rnd: int = 1) -> str:
+    return f"{mode}@{clients}" + (f" round {rnd}" if rnd > 1 else "")
+
+
 def run_engine(args, name: str, continuous: bool, workloads: dict, work_dir: Path) -> dict:
     import os
 
@@ -197,10 +215,10 @@ def run_engine(args, name: str, continuous: bool, workloads: dict, work_dir: Pat
     res: dict = {"engine": name}
     res["ready_s"] = d.start(args.timeout)
     try:
-        for (mode, clients), work in workloads.items():
+        for (mode, clients, rnd), work in rounds(workloads, args.rounds):
             before_all = status(sock)
             before = before_all["engine"]
-            spy = args.profile / f"spy-{name}-{mode}{clients}.txt" if args.profile else None
+            spy = args.profile / f"spy-{name}-{mode}{clients}-{rnd}.txt" if args.profile else None
             with py_spy(d.proc.pid, spy), GpuSampler() as gpu:
                 r = closed_loop(sock, work, clients)
             r["gpu_busy_pct"] = gpu.busy().get(0)  # the daemon's GPU (gpu.select), as NVML counts kernels running
@@ -221,11 +239,11 @@ def run_engine(args, name: str, continuous: bool, workloads: dict, work_dir: Pat
             r["prefill_replays"] = (after.get("prefill_replays") or 0) - (before.get("prefill_replays") or 0)
             r["prefill_graphs"] = [after.get("prefill_graphs"), after.get("prefill_lm_graphs")]
             r.pop("done_ids")
-            res[f"{mode}@{clients}"] = r
-            logger.info("%s %s@%d: %.1f lines/s (steady part: %.1f over %.1f s), p50 %.3f s, p95 %.3f s, slots %.1f, "
+            res[load_key(mode, clients, rnd)] = r
+            logger.info("%s %s: %.1f lines/s (steady part: %.1f over %.1f s), p50 %.3f s, p95 %.3f s, slots %.1f, "
                         "%.2f steps per check, GPU busy %.0f %% (NVML; steady part %.0f %%), idle at host turnarounds "
                         "%.1f %% of the load, %.1f lines per prefill, %d prefills replayed (graphs whole/LM part: %s)",
-                        name, mode, clients, r["lines_per_s"], r["steady_lines_per_s"] or 0, r["steady_s"],
+                        name, load_key(mode, clients, rnd), r["lines_per_s"], r["steady_lines_per_s"] or 0, r["steady_s"],
                         r["p50_s"], r["p95_s"], r["avg_occupied_slots"] or 0, r["steps_per_check"] or 0,
                         r["gpu_busy_pct"] if r["gpu_busy_pct"] is not None else float("nan"),
                         r["gpu_busy_steady_pct"] if r["gpu_busy_steady_pct"] is not None else float("nan"),
@@ -252,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill-chunk", type=int, default=16)
     ap.add_argument("--join-wait-ms", type=float, default=30.0, help="generation.join_wait_ms (the shipped default)")
     ap.add_argument("--modes", default="fixed,realistic")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every load this many times on the same daemons (round 2 on: every shape seen before)")
     ap.add_argument("--engines", default="static,continuous")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--state-dir", default=None)
@@ -305,11 +325,12 @@ def main(argv: list[str] | None = None) -> int:
         results["engines"][name] = run_engine(args, name, name == "continuous", workloads, work_dir)
     rows = [("| load | engine | lines/s | steady lines/s | tokens/s | p50 s | p95 s | p95/p50 | slots occupied | MFU | "
              "GPU busy (steady) |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for key in workloads:
-        label = f"{key[0]} @ {key[1]} clients"
+    for (mode, clients, rnd), _ in rounds(workloads, args.rounds):
+        key = load_key(mode, clients, rnd)
+        label = f"{mode} @ {clients} clients" + (f", round {rnd}" if rnd > 1 else "")
         for name, res in results["engines"].items():
-            r = res[f"{key[0]}@{key[1]}"]
-            mfu = flops[key] / r["wall_s"] / (peak * 1e12) if peak else None
+            r = res[key]
+            mfu = flops[(mode, clients)] / r["wall_s"] / (peak * 1e12) if peak else None
             r["mfu"] = mfu
             steady = f"{r['steady_lines_per_s']:.1f}" if r.get("steady_lines_per_s") else "-"
             rows.append(f"| {label} | {name} | {r['lines_per_s']:.1f} | {steady} | {r['tokens_per_s']:.0f} | {r['p50_s']:.3f} | "
@@ -318,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
                         + (f"{r['gpu_busy_pct']:.0f} % ({r['gpu_busy_steady_pct']:.0f} %)"
                            if r.get("gpu_busy_steady_pct") is not None else "-") + " |")
         if {"static", "continuous"} <= set(results["engines"]):
-            s = results["engines"]["static"][f"{key[0]}@{key[1]}"]["lines_per_s"]
-            c = results["engines"]["continuous"][f"{key[0]}@{key[1]}"]["lines_per_s"]
+            s = results["engines"]["static"][key]["lines_per_s"]
+            c = results["engines"]["continuous"][key]["lines_per_s"]
             rows.append(f"| {label} | **continuous / static** | **{c / s:.2f}x** | | | | | | | | |")
     for name, res in results["engines"].items():
         rows.append(f"| start -> READY | {name} | {res['ready_s']:.1f} s | | | | | | | | |")

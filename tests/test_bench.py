@@ -58,13 +58,13 @@ def test_bench_cpu_smoke_on_the_tiny_8b_layout(tmp_path):
 @pytest.mark.timeout(420)
 def test_serving_bench_cpu_smoke_both_engines_both_modes(tmp_path):
     """bench_serving.py end to end on the CPU: a static and a continuous daemon each answer every request of
-    both modes with exactly the forced number of tokens, and exit cleanly."""
+    both modes, in two rounds, with exactly the forced number of tokens, and exit cleanly."""
     sys.path.insert(0, str(REPO / "bench"))
     from bench_serving import realistic_requests
 
     model, out = tmp_path / "tiny8b", tmp_path / "serving.json"
     cmd = [sys.executable, str(REPO / "bench" / "bench_serving.py"), "--cpu", "--make-tiny", "--model-dir", str(model),
-           "--clients", "3", "--per-client", "2", "--new-tokens", str(NEW), "--json", str(out)]
+           "--clients", "3", "--per-client", "2", "--new-tokens", str(NEW), "--rounds", "2", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -72,13 +72,14 @@ def test_serving_bench_cpu_smoke_both_engines_both_modes(tmp_path):
     for engine in ("static", "continuous"):
         e = data["engines"][engine]
         assert e["exit_code"] == 0
-        fixed, real = e["fixed@3"], e["realistic@3"]
-        assert fixed["requests"] == real["requests"] == 6 and fixed["n_errors"] == real["n_errors"] == 0
-        assert fixed["tokens"] == 6 * NEW
-        assert real["tokens"] == sum(new for _, _, new in realistic)  # every request answered, so all of them
-        for r in (fixed, real):  # the steady part: from the release until the last request was taken
-            assert 0 < r["steady_s"] < r["wall_s"] and r["steady_lines_per_s"] > 0
-    assert "**continuous / static**" in proc.stdout
+        for rnd in ("", " round 2"):  # the same requests again, on the same daemon
+            fixed, real = e["fixed@3" + rnd], e["realistic@3" + rnd]
+            assert fixed["requests"] == real["requests"] == 6 and fixed["n_errors"] == real["n_errors"] == 0
+            assert fixed["tokens"] == 6 * NEW
+            assert real["tokens"] == sum(new for _, _, new in realistic)  # every request answered, so all of them
+            for r in (fixed, real):  # the steady part: from the release until the last request was taken
+                assert 0 < r["steady_s"] < r["wall_s"] and r["steady_lines_per_s"] > 0
+    assert "**continuous / static**" in proc.stdout and "realistic @ 3 clients, round 2" in proc.stdout
 
 
 @pytest.mark.slow

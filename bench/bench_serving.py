@@ -24,7 +24,10 @@ For each: lines/s, generated tokens/s, p50/p95 latency, the average number of
 occupied slots per decode step (from ``/v1/status``) and, on a GPU, an MFU
 estimate: FLOPs per line (2 x parameters x (prompt + new tokens), prompt tokens
 from the model's own processor) / time / the bf16 matmul rate measured on the
-same GPU in this run. Prints a table with continuous/static ratios; ``--json``.
+same GPU in this run; and where the clients' requests were on average while every client was busy
+(``/v1/status`` sampled every 100 ms: decoding in a slot, queued, elsewhere in htrd -- HTTP, decoding
+and preprocessing the image, the answer on its way out -- or at the clients). Prints a table with
+continuous/static ratios; ``--json``.
 """
 
 from __future__ import annotations
@@ -112,6 +115,56 @@ def closed_loop(socket_path: Path, work: list[tuple[bytes, int]], clients: int) 
             "steady_lines_per_s": steady / steady_s if steady_s > 0 else None,
             "wall_s": wall, "lines_per_s": len(lat) / wall, "tokens_per_s": sum(tokens) / wall,
             "tokens": sum(tokens), "p50_s": pct(lat, 0.5), "p95_s": pct(lat, 0.95), "done_ids": done_ids}
+
+
+class WhereSampler:
+    """Where the load's requests are, sampled from htrd's ``/v1/status`` every *period_s* while the load runs:
+    decoding (slots occupied), queued for a slot, elsewhere in htrd (accepted, not queued nor decoding: HTTP,
+    image decoding, preprocessing, the answer on its way out) and at the clients (between an answer and the
+    next request, in the benchmark's process). Averaged over the samples taken while every client was busy
+    (until the last request was taken; see closed_loop)."""
+
+    def __init__(self, socket_path: Path, clients: int, period_s: float = 0.1) -> None:
+        self.socket_path, self.clients, self.period_s = socket_path, clients, period_s
+        self.samples: list[tuple[float, int, int, int]] = []  # (time, in flight, queued, decoding)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> WhereSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        import httpx
+
+        transport = httpx.HTTPTransport(uds=str(self.socket_path))
+        with httpx.Client(transport=transport, base_url="http://htr", timeout=30) as c:
+            while not self._stop.wait(self.period_s):
+                try:
+                    st = c.get("/v1/status").json()
+                except (httpx.HTTPError, ValueError):
+                    continue
+                self.samples.append((time.perf_counter(), int(st.get("in_flight") or 0),
+                                     int(st.get("queue_depth") or 0),
+                                     int((st.get("engine") or {}).get("slots_occupied") or 0)))
+
+    def averages(self, since: float, until: float) -> dict | None:
+        """Over the samples from *since* to *until* (the steady part); over the whole load where that part
+        holds fewer than 3 (a short load); None without samples."""
+        got, over = [s for s in self.samples if since <= s[0] <= until], "steady part"
+        if len(got) < 3:
+            got, over = self.samples, "whole load"
+        if not got:
+            return None
+        n = len(got)
+        flight, queued, decoding = (sum(s[i] for s in got) / n for i in (1, 2, 3))
+        return {"samples": n, "over": over, "decoding": round(decoding, 1), "queued": round(queued, 1),
+                "elsewhere_in_htrd": round(max(0.0, flight - queued - decoding), 1),
+                "at_clients": round(max(0.0, self.clients - flight), 1)}
 
 
 def status(socket_path: Path) -> dict:
@@ -219,8 +272,9 @@ def run_engine(args, name: str, continuous: bool, workloads: dict, work_dir: Pat
             before_all = status(sock)
             before = before_all["engine"]
             spy = args.profile / f"spy-{name}-{mode}{clients}-{rnd}.txt" if args.profile else None
-            with py_spy(d.proc.pid, spy), GpuSampler() as gpu:
+            with py_spy(d.proc.pid, spy), GpuSampler() as gpu, WhereSampler(sock, clients) as where:
                 r = closed_loop(sock, work, clients)
+            r["where"] = where.averages(r["released_at"], r["steady_until"])  # the steady part's requests
             r["gpu_busy_pct"] = gpu.busy().get(0)  # the daemon's GPU (gpu.select), as NVML counts kernels running
             r["gpu_busy_steady_pct"] = gpu.busy(r["released_at"], r["steady_until"]).get(0)
             after_all = status(sock)
@@ -242,14 +296,15 @@ def run_engine(args, name: str, continuous: bool, workloads: dict, work_dir: Pat
             res[load_key(mode, clients, rnd)] = r
             logger.info("%s %s: %.1f lines/s (steady part: %.1f over %.1f s), p50 %.3f s, p95 %.3f s, slots %.1f, "
                         "%.2f steps per check, GPU busy %.0f %% (NVML; steady part %.0f %%), idle at host turnarounds "
-                        "%.1f %% of the load, %.1f lines per prefill, %d prefills replayed (graphs whole/LM part: %s)",
+                        "%.1f %% of the load, %.1f lines per prefill, %d prefills replayed (graphs whole/LM part: %s); "
+                        "the clients' requests on average (steady part): %s",
                         name, load_key(mode, clients, rnd), r["lines_per_s"], r["steady_lines_per_s"] or 0, r["steady_s"],
                         r["p50_s"], r["p95_s"], r["avg_occupied_slots"] or 0, r["steps_per_check"] or 0,
                         r["gpu_busy_pct"] if r["gpu_busy_pct"] is not None else float("nan"),
                         r["gpu_busy_steady_pct"] if r["gpu_busy_steady_pct"] is not None else float("nan"),
                         100 * r["host_turnaround_s"] / r["wall_s"] if r.get("wall_s") else 0,
                         r["avg_prefill_lines"] or 0, r["prefill_replays"],
-                        r["prefill_graphs"])
+                        r["prefill_graphs"], r["where"])
         res["status"] = status(sock)
     finally:
         res["exit_code"] = d.stop()

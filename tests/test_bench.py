@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -54,6 +55,24 @@ def test_bench_cpu_smoke_on_the_tiny_8b_layout(tmp_path):
         assert row in table, row
 
 
+def test_where_the_requests_are_averages_the_steady_part_and_partitions_the_clients():
+    """bench_serving's WhereSampler: averaged over the samples inside the steady part (every client busy), the
+    clients' requests split into decoding, queued, elsewhere in htrd (in flight, neither) and at the clients
+    (not in flight); a steady part of fewer than 3 samples averages the whole load instead."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_serving import WhereSampler
+
+    w = WhereSampler(Path("/nonexistent.sock"), clients=8)
+    # (time, in flight, queued, decoding): the first and last are outside the steady part [1, 3]
+    w.samples = [(0.5, 2, 0, 1), (1.0, 7, 1, 4), (2.0, 8, 0, 6), (3.0, 6, 2, 3), (4.0, 1, 0, 1)]
+    got = w.averages(1.0, 3.0)
+    assert got == {"samples": 3, "over": "steady part", "decoding": 4.3, "queued": 1.0, "elsewhere_in_htrd": 1.7,
+                   "at_clients": 1.0}
+    assert w.averages(1.5, 2.5)["over"] == "whole load" and w.averages(1.5, 2.5)["samples"] == 5
+    w.samples = []
+    assert w.averages(0.0, 9.0) is None
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_serving_bench_cpu_smoke_both_engines_both_modes(tmp_path):
@@ -79,6 +98,11 @@ def test_serving_bench_cpu_smoke_both_engines_both_modes(tmp_path):
             assert real["tokens"] == sum(new for _, _, new in realistic)  # every request answered, so all of them
             for r in (fixed, real):  # the steady part: from the release until the last request was taken
                 assert 0 < r["steady_s"] < r["wall_s"] and r["steady_lines_per_s"] > 0
+                where = r["where"]  # the 3 clients' requests, sampled from /v1/status during the load
+                assert where["samples"] > 0 and where["decoding"] > 0
+                parts = ("decoding", "queued", "elsewhere_in_htrd", "at_clients")
+                if where["over"] == "steady part":  # every client busy: the parts add up to the clients
+                    assert abs(sum(where[k] for k in parts) - 3) <= 0.2 + 1e-9  # rounding of each part
     assert "**continuous / static**" in proc.stdout and "realistic @ 3 clients, round 2" in proc.stdout
 
 

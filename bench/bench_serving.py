@@ -42,6 +42,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Self
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generate import Daemon, GpuSampler, line_image, pct, py_spy, run_clients, stop_daemons_on_sigterm
@@ -130,7 +131,7 @@ class WhereSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> WhereSampler:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

@@ -135,3 +135,37 @@ def test_a_newcomer_joins_behind_the_launched_decode_steps(engine):
         gen.add, gen.step = add, step
     assert calls == [(1, False), (1, True)]
     assert (first.tokens, second.tokens) == (40, 3)  # min_new_tokens: no early EOS
+
+
+def test_compiling_the_ops_beside_the_load_is_never_fatal(demo_model_dir, tmp_path, monkeypatch, caplog):
+    """htrd compiles the fast path's ops in a thread while the weights load (on a GPU; Engine._precompile):
+    a directory whose config it cannot read starts no thread (the load reports the directory), and a
+    compilation that fails is logged in the thread -- the warm-up compiles them instead."""
+    import logging
+
+    import htrd.fastgen as fg
+    from htrd.engine import Engine
+    from htrd.faults import Faults
+    from htrd.metrics import Metrics
+    from htrd.state import DaemonState
+
+    from htrctl.config import Settings
+
+    def engine(model_dir):
+        settings = Settings(model={"dir": str(model_dir), "verify_on_start": "off"}, gpu={"select": "cpu"},
+                            generation={"compile_cache_dir": str(tmp_path / "cc")})
+        return Engine(settings, device="cpu", faults=Faults(), state=DaemonState(), metrics=Metrics([1]))
+
+    assert engine(tmp_path / "missing")._precompile() == []
+    seen = []
+
+    def fails(text_config, *, device, dtype_name):
+        seen.append((text_config["hidden_size"], device, dtype_name))
+        raise RuntimeError("inductor: no C compiler")
+
+    monkeypatch.setattr(fg, "precompile_ops", fails)
+    with caplog.at_level(logging.WARNING, logger="htrd.engine"):
+        (thread,) = engine(demo_model_dir)._precompile()
+        thread.join(timeout=30)
+    assert not thread.is_alive() and seen and seen[0][1:] == ("cpu", "float32")
+    assert "compiling the fast path's ops beside the load failed (RuntimeError: inductor: no C compiler)" in caplog.text

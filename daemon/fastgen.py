@@ -747,7 +747,8 @@ class FastGenerator(GeneratorBase):
         are padded to :func:`_pack_width` and the language model's part replays a CUDA graph per padded width
         (captured on the width's first prefill): a prefill of any number of lines is a few launches, where
         the eager one is bound by launching ~1,000 kernels (on an H200 under load, a 7-line prefill kept the
-        GPU busy under half its time). The vision tower: replayed for small prefills, else eager."""
+        GPU busy under half its time). The vision tower replays its graph per padded patch rows
+        (:meth:`_vision_replayed`) where graphs are on."""
         torch = self.torch
         n = len(items)
         N = max(self.prefill_chunk, n)  # lines a packed graph takes (_chunks: never more than prefill_chunk)

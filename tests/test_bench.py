@@ -249,3 +249,32 @@ def test_fast_correctness_check_cpu_smoke(demo_model_dir, tmp_path):
     forced = data["forced_logit_error"]
     assert forced["fast_forced_sdpa_decode"]["steps"] == forced["hf_bf16_generate"]["steps"] == 8 * 2
     assert forced["fast_forced_sdpa_decode"]["mean_step_max"] <= 1.01 * forced["hf_bf16_generate"]["mean_step_max"]
+
+
+def test_trace_summary_attributes_gpu_idle_to_the_innermost_range_of_the_inference_thread():
+    """bench/trace_summary.py on a made-up htrd timeline: over the window of the decode calls, the GPU's busy
+    share, each idle gap charged to the innermost htr: range at its middle (a prefill inside a step: the
+    prefill), launch gaps under 10 us apart, and the prefills' host time and GPU share."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from trace_summary import summarise
+
+    def rng(name, ts, dur):
+        return {"cat": "user_annotation", "name": name, "ts": ts, "dur": dur}
+
+    def kernel(ts, dur):
+        return {"cat": "kernel", "name": "gemm", "ts": ts, "dur": dur}
+
+    events = [rng("htr:_step:8", 0, 1000), rng("htr:_prefill:3", 200, 400), rng("htr:_packed_layers", 300, 100),
+              rng("htr:_step:8", 1000, 1000), rng("htr:other", 5000, 10),  # outside the window: ignored
+              kernel(0, 100), kernel(105, 95),  # a 5 us launch gap
+              kernel(250, 50),  # idle 200-250: in the prefill
+              kernel(420, 480),  # idle 300-420, middle 360: in _packed_layers
+              kernel(1000, 900)]  # idle 900-1000: in the first step; 1900-2000: the second
+    s = summarise(events)
+    assert s["window_ms"] == 2.0 and s["steps"] == 2 and s["mean_occupancy"] == 8
+    assert s["gpu_busy_pct"] == 100 * (100 + 95 + 50 + 480 + 900) / 2000
+    assert s["idle_by_range_ms"] == {"htr:_step": 0.2, "htr:_packed_layers": 0.12, "htr:_prefill": 0.05,
+                                     "tiny (<10 us)": 0.005}
+    assert s["prefills"] == {3: {"count": 1, "host_ms": 0.4, "gpu_busy_pct": pytest.approx(100 * (50 + 180) / 400)}}
+    assert summarise([rng("htr:_step:1", 0, 10)]) == {
+        "error": "no kernels or no htr:_step ranges (was the trace taken under load on a GPU?)"}

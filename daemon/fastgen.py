@@ -807,35 +807,22 @@ class FastGenerator(GeneratorBase):
         deepstack features join at *vis*. Returns the final norm at the positions *last*, (len(last), H). Shapes
         depend on T only (and the prefill chunk): captured per T."""
         torch = self.torch
-        F = torch.nn.functional
-        ops = self._ops
         T = h.shape[0]
         nh, nkv, hd, L = self.n_heads, self.n_kv, self.head_dim, self.max_cache_len
         cos, sin = self.text.rotary_emb(h[None], pos3[:, None])  # (1, T, hd)
         cos, sin = cos.reshape(T, 1, hd), sin.reshape(T, 1, hd)
-        rows = (tok_slot[:, None] * nkv + self.kv_heads[None]) * L + tok_pos[:, None]
+        rows = _kv_rows(tok_slot, self.kv_heads, tok_pos, L)  # past the slots for padding tokens: the scratch row
         rows = torch.where(tok_slot[:, None] < self.slots, rows, self._scratch_row).reshape(-1)
         # Every real sequence fits the cache; the padding sequence is shorter than one step of _pack_width.
         span = min(T, max(L, T // 8 + PACK_MIN))
-        x = ops.rms(h, self.layers[0].input_layernorm.weight, self.eps)
-        for li, layer in enumerate(self.layers):
-            att = layer.self_attn
-            qkv = F.linear(x, self._qkv_w[li])
-            q, k, v = ops.qk(qkv, att.q_norm.weight, att.k_norm.weight, cos, sin, nh, nkv, hd, self.eps)
+
+        def attend(li, att, q, k, v):
             k, v = k.reshape(T, nkv, hd), v.reshape(T, nkv, hd)
             self._k_rows[li].index_copy_(0, rows, k.reshape(T * nkv, hd))
             self._v_rows[li].index_copy_(0, rows, v.reshape(T * nkv, hd))
-            o = _packed_attention(q.reshape(T, nh, hd), k, v, cu, span=span, scale=att.scaling)
-            h, x = ops.add_rms(h, F.linear(o.reshape(T, nh * hd), att.o_proj.weight),
-                               layer.post_attention_layernorm.weight, self.eps)
-            d = F.linear(ops.silu_mul(F.linear(x, self._gu_w[li])), layer.mlp.down_proj.weight)
-            nxt_w = self.layers[li + 1].input_layernorm.weight if li + 1 < len(self.layers) else self.text.norm.weight
-            if li < len(deepstack):  # deepstack: the vision tower's layer features join here
-                h = h + d
-                h.index_add_(0, vis, deepstack[li])
-                x = ops.rms(h, nxt_w, self.eps)
-            else:
-                h, x = ops.add_rms(h, d, nxt_w, self.eps)
+            return _packed_attention(q.reshape(T, nh, hd), k, v, cu, span=span, scale=att.scaling).reshape(T, nh * hd)
+
+        x = self._layers(h, cos, sin, attend, vis, deepstack)
         return x.index_select(0, last)
 
     def _replay(self, g: _PrefillGraph, args) -> object:
@@ -975,7 +962,6 @@ class FastGenerator(GeneratorBase):
         norm of every position, (n, P, H)."""
         torch = self.torch
         F = torch.nn.functional
-        ops = self._ops
         n, P, H = h.shape
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         dev = h.device
@@ -989,13 +975,8 @@ class FastGenerator(GeneratorBase):
         bias = torch.zeros((allowed.shape[0], 1, P, P), dtype=h.dtype, device=dev).masked_fill_(
             ~allowed[:, None], float("-inf"))
         g = nh // nkv
-        # Rows (n*P, H) throughout, as the decode step's (B, H): the same compiled ops serve both (see _Ops).
-        h = h.reshape(n * P, H)
-        x = ops.rms(h, self.layers[0].input_layernorm.weight, self.eps)
-        for li, layer in enumerate(self.layers):
-            att = layer.self_attn
-            qkv = F.linear(x, self._qkv_w[li])
-            q, k, v = ops.qk(qkv, att.q_norm.weight, att.k_norm.weight, cos, sin, nh, nkv, hd, self.eps)
+
+        def attend(li, att, q, k, v):
             q = q.reshape(n, P, nh, hd).transpose(1, 2)
             k = k.reshape(n, P, nkv, hd).transpose(1, 2)
             v = v.reshape(n, P, nkv, hd).transpose(1, 2)
@@ -1004,8 +985,28 @@ class FastGenerator(GeneratorBase):
             k = k[:, :, None].expand(n, nkv, g, P, hd).reshape(n, nh, P, hd)
             v = v[:, :, None].expand(n, nkv, g, P, hd).reshape(n, nh, P, hd)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=att.scaling)
-            o = o.transpose(1, 2).reshape(n * P, nh * hd)
-            h, x = ops.add_rms(h, F.linear(o, att.o_proj.weight), layer.post_attention_layernorm.weight, self.eps)
+            return o.transpose(1, 2).reshape(n * P, nh * hd)
+
+        x = self._layers(h.reshape(n * P, H), cos, sin, attend, vis, deepstack)
+        return x.view(n, P, H)
+
+    def _layers(self, h, cos, sin, attend: Callable, vis=None, deepstack: Sequence = ()):
+        """The decoder layers over rows *h* (decode steps: one per slot; prefills: one per prompt token), on
+        the fused weights and the compiled ops (one GEMM for q/k/v, one for gate/up, fused norms) -- the decode
+        step and both prefills. *attend(li, att, q, k, v)* stores layer *li*'s keys and values where its caller
+        keeps them and returns the attention output (rows, heads x head_dim); *vis*: the rows of the image
+        tokens, where the vision tower's *deepstack* features join the first layers. Returns the final norm of
+        every row."""
+        F = self.torch.nn.functional
+        ops = self._ops
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        x = ops.rms(h, self.layers[0].input_layernorm.weight, self.eps)
+        for li, layer in enumerate(self.layers):
+            att = layer.self_attn
+            qkv = F.linear(x, self._qkv_w[li])
+            q, k, v = ops.qk(qkv, att.q_norm.weight, att.k_norm.weight, cos, sin, nh, nkv, hd, self.eps)
+            h, x = ops.add_rms(h, F.linear(attend(li, att, q, k, v), att.o_proj.weight),
+                               layer.post_attention_layernorm.weight, self.eps)
             d = F.linear(ops.silu_mul(F.linear(x, self._gu_w[li])), layer.mlp.down_proj.weight)
             nxt_w = self.layers[li + 1].input_layernorm.weight if li + 1 < len(self.layers) else self.text.norm.weight
             if li < len(deepstack):  # deepstack: the vision tower's layer features join here
@@ -1014,13 +1015,12 @@ class FastGenerator(GeneratorBase):
                 x = ops.rms(h, nxt_w, self.eps)
             else:
                 h, x = ops.add_rms(h, d, nxt_w, self.eps)
-        return x.view(n, P, H)
+        return x
 
     def _decode_step(self, B: int, L: int) -> None:
         """One greedy token for slots [:B], attending over cache positions [:L]. Only touches fixed buffers."""
         torch = self.torch
         F = torch.nn.functional
-        ops = self._ops
         rows = self.rows[:B]
         pos = self.pos[:B]
         # Where each slot's new key/value goes in a layer's cache seen as rows of head_dim: one index_copy_ each.
@@ -1041,20 +1041,14 @@ class FastGenerator(GeneratorBase):
         cos, sin = self.text.rotary_emb(h, rope)  # (B,1,hd)
         nh, hd, nkv = self.n_heads, self.head_dim, self.n_kv
         kv_flat = kv_rows.reshape(-1)
-        x = ops.rms(h, self.layers[0].input_layernorm.weight, self.eps)
-        for li, layer in enumerate(self.layers):
-            att = layer.self_attn
-            qkv = F.linear(x, self._qkv_w[li])
-            q, k, v = ops.qk(qkv, att.q_norm.weight, att.k_norm.weight, cos, sin, nh, nkv, hd, self.eps)
-            self.k_cache[li].view(-1, hd).index_copy_(0, kv_flat, k.reshape(B * nkv, hd))
-            self.v_cache[li].view(-1, hd).index_copy_(0, kv_flat, v.reshape(B * nkv, hd))
+
+        def attend(li, att, q, k, v):
+            self._k_rows[li].index_copy_(0, kv_flat, k.reshape(B * nkv, hd))
+            self._v_rows[li].index_copy_(0, kv_flat, v.reshape(B * nkv, hd))
             # GQA with one query token: each KV head's g query heads ride on the query-length axis.
-            o = attention(q, self.k_cache[li], self.v_cache[li], scale=att.scaling)
-            h, x = ops.add_rms(h, F.linear(o.reshape(B, nh * hd), att.o_proj.weight),
-                               layer.post_attention_layernorm.weight, self.eps)
-            a = ops.silu_mul(F.linear(x, self._gu_w[li]))
-            nxt_w = self.layers[li + 1].input_layernorm.weight if li + 1 < len(self.layers) else self.text.norm.weight
-            h, x = ops.add_rms(h, F.linear(a, layer.mlp.down_proj.weight), nxt_w, self.eps)
+            return attention(q, self.k_cache[li], self.v_cache[li], scale=att.scaling).reshape(B, nh * hd)
+
+        x = self._layers(h, cos, sin, attend)
         logits = F.linear(x, self.lm_head.weight).float()  # x: the final norm's output
         self._select(logits, B)
 

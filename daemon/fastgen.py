@@ -96,6 +96,7 @@ from .model import (
     PromptLayout,
     _first_line,
     has_flash_varlen,
+    image_batch,
     image_grids,
     load_model,
     prompt_layout,
@@ -497,12 +498,15 @@ class FastGenerator(GeneratorBase):
         n = len(seqs)
         items = [s.prepared for s in seqs]
         packed = self.packed
-        width = None if packed else self._graph_width(seqs)
-        batch = self._collate(items, width)
-        P = int(batch["input_ids"].shape[1])
         # Each line's cache positions [first, end): from 0 packed, else its prompt left-padded to the group's width.
-        ends = [it.prompt_len if packed else P for it in items]
-        firsts = [0 if packed else P - it.prompt_len for it in items]
+        if packed:  # its token tensors are built by _packed_last
+            batch = image_batch(items, device=self.device, dtype=self.pre.dtype)
+            ends, firsts = [it.prompt_len for it in items], [0] * n
+        else:
+            width = self._graph_width(seqs)
+            batch = self._collate(items, width)
+            P = int(batch["input_ids"].shape[1])
+            ends, firsts = [P] * n, [P - it.prompt_len for it in items]
         max_new = [min(int(s.max_new_tokens), self.max_new_tokens) for s in seqs]
         min_new = [max(0, min(int(s.min_new_tokens), m)) for s, m in zip(seqs, max_new)]
         slots = [heapq.heappop(self._free) for _ in range(n)]

@@ -401,16 +401,21 @@ def collate(items, *, pad_id: int, device, dtype, width: int | None = None) -> d
         if has_mm:
             mm[i, P - n :] = it.mm_token_type_ids
     tokens = to_device(tokens, device)
-    batch = {
-        "input_ids": tokens[0],
-        "attention_mask": tokens[1],
-        # Per-item copies concatenated on the device: no large CPU-side cat of the patches.
-        "pixel_values": torch.cat([to_device(it.pixel_values, device).to(dtype) for it in items]),
-        "image_grid_thw": to_device(torch.cat([it.image_grid_thw for it in items]), device),
-    }
+    batch = {"input_ids": tokens[0], "attention_mask": tokens[1], **image_batch(items, device=device, dtype=dtype)}
     if has_mm:
         batch["mm_token_type_ids"] = to_device(mm, device)
     return batch
+
+
+def image_batch(items, *, device, dtype) -> dict[str, Any]:
+    """The images of *items* for the vision tower: their patches concatenated (``pixel_values``, in *dtype*)
+    and their grids (``image_grid_thw``), on *device* -- all a packed prefill takes besides its own token
+    tensors (:meth:`htrd.fastgen.FastGenerator._packed_last`)."""
+    import torch
+
+    # Per-item copies concatenated on the device: no large CPU-side cat of the patches.
+    return {"pixel_values": torch.cat([to_device(it.pixel_values, device).to(dtype) for it in items]),
+            "image_grid_thw": to_device(torch.cat([it.image_grid_thw for it in items]), device)}
 
 
 def has_flash_varlen(t) -> bool:

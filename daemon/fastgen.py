@@ -334,8 +334,9 @@ class FastGenerator(GeneratorBase):
         self.attend[:, 0] = True  # a free slot sees one position: no all-masked softmax
         self.tok = torch.zeros((S, 1), dtype=torch.long, device=dev)  # last token, input of the next step
         self.pos = torch.zeros((S,), dtype=torch.long, device=dev)  # cache position of self.tok
-        # First cache position a slot attends to (its prompt is left-padded to its prefill group's width): the
-        # slot sees positions [kv_first, pos] -- what self.attend marks, as offsets for flash attention.
+        # First cache position a slot attends to (0 for a packed prefill; a left-padded prompt starts where its
+        # group's padding ends): the slot sees positions [kv_first, pos] -- what self.attend marks, as offsets for
+        # flash attention.
         self.kv_first = torch.zeros((S,), dtype=torch.long, device=dev)
         self.cu_q = torch.arange(S * self.n_kv + 1, dtype=torch.int32, device=dev)  # one query per (slot, head)
         self.delta = torch.zeros((S,), dtype=torch.long, device=dev)  # rope position - cache position
@@ -922,10 +923,9 @@ class FastGenerator(GeneratorBase):
         ~2,000 launches for 16 lines. Returns the real images' (image tokens, deepstack features)."""
         vt = self.vision
         patches = int(pixel_values.shape[0])
-        rows = vt.rows_for(patches)
-        key = rows
+        rows = vt.rows_for(patches)  # the graph's key
         blocks = self.prefill_chunk
-        g = self._vision_graphs.get(key)
+        g = self._vision_graphs.get(rows)
         if g is not None:
             vt.padded_inputs(pixel_values, layout.grids, layout.vision_lengths, rows, into=g.inputs, blocks=blocks)
             g.graph.replay()
@@ -939,7 +939,7 @@ class FastGenerator(GeneratorBase):
                 inputs = self._static_inputs(self._vision_buffers, args, rows, PREFILL_GRAPH_LINES * 4 * ROW_BUCKET)
                 g = self._record(lambda: vt.padded(*inputs), inputs, out, [])
                 if g is not None:
-                    self._vision_graphs[key] = g
+                    self._vision_graphs[rows] = g
         k = patches // vt.merge
         return out[0, :k], [d[:k] for d in out[1:]]
 

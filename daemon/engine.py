@@ -34,7 +34,6 @@ the first request after READY is as fast as the others.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
@@ -48,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from htrctl.errors import GpuError, ModelError
+from htrctl.errors import GpuError
 from htrctl.protocol import PageResult, Timings
 
 from .api_errors import ApiError
@@ -170,22 +169,20 @@ class Engine:
         otherwise (8 compilations from the persistent cache, the first paying inductor's imports). Started
         once torch and transformers are imported: beside the imports (pure Python, like compiling) the two
         only took turns. Never fatal: what it does not compile, the warm-up does."""
-        from htrctl.modeldir import variant_paths
+        from htrctl.modeldir import text_config
 
         from .fastgen import configure_compile_cache, precompile_ops
 
         configure_compile_cache(self.settings.generation.compile_cache_dir)
-        try:
-            _, weights, _ = variant_paths(self.model_dir, self.settings.model.variant)
-            text_config = json.loads((weights / "config.json").read_text())["text_config"]
-        except (ModelError, OSError, ValueError, KeyError, TypeError):
+        config = text_config(self.model_dir, self.settings.model.variant)
+        if config is None:
             return []  # load_model reports what is wrong with the directory
         dtype_name = resolve_dtype_name(self.settings.model.dtype, self.device)
 
         def run() -> None:
             t0 = time.monotonic()
             try:
-                n = precompile_ops(text_config, device=self.device, dtype_name=dtype_name)
+                n = precompile_ops(config, device=self.device, dtype_name=dtype_name)
             except Exception as exc:  # noqa: BLE001 -- the warm-up compiles them instead
                 logger.warning("compiling the fast path's ops beside the load failed (%s: %s); the warm-up "
                                "compiles them", type(exc).__name__, _first_line(exc))

@@ -140,20 +140,32 @@ def model_footprint(model_dir: Path, variant: str = "auto") -> dict:
     return {"variant": "adapter", "weights_bytes": base + adapter, "parts": {"base": base, "adapter": adapter}}
 
 
-def kv_cache_bytes(model_dir: Path, variant: str, *, slots: int, max_cache_len: int, dtype_bytes: int = 2,
-                   length_bucket: int = 64) -> int:
-    """Bytes of the fast generator's KV cache: slots x positions x (2 x layers x KV heads x head size), from the
-    loaded variant's ``config.json`` (0 when it cannot be read). htrd allocates exactly this (daemon/fastgen.py)."""
+def text_config(model_dir: Path, variant: str = "auto") -> dict | None:
+    """The language model's part of the loaded variant's ``config.json`` (its ``text_config``, or the whole
+    file where it has none); None when it cannot be read."""
     model_dir = Path(model_dir)
     use_merged = variant == "merged" or (variant == "auto" and has_merged(model_dir))
     cfg_path = (model_dir / MERGED_DIRNAME if use_merged else model_dir) / "config.json"
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        t = cfg.get("text_config") or cfg
+    except (OSError, ValueError):
+        return None
+    t = (cfg.get("text_config") or cfg) if isinstance(cfg, dict) else None
+    return t if isinstance(t, dict) else None
+
+
+def kv_cache_bytes(model_dir: Path, variant: str, *, slots: int, max_cache_len: int, dtype_bytes: int = 2,
+                   length_bucket: int = 64) -> int:
+    """Bytes of the fast generator's KV cache: slots x positions x (2 x layers x KV heads x head size), from the
+    loaded variant's ``config.json`` (0 when it cannot be read). htrd allocates exactly this (daemon/fastgen.py)."""
+    t = text_config(model_dir, variant)
+    if t is None:
+        return 0
+    try:
         heads = int(t["num_attention_heads"])
         head_dim = int(t.get("head_dim") or int(t["hidden_size"]) // heads)
         per_pos = 2 * int(t["num_hidden_layers"]) * int(t.get("num_key_value_heads") or heads) * head_dim * dtype_bytes
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return 0
     positions = -(-int(max_cache_len) // length_bucket) * length_bucket
     return int(slots) * positions * per_pos

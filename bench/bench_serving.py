@@ -144,14 +144,16 @@ class WhereSampler:
 
         transport = httpx.HTTPTransport(uds=str(self.socket_path))
         with httpx.Client(transport=transport, base_url="http://htr", timeout=30) as c:
-            while not self._stop.wait(self.period_s):
+            while True:  # a sample at once, then one per period until stopped
                 try:
                     st = c.get("/v1/status").json()
+                    self.samples.append((time.perf_counter(), int(st.get("in_flight") or 0),
+                                         int(st.get("queue_depth") or 0),
+                                         int((st.get("engine") or {}).get("slots_occupied") or 0)))
                 except (httpx.HTTPError, ValueError):
-                    continue
-                self.samples.append((time.perf_counter(), int(st.get("in_flight") or 0),
-                                     int(st.get("queue_depth") or 0),
-                                     int((st.get("engine") or {}).get("slots_occupied") or 0)))
+                    pass
+                if self._stop.wait(self.period_s):
+                    return
 
     def averages(self, since: float, until: float) -> dict | None:
         """Over the samples from *since* to *until* (the steady part); over the whole load where that part

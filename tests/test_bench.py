@@ -99,10 +99,13 @@ def test_serving_bench_cpu_smoke_both_engines_both_modes(tmp_path):
             for r in (fixed, real):  # the steady part: from the release until the last request was taken
                 assert 0 < r["steady_s"] < r["wall_s"] and r["steady_lines_per_s"] > 0
                 where = r["where"]  # the 3 clients' requests, sampled from /v1/status during the load
-                assert where["samples"] > 0 and where["decoding"] > 0
                 parts = ("decoding", "queued", "elsewhere_in_htrd", "at_clients")
+                assert where["samples"] > 0 and all(where[k] >= 0 for k in parts)
+                # a load this short may be sampled between two steps (nothing decoding): the arithmetic is
+                # tested on made-up samples above; here, every client's request is counted once at most
+                assert sum(where[k] for k in parts) <= 3 + 0.2 + 1e-9  # rounding of each part
                 if where["over"] == "steady part":  # every client busy: the parts add up to the clients
-                    assert abs(sum(where[k] for k in parts) - 3) <= 0.2 + 1e-9  # rounding of each part
+                    assert abs(sum(where[k] for k in parts) - 3) <= 0.2 + 1e-9
     assert "**continuous / static**" in proc.stdout and "realistic @ 3 clients, round 2" in proc.stdout
 
 

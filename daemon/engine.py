@@ -564,6 +564,7 @@ class Engine:
             "prefill_lm_graphs": len(getattr(gen, "_lm_graphs", ())),
             "prefill_vision_graphs": len(getattr(gen, "_vision_graphs", ())),
             "prefill_replays": getattr(gen, "prefill_replays", 0),
+            "prefill_direct_capture_failures": getattr(gen, "direct_capture_failures", 0),
             "load_s": _rounded(self.load_s),
             "warmup_s": _rounded(self.warmup_s),
             "warmup_graphs": self.warmup_report.get("graphs"),

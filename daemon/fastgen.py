@@ -274,6 +274,7 @@ class FastGenerator(GeneratorBase):
         self._vision_buffers: list = []  # the vision graphs' static inputs
         self.prefill_replays = 0
         self.vision_replays = 0
+        self.direct_capture_failures = 0  # new prefill shapes whose capture without an eager run failed (_record)
         self._packed_graphs: dict[int, _PrefillGraph] = {}
         self._packed_buffers: list = []  # the packed prefill graphs' static inputs
         self._alloc_state()
@@ -799,6 +800,13 @@ class FastGenerator(GeneratorBase):
         def lm_part():
             return self._packed_layers(*inputs)
 
+        if self._packed_graphs:  # a new width of a captured kind: capture, then replay (no eager run first)
+            like = next(iter(self._packed_graphs.values())).out  # (lines a packed graph takes, H) for every width
+            g = self._record(lm_part, inputs, like, [], direct=True)
+            if g is not None:
+                self._packed_graphs[T] = g
+                g.graph.replay()
+                return g.out[:n]
         out = lm_part()  # eagerly first: the capture then finds every kernel it records
         g = self._record(lm_part, inputs, out, [])
         if g is not None:
@@ -871,13 +879,19 @@ class FastGenerator(GeneratorBase):
             views.append(buf[:need].view(a.shape).copy_(a))
         return views
 
-    def _record(self, fn: Callable[[], object], inputs: list, last, keep: list) -> _PrefillGraph | None:
-        """Capture *fn* (a prefill that just ran eagerly on the same shapes, so every kernel, compiled op and
-        cuDNN plan it needs exists: capturing launches nothing) reading *inputs*; its result lands in a
-        buffer shaped like *last*. None, and prefill graphs off, if capturing fails."""
+    def _record(self, fn: Callable[[], object], inputs: list, last, keep: list, *,
+                direct: bool = False) -> _PrefillGraph | None:
+        """Capture *fn* reading *inputs*; its result lands in a buffer shaped like *last*. Usually *fn* (a
+        prefill) has just run eagerly on the same shapes, so every kernel, compiled op and cuDNN plan it needs
+        exists: capturing launches nothing. None, and prefill graphs off, if capturing fails.
+
+        *direct*: no eager run came first -- a new shape of a kind already captured (its kernels are loaded,
+        its compiled ops are dynamic in the row count): the caller replays the graph for this prefill's result,
+        which saves the eager run's host time (~30-80 ms of launching on an H200, the GPU idle meanwhile). A
+        direct capture that fails leaves prefill graphs on: the caller runs eagerly and captures as usual."""
         torch = self.torch
         t0 = time.perf_counter()
-        out = torch.empty_like(last)
+        out = torch.empty(last.shape, dtype=last.dtype, device=self.device)  # *last* may be on the meta device
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
@@ -892,13 +906,18 @@ class FastGenerator(GeneratorBase):
                     graph.capture_end()
         except Exception as exc:  # noqa: BLE001 -- never fatal: this prefill already ran; later ones stay eager
             torch.cuda.current_stream(self.device).wait_stream(side)
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            if direct:
+                self.direct_capture_failures += 1
+                logger.info("capturing a prefill graph without an eager run first failed (%s); running it eagerly",
+                            why)
+                return None
             self._prefill_graphs_ok = False
-            logger.warning("capturing a prefill graph failed (%s: %s); prefills stay uncaptured",
-                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            logger.warning("capturing a prefill graph failed (%s); prefills stay uncaptured", why)
             return None
         torch.cuda.current_stream(self.device).wait_stream(side)
-        logger.debug("captured a prefill graph: %s in %.0f ms", [tuple(a.shape) for a in inputs[:1]],
-                     (time.perf_counter() - t0) * 1000.0)
+        logger.debug("captured a prefill graph%s: %s in %.0f ms", " directly" if direct else "",
+                     [tuple(a.shape) for a in inputs[:1]], (time.perf_counter() - t0) * 1000.0)
         return _PrefillGraph(graph, inputs, out, keep)
 
     def _prompt_inputs(self, input_ids, pixel_values, image_index, grid_thw, layout, replay_vision: bool = False):
@@ -933,13 +952,25 @@ class FastGenerator(GeneratorBase):
             out = g.out
         else:
             args = vt.padded_inputs(pixel_values, layout.grids, layout.vision_lengths, rows, blocks=blocks)
-            out = vt.padded(*args)  # eagerly first: the capture then finds every kernel it records
-            if len(self._vision_graphs) < VISION_GRAPHS:
+            room = len(self._vision_graphs) < VISION_GRAPHS
+            out = None
+            if room:
                 # sized at first for PREFILL_GRAPH_LINES lines of up to 1,024 patches (a 2,000 x 128 px line)
                 inputs = self._static_inputs(self._vision_buffers, args, rows, PREFILL_GRAPH_LINES * 4 * ROW_BUCKET)
-                g = self._record(lambda: vt.padded(*inputs), inputs, out, [])
-                if g is not None:
-                    self._vision_graphs[rows] = g
+                if self._vision_graphs:  # a new row count of a captured kind: capture, then replay
+                    seen = next(iter(self._vision_graphs.values())).out  # (1 + deepstack layers, rows / merge, H)
+                    like = seen.new_empty((seen.shape[0], rows // vt.merge, seen.shape[2]), device="meta")
+                    g = self._record(lambda: vt.padded(*inputs), inputs, like, [], direct=True)
+                    if g is not None:
+                        self._vision_graphs[rows] = g
+                        g.graph.replay()
+                        out = g.out
+            if out is None:
+                out = vt.padded(*args)  # eagerly first: the capture then finds every kernel it records
+                if room:
+                    g = self._record(lambda: vt.padded(*inputs), inputs, out, [])
+                    if g is not None:
+                        self._vision_graphs[rows] = g
         k = patches // vt.merge
         return out[0, :k], [d[:k] for d in out[1:]]
 

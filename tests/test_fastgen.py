@@ -424,21 +424,24 @@ def test_vision_helpers_that_changed_fall_back_to_hf_forward(fast, monkeypatch, 
 def _stand_in_graphs(gen, kind) -> list:
     """Prefill graphs on the CPU: *gen*'s capture replaced by a stand-in whose replay runs the recorded call
     on its static inputs (what a CUDA graph replay computes). Returns the list that names each capture
-    (*kind(inputs)*), in order."""
+    (*kind(inputs)*), in order; ``gen.stand_in_direct`` says for each whether it was captured without an
+    eager run first (FastGenerator._record's *direct*)."""
     from htrd.fastgen import _PrefillGraph
 
     captured = []
 
-    def record(fn, inputs, last, keep):
-        out = torch.empty_like(last)
+    def record(fn, inputs, last, keep, direct=False):
+        out = torch.empty(last.shape, dtype=last.dtype)  # *last* may be on the meta device
 
         class Replay:
             def replay(self):
                 out.copy_(fn())
 
         captured.append(kind(inputs))
+        gen.stand_in_direct.append(direct)
         return _PrefillGraph(Replay(), inputs, out, keep)
 
+    gen.stand_in_direct = []
     gen._prefill_graphs_ok = True  # as on CUDA
     gen._record = record
     return captured
@@ -611,6 +614,34 @@ def test_prefills_replay_the_vision_tower_per_padded_patch_bucket(naive, demo_mo
         int(a.pixel_values.shape[0]))
     assert [g.token_ids for g in gen.generate(pair)] == naive["tokens"][1:3]
     assert gen.vision_replays == 3 and captured.count("vision") == 1
+
+
+def test_new_prefill_shapes_after_the_first_are_captured_without_an_eager_run(naive, demo_model_dir):
+    """A prefill of a new padded width (language model) or new patch-row count (vision tower) after the first
+    graph of its kind: captured straight away and replayed for its own result -- no eager run first (it cost
+    ~30-80 ms of launching with the GPU idle on an H200) -- with naive's tokens. The first of each kind still
+    runs eagerly first (it loads the kernels the capture records)."""
+    from htrd.fastgen import FastGenerator
+
+    gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2, 4, 8], max_cache_len=512,
+                             max_new_tokens=NEW)
+    gen.vision.varlen = True  # as on a GPU (the CPU runs the blocks' attention in a loop)
+    captured = _stand_in_graphs(gen, lambda inputs: "vision" if inputs[-1].dtype == torch.int32 else "lm")
+    a = gen.prepare(IMAGES[0])
+    assert gen.generate([a])[0].token_ids == naive["tokens"][0]
+    assert captured == ["vision", "lm"] and gen.stand_in_direct == [False, False]
+    eager_runs = []
+    real_layers, real_padded = gen._packed_layers, gen.vision.padded
+    gen._packed_layers = lambda *a: eager_runs.append("lm") or real_layers(*a)
+    lines = [stroke_line(1900 - 150 * i, 160, 14 + i) for i in range(6)]  # together: more patch rows, more tokens
+    group = [gen.prepare(im) for im in lines]
+    patches = sum(int(p.pixel_values.shape[0]) for p in group)
+    assert gen.vision.rows_for(patches) != gen.vision.rows_for(int(a.pixel_values.shape[0]))
+    assert [g.token_ids for g in gen.generate(group)] == [_naive_tokens(naive["model"], naive["processor"], im)
+                                                         for im in lines]
+    assert captured == ["vision", "lm", "vision", "lm"] and gen.stand_in_direct == [False, False, True, True]
+    # the stand-in's replays ran _packed_layers (as the graph would); nothing ran it eagerly before the capture
+    assert eager_runs == ["lm"] and gen.vision.padded == real_padded
 
 
 def test_packed_prefills_replay_one_graph_per_padded_width(naive, demo_model_dir):

@@ -147,8 +147,10 @@ def test_small_prefills_are_captured_and_replay_the_eager_prefill(cuda, demo_mod
 def test_packed_prefill_graphs_replay_the_eager_packed_prefill(cuda, demo_model_dir):
     """Packed prefills (flash attention per line): one graph per padded token count, captured on its first
     prefill, replayed by later ones of any lines; the same tokens as the eager packed prefill, for one line,
-    two, and six of different sizes (the vision tower eager above PREFILL_GRAPH_LINES). The generators checked
-    flash attention over packed rows at start (packed on)."""
+    two, and six of different sizes. The first width runs eagerly, then is captured; the later new widths (and
+    the vision tower's new row counts) are captured without an eager run and replayed for their first prefill
+    (FastGenerator._record's direct capture) -- the same tokens either way. The generators checked flash
+    attention over packed rows at start (packed on)."""
     from htrd.fastgen import FastGenerator, _pack_width
 
     kw = {"device": cuda, "prompt": PROMPT, "batch_sizes": [1, 2, 4, 8], "max_cache_len": 512, "max_new_tokens": NEW}
@@ -171,7 +173,8 @@ def test_packed_prefill_graphs_replay_the_eager_packed_prefill(cuda, demo_model_
 def test_a_prefill_launched_behind_decode_steps_never_waits_for_the_gpu(cuda, demo_model_dir):
     """step(during=...) overlaps a newcomer's prefill with the launched decode steps only if nothing in the
     prefill waits for the GPU: under torch's sync debug mode set to "error", adding a line of a new image size
-    (new grid inputs, both parts of the prefill run eagerly and captured: a first sighting) while another
+    (new grid inputs, both parts of the prefill captured without an eager run -- a first sighting after the
+    warm-up's graphs -- and replayed) while another
     line decodes raises on any blocking copy, .item() or synchronize. Both lines still get the eager generator's tokens."""
     from htrd.fastgen import FastGenerator
     from htrd.generation import Seq

@@ -61,6 +61,10 @@ logger = logging.getLogger(__name__)
 
 # Longest extra wait, when nothing runs, for requests admitted but not yet queued (see Engine._take).
 HOLD_FOR_ARRIVING_S = 0.05
+# Quiet this long (nothing queued or running), the inference thread captures the prefill graphs later prefills
+# may need, one at a time (FastGenerator.precapture_next; tens of ms each -- a request arriving meanwhile
+# waits for that one), until none is left.
+PRECAPTURE_QUIET_S = 1.0
 
 
 @dataclass(eq=False)
@@ -103,6 +107,9 @@ class Engine:
         self._warm_error: BaseException | None = None
         self._go = threading.Event()
         self._admitting: list[WorkItem] = []  # lines being prefilled (neither queued nor in a slot yet)
+        self._busy_at = time.monotonic()  # the inference thread's last serving work (or the warm-up's end)
+        # while quiet, capture prefill graphs ahead of need (FastGenerator.precapture_next) until none is left
+        self._precapturing = False  # set once warm (generators that have precapture_next)
         workers = max(1, min(32, os.cpu_count() or 1))
         self._cpu_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="htrd-pre")
         self.cpu_workers = workers
@@ -327,6 +334,8 @@ class Engine:
             return
         self._warm.set()
         self._go.wait()
+        self._precapturing = hasattr(self.gen, "precapture_next")
+        self._busy_at = time.monotonic()
         try:
             self._loop()
         except BaseException as exc:  # recorded; the supervisor turns it into an exit
@@ -340,13 +349,26 @@ class Engine:
                 # Newcomers join inside the step, once its decode steps are launched (_step's join): the host's
                 # work of launching their prefill then overlaps the GPU's decoding instead of preceding it.
                 self._step()
+                self._busy_at = time.monotonic()
             else:
                 taken = self._take()
                 if taken is None:
                     return
                 if taken:
                     self._admit(taken)
+                    self._busy_at = time.monotonic()
+                elif self._precapturing and not self._queue:
+                    # quiet (see _take): one prefill graph ahead of need
+                    self._precapturing = bool(self._call_quiet(gen.precapture_next))
             self.heartbeat = time.monotonic()
+
+    def _call_quiet(self, fn: Callable[[], Any]) -> Any:
+        """*fn* on the inference thread while it is quiet; an error is logged and ends the quiet work."""
+        try:
+            return fn()
+        except Exception:  # never fatal: serving goes on without what it would have prepared
+            logger.exception("preparing prefill graphs while quiet failed; not trying again")
+            return False
 
     def _take(self) -> list[WorkItem] | None:
         """The next lines to join (FIFO, at most the free slots); [] to just step; None to exit."""
@@ -354,7 +376,10 @@ class Engine:
         with self._cond:
             while not self._queue and not gen.running() and not self._stopping:
                 self.heartbeat = time.monotonic()
-                self._cond.wait(0.25)
+                quiet = self.heartbeat - self._busy_at
+                if self._precapturing and quiet >= PRECAPTURE_QUIET_S:
+                    return []  # _loop prepares a prefill graph
+                self._cond.wait(min(0.25, PRECAPTURE_QUIET_S - quiet) if self._precapturing else 0.25)
             if self._stopping and not self._queue and not gen.running():
                 return None
             free = gen.free_slots()
@@ -565,6 +590,7 @@ class Engine:
             "prefill_vision_graphs": len(getattr(gen, "_vision_graphs", ())),
             "prefill_replays": getattr(gen, "prefill_replays", 0),
             "prefill_direct_capture_failures": getattr(gen, "direct_capture_failures", 0),
+            "prefill_precaptured": getattr(gen, "precaptured", 0),
             "load_s": _rounded(self.load_s),
             "warmup_s": _rounded(self.warmup_s),
             "warmup_graphs": self.warmup_report.get("graphs"),

@@ -146,6 +146,8 @@ VISION_GRAPHS = 96
 # this many; the language model's part is one CUDA graph per padded width.
 PACK_MIN = 64
 PACKED_BUFFER_TOKENS = 4096  # the packed graphs' static inputs are sized for this many tokens at first
+# precapture_next: prefills of up to prefill_chunk lines of this many prompt tokens (a 2,000-px line: ~400)
+PRECAPTURE_LINE_TOKENS = 512
 
 
 def configure_compile_cache(cache_dir: str | os.PathLike | None) -> Path | None:
@@ -275,6 +277,8 @@ class FastGenerator(GeneratorBase):
         self.prefill_replays = 0
         self.vision_replays = 0
         self.direct_capture_failures = 0  # new prefill shapes whose capture without an eager run failed (_record)
+        self.precaptured = 0  # prefill graphs captured ahead of need (precapture_next)
+        self._precapture_plan: list[tuple[str, int]] | None = None
         self._packed_graphs: dict[int, _PrefillGraph] = {}
         self._packed_buffers: list = []  # the packed prefill graphs' static inputs
         self._alloc_state()
@@ -933,6 +937,58 @@ class FastGenerator(GeneratorBase):
             image, deepstack = self.vision(pixel_values, grid_thw, layout.grids, layout.vision_lengths)
         embeds.view(-1, embeds.shape[-1]).index_copy_(0, image_index, image.to(embeds.dtype))
         return embeds, deepstack
+
+    def precapture_next(self) -> bool:
+        """Capture one packed-prefill graph no prefill has needed yet -- a language-model width or a vision
+        row count, smallest first, up to prefills of ``prefill_chunk`` lines of PRECAPTURE_LINE_TOKENS tokens
+        (1,024 patches) each -- so that a later prefill of that size replays at once instead of capturing on
+        first sight. For the engine's idle moments, on the inference thread; each call is one capture (tens of
+        ms). Captured directly (:meth:`_record`), on stand-in inputs of the right shapes: a capture runs
+        nothing, and every replay writes its own inputs first. Returns False once nothing is left to capture
+        (or prefills are not packed and captured here: no kind captured yet, graphs off, a CPU)."""
+        if not (self.packed and self._prefill_graphs_ok and self._packed_graphs):
+            return False
+        if self._precapture_plan is None:
+            lines = self.prefill_chunk
+            widths = sorted({_pack_width(t) for t in range(PACK_MIN, lines * PRECAPTURE_LINE_TOKENS + 1, 8)})
+            rows = range(ROW_BUCKET, self.vision.rows_for(lines * 4 * ROW_BUCKET) + 1, ROW_BUCKET)
+            vision = self.vision.varlen and self.vision.own and bool(self._vision_graphs)
+            plan = [("lm", w) for w in widths] + ([("vision", r) for r in rows] if vision else [])
+            self._precapture_plan = sorted(plan, key=lambda kv: kv[1] if kv[0] == "lm" else kv[1] // 3, reverse=True)
+        while self._precapture_plan and self._prefill_graphs_ok:
+            kind, size = self._precapture_plan.pop()
+            if kind == "lm" and size not in self._packed_graphs:
+                self._precapture_lm(size)
+                return True
+            if kind == "vision" and size not in self._vision_graphs and len(self._vision_graphs) < VISION_GRAPHS:
+                self._precapture_vision(size)
+                return True
+        return False
+
+    def _precapture_lm(self, width: int) -> None:
+        """:meth:`precapture_next` for the language model's packed graph of *width* tokens."""
+        g0 = next(iter(self._packed_graphs.values()))
+        with self.torch.inference_mode():
+            args = [a.new_zeros((3, width) if i == 1 else a.shape if i in (4, 5) else (width, *a.shape[1:]))
+                    for i, a in enumerate(g0.inputs)]  # as _packed_layers takes them: pos3 (3, T); cu, last fixed
+            inputs = self._static_inputs(self._packed_buffers, args, width, max(width, PACKED_BUFFER_TOKENS))
+            g = self._record(lambda: self._packed_layers(*inputs), inputs, g0.out, [], direct=True)
+        if g is not None:
+            self._packed_graphs[width] = g
+            self.precaptured += 1
+
+    def _precapture_vision(self, rows: int) -> None:
+        """:meth:`precapture_next` for the vision tower's graph of *rows* padded patch rows."""
+        vt, g0 = self.vision, next(iter(self._vision_graphs.values()))
+        with self.torch.inference_mode():
+            args = [a.clone() if a.dtype == self.torch.int32 else a.new_zeros((rows, *a.shape[1:]))
+                    for a in g0.inputs]  # patches, position embeddings, cos, sin (per row); the blocks' bounds
+            inputs = self._static_inputs(self._vision_buffers, args, rows, PREFILL_GRAPH_LINES * 4 * ROW_BUCKET)
+            like = g0.out.new_empty((g0.out.shape[0], rows // vt.merge, g0.out.shape[2]), device="meta")
+            g = self._record(lambda: vt.padded(*inputs), inputs, like, [], direct=True)
+        if g is not None:
+            self._vision_graphs[rows] = g
+            self.precaptured += 1
 
     def _vision_replayed(self, pixel_values, layout):
         """The vision tower of a prefill over its patches padded to a 256-row bucket

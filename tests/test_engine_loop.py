@@ -137,6 +137,48 @@ def test_a_newcomer_joins_behind_the_launched_decode_steps(engine):
     assert (first.tokens, second.tokens) == (40, 3)  # min_new_tokens: no early EOS
 
 
+def test_quiet_engine_precaptures_prefill_graphs_until_none_is_left(engine, monkeypatch, caplog):
+    """Nothing queued or running for PRECAPTURE_QUIET_S: the inference thread calls the generator's
+    precapture_next, back to back, until it says nothing is left -- then never again. A request arriving
+    meanwhile is served (and makes it quiet again from its end); an error there is logged, ends the quiet work
+    and leaves the engine serving."""
+    import htrd.engine as en
+
+    monkeypatch.setattr(en, "PRECAPTURE_QUIET_S", 0.3)
+    gen = engine.gen
+    calls: list[float] = []
+    left = [3]
+
+    def precapture_next():
+        calls.append(time.monotonic())
+        left[0] -= 1
+        return left[0] > 0
+
+    monkeypatch.setattr(gen, "precapture_next", precapture_next, raising=False)
+    deadline = time.monotonic() + 120
+    line = engine.prepare(stroke_line(600, 100, 3))
+    engine._precapturing = True
+    done = engine.submit([line], deadline=deadline, max_new_tokens=3, request_id="a")[0].future.result(timeout=120)
+    end = time.monotonic()
+    assert done.tokens == 3
+    for _ in range(100):
+        if len(calls) == 3:
+            break
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert len(calls) == 3 and calls[0] >= end + 0.25 and not engine._precapturing  # quiet first; then done
+
+    def broken():
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(gen, "precapture_next", broken, raising=False)
+    engine._precapturing = True
+    time.sleep(0.8)
+    assert not engine._precapturing and "preparing prefill graphs while quiet failed" in caplog.text
+    again = engine.submit([line], deadline=deadline, max_new_tokens=3, request_id="b")[0].future.result(timeout=120)
+    assert again.tokens == 3
+
+
 def test_compiling_the_ops_beside_the_load_is_never_fatal(demo_model_dir, tmp_path, monkeypatch, caplog):
     """htrd compiles the fast path's ops in a thread while the weights load (on a GPU; Engine._precompile):
     a directory whose config it cannot read starts no thread (the load reports the directory), and a

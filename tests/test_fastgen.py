@@ -644,6 +644,40 @@ def test_new_prefill_shapes_after_the_first_are_captured_without_an_eager_run(na
     assert eager_runs == ["lm"] and gen.vision.padded == real_padded
 
 
+def test_quiet_precapture_prepares_every_width_and_row_count_a_later_prefill_replays(naive, demo_model_dir,
+                                                                                      monkeypatch):
+    """precapture_next (the engine calls it while quiet): one graph per call, language-model widths and vision
+    row counts smallest first, each captured directly on stand-in inputs, up to prefills of prefill_chunk lines
+    of PRECAPTURE_LINE_TOKENS; then False. A later prefill of a precaptured size captures nothing and replays
+    the graph with its own inputs: naive's tokens. Nothing to precapture before the first graph of a kind."""
+    import htrd.fastgen as fg
+    from htrd.fastgen import FastGenerator, _pack_width
+
+    monkeypatch.setattr(fg, "PRECAPTURE_LINE_TOKENS", 160)
+    gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2, 4], max_cache_len=512,
+                             max_new_tokens=NEW, prefill_chunk=2)
+    gen.vision.varlen = True  # as on a GPU (the CPU runs the blocks' attention in a loop)
+    captured = _stand_in_graphs(gen, lambda inputs: ("vision", inputs[0].shape[0]) if inputs[-1].dtype == torch.int32
+                                else ("lm", _pack_width(int(inputs[0].shape[0]))))
+    assert not gen.precapture_next() and captured == []  # nothing captured yet: no kind to capture directly
+    a = gen.prepare(IMAGES[0])
+    assert gen.generate([a])[0].token_ids == naive["tokens"][0]
+    first = list(captured)
+    while gen.precapture_next():
+        pass
+    ahead = captured[len(first):]
+    widths = sorted({_pack_width(t) for t in range(64, 2 * 160 + 1, 8)} - {w for k, w in first if k == "lm"})
+    assert [w for k, w in ahead if k == "lm"] == widths and gen.precaptured == len(ahead)
+    assert [r for k, r in ahead if k == "vision"] == [r for r in range(256, gen.vision.rows_for(2 * 4 * 256) + 1, 256)
+                                                      if ("vision", r) not in first]
+    assert all(gen.stand_in_direct[len(first):]) and not gen.precapture_next()
+    pair = [gen.prepare(IMAGES[1]), gen.prepare(IMAGES[2])]
+    assert _pack_width(sum(p.prompt_len for p in pair)) in widths
+    replays = gen.prefill_replays
+    assert [g.token_ids for g in gen.generate(pair)] == naive["tokens"][1:3]
+    assert len(captured) == len(first) + len(ahead) and gen.prefill_replays == replays + 1
+
+
 def test_packed_prefills_replay_one_graph_per_padded_width(naive, demo_model_dir):
     """Packed prefills (every prompt back to back from cache position 0; what a GPU with flash attention and
     the CPU run): the language model's part is captured per padded token count (_pack_width) on its first

@@ -271,6 +271,9 @@ def run_engine(args, name: str, continuous: bool, workloads: dict, work_dir: Pat
     res: dict = {"engine": name}
     res["ready_s"] = d.start(args.timeout)
     try:
+        if args.settle:  # a daemon that sat idle after READY: it captures prefill graphs ahead of need meanwhile
+            time.sleep(args.settle)
+            res["precaptured_before_load"] = status(sock)["engine"].get("prefill_precaptured")
         for (mode, clients, rnd), work in rounds(workloads, args.rounds):
             before_all = status(sock)
             before = before_all["engine"]
@@ -331,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="run every load this many times on the same daemons (round 2 on: every shape seen before)")
     ap.add_argument("--engines", default="static,continuous")
+    ap.add_argument("--settle", type=float, default=0.0,
+                    help="seconds each daemon stays idle after READY before the first load (default 0: loads start "
+                         "at READY; an idle daemon captures prefill graphs ahead of need)")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--state-dir", default=None)
     ap.add_argument("--timeout", type=float, default=900.0)

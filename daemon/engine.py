@@ -188,6 +188,7 @@ class Engine:
 
         def run() -> None:
             t0 = time.monotonic()
+            self._one_cpu_thread()
             try:
                 n = precompile_ops(config, device=self.device, dtype_name=dtype_name)
             except Exception as exc:  # noqa: BLE001 -- the warm-up compiles them instead
@@ -200,6 +201,17 @@ class Engine:
         thread = threading.Thread(target=run, name="htrd-precompile", daemon=True)
         thread.start()
         return [thread]
+
+    def _one_cpu_thread(self) -> None:
+        """On a GPU, the calling thread's torch CPU ops on one core -- what the preprocessing threads set
+        (:meth:`htrd.model.Preprocessor._limit_threads`), and the inference thread preprocesses the warm-up line.
+        The thread that compiles the ops and the inference thread that runs them must agree: the compiled ops
+        are guarded on torch's thread count, and a mismatch recompiled all four of them twice before READY
+        (~1 s on an H200)."""
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.set_num_threads(1)
 
     def _beat(self) -> None:
         self.heartbeat = time.monotonic()
@@ -326,6 +338,7 @@ class Engine:
 
     # -- the inference thread ----------------------------------------------------------------------------------
     def _run_guarded(self) -> None:
+        self._one_cpu_thread()
         try:
             self._warm_up_here()
         except BaseException as exc:  # noqa: BLE001 -- handed to warm_up(), which raises it on the load thread

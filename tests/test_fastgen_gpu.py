@@ -170,6 +170,29 @@ def test_packed_prefill_graphs_replay_the_eager_packed_prefill(cuda, demo_model_
         assert width in gen._packed_graphs and gen.prefill_replays == replays + 1 + seen
 
 
+def test_precaptured_prefill_graphs_replay_the_eager_packed_prefill(cuda, demo_model_dir):
+    """After the warm-up, precapture_next captures every packed width and vision row count ahead of need (on
+    stand-in inputs, without running anything); a later prefill of lines of new sizes then captures nothing
+    and replays those graphs with its own inputs -- the eager generator's tokens."""
+    from htrd.fastgen import FastGenerator, _pack_width
+
+    kw = {"device": cuda, "prompt": PROMPT, "batch_sizes": [1, 2, 4, 8], "max_cache_len": 512, "max_new_tokens": NEW}
+    gen = FastGenerator.load(demo_model_dir, cuda_graphs=True, prefill_chunk=8, **kw)
+    eager = FastGenerator.load(demo_model_dir, cuda_graphs=False, **kw)
+    gen.warmup(stroke_line(1200, 160, 1), max_new_tokens=NEW)
+    while gen.precapture_next():
+        pass
+    assert gen.precaptured > 10 and gen.direct_capture_failures == 0 and gen._prefill_graphs_ok
+    graphs = (len(gen._packed_graphs), len(gen._vision_graphs))
+    sizes = [(700, 120, 2), (300, 64, 3), (2000, 150, 4), (900, 100, 5), (1500, 140, 6)]
+    preps = [gen.prepare(stroke_line(*s)) for s in sizes]
+    assert _pack_width(sum(p.prompt_len for p in preps)) in gen._packed_graphs
+    want = [x.token_ids for x in eager.generate([eager.prepare(stroke_line(*s)) for s in sizes], min_new_tokens=NEW)]
+    replays = gen.prefill_replays
+    assert [x.token_ids for x in gen.generate(preps, min_new_tokens=NEW)] == want
+    assert (len(gen._packed_graphs), len(gen._vision_graphs)) == graphs and gen.prefill_replays == replays + 1
+
+
 def test_a_prefill_launched_behind_decode_steps_never_waits_for_the_gpu(cuda, demo_model_dir):
     """step(during=...) overlaps a newcomer's prefill with the launched decode steps only if nothing in the
     prefill waits for the GPU: under torch's sync debug mode set to "error", adding a line of a new image size

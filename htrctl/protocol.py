@@ -153,6 +153,9 @@ class EngineInfo(BaseModel):
     # prefills' vision tower captured per patch rows padded to 256 (kept now; small prefills only when left-padded)
     prefill_vision_graphs: int | None = None
     prefill_replays: int | None = None  # prefills whose language model (or all) was a replayed graph, since start
+    # new prefill shapes whose capture without an eager run first failed (each then ran eagerly), since start
+    prefill_direct_capture_failures: int | None = None
+    prefill_precaptured: int | None = None  # prefill graphs captured while quiet, ahead of need, since start
     # Where start -> READY went: loading the model onto the device, then warming up (every shape served), of
     # which capturing the decode step's CUDA graphs (how many)
     load_s: float | None = None

@@ -275,6 +275,8 @@ def test_default_fast_generator_gives_the_plain_paths_text(daemon, htrd):
     assert eng["slots"] == 8 and eng["preprocess_ms_per_image"] > 0 and eng["kv_cache_bytes"] > 0
     assert eng["decode_attention"] == "sdpa" and plain.status()["engine"]["decode_attention"] is None  # CPU
     assert eng["prefill_layout"] == "packed" and plain.status()["engine"]["prefill_layout"] is None
+    # graphs are a GPU's: nothing captured ahead of need, nothing failed (the fields are served all the same)
+    assert eng["prefill_precaptured"] == 0 and eng["prefill_direct_capture_failures"] == 0
     # where start -> READY went (the CPU captures no decode graphs)
     assert eng["load_s"] > 0 and eng["warmup_s"] > 0 and eng["warmup_graphs"] == 0 and eng["warmup_graphs_s"] >= 0
 

@@ -376,12 +376,16 @@ class Engine:
             self.heartbeat = time.monotonic()
 
     def _call_quiet(self, fn: Callable[[], Any]) -> Any:
-        """*fn* on the inference thread while it is quiet; an error is logged and ends the quiet work."""
+        """*fn* on the inference thread while it is quiet, timed by the watchdog like a model call (a capture
+        talks to the GPU too); an error is logged and ends the quiet work."""
+        self.generate_started_at = time.monotonic()
         try:
             return fn()
         except Exception:  # never fatal: serving goes on without what it would have prepared
             logger.exception("preparing prefill graphs while quiet failed; not trying again")
             return False
+        finally:
+            self.generate_started_at = None
 
     def _take(self) -> list[WorkItem] | None:
         """The next lines to join (FIFO, at most the free slots); [] to just step; None to exit."""

@@ -148,6 +148,7 @@ PACK_MIN = 64
 PACKED_BUFFER_TOKENS = 4096  # the packed graphs' static inputs are sized for this many tokens at first
 # precapture_next: prefills of up to prefill_chunk lines of this many prompt tokens (a 2,000-px line: ~400)
 PRECAPTURE_LINE_TOKENS = 512
+PRECAPTURE_MIN_FREE = 0.1  # ... while at least this share of the GPU's memory is free
 
 
 def configure_compile_cache(cache_dir: str | os.PathLike | None) -> Path | None:
@@ -274,6 +275,7 @@ class FastGenerator(GeneratorBase):
         self.lm_graph_limit = PREFILL_GRAPH_LINES * -(-self.max_cache_len // PREFILL_BUCKET)  # every key fits
         self._vision_graphs: dict[int, _PrefillGraph] = {}  # per padded patch rows
         self._vision_buffers: list = []  # the vision graphs' static inputs
+        self._vision_out_buf: list = [None, None]  # their shared output (_vision_out): the buffer, the last view
         self.prefill_replays = 0
         self.vision_replays = 0
         self.direct_capture_failures = 0  # new prefill shapes whose capture without an eager run failed (_record)
@@ -884,8 +886,9 @@ class FastGenerator(GeneratorBase):
         return views
 
     def _record(self, fn: Callable[[], object], inputs: list, last, keep: list, *,
-                direct: bool = False) -> _PrefillGraph | None:
-        """Capture *fn* reading *inputs*; its result lands in a buffer shaped like *last*. Usually *fn* (a
+                direct: bool = False, out=None) -> _PrefillGraph | None:
+        """Capture *fn* reading *inputs*; its result lands in *out* (a buffer shaped like *last* when not
+        given). Usually *fn* (a
         prefill) has just run eagerly on the same shapes, so every kernel, compiled op and cuDNN plan it needs
         exists: capturing launches nothing. None, and prefill graphs off, if capturing fails.
 
@@ -895,7 +898,8 @@ class FastGenerator(GeneratorBase):
         direct capture that fails leaves prefill graphs on: the caller runs eagerly and captures as usual."""
         torch = self.torch
         t0 = time.perf_counter()
-        out = torch.empty(last.shape, dtype=last.dtype, device=self.device)  # *last* may be on the meta device
+        if out is None:
+            out = torch.empty(last.shape, dtype=last.dtype, device=self.device)  # *last* may be on the meta device
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
@@ -940,21 +944,34 @@ class FastGenerator(GeneratorBase):
 
     def precapture_next(self) -> bool:
         """Capture one packed-prefill graph no prefill has needed yet -- a language-model width or a vision
-        row count, smallest first, up to prefills of ``prefill_chunk`` lines of PRECAPTURE_LINE_TOKENS tokens
-        (1,024 patches) each -- so that a later prefill of that size replays at once instead of capturing on
-        first sight. For the engine's idle moments, on the inference thread; each call is one capture (tens of
-        ms). Captured directly (:meth:`_record`), on stand-in inputs of the right shapes: a capture runs
-        nothing, and every replay writes its own inputs first. Returns False once nothing is left to capture
-        (or prefills are not packed and captured here: no kind captured yet, graphs off, a CPU)."""
+        row count, up to prefills of ``prefill_chunk`` lines of PRECAPTURE_LINE_TOKENS tokens (1,024 patches)
+        each -- so that a later prefill of that size replays at once instead of capturing on first sight. For
+        the engine's idle moments, on the inference thread; each call is one capture (~75 ms on an H200).
+        Captured directly (:meth:`_record`), on stand-in inputs of the right shapes: a capture runs nothing,
+        and every replay writes its own inputs first.
+
+        Largest first: the graphs share one memory pool, and a capture reuses the blocks earlier captures
+        freed only where they are large enough -- smallest first, each larger capture took new memory (on an
+        H200, ~24 GB more reserved for ~100 graphs). It stops while the GPU has less than
+        PRECAPTURE_MIN_FREE of its memory free (serving's prefills need it more). Returns False once nothing
+        is left to capture (or prefills are not packed and captured here: no kind captured yet, graphs off,
+        a CPU)."""
         if not (self.packed and self._prefill_graphs_ok and self._packed_graphs):
             return False
+        if self.device.type == "cuda":
+            free, total = self.torch.cuda.mem_get_info(self.device)
+            if free < PRECAPTURE_MIN_FREE * total:
+                logger.info("not capturing prefill graphs ahead of need: %.1f of %.1f GiB of GPU memory free",
+                            free / 2**30, total / 2**30)
+                self._precapture_plan = []
+                return False
         if self._precapture_plan is None:
             lines = self.prefill_chunk
             widths = sorted({_pack_width(t) for t in range(PACK_MIN, lines * PRECAPTURE_LINE_TOKENS + 1, 8)})
             rows = range(ROW_BUCKET, self.vision.rows_for(lines * 4 * ROW_BUCKET) + 1, ROW_BUCKET)
             vision = self.vision.varlen and self.vision.own and bool(self._vision_graphs)
             plan = [("lm", w) for w in widths] + ([("vision", r) for r in rows] if vision else [])
-            self._precapture_plan = sorted(plan, key=lambda kv: kv[1] if kv[0] == "lm" else kv[1] // 3, reverse=True)
+            self._precapture_plan = sorted(plan, key=lambda kv: kv[1] if kv[0] == "lm" else kv[1] // 3)  # pop(): largest
         while self._precapture_plan and self._prefill_graphs_ok:
             kind, size = self._precapture_plan.pop()
             if kind == "lm" and size not in self._packed_graphs:
@@ -964,6 +981,25 @@ class FastGenerator(GeneratorBase):
                 self._precapture_vision(size)
                 return True
         return False
+
+    def _vision_out(self, rows: int, like=None):
+        """Where the vision graph of *rows* padded patch rows writes its result, (1 + deepstack layers, rows /
+        merge, H): a view of one buffer that every vision graph shares (the shape of *like*, an eager result,
+        or of the graphs' before it). They replay one at a time on one stream, and each result is read (copied
+        into the prompt's embeddings and the deepstack inputs) before the next replay: one buffer of the largest
+        result instead of one per row count (~8 KB per row: 65 row counts up to 16,640 rows held ~4.5 GB)."""
+        if like is None:
+            like = self._vision_out_buf[1]
+        d, h = int(like.shape[0]), int(like.shape[-1])
+        need = d * (rows // self.vision.merge) * h
+        buf = self._vision_out_buf[0]
+        if buf is None or buf.numel() < need:  # sized at first for the largest precapture_next prepares
+            most = d * (self.vision.rows_for(self.prefill_chunk * 4 * ROW_BUCKET) // self.vision.merge) * h
+            buf = self.torch.empty((max(need, most),), dtype=like.dtype, device=self.device)  # outgrown: kept by
+            self._vision_out_buf[0] = buf  # the graphs that write into it
+        view = buf[:need].view(d, rows // self.vision.merge, h)
+        self._vision_out_buf[1] = view
+        return view
 
     def _precapture_lm(self, width: int) -> None:
         """:meth:`precapture_next` for the language model's packed graph of *width* tokens."""
@@ -984,8 +1020,7 @@ class FastGenerator(GeneratorBase):
             args = [a.clone() if a.dtype == self.torch.int32 else a.new_zeros((rows, *a.shape[1:]))
                     for a in g0.inputs]  # patches, position embeddings, cos, sin (per row); the blocks' bounds
             inputs = self._static_inputs(self._vision_buffers, args, rows, PREFILL_GRAPH_LINES * 4 * ROW_BUCKET)
-            like = g0.out.new_empty((g0.out.shape[0], rows // vt.merge, g0.out.shape[2]), device="meta")
-            g = self._record(lambda: vt.padded(*inputs), inputs, like, [], direct=True)
+            g = self._record(lambda: vt.padded(*inputs), inputs, None, [], direct=True, out=self._vision_out(rows))
         if g is not None:
             self._vision_graphs[rows] = g
             self.precaptured += 1
@@ -1014,9 +1049,8 @@ class FastGenerator(GeneratorBase):
                 # sized at first for PREFILL_GRAPH_LINES lines of up to 1,024 patches (a 2,000 x 128 px line)
                 inputs = self._static_inputs(self._vision_buffers, args, rows, PREFILL_GRAPH_LINES * 4 * ROW_BUCKET)
                 if self._vision_graphs:  # a new row count of a captured kind: capture, then replay
-                    seen = next(iter(self._vision_graphs.values())).out  # (1 + deepstack layers, rows / merge, H)
-                    like = seen.new_empty((seen.shape[0], rows // vt.merge, seen.shape[2]), device="meta")
-                    g = self._record(lambda: vt.padded(*inputs), inputs, like, [], direct=True)
+                    g = self._record(lambda: vt.padded(*inputs), inputs, None, [], direct=True,
+                                     out=self._vision_out(rows))
                     if g is not None:
                         self._vision_graphs[rows] = g
                         g.graph.replay()
@@ -1024,7 +1058,7 @@ class FastGenerator(GeneratorBase):
             if out is None:
                 out = vt.padded(*args)  # eagerly first: the capture then finds every kernel it records
                 if room:
-                    g = self._record(lambda: vt.padded(*inputs), inputs, out, [])
+                    g = self._record(lambda: vt.padded(*inputs), inputs, out, [], out=self._vision_out(rows, out))
                     if g is not None:
                         self._vision_graphs[rows] = g
         k = patches // vt.merge

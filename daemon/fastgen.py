@@ -888,9 +888,9 @@ class FastGenerator(GeneratorBase):
     def _record(self, fn: Callable[[], object], inputs: list, last, keep: list, *,
                 direct: bool = False, out=None) -> _PrefillGraph | None:
         """Capture *fn* reading *inputs*; its result lands in *out* (a buffer shaped like *last* when not
-        given). Usually *fn* (a
-        prefill) has just run eagerly on the same shapes, so every kernel, compiled op and cuDNN plan it needs
-        exists: capturing launches nothing. None, and prefill graphs off, if capturing fails.
+        given). Usually *fn* (a prefill) has just run eagerly on the same shapes, so every kernel, compiled op
+        and cuDNN plan it needs exists: capturing launches nothing. None, and prefill graphs off, if capturing
+        fails.
 
         *direct*: no eager run came first -- a new shape of a kind already captured (its kernels are loaded,
         its compiled ops are dynamic in the row count): the caller replays the graph for this prefill's result,
@@ -952,10 +952,10 @@ class FastGenerator(GeneratorBase):
 
         Largest first: the graphs share one memory pool, and a capture reuses the blocks earlier captures
         freed only where they are large enough -- smallest first, each larger capture took new memory (on an
-        H200, ~24 GB more reserved for ~100 graphs). It stops while the GPU has less than
-        PRECAPTURE_MIN_FREE of its memory free (serving's prefills need it more). Returns False once nothing
-        is left to capture (or prefills are not packed and captured here: no kind captured yet, graphs off,
-        a CPU)."""
+        H200, ~23 GB more reserved after ~100 graphs, with their separate vision outputs). It stops while the
+        GPU has less than PRECAPTURE_MIN_FREE of its memory free (serving's prefills need it more). Returns
+        False once nothing is left to capture (or prefills are not packed and captured here: no kind captured
+        yet, graphs off, a CPU)."""
         if not (self.packed and self._prefill_graphs_ok and self._packed_graphs):
             return False
         if self.device.type == "cuda":

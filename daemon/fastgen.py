@@ -148,7 +148,10 @@ PACK_MIN = 64
 PACKED_BUFFER_TOKENS = 4096  # the packed graphs' static inputs are sized for this many tokens at first
 # precapture_next: prefills of up to prefill_chunk lines of this many prompt tokens (a 2,000-px line: ~400)
 PRECAPTURE_LINE_TOKENS = 512
-PRECAPTURE_MIN_FREE = 0.1  # ... while at least this share of the GPU's memory is free
+# ... while at least this share of the GPU's memory is free: half of KV_RESERVE_FRACTION, the room left for
+# prefill activations -- the graphs' pool holds exactly those (a replay allocates nothing), and the other half
+# stays for what runs uncaptured (a first-sight capture, an overlong line's eager path)
+PRECAPTURE_MIN_FREE = KV_RESERVE_FRACTION / 2
 
 
 def configure_compile_cache(cache_dir: str | os.PathLike | None) -> Path | None:

@@ -679,6 +679,27 @@ def test_quiet_precapture_prepares_every_width_and_row_count_a_later_prefill_rep
     assert len(captured) == len(first) + len(ahead) and gen.prefill_replays == replays + 1
 
 
+def test_quiet_precapture_stops_while_the_gpu_is_short_of_memory(naive, demo_model_dir, monkeypatch, caplog):
+    """With less than PRECAPTURE_MIN_FREE of the GPU's memory free (the KV cache left KV_RESERVE_FRACTION for
+    prefill activations), precapture_next captures nothing, says so once and ends the quiet work."""
+    import htrd.fastgen as fg
+    from htrd.fastgen import FastGenerator
+
+    gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2], max_cache_len=512,
+                             max_new_tokens=NEW)
+    captured = _stand_in_graphs(gen, lambda inputs: int(inputs[0].shape[0]))
+    assert gen.generate([gen.prepare(IMAGES[0])])[0].token_ids == naive["tokens"][0]
+    first = list(captured)
+    total = 80 * 2**30
+    monkeypatch.setattr(gen, "device", torch.device("cuda"))  # only mem_get_info below is asked
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(total * fg.PRECAPTURE_MIN_FREE) - 1, total))
+    with caplog.at_level("INFO", logger="htrd.fastgen"):
+        assert not gen.precapture_next()
+    assert captured == first and gen.precaptured == 0 and "not capturing prefill graphs ahead of need" in caplog.text
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (total // 2, total))
+    assert not gen.precapture_next() and captured == first  # ended for good, even with memory freed later
+
+
 def test_packed_prefills_replay_one_graph_per_padded_width(naive, demo_model_dir):
     """Packed prefills (every prompt back to back from cache position 0; what a GPU with flash attention and
     the CPU run): the language model's part is captured per padded token count (_pack_width) on its first

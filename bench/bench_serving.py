@@ -408,6 +408,14 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(f"| {label} | **continuous / static** | **{c / s:.2f}x** | | | | | | | | |")
     for name, res in results["engines"].items():
         rows.append(f"| start -> READY | {name} | {res['ready_s']:.1f} s | | | | | | | | |")
+    for name, res in results["engines"].items():
+        gpu = (res.get("status") or {}).get("gpu") or {}
+        if gpu.get("memory_reserved_bytes"):  # at the end: every prefill graph it captured, on first sight or ahead
+            eng = res["status"].get("engine") or {}
+            rows.append(f"| GPU memory allocated / reserved at the end | {name} | "
+                        f"{gpu['memory_allocated_bytes'] / 2**30:.1f} / {gpu['memory_reserved_bytes'] / 2**30:.1f} GiB "
+                        f"({eng.get('prefill_packed_graphs')} LM + {eng.get('prefill_vision_graphs')} vision prefill "
+                        f"graphs, {eng.get('prefill_precaptured')} captured ahead of need) | | | | | | | | |")
     head = f"device: {results.get('gpu', device)}; bf16 peak measured: " + (f"{peak:.0f} TFLOP/s" if peak else "-")
     print(head)
     print("\n".join(rows))

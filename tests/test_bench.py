@@ -83,7 +83,8 @@ def test_serving_bench_cpu_smoke_both_engines_both_modes(tmp_path):
 
     model, out = tmp_path / "tiny8b", tmp_path / "serving.json"
     cmd = [sys.executable, str(REPO / "bench" / "bench_serving.py"), "--cpu", "--make-tiny", "--model-dir", str(model),
-           "--clients", "3", "--per-client", "2", "--new-tokens", str(NEW), "--rounds", "2", "--json", str(out)]
+           "--clients", "3", "--per-client", "2", "--new-tokens", str(NEW), "--rounds", "2", "--settle", "0.3",
+           "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -91,6 +92,7 @@ def test_serving_bench_cpu_smoke_both_engines_both_modes(tmp_path):
     for engine in ("static", "continuous"):
         e = data["engines"][engine]
         assert e["exit_code"] == 0
+        assert e["precaptured_before_load"] == 0  # --settle: idle after READY; the CPU captures no graphs
         for rnd in ("", " round 2"):  # the same requests again, on the same daemon
             fixed, real = e["fixed@3" + rnd], e["realistic@3" + rnd]
             assert fixed["requests"] == real["requests"] == 6 and fixed["n_errors"] == real["n_errors"] == 0

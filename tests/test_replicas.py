@@ -137,7 +137,10 @@ def test_remote_and_local_mixed_and_unreachable_host(sshd, htrd, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_throughput_one_two_three_remote_replicas(sshd, htrd, tmp_path):
-    """Images/s with 1, 2 and 3 replicas over ssh in the same run (printed; the note quotes it).
+    """Images/s with 1, 2 and 3 replicas over ssh in the same run (printed, not judged: a rate on a shared
+    two-core machine is a benchmark's business -- bench_replicas.py measures it on GPUs). Judged: the work is
+    spread -- with k replicas each one transcribed at least half its share of the inputs (its own
+    ``/v1/status`` counter), every output written once.
 
     Each daemon's generate is lengthened by 1 s (slow_generate) so a replica behaves like one with
     its own accelerator: this two-core machine cannot give three CPU daemons three times the compute.
@@ -152,16 +155,18 @@ def test_throughput_one_two_three_remote_replicas(sshd, htrd, tmp_path):
     rates = {}
     for k in (1, 2, 3):
         out = tmp_path / f"out{k}"
+        before = [d.status()["counters"]["images"] for d in ds[:k]]
         p = transcribe(sshd, [url(sshd, d.socket_path) for d in ds[:k]], tmp_path / "in", out, "-f", "txt")
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err.decode()
         assert len(output_files(out)) == n
+        served = [d.status()["counters"]["images"] - b for d, b in zip(ds[:k], before)]
+        assert sum(served) == n and min(served) >= n // (2 * k), served  # spread, not serialised on one
         m = re.search(rf"transcribed {n} of {n} inputs \({n} pages\) in ([0-9.]+) s", err.decode())
         assert m, err.decode()
         rates[k] = n / float(m.group(1))
     print("\nreplicas over ssh, images/s (the run's own rate): " + ", ".join(
         f"{k}: {r:.2f} ({r / rates[1]:.2f}x)" for k, r in rates.items()))
-    assert rates[2] > rates[1] * 1.3 and rates[3] > rates[1] * 1.3  # the work is spread, not serialised
 
 
 def test_requests_in_flight_follow_each_replicas_capacity():

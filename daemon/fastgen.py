@@ -810,10 +810,8 @@ class FastGenerator(GeneratorBase):
             return self._packed_layers(*inputs)
 
         if self._packed_graphs:  # a new width of a captured kind: capture, then replay (no eager run first)
-            like = next(iter(self._packed_graphs.values())).out  # (lines a packed graph takes, H) for every width
-            g = self._record(lm_part, inputs, like, [], direct=True)
+            g = self._capture_packed(T, inputs)
             if g is not None:
-                self._packed_graphs[T] = g
                 g.graph.replay()
                 return g.out[:n]
         out = lm_part()  # eagerly first: the capture then finds every kernel it records
@@ -1011,22 +1009,36 @@ class FastGenerator(GeneratorBase):
             args = [a.new_zeros((3, width) if i == 1 else a.shape if i in (4, 5) else (width, *a.shape[1:]))
                     for i, a in enumerate(g0.inputs)]  # as _packed_layers takes them: pos3 (3, T); cu, last fixed
             inputs = self._static_inputs(self._packed_buffers, args, width, max(width, PACKED_BUFFER_TOKENS))
-            g = self._record(lambda: self._packed_layers(*inputs), inputs, g0.out, [], direct=True)
+            if self._capture_packed(width, inputs) is not None:
+                self.precaptured += 1
+
+    def _capture_packed(self, width: int, inputs: list) -> _PrefillGraph | None:
+        """The language model's packed graph of *width* tokens reading the static *inputs*, captured directly
+        (:meth:`_record`) and kept; None where the capture failed."""
+        like = next(iter(self._packed_graphs.values())).out  # (lines a packed graph takes, H) for every width
+        g = self._record(lambda: self._packed_layers(*inputs), inputs, like, [], direct=True)
         if g is not None:
             self._packed_graphs[width] = g
-            self.precaptured += 1
+        return g
+
+    def _capture_vision(self, rows: int, inputs: list) -> _PrefillGraph | None:
+        """The vision tower's graph of *rows* padded patch rows reading the static *inputs*, captured directly
+        into the shared output (:meth:`_vision_out`) and kept; None where the capture failed."""
+        g = self._record(lambda: self.vision.padded(*inputs), inputs, None, [], direct=True,
+                         out=self._vision_out(rows))
+        if g is not None:
+            self._vision_graphs[rows] = g
+        return g
 
     def _precapture_vision(self, rows: int) -> None:
         """:meth:`precapture_next` for the vision tower's graph of *rows* padded patch rows."""
-        vt, g0 = self.vision, next(iter(self._vision_graphs.values()))
+        g0 = next(iter(self._vision_graphs.values()))
         with self.torch.inference_mode():
             args = [a.clone() if a.dtype == self.torch.int32 else a.new_zeros((rows, *a.shape[1:]))
                     for a in g0.inputs]  # patches, position embeddings, cos, sin (per row); the blocks' bounds
             inputs = self._static_inputs(self._vision_buffers, args, rows, PREFILL_GRAPH_LINES * 4 * ROW_BUCKET)
-            g = self._record(lambda: vt.padded(*inputs), inputs, None, [], direct=True, out=self._vision_out(rows))
-        if g is not None:
-            self._vision_graphs[rows] = g
-            self.precaptured += 1
+            if self._capture_vision(rows, inputs) is not None:
+                self.precaptured += 1
 
     def _vision_replayed(self, pixel_values, layout):
         """The vision tower of a prefill over its patches padded to a 256-row bucket
@@ -1052,10 +1064,8 @@ class FastGenerator(GeneratorBase):
                 # sized at first for PREFILL_GRAPH_LINES lines of up to 1,024 patches (a 2,000 x 128 px line)
                 inputs = self._static_inputs(self._vision_buffers, args, rows, PREFILL_GRAPH_LINES * 4 * ROW_BUCKET)
                 if self._vision_graphs:  # a new row count of a captured kind: capture, then replay
-                    g = self._record(lambda: vt.padded(*inputs), inputs, None, [], direct=True,
-                                     out=self._vision_out(rows))
+                    g = self._capture_vision(rows, inputs)
                     if g is not None:
-                        self._vision_graphs[rows] = g
                         g.graph.replay()
                         out = g.out
             if out is None:

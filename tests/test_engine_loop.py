@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from helpers import stroke_line
+from helpers import stroke_line, wait_until
 
 
 def _engine(demo_model_dir, join_wait_ms: float):
@@ -161,20 +161,16 @@ def test_quiet_engine_precaptures_prefill_graphs_until_none_is_left(engine, monk
     done = engine.submit([line], deadline=deadline, max_new_tokens=3, request_id="a")[0].future.result(timeout=120)
     end = time.monotonic()
     assert done.tokens == 3
-    for _ in range(100):
-        if len(calls) == 3:
-            break
-        time.sleep(0.05)
-    time.sleep(0.5)
-    assert len(calls) == 3 and calls[0] >= end + 0.25 and not engine._precapturing  # quiet first; then done
+    wait_until(lambda: not engine._precapturing, 30, "the quiet work to end")  # then it is never called again
+    assert len(calls) == 3 and calls[0] >= end + 0.25  # quiet first; back to back until nothing was left
 
     def broken():
         raise RuntimeError("capture failed")
 
     monkeypatch.setattr(gen, "precapture_next", broken, raising=False)
     engine._precapturing = True
-    time.sleep(0.8)
-    assert not engine._precapturing and "preparing prefill graphs while quiet failed" in caplog.text
+    wait_until(lambda: not engine._precapturing, 30, "the failed quiet work to end")
+    assert "preparing prefill graphs while quiet failed" in caplog.text
     again = engine.submit([line], deadline=deadline, max_new_tokens=3, request_id="b")[0].future.result(timeout=120)
     assert again.tokens == 3
 

@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     modes = [True, False] if fast.flash_decode else [False]
     for flash in modes:
         forced["flash" if flash else "sdpa"] = [forced_logits(fast, p, toks, flash=flash) for p, toks in zip(preps, hf)]
+    fast_mixed, fast_packed, fast_mixed_steps = fast.mixed, fast.packed, fast.mixed_steps
     del fast
     dev = args.device
     if dev != "cpu":
@@ -157,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     report["fast_alone_equals_hf_bf16"] = sum(a == b for a, b in zip(alone, hf))
     report["fast_alone_equals_replayed"] = sum(a == b for a, b in zip(alone, replayed))
     report["fast_alone_equals_lm_replayed"] = sum(a == b for a, b in zip(alone, lm_replayed))
+    report["prefill"] = "mixed steps" if fast_mixed else "packed" if fast_packed else "left-padded"
+    report["mixed_steps"] = fast_mixed_steps
     report["prefill_graph_replays"] = n_replays
     report["lm_graph_replays"] = n_lm_replays
     h = report["paths"]["hf_bf16_generate"]
@@ -170,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in report["paths"].items():
         print(f"| {name} | {r['max_gap']:.4f} | {r['p99_gap']:.4f} | {r['mean_gap']:.4f} | "
               f"{r['fp32_agrees']} / {r['tokens']} |")
-    print(f"decode attention: {decode_attention}; prompt tokens {report['prompt_tokens']}; fast alone == batched for {report['fast_alone_equals_batched']}/8, "
+    print(f"prefill: {report['prefill']} ({report['mixed_steps']} mixed steps); decode attention: {decode_attention}; prompt tokens {report['prompt_tokens']}; fast alone == batched for {report['fast_alone_equals_batched']}/8, "
           f"== joined {report['fast_alone_equals_joined']}/8, == HF bf16 {report['fast_alone_equals_hf_bf16']}/8, "
           f"== replayed prefill graph {report['fast_alone_equals_replayed']}/8 ({n_replays} replays), "
           f"== replayed language-model graph {report['fast_alone_equals_lm_replayed']}/8 ({n_lm_replays} replays); "
@@ -200,9 +203,11 @@ def forced_logits(fast, p, tokens: list[int], *, flash: bool):
         if len(rec) < len(tokens):
             fast.tok[0, 0] = tokens[len(rec)]
 
+    fast.add([Seq(p, len(tokens), len(tokens))])
+    while fast.mixed and 0 in fast._prefills.slots():
+        fast.step(steps=1)  # mixed steps: the prompt's chunks (their choice of the first token is forced over)
     fast._select, fast.cuda_graphs, fast.flash_decode = forcing, False, flash
     try:
-        fast.add([Seq(p, len(tokens), len(tokens))])
         fast.tok[0, 0] = tokens[0]
         while fast.running():
             fast.step(steps=1)

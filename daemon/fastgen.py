@@ -88,6 +88,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .chunks import PrefillQueue, StepPlan
 from .generation import Finished, GeneratorBase, Seq
 from .model import (
     DEFAULT_PROMPT,
@@ -119,6 +120,12 @@ STEPS_PER_CALL = 4  # decode steps between host checks (finished lines, deadline
 # of varied lengths end nearly every step, and each check waits for the GPU and for the GIL).
 STOP_AT_LAST_TOKEN_LINES = 4
 DEFAULT_PREFILL_CHUNK = 16
+# Mixed steps (see the module docstring): at most this many prompt tokens ride along with the decode rows of one
+# step, in MIXED_BUDGETS buckets of it (a step takes the smallest bucket that holds what is waiting). One step of
+# 128 decode rows and 512 prompt tokens is ~640 rows through the weights: GEMMs well past the weight-streaming
+# floor, a running line's token ~2x a pure decode step's time.
+DEFAULT_PREFILL_TOKENS = 512
+MIXED_BUDGETS = 4  # budgets: 1/4, 2/4, 3/4 and all of prefill_tokens
 KV_RESERVE_FRACTION = 0.10  # of the GPU's memory, kept free beside the KV cache (prefill activations)
 # A prefill of at most this many lines is launch-bound (one line: ~50 ms of host launches for ~19 ms of GPU
 # work on an H200); when its exact shape (prompt length, image grids) recurs, it is captured as a CUDA graph and
@@ -218,6 +225,7 @@ class FastGenerator(GeneratorBase):
         max_cache_len: int = 1024,
         max_new_tokens: int = 256,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
         cuda_graphs: bool | None = None,
         compile: bool = False,
         preprocessor: Preprocessor | None = None,
@@ -292,8 +300,21 @@ class FastGenerator(GeneratorBase):
         # kernel runs and passes its check, and on the CPU (attention per line). Elsewhere each group is
         # left-padded to its longest prompt.
         self.packed = self.device.type == "cpu" or (has_flash_varlen(self.k_cache[0]) and self._packed_attention_ok())
+        # Mixed steps (prompts chunked into the decode steps) where packed prefills run and the cache attention
+        # they need passes its check; elsewhere newcomers are prefilled apart, between decode steps.
+        self.mixed = self.packed and self._mixed_attention_ok()
+        self.prefill_budgets = _budgets(int(prefill_tokens), self.max_cache_len)
+        # A mixed step's decode rows: every other batch size from the largest (its prompt tokens dwarf the few
+        # rows more), so that (decode rows, budget) pairs stay few: their graphs are captured before READY.
+        self.mixed_batch_sizes = self.batch_sizes[::-1][::2][::-1]
+        ring = max(self.prefill_chunk * PRECAPTURE_LINE_TOKENS, self.max_cache_len, self.prefill_budgets[-1])
+        self._prefills = PrefillQueue(ring=ring, budget=self.prefill_budgets[-1], max_lines=self.prefill_chunk)
+        self._mixed_graphs: dict[tuple[int, int], _Graph] = {}
+        self._mixed_buffers: dict[int, object] = {}  # per budget: the mixed step's static inputs (_mixed_inputs)
+        self.mixed_steps = 0
         self._fuse_weights()
         self.vision = VisionTower(self.model.model.visual, compile=self.compile)
+        self._alloc_staging(ring)
         self._ops = _ops(torch, compile=self.compile)
         self._step_fn = self._decode_step
 
@@ -339,22 +360,24 @@ class FastGenerator(GeneratorBase):
         self._k_rows, self._v_rows = ([f.view(-1, self.head_dim) for f in fs] for fs in flat)
         self.k_cache, self.v_cache = ([f[:-self.head_dim].view(shape) for f in fs] for fs in flat)
         self._scratch_row = S * self.n_kv * L
+        # Per-slot state has one row more than the slots: row S is a mixed step's dummy target (the padding
+        # entries of its finishing lines write there).
         # Which cache positions a slot sees: SDPA's mask (decode steps without flash attention keep it current).
-        self.attend = torch.zeros((S, L), dtype=torch.bool, device=dev)
+        self.attend = torch.zeros((S + 1, L), dtype=torch.bool, device=dev)
         self.attend[:, 0] = True  # a free slot sees one position: no all-masked softmax
-        self.tok = torch.zeros((S, 1), dtype=torch.long, device=dev)  # last token, input of the next step
-        self.pos = torch.zeros((S,), dtype=torch.long, device=dev)  # cache position of self.tok
+        self.tok = torch.zeros((S + 1, 1), dtype=torch.long, device=dev)  # last token, input of the next step
+        self.pos = torch.zeros((S + 1,), dtype=torch.long, device=dev)  # cache position of self.tok
         # First cache position a slot attends to (0 for a packed prefill; a left-padded prompt starts where its
         # group's padding ends): the slot sees positions [kv_first, pos] -- what self.attend marks, as offsets for
         # flash attention.
-        self.kv_first = torch.zeros((S,), dtype=torch.long, device=dev)
+        self.kv_first = torch.zeros((S + 1,), dtype=torch.long, device=dev)
         self.cu_q = torch.arange(S * self.n_kv + 1, dtype=torch.int32, device=dev)  # one query per (slot, head)
-        self.delta = torch.zeros((S,), dtype=torch.long, device=dev)  # rope position - cache position
-        self.nstep = torch.zeros((S,), dtype=torch.long, device=dev)  # tokens produced so far
-        self.lim_max = torch.ones((S,), dtype=torch.long, device=dev)  # the line's max_new_tokens
-        self.lim_min = torch.zeros((S,), dtype=torch.long, device=dev)  # the line's min_new_tokens
-        self.finished = torch.ones((S,), dtype=torch.bool, device=dev)
-        self.out = torch.zeros((S, self.max_new_tokens + 1), dtype=torch.long, device=dev)  # generated tokens
+        self.delta = torch.zeros((S + 1,), dtype=torch.long, device=dev)  # rope position - cache position
+        self.nstep = torch.zeros((S + 1,), dtype=torch.long, device=dev)  # tokens produced so far
+        self.lim_max = torch.ones((S + 1,), dtype=torch.long, device=dev)  # the line's max_new_tokens
+        self.lim_min = torch.zeros((S + 1,), dtype=torch.long, device=dev)  # the line's min_new_tokens
+        self.finished = torch.ones((S + 1,), dtype=torch.bool, device=dev)
+        self.out = torch.zeros((S + 1, self.max_new_tokens + 1), dtype=torch.long, device=dev)  # generated tokens
         self.rows = torch.arange(S, dtype=torch.long, device=dev)
         self.rows_l = torch.arange(L, dtype=torch.long, device=dev)  # cache positions
         self.kv_heads = torch.arange(self.n_kv, dtype=torch.long, device=dev)
@@ -423,6 +446,230 @@ class FastGenerator(GeneratorBase):
                               what="flash attention over packed prompts",
                               fallback="prompts are left-padded to their group's longest")
 
+    # -------------------------------------------------------------- mixed steps
+    def _mixed_attention_ok(self) -> bool:
+        """Whether mixed steps may attend with flash attention's variable-length kernel over the cache
+        (:func:`_cache_attention`: each (line, KV head) a sequence, a prompt chunk's queries causally aligned
+        bottom-right to the line's keys so far): checked on a small random cache -- decode rows, chunks that
+        start mid-prompt, an empty sequence, keys of slots out of order -- against the same attention per
+        sequence with SDPA in fp32 on the CPU. On the CPU it is that reference: True."""
+        if self.device.type != "cuda":
+            return True
+        torch = self.torch
+        nkv, hd, g, M = self.n_kv, self.head_dim, self.n_heads // self.n_kv, 2 * LENGTH_BUCKET
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        k, v = (torch.randn((4, nkv, M, hd), generator=gen, device=self.device, dtype=self.dtype) for _ in range(2))
+        # (slot, first key position, queries, key end): decode rows, a chunk ending a 100-token prompt at 100,
+        # a whole 37-token prompt, an empty sequence, 11 padding rows
+        specs = [(1, 5, 1, 120), (0, 0, 1, 10), (2, 0, 60, 100), (3, 0, 37, 37), (1, 0, 0, 1), (0, 0, 11, 11)]
+        cu_q, cu_k, used = [0], [], []
+        for slot, first, nq, end in specs:
+            for h in range(nkv):
+                cu_q.append(cu_q[-1] + nq)
+                cu_k.append((slot * nkv + h) * M + first)
+                used.append(end - first)
+        cu_k.append(4 * nkv * M)
+        q = torch.randn((cu_q[-1], g, hd), generator=gen, device=self.device, dtype=self.dtype)
+        args = [torch.tensor(a, dtype=torch.int32) for a in (cu_q, cu_k, used)]
+        ref = _cache_attention(q.float().cpu(), k.float().cpu(), v.float().cpu(), scale=hd**-0.5, cu_q=args[0],
+                               cu_k=args[1], used=args[2], max_q=60, span=M)
+        cu_qd, cu_kd, used_d = (a.to(self.device) for a in args)
+        return _kernel_agrees(lambda: _cache_attention(q, k, v, scale=hd**-0.5, cu_q=cu_qd, cu_k=cu_kd, used=used_d,
+                                                       max_q=60, span=M).cpu(),
+                              ref, what="flash attention of prompt chunks over the KV cache",
+                              fallback="newcomers are prefilled between decode steps")
+
+    def _alloc_staging(self, ring: int) -> None:
+        """The staging ring (see :mod:`htrd.chunks`): *ring* rows of input embeddings and of each deepstack
+        layer's features, plus one zero row (a mixed step's padding tokens read it). Only with mixed steps."""
+        torch = self.torch
+        self._ring_zero = ring
+        if not self.mixed:
+            self._stage_h = self._stage_ds = None
+            return
+        H = self.text.embed_tokens.weight.shape[1]
+        layers = len(getattr(self.model.model.visual, "deepstack_visual_indexes", ()) or ())
+        self._stage_h = torch.zeros((ring + 1, H), dtype=self.dtype, device=self.device)
+        self._stage_ds = torch.zeros((layers, ring + 1, H), dtype=self.dtype, device=self.device)
+        logger.info("mixed steps: up to %d prompt tokens a step (budgets %s), staging for %d tokens (%.2f GiB)",
+                    self.prefill_budgets[-1], self.prefill_budgets, ring,
+                    (1 + layers) * (ring + 1) * H * self._stage_h.element_size() / 2**30)
+
+    def _stage(self) -> None:
+        """Lines that joined and wait for staging rows (:class:`htrd.chunks.PrefillQueue`): their prompts'
+        input embeddings -- text tokens embedded, the vision tower's image tokens in place -- and deepstack
+        features into the ring, in groups of at most ``prefill_chunk`` lines (the vision tower's graphs). Only
+        launches GPU work."""
+        staged = self._prefills.stage()
+        for i in range(0, len(staged), self.prefill_chunk):
+            self._stage_group(staged[i : i + self.prefill_chunk])
+
+    def _stage_group(self, group: list) -> None:
+        torch = self.torch
+        items = [item.prepared for _, _, _, item in group]
+        batch = image_batch(items, device=self.device, dtype=self.pre.dtype)
+        ids = torch.cat([it.input_ids for it in items])
+        dest = torch.cat([torch.arange(start, start + n) for _, start, n, _ in group])
+        index, off = [], 0
+        for it in items:
+            index.append(it.image_positions + off)
+            off += it.prompt_len
+        index = torch.cat(index)
+        T, k = int(ids.shape[0]), int(index.shape[0])
+        ids_d, dest_d, index_d = to_device(torch.cat([ids, dest, index]), self.device).split([T, T, k])
+        lengths, grids = image_grids(items)
+        layout = PromptLayout(position_ids=None, image_index=index_d, vision_lengths=lengths, grids=grids)
+        with _no_cudnn_attention(torch):
+            embeds, deepstack = self._prompt_inputs(ids_d, batch["pixel_values"], index_d, batch["image_grid_thw"],
+                                                    layout, replay_vision=self._prefill_graphs_ok and self.vision.own)
+        self._stage_h.index_copy_(0, dest_d, embeds.to(self.dtype))
+        image_rows = dest_d.index_select(0, index_d)
+        for li in range(self._stage_ds.shape[0]):
+            self._stage_ds[li].index_fill_(0, dest_d, 0)
+            if li < len(deepstack):
+                self._stage_ds[li].index_copy_(0, image_rows, deepstack[li].to(self.dtype))
+
+    def _budget_for(self, tokens: int) -> int:
+        """The smallest budget (a mixed graph's prompt rows) that holds *tokens*."""
+        for b in self.prefill_budgets:
+            if b >= tokens:
+                return b
+        return self.prefill_budgets[-1]
+
+    def _mixed_bucket(self, n: int) -> int:
+        return next(b for b in self.mixed_batch_sizes if b >= n)
+
+    def _mixed_sizes(self, T: int) -> list[int]:
+        """The parts of a mixed step's static inputs (one long tensor, :meth:`_mixed_host`) for *T* prompt
+        rows: each row's ring row, slot, position, rope positions (3 rows); the queries' order for the cache
+        attention and back; per (line, KV head) sequence its query bounds, first key row and key count
+        (``prefill_chunk`` lines and the padding); per finishing line its row, slot and prompt length."""
+        P, nkv = self.prefill_chunk, self.n_kv
+        seqs = (P + 1) * nkv
+        return [T, T, T, 3 * T, T * nkv, T * nkv, seqs + 1, seqs + 1, seqs, P, P, P]
+
+    def _mixed_inputs(self, T: int) -> list:
+        """The static inputs of every mixed step of budget *T*: views of one long tensor on the device."""
+        buf = self._mixed_buffers.get(T)
+        if buf is None:
+            sizes = self._mixed_sizes(T)
+            buf = self._mixed_buffers[T] = self.torch.zeros((sum(sizes),), dtype=self.torch.long, device=self.device)
+        return list(buf.split(self._mixed_sizes(T)))
+
+    def _mixed_host(self, plan: StepPlan, T: int, B: int):
+        """:meth:`_mixed_inputs`' values for *plan* after *B* decode rows, built on the host: the chunks' tokens
+        back to back, then padding (the scratch slot, the ring's zero row) up to *T*. The queries of each
+        (chunk, KV head) become consecutive rows for the cache attention (sequence-major); the padding is one
+        more sequence per KV head whose keys are the first ones of the cache (finite values, never used)."""
+        torch = self.torch
+        S, nkv, L, P = self.slots, self.n_kv, self.max_cache_len, self.prefill_chunk
+        src = torch.full((T,), self._ring_zero, dtype=torch.long)
+        slot = torch.full((T,), S, dtype=torch.long)
+        pos = torch.zeros((T,), dtype=torch.long)
+        rope = torch.zeros((3, T), dtype=torch.long)
+        heads = torch.arange(nkv)
+        perm, cu_q, cu_k, used = [], [], [], []
+        last, done, end = [0] * P, [S] * P, [1] * P
+        off, fin = 0, 0
+        for c in plan.chunks:
+            n, r = c.tokens, torch.arange(c.tokens)
+            src[off : off + n] = c.src + r
+            slot[off : off + n] = c.slot
+            pos[off : off + n] = c.start + r
+            rope[:, off : off + n] = c.item.prepared.positions[:, c.start : c.end]
+            perm.append(((off + r)[None, :] * nkv + heads[:, None]).reshape(-1))
+            cu_q += [B * nkv + off * nkv + h * n for h in range(nkv)]
+            cu_k += [(c.slot * nkv + h) * L for h in range(nkv)]
+            used += [c.end] * nkv
+            if c.last:
+                last[fin], done[fin], end[fin] = off + n - 1, c.slot, c.end
+                fin += 1
+            off += n
+        pad = T - off  # the padding: one sequence per KV head over the cache's first rows
+        r = torch.arange(pad)
+        perm.append(((off + r)[None, :] * nkv + heads[:, None]).reshape(-1))
+        cu_q += [B * nkv + off * nkv + h * pad for h in range(nkv)]
+        cu_k += [h * L for h in range(nkv)]
+        used += [max(pad, 1)] * nkv
+        empty = (P + 1) * nkv - len(cu_q)  # no more lines: empty sequences
+        cu_q += [(B + T) * nkv] * (empty + 1)
+        cu_k += [0] * empty + [S * nkv * L]
+        used += [1] * empty
+        perm = torch.cat(perm)
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.numel())
+        return torch.cat([src, slot, pos, rope.view(-1), perm, inv, torch.tensor(cu_q), torch.tensor(cu_k),
+                          torch.tensor(used), torch.tensor(last), torch.tensor(done), torch.tensor(end)])
+
+    def _launch_mixed(self, B: int, plan: StepPlan) -> None:
+        """Queue one mixed step of *plan*'s chunks after *B* decode rows: its inputs copied (pinned, without
+        waiting), then its graph replayed -- or run eagerly where none was captured (CPU, graphs off)."""
+        T = self._budget_for(plan.tokens)
+        self._mixed_inputs(T)  # allocated on first use
+        self._mixed_buffers[T].copy_(to_device(self._mixed_host(plan, T, B), self.device))
+        g = self._mixed_graphs.get((B, T)) if self.cuda_graphs else None
+        if g is not None:
+            g.graph.replay()
+        else:
+            if self.cuda_graphs and (B, T) not in self._missing_graphs:
+                self._missing_graphs.add((B, T))
+                logger.warning("no mixed-step graph for batch %d x %d prompt tokens (not warmed up): uncaptured", B, T)
+            self._mixed_step(B, T)
+        self.mixed_steps += 1
+
+    def _mixed_step(self, B: int, T: int) -> None:
+        """One step over slots [:B]'s decode rows and *T* prompt rows (the chunks :meth:`_mixed_host` wrote
+        into the static inputs): every row through the layers together (the decode rows ride along the
+        prompt's GEMMs), keys and values of both into the cache by one index_copy per layer, one cache
+        attention call (:func:`_cache_attention`); the decode rows' next tokens as :meth:`_decode_step`'s, and
+        each line whose prompt ended here gets its first token and starts decoding at the next step. Only
+        touches fixed buffers: captured per (B, T)."""
+        torch = self.torch
+        F = torch.nn.functional
+        S, nkv, nh, hd, L = self.slots, self.n_kv, self.n_heads, self.head_dim, self.max_cache_len
+        src, slot, pos_t, rope_t, perm, inv, cu_q_t, cu_k_t, used_t, last, done, end = self._mixed_inputs(T)
+        rows, pos = self.rows[:B], self.pos[:B]
+        self.attend.index_put_((rows, pos), self._true)  # SDPA's mask stays current for the decode steps after
+        dec_rows = _kv_rows(rows, self.kv_heads, pos, L)
+        cu_k_dec, used_dec = _kv_spans(dec_rows, self.kv_first[:B], pos, L)
+        # Finished and free slots (a joining line's among them) write their decode row's keys to the scratch
+        # row: their position 0 is where a chunk of a joining prompt may write in this very step.
+        dec_rows = torch.where(self.finished[:B, None], self._scratch_row, dec_rows)
+        pf_rows = torch.where(slot[:, None] < S, _kv_rows(slot, self.kv_heads, pos_t, L), self._scratch_row)
+        kv_flat = torch.cat([dec_rows.reshape(-1), pf_rows.reshape(-1)])
+        cu_q = torch.cat([self.cu_q[: B * nkv], cu_q_t.int()])
+        cu_k = torch.cat([cu_k_dec[:-1], cu_k_t.int()])
+        used = torch.cat([used_dec, used_t.int()])
+        h = torch.cat([self.text.embed_tokens(self.tok[:B, 0]), self._stage_h.index_select(0, src)])
+        N = B + T
+        rope = torch.cat([(pos + self.delta[:B]).view(1, B).expand(3, B), rope_t.view(3, T)], dim=1)
+        cos, sin = self.text.rotary_emb(h[None], rope[:, None])
+        cos, sin = cos.reshape(N, 1, hd), sin.reshape(N, 1, hd)
+        D = B * nkv
+
+        def attend(li, att, q, k, v):
+            self._k_rows[li].index_copy_(0, kv_flat, k.reshape(N * nkv, hd))
+            self._v_rows[li].index_copy_(0, kv_flat, v.reshape(N * nkv, hd))
+            q = q.reshape(N * nkv, nh // nkv, hd)
+            q = torch.cat([q[:D], q[D:].index_select(0, perm)])
+            o = _cache_attention(q, self.k_cache[li], self.v_cache[li], scale=att.scaling, cu_q=cu_q, cu_k=cu_k,
+                                 used=used, max_q=T, span=L)
+            return torch.cat([o[:D], o[D:].index_select(0, inv)]).reshape(N, nh * hd)
+
+        vis = torch.arange(B, N, device=self.device)
+        deepstack = [d.index_select(0, src) for d in self._stage_ds]
+        x = self._layers(h, cos, sin, attend, vis, deepstack)
+        logits = F.linear(torch.cat([x[:B], x[B:].index_select(0, last)]), self.lm_head.weight).float()
+        self._select(logits[:B], B)
+        first = logits[B:]
+        first = torch.argmax(torch.where((self.lim_min[done] > 0)[:, None], first + self.eos_bias, first), dim=-1)
+        self.out[done, 0] = first
+        self.tok[done, 0] = first
+        self.nstep[done] = 1
+        self.pos[done] = end
+        self.finished[done] = (first[:, None] == self.eos[None, :]).any(dim=1) | (self.lim_max[done] <= 1)
+        self.attend[done] = self.rows_l[None] < end[:, None]
+
     def _reset_slots(self, slots: list[int]) -> None:
         """Mark *slots* free on the device (inert rows: finished, position 0, one visible position)."""
         if not slots:
@@ -478,11 +725,40 @@ class FastGenerator(GeneratorBase):
         # Shortest prompts first: when more lines join than one prefill takes, each group pads to a
         # similar length (a page's 300-px and 2,000-px lines prefill apart, not padded to the widest).
         # They all join before the next decode step, so their order among themselves costs nothing.
+        if self.mixed:  # prefilled by the next steps, in order (_join)
+            self._join(fit)
+            return done
         fit.sort(key=lambda s: s.prepared.prompt_len)
         with self.torch.inference_mode():
             for chunk in self._chunks(fit):
                 self._prefill(chunk)
         return done
+
+    def _join(self, seqs: Sequence[Seq]) -> None:
+        """Mixed steps: *seqs* take free slots and queue for prefilling (:class:`htrd.chunks.PrefillQueue`);
+        their limits and rope offsets reach the device now (one copy), their embeddings the staging ring as
+        far as it has room (:meth:`_stage`). The slots stay finished (no decode row) until the step that
+        prefills a line's last prompt token chooses its first token."""
+        if not seqs:
+            return
+        n, t0 = len(seqs), time.perf_counter()
+        slots = [heapq.heappop(self._free) for _ in range(n)]
+        max_new = [min(int(s.max_new_tokens), self.max_new_tokens) for s in seqs]
+        min_new = [max(0, min(int(s.min_new_tokens), m)) for s, m in zip(seqs, max_new)]
+        for s, slot, m in zip(seqs, slots, max_new):
+            self._seqs[slot] = s
+            self._need[slot] = s.prepared.prompt_len + m
+            self._left[slot] = m - 1  # the prefill chooses the first token
+            self._group[slot] = n
+            self._prefill_end[slot] = t0  # until the line's last chunk is launched
+            self._prefills.push(slot, s.prepared.prompt_len, s)
+        with self.torch.inference_mode():
+            st, delta, lim_max, lim_min = self._on_device(
+                [*slots, *(s.prepared.rope_span - s.prepared.prompt_len for s in seqs), *max_new, *min_new]).view(4, n)
+            self.delta[st] = delta
+            self.lim_max[st] = lim_max
+            self.lim_min[st] = lim_min
+            self._stage()
 
     def _chunks(self, seqs: Sequence[Seq]) -> list[list[Seq]]:
         """Consecutive prefill groups of at most ``prefill_chunk`` lines. A group's prompts are left-padded
@@ -579,34 +855,68 @@ class FastGenerator(GeneratorBase):
             if during is not None:
                 during()
             return []
-        if len(occupied) <= STOP_AT_LAST_TOKEN_LINES:
-            steps = max(1, min(steps, min(self._left[i] for i in occupied)))
-        self.step_calls += 1
-        for i in occupied:
-            self._left[i] -= steps
         torch = self.torch
+        plans: list[StepPlan] = []
+        joining: dict[int, int] = {}  # slot -> the step of this call that chooses its first token (1-based)
+        if self.mixed:
+            with torch.inference_mode():
+                self._stage()  # lines that waited for staging rows
+            plans = self._prefills.plan(steps)
+            for k, plan in enumerate(plans, 1):
+                for c in plan.finishing():
+                    joining[c.slot] = k
+        waiting = set(self._prefills.slots()) if self.mixed else set()  # joined, not yet decoding
+        decoding = [i for i in occupied if i not in waiting]
+        # The step of this call at which each line reaches its last token (lines prefilled later: none).
+        reach = [self._left[i] for i in decoding] + [k + self._left[i] for i, k in joining.items()]
+        if len(occupied) <= STOP_AT_LAST_TOKEN_LINES and reach:
+            steps = max(1, min(steps, min(reach)))
+        if not decoding and not joining:  # only prompts being prefilled: no steps past the work planned
+            steps = max(1, sum(1 for plan in plans if plan.chunks))
+        plans = plans[:steps]
+        if self.mixed:
+            self._prefills.commit(plans)
+        self.step_calls += 1
+        for i in decoding:
+            self._left[i] -= steps
+        for i, k in joining.items():
+            if k <= steps:
+                self._left[i] -= steps - k
         B = self.bucket_for(occupied[-1] + 1)
+        Bm = self._mixed_bucket(B) if self.mixed else B
         L = self._span_for(max(self._need[i] for i in occupied))
         graph = self._graphs.get((B, L)) if self.cuda_graphs else None
         if self.cuda_graphs and graph is None and (B, L) not in self._missing_graphs:
             self._missing_graphs.add((B, L))
             logger.warning("no decode graph for batch %d x span %d (not warmed up): uncaptured steps", B, L)
         self._turnaround_end()
+        running = len(decoding)
         with torch.inference_mode():
-            for _ in range(steps):
-                if graph is not None:
+            for k in range(steps):
+                plan = plans[k] if k < len(plans) else None
+                if plan is not None and plan.chunks:
+                    self._launch_mixed(Bm, plan)
+                    t = time.perf_counter()
+                    for c in plan.finishing():
+                        self._prefill_ms[c.slot] = (t - self._prefill_end[c.slot]) * 1000.0
+                        self._prefill_end[c.slot] = t
+                elif graph is not None:
                     graph.graph.replay()
                 else:
                     self._step_fn(B, L)
+                self.occupied_sum += running
+                if plan is not None:
+                    running += len(plan.finishing())
             self.steps_run += steps
-            self.occupied_sum += steps * len(occupied)
-            fin_t, counts_t, out_t = self._results(B)
+            fin_t, counts_t, out_t = self._results(max(B, Bm))
         if during is not None:
             during()
         self._results_ready()
         fin, counts = fin_t.tolist(), counts_t.tolist()
         t_end = time.perf_counter()
-        leaving = [i for i in occupied if fin[i] or (stop is not None and stop(self._seqs[i]))]
+        still = set(self._prefills.slots()) if self.mixed else set()  # still prefilling: their flags mean nothing
+        leaving = [i for i in occupied if self._seqs[i] is not None and (
+            (fin[i] and i not in still) or (stop is not None and stop(self._seqs[i])))]
         if not leaving:
             self._idle_since = t_end
             return []
@@ -614,12 +924,15 @@ class FastGenerator(GeneratorBase):
         for i in leaving:
             seq = self._seqs[i]
             ids = []
-            for t in out_t[i, : counts[i]].tolist():
-                ids.append(int(t))
-                if t in self.eos_ids:
-                    break
-            done.append(Finished(seq, ids, stopped=not fin[i], group=self._group[i], prefill_ms=self._prefill_ms[i],
-                                 decode_ms=(t_end - self._prefill_end[i]) * 1000.0))
+            if i not in still:
+                for t in out_t[i, : counts[i]].tolist():
+                    ids.append(int(t))
+                    if t in self.eos_ids:
+                        break
+            else:
+                self._prefills.drop(i)
+            done.append(Finished(seq, ids, stopped=not fin[i] or i in still, group=self._group[i],
+                                 prefill_ms=self._prefill_ms[i], decode_ms=(t_end - self._prefill_end[i]) * 1000.0))
             self._seqs[i] = None
             heapq.heappush(self._free, i)
         with torch.inference_mode():
@@ -957,7 +1270,7 @@ class FastGenerator(GeneratorBase):
         GPU has less than PRECAPTURE_MIN_FREE of its memory free (serving's prefills need it more). Returns
         False once nothing is left to capture (or prefills are not packed and captured here: no kind captured
         yet, graphs off, a CPU)."""
-        if not (self.packed and self._prefill_graphs_ok and self._packed_graphs):
+        if not (self.packed and self._prefill_graphs_ok and (self._packed_graphs or self._vision_graphs)):
             return False
         if self.device.type == "cuda":
             free, total = self.torch.cuda.mem_get_info(self.device)
@@ -971,7 +1284,8 @@ class FastGenerator(GeneratorBase):
             widths = sorted({_pack_width(t) for t in range(PACK_MIN, lines * PRECAPTURE_LINE_TOKENS + 1, 8)})
             rows = range(ROW_BUCKET, self.vision.rows_for(lines * 4 * ROW_BUCKET) + 1, ROW_BUCKET)
             vision = self.vision.varlen and self.vision.own and bool(self._vision_graphs)
-            plan = [("lm", w) for w in widths] + ([("vision", r) for r in rows] if vision else [])
+            lm = bool(self._packed_graphs) and not self.mixed  # mixed steps: no prefill of the language model
+            plan = ([("lm", w) for w in widths] if lm else []) + ([("vision", r) for r in rows] if vision else [])
             self._precapture_plan = sorted(plan, key=lambda kv: kv[1] if kv[0] == "lm" else kv[1] // 3)  # pop(): largest
         while self._precapture_plan and self._prefill_graphs_ok:
             kind, size = self._precapture_plan.pop()
@@ -1178,7 +1492,9 @@ class FastGenerator(GeneratorBase):
         rope = (pos + self.delta[:B]).view(1, B, 1).expand(3, B, 1)
         cos, sin = self.text.rotary_emb(h, rope)  # (B,1,hd)
         nh, hd, nkv = self.n_heads, self.head_dim, self.n_kv
-        kv_flat = kv_rows.reshape(-1)
+        # Finished and free slots write to the scratch row: a slot being prefilled by mixed steps must keep its
+        # prompt's keys (its decode row is inert until its first token).
+        kv_flat = torch.where(self.finished[:B, None], self._scratch_row, kv_rows).reshape(-1)
 
         def attend(li, att, q, k, v):
             self._k_rows[li].index_copy_(0, kv_flat, k.reshape(B * nkv, hd))
@@ -1210,29 +1526,42 @@ class FastGenerator(GeneratorBase):
     # ------------------------------------------------------------------ graphs
     def _capture(self, B: int, L: int) -> _Graph | None:
         """Capture the decode step for (B, L). Runs the step on the live buffers: only while no line runs."""
-        key = (B, L)
-        if key in self._graphs:
-            return self._graphs[key]
+        if (B, L) not in self._graphs:
+            self._graphs[(B, L)] = self._capture_step(lambda: self._step_fn(B, L), B, f"decode graph span={L}")
+        return self._graphs[(B, L)]
+
+    def _capture_mixed(self, B: int, T: int) -> _Graph:
+        """Capture the mixed step for B decode rows and T prompt rows, on inputs of padding only (every replay
+        writes its own first: :meth:`_launch_mixed`). Like :meth:`_capture`, only while no line runs."""
+        if (B, T) not in self._mixed_graphs:
+            inputs = self._mixed_inputs(T)
+            self._mixed_buffers[T].copy_(self._mixed_host(StepPlan(), T, B).to(self.device))
+            self._mixed_graphs[(B, T)] = self._capture_step(lambda: self._mixed_step(B, T), B,
+                                                            f"mixed graph tokens={T}", inputs)
+        return self._mixed_graphs[(B, T)]
+
+    def _capture_step(self, fn: Callable[[], None], B: int, what: str, inputs=None) -> _Graph:
+        """Capture *fn* (a step over B slots' rows), run first on a side stream (cuBLAS and inductor choose
+        their kernels outside the capture): twice for a batch size not seen yet (torch.compile specialises,
+        cuBLAS picks kernels), then once."""
         torch = self.torch
         t0 = time.perf_counter()
+        seen = any(b == B for b, _ in self._graphs) or any(b == B for b, _ in self._mixed_graphs)
         with torch.cuda.device(self.device):
-            # Warm the step on a side stream (cuBLAS/inductor autotuning happens outside capture), then capture.
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                # Twice for a batch size not seen yet (torch.compile specialises, cuBLAS picks kernels), then once.
-                for _ in range(1 if any(b == B for b, _ in self._graphs) else 2):
-                    self._step_fn(B, L)
+                for _ in range(1 if seen else 2):
+                    fn()
             torch.cuda.current_stream().wait_stream(side)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                self._step_fn(B, L)
+                fn()
             torch.cuda.synchronize(self.device)
-        g = self._graphs[key] = _Graph(graph, B, L)
-        logger.debug("captured decode graph batch=%d span=%d in %.0f ms", B, L, (time.perf_counter() - t0) * 1e3)
-        return g
+        logger.debug("captured %s batch=%d in %.0f ms", what, B, (time.perf_counter() - t0) * 1e3)
+        return _Graph(graph, B, 0)
 
     def spans(self, min_prompt: int = 1) -> list[int]:
         """The attention spans (L buckets) a line of at least *min_prompt* prompt tokens can need: one per
@@ -1274,6 +1603,10 @@ class FastGenerator(GeneratorBase):
                     for L in spans:
                         self._capture(b, L)
                         n_graphs += 1
+                    if self.mixed and b in self.mixed_batch_sizes:
+                        for T in self.prefill_budgets:
+                            self._capture_mixed(b, T)
+                            n_graphs += 1
                 self._reset_slots(list(range(self.slots)))
         t_graphs = time.perf_counter()
         with self.torch.inference_mode():
@@ -1332,6 +1665,34 @@ def _flash_decode(q, k_cache, v_cache, *, scale: float, cu_q, cu_k, used, span: 
     return torch.ops.aten._flash_attention_forward(
         q.reshape(B * nkv, g, hd), k_cache.view(-1, 1, hd), v_cache.view(-1, 1, hd), cu_q, cu_k, 1, span, 0.0,
         False, False, scale=scale, seqused_k=used)[0]
+
+
+def _cache_attention(q, k_cache, v_cache, *, scale: float, cu_q, cu_k, used, max_q: int, span: int):
+    """Attention of query rows against a layer's cache (slots, n_kv, positions, hd) seen as rows of head_dim,
+    every (line, KV head) its own sequence of one KV head: *q* (rows, g, hd) with each sequence's rows
+    consecutive (bounds *cu_q*, int32); sequence i reads the keys of rows ``cu_k[i] .. cu_k[i] + used[i]``
+    (int32), causally aligned bottom-right -- its last query sees every key, the one before all but the last
+    (a chunk of a prompt attends to the line's earlier positions and to itself up to each token; a decode
+    row, one query, to all). On a GPU flash attention's variable-length kernel (*max_q*: no sequence has
+    more queries; *span*: more keys); elsewhere SDPA per sequence. Returns (rows, g, hd)."""
+    import torch
+
+    hd = q.shape[-1]
+    kf, vf = k_cache.view(-1, 1, hd), v_cache.view(-1, 1, hd)
+    if q.is_cuda:
+        return torch.ops.aten._flash_attention_forward(q, kf, vf, cu_q, cu_k, max_q, span, 0.0, True, False,
+                                                       scale=scale, seqused_k=used)[0]
+    out = torch.zeros_like(q)
+    bounds, starts, lengths = cu_q.tolist(), cu_k.tolist(), used.tolist()
+    for i, (a, b) in enumerate(itertools.pairwise(bounds)):
+        if b <= a:
+            continue
+        s, u, c = starts[i], lengths[i], b - a
+        seen = torch.arange(u)[None, :] <= torch.arange(u - c, u)[:, None]  # (c, u): bottom-right causal
+        ks, vs = kf[s : s + u, 0], vf[s : s + u, 0]  # (u, hd)
+        out[a:b] = torch.nn.functional.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), ks[None], vs[None], attn_mask=seen[None], scale=scale).transpose(0, 1)
+    return out
 
 
 def _kernel_agrees(run: Callable[[], object], ref, *, what: str, fallback: str) -> bool:
@@ -1507,6 +1868,13 @@ def _pack_width(tokens: int) -> int:
     (~45 for prefills of up to 16 lines of 1,024 tokens)."""
     step = max(PACK_MIN, (1 << (max(tokens, 1).bit_length() - 1)) // 8)
     return _round_up(tokens, step)
+
+
+def _budgets(tokens: int, max_cache_len: int) -> list[int]:
+    """A mixed step's prompt-token budgets (one graph per decode bucket each): MIXED_BUDGETS even steps up to
+    *tokens*, multiples of 8, at most the cache's length (a budget's padding attends to the cache's first rows)."""
+    top = max(8, min(_round_up(int(tokens), 8), max_cache_len))
+    return sorted({max(8, _round_up(top * i // MIXED_BUDGETS, 8)) for i in range(1, MIXED_BUDGETS + 1)})
 
 
 def _round_up(n: int, m: int) -> int:

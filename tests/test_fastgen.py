@@ -278,7 +278,7 @@ def test_a_line_is_answered_right_after_its_last_token(fast):
     while not done:
         done = fast.step()
     assert [f.seq.tag for f in done] == ["six"] and len(done[0].token_ids) == 6
-    assert fast.steps_run - start == 5
+    assert fast.steps_run - start == 5 + fast.mixed  # mixed steps: the first step prefills and chooses token 1
     while fast.running():
         fast.step()
 
@@ -326,6 +326,41 @@ def test_stop_takes_a_running_line_out_and_the_others_continue(naive, fast):
         rest += fast.step()
     assert [f.seq.tag for f in rest] == ["alive"] and not rest[0].stopped
     assert rest[0].token_ids == naive["tokens"][1]
+
+
+def test_mixed_steps_chunk_prompts_across_steps_and_joining_lines_get_their_solo_tokens(naive, demo_model_dir):
+    """Mixed steps with a small prompt budget (16 tokens a step, in buckets of 8 and 16): every prompt spans
+    several steps -- each chunk attends to its line's earlier positions in the cache and to itself, causally
+    -- and the decode rows of running lines ride along. A line alone, two joining after three steps (chunks
+    of two lines in one step), and one stopped while its prompt is still being prefilled (answered at once,
+    stopped, no tokens; the others unaffected): naive's tokens for each (fp32 on the CPU)."""
+    from htrd.fastgen import FastGenerator
+    from htrd.generation import Seq
+
+    gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2, 4, 8], max_cache_len=512,
+                             max_new_tokens=NEW, prefill_tokens=16)
+    assert gen.mixed and gen.prefill_budgets == [8, 16]
+    preps = [gen.prepare(im) for im in IMAGES]
+    assert all(p.prompt_len > 3 * 16 for p in preps)
+    gen.add([Seq(preps[0], NEW, tag=0)])
+    done = gen.step(steps=3)
+    assert done == [] and gen._prefills.slots() == [0] and gen.mixed_steps == 3  # still prefilling
+    gen.add([Seq(preps[1], NEW, tag=1), Seq(preps[2], NEW, tag=2), Seq(preps[0], NEW, tag="cancelled")])
+    done += gen.step(lambda s: s.tag == "cancelled", steps=1)
+    assert [(f.seq.tag, f.token_ids, f.stopped) for f in done] == [("cancelled", [], True)]
+    assert "cancelled" not in [s.item.tag for s in gen._prefills._lines]
+    shared = 0
+    while gen.running():
+        before = gen.mixed_steps
+        plans = gen._prefills.plan(1)
+        shared += len(plans[0].chunks) > 1
+        done += gen.step(steps=1)
+        assert gen.mixed_steps == before + bool(plans[0].chunks)
+    assert shared  # a step took the end of one prompt and the start of the next
+    assert {f.seq.tag: f.token_ids for f in done if f.seq.tag != "cancelled"} == {
+        i: naive["tokens"][i] for i in range(3)}
+    steps = sum(-(-p.prompt_len // 16) for p in preps)
+    assert steps - 2 <= gen.mixed_steps <= steps + 2  # about one step per 16 prompt tokens, none idle
 
 
 def test_generate_stop_callback_ends_every_line(fast):
@@ -462,7 +497,7 @@ def test_small_prefills_replay_graphs_with_the_new_lines_inputs_and_slots(naive,
 
     gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2, 4, 8],
                              max_cache_len=512, max_new_tokens=NEW)
-    gen.packed = False  # the left-padded prefill: GPUs without flash attention's variable-length kernel
+    gen.packed = gen.mixed = False  # the left-padded prefill: GPUs without flash attention's varlen kernel
     captured = _stand_in_graphs(gen, lambda inputs: "whole" if inputs[0].dtype == torch.long else "lm")
     a = gen.prepare(IMAGES[0])
     other_grid = stroke_line(1000, 160, 9)  # another grid, the same padded width
@@ -626,6 +661,7 @@ def test_new_prefill_shapes_after_the_first_are_captured_without_an_eager_run(na
 
     gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2, 4, 8], max_cache_len=512,
                              max_new_tokens=NEW)
+    gen.mixed = False  # packed prefills apart from decode steps (GPUs that fail the mixed steps' check)
     gen.vision.varlen = True  # as on a GPU (the CPU runs the blocks' attention in a loop)
     captured = _stand_in_graphs(gen, lambda inputs: "vision" if inputs[-1].dtype == torch.int32 else "lm")
     a = gen.prepare(IMAGES[0])
@@ -657,6 +693,7 @@ def test_quiet_precapture_prepares_every_width_and_row_count_a_later_prefill_rep
     monkeypatch.setattr(fg, "PRECAPTURE_LINE_TOKENS", 160)
     gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2, 4], max_cache_len=512,
                              max_new_tokens=NEW, prefill_chunk=2)
+    gen.mixed = False  # packed prefills apart from decode steps (GPUs that fail the mixed steps' check)
     gen.vision.varlen = True  # as on a GPU (the CPU runs the blocks' attention in a loop)
     captured = _stand_in_graphs(gen, lambda inputs: ("vision", inputs[0].shape[0]) if inputs[-1].dtype == torch.int32
                                 else ("lm", _pack_width(int(inputs[0].shape[0]))))
@@ -687,6 +724,7 @@ def test_quiet_precapture_stops_while_the_gpu_is_short_of_memory(naive, demo_mod
 
     gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2], max_cache_len=512,
                              max_new_tokens=NEW)
+    gen.mixed = False  # packed prefills apart from decode steps (GPUs that fail the mixed steps' check)
     captured = _stand_in_graphs(gen, lambda inputs: int(inputs[0].shape[0]))
     assert gen.generate([gen.prepare(IMAGES[0])])[0].token_ids == naive["tokens"][0]
     first = list(captured)
@@ -711,6 +749,7 @@ def test_packed_prefills_replay_one_graph_per_padded_width(naive, demo_model_dir
 
     gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2, 4], max_cache_len=512,
                              max_new_tokens=NEW)
+    gen.mixed = False  # packed prefills apart from decode steps (GPUs that fail the mixed steps' check)
     assert gen.packed
     captured = _stand_in_graphs(gen, lambda inputs: _pack_width(int(inputs[0].shape[0])))
     a, b, c = (gen.prepare(im) for im in IMAGES)
@@ -761,7 +800,7 @@ def test_full_prefill_graph_caches_capture_no_more_and_drop_none(naive, demo_mod
     monkeypatch.setattr(fg, "PREFILL_GRAPHS", 1)
     gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2, 4], max_cache_len=512,
                              max_new_tokens=NEW)
-    gen.packed = False  # the left-padded prefill: GPUs without flash attention's variable-length kernel
+    gen.packed = gen.mixed = False  # the left-padded prefill: GPUs without flash attention's varlen kernel
     captured = _stand_in_graphs(gen, lambda inputs: "whole" if inputs[0].dtype == torch.long else "lm")
     a, b = gen.prepare(IMAGES[0]), gen.prepare(IMAGES[1])
     for _ in range(PREFILL_GRAPH_AFTER + 2):
@@ -872,8 +911,8 @@ def test_lines_joining_together_prefill_in_groups_of_similar_length(naive, fast)
 
     a, b = fast.prepare(IMAGES[0]), fast.prepare(IMAGES[1])
     assert a.prompt_len != b.prompt_len
-    chunk = fast.prefill_chunk
-    fast.prefill_chunk = 2
+    chunk, mixed = fast.prefill_chunk, fast.mixed
+    fast.prefill_chunk, fast.mixed = 2, False  # prefills apart from decode steps (mixed steps take chunks)
     try:  # alternating lengths: in arrival order every group would pad one line to the other's length
         seqs = [Seq(a, NEW, tag=0), Seq(b, NEW, tag=1), Seq(a, NEW, tag=0), Seq(b, NEW, tag=1)]
         fast.add(seqs)
@@ -884,7 +923,7 @@ def test_lines_joining_together_prefill_in_groups_of_similar_length(naive, fast)
         while fast.running():
             done += fast.step()
     finally:
-        fast.prefill_chunk = chunk
+        fast.prefill_chunk, fast.mixed = chunk, mixed
     assert sorted(f.seq.tag for f in done) == [0, 0, 1, 1]
     for f in done:
         assert f.token_ids == naive["tokens"][f.seq.tag]
@@ -906,12 +945,12 @@ def test_each_slot_s_first_position_and_position_bound_what_its_mask_lets_it_see
     fastgen._kv_spans) instead of masking the span: on lines prefilled together (packed from position 0, or
     left-padded to the group's width), joined later and freed, those bounds are exactly the positions the
     SDPA path's mask marks."""
-    was = fast.packed
-    fast.packed = packed
+    was = fast.packed, fast.mixed
+    fast.packed, fast.mixed = packed, packed and fast.mixed  # packed: mixed steps, prompts from position 0
     try:
         _check_first_and_pos(fast, packed)
     finally:
-        fast.packed = was
+        fast.packed, fast.mixed = was
 
 
 def _check_first_and_pos(fast, packed: bool) -> None:
@@ -945,4 +984,4 @@ def _check_first_and_pos(fast, packed: bool) -> None:
                 assert int(used[i]) == len(seen)
     while fast.running():
         fast.step()
-    assert not fast.kv_first.any() and not fast.pos.any()
+    assert not fast.kv_first[: fast.slots].any() and not fast.pos[: fast.slots].any()  # (row S: a dummy)

@@ -114,7 +114,7 @@ def test_small_prefills_are_captured_and_replay_the_eager_prefill(cuda, demo_mod
     kw = dict(device=cuda, prompt=PROMPT, batch_sizes=[1, 2, 4], max_cache_len=512, max_new_tokens=NEW)
     gen = FastGenerator.load(demo_model_dir, cuda_graphs=True, **kw)
     eager = FastGenerator.load(demo_model_dir, cuda_graphs=False, **kw)
-    gen.packed = eager.packed = False  # the left-padded prefill: GPUs without flash attention's varlen kernel
+    gen.packed = eager.packed = gen.mixed = eager.mixed = False  # left-padded prefills: GPUs without flash varlen
     sizes = [(1000, 140, 5), (640, 120, 6)]
     a, b = (gen.prepare(stroke_line(*s)) for s in sizes)
     assert gen.vision.varlen
@@ -157,6 +157,7 @@ def test_packed_prefill_graphs_replay_the_eager_packed_prefill(cuda, demo_model_
     gen = FastGenerator.load(demo_model_dir, cuda_graphs=True, **kw)
     eager = FastGenerator.load(demo_model_dir, cuda_graphs=False, **kw)
     assert gen.packed and eager.packed
+    gen.mixed = eager.mixed = False  # packed prefills apart from decode steps (GPUs that fail the mixed check)
     sizes = [(1200, 160, 1), (700, 120, 2), (300, 64, 3), (2000, 150, 4), (900, 100, 5), (1500, 140, 6)]
     for group in (sizes[:1], sizes[1:3], sizes):
         preps = [gen.prepare(stroke_line(*s)) for s in group]
@@ -179,6 +180,7 @@ def test_precaptured_prefill_graphs_replay_the_eager_packed_prefill(cuda, demo_m
     kw = {"device": cuda, "prompt": PROMPT, "batch_sizes": [1, 2, 4, 8], "max_cache_len": 512, "max_new_tokens": NEW}
     gen = FastGenerator.load(demo_model_dir, cuda_graphs=True, prefill_chunk=8, **kw)
     eager = FastGenerator.load(demo_model_dir, cuda_graphs=False, **kw)
+    gen.mixed = eager.mixed = False  # packed prefills apart from decode steps (GPUs that fail the mixed check)
     gen.warmup(stroke_line(1200, 160, 1), max_new_tokens=NEW)
     while gen.precapture_next():
         pass
@@ -241,7 +243,7 @@ def test_decode_attention_reads_each_slot_s_own_keys_as_the_masked_span_does(cud
                              max_new_tokens=NEW, cuda_graphs=False)
     assert gen.flash_decode, "flash attention over the slots is off (see the log) on a GPU that has it"
     gen.flash_decode = False  # steps through SDPA keep the mask (`attend`) current: the reference below
-    gen.packed = False  # left-padded prefills: lines start at different positions
+    gen.packed = gen.mixed = False  # left-padded prefills: lines start at different positions
     preps = [gen.prepare(stroke_line(*s)) for s in [(1200, 160, 11), (500, 100, 12), (900, 130, 13)]]
     gen.add([Seq(preps[0], NEW, tag=0), Seq(preps[1], 2, tag=1)])
     gen.step(steps=2)
@@ -263,3 +265,32 @@ def test_decode_attention_reads_each_slot_s_own_keys_as_the_masked_span_does(cud
             got = _flash_decode(q, k, v, scale=gen.head_dim**-0.5, cu_q=gen.cu_q[: B * gen.n_kv + 1], cu_k=cu_k,
                                 used=used, span=L).view(want.shape).float()
             assert (got - want).norm() <= 0.01 * want.norm()
+
+
+def test_mixed_step_graphs_replay_the_eager_mixed_steps_and_pass_their_check(cuda, demo_model_dir):
+    """Mixed steps on a GPU (flash attention over the cache, prompt chunks aligned bottom-right): the start-up
+    check passes (mixed on), the warm-up captures a graph per (decode bucket, budget), and with a small budget
+    (prompts spanning steps, lines joining while others decode) the captured steps give the eager mixed
+    steps' tokens."""
+    from htrd.fastgen import FastGenerator
+    from htrd.generation import Seq
+
+    kw = dict(device=cuda, prompt=PROMPT, batch_sizes=[1, 2, 4, 8], max_cache_len=512, max_new_tokens=NEW,
+              prefill_tokens=32)
+    gen = FastGenerator.load(demo_model_dir, cuda_graphs=True, **kw)
+    eager = FastGenerator.load(demo_model_dir, cuda_graphs=False, **kw)
+    assert gen.mixed and eager.mixed, "the start-up check turned mixed steps off (see the log)"
+    gen.warmup(stroke_line(1200, 160, 1), max_new_tokens=NEW)
+    assert len(gen._mixed_graphs) == len(gen.mixed_batch_sizes) * len(gen.prefill_budgets)
+    sizes = [(1200, 160, 1), (700, 120, 2), (300, 64, 3), (2000, 150, 4), (900, 100, 5)]
+
+    def run(g):
+        preps = [g.prepare(stroke_line(*s)) for s in sizes]
+        g.add([Seq(preps[0], NEW, NEW, tag=0)])
+        done = g.step(steps=2)
+        g.add([Seq(p, NEW, NEW, tag=i) for i, p in enumerate(preps[1:], 1)])
+        while g.running():
+            done += g.step()
+        return {f.seq.tag: f.token_ids for f in done}
+
+    assert run(gen) == run(eager)

@@ -239,7 +239,8 @@ def write_config(path: Path, args, socket_path: Path, *, continuous: bool, min_n
         "generation": {"max_new_tokens": max_new, "min_new_tokens": min_new, "continuous_batching": continuous,
                        "max_cache_len": args.max_cache_len, "compile": not args.no_compile,
                        "compile_cache_dir": str(Path(args.state_dir) / "compile-cache"),
-                       "prefill_chunk": args.prefill_chunk, "join_wait_ms": args.join_wait_ms},
+                       "prefill_chunk": args.prefill_chunk, "prefill_tokens": args.prefill_tokens,
+                       "join_wait_ms": args.join_wait_ms},
         "watchdog": {"generate_timeout_s": 900.0},
         "log": {"level": "INFO"},
     }
@@ -329,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128")
     ap.add_argument("--max-cache-len", type=int, default=1024, help="generation.max_cache_len (the shipped default)")
     ap.add_argument("--prefill-chunk", type=int, default=16)
+    ap.add_argument("--prefill-tokens", type=int, default=512, help="generation.prefill_tokens (mixed steps' budget)")
     ap.add_argument("--join-wait-ms", type=float, default=30.0, help="generation.join_wait_ms (the shipped default)")
     ap.add_argument("--modes", default="fixed,realistic")
     ap.add_argument("--rounds", type=int, default=1,

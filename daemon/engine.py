@@ -153,7 +153,8 @@ class Engine:
             progress("building the fast generator (static KV cache with slots)")
             self.gen = FastGenerator(loaded.model, loaded.processor, batch_sizes=self.batch_sizes,
                                      max_cache_len=gen_s.max_cache_len, max_new_tokens=gen_s.max_new_tokens,
-                                     prefill_chunk=gen_s.prefill_chunk, compile=compiling, preprocessor=pre)
+                                     prefill_chunk=gen_s.prefill_chunk, prefill_tokens=gen_s.prefill_tokens,
+                                     compile=compiling, preprocessor=pre)
             for thread in precompiled:
                 thread.join()  # the warm-up must not compile the same ops beside it
             self.batch_sizes = list(self.gen.batch_sizes)  # those whose KV cache fits
@@ -600,7 +601,11 @@ class Engine:
             "decode_attention": ("flash" if gen.flash_decode else "sdpa") if self.fast else None,
             "preprocess_ms_per_image": self.preprocess_ms_per_image(),
             "preprocess_workers": self.cpu_workers,
-            "prefill_layout": ("packed" if gen.packed else "left-padded") if self.fast else None,
+            "prefill_layout": (("mixed" if gen.mixed else "packed") if gen.packed else "left-padded") if self.fast
+            else None,
+            "prefill_tokens_per_step": gen.prefill_budgets[-1] if self.fast and gen.mixed else None,
+            "mixed_steps": getattr(gen, "mixed_steps", None),
+            "prefill_waiting": len(gen._prefills) if self.fast and gen.mixed else None,
             "prefill_packed_graphs": len(getattr(gen, "_packed_graphs", ())),
             "prefill_graphs": len(getattr(gen, "_prefill_graphs", ())),
             "prefill_lm_graphs": len(getattr(gen, "_lm_graphs", ())),

@@ -148,6 +148,11 @@ class GenerationSettings(_Section):
     prefill_chunk: int = Field(
         16, ge=1, le=1024, description="most lines prefilled together while others decode (bounds their stall)"
     )
+    prefill_tokens: int = Field(
+        512, ge=8, le=16384, description="fast generator on a GPU with flash attention (and the CPU): most prompt "
+        "tokens prefilled inside one decode step, with the running lines' next tokens (bounds how much a "
+        "newcomer's prefill slows them; larger: faster prefill under heavy load, slower tokens meanwhile)"
+    )
     compile: bool = Field(True, description="static_cache on a GPU: fuse the decode step's ops with torch.compile")
     compile_cache_dir: Path | None = Field(
         None, description="inductor/triton kernel cache; null: $TORCHINDUCTOR_CACHE_DIR/$TRITON_CACHE_DIR or torch's"

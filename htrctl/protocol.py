@@ -143,9 +143,13 @@ class EngineInfo(BaseModel):
     decode_attention: str | None = None
     preprocess_ms_per_image: float | None = None  # CPU time to decode + preprocess one line, on average
     preprocess_workers: int | None = None
-    # fast path: "packed" (prompts back to back, attention per line; GPUs with flash attention, the CPU) |
+    # fast path: "mixed" (prompts prefilled in chunks inside the decode steps; GPUs with flash attention, the
+    # CPU) | "packed" (prompts back to back apart from the decode steps, where the mixed steps' check failed) |
     # "left-padded" (each prefill group padded to its longest prompt; older GPUs)
     prefill_layout: str | None = None
+    prefill_tokens_per_step: int | None = None  # mixed steps: most prompt tokens one step prefills
+    mixed_steps: int | None = None  # decode steps that prefilled prompt tokens too, since start
+    prefill_waiting: int | None = None  # mixed steps: lines joined whose prompts are not wholly prefilled yet
     prefill_packed_graphs: int | None = None  # packed prefills' language model captured per padded token count
     prefill_graphs: int | None = None  # small prefills of a recurring shape captured as CUDA graphs (kept now)
     # small prefills' language-model part captured per (lines, prompt width padded to 64) (kept now)

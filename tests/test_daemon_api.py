@@ -274,7 +274,8 @@ def test_default_fast_generator_gives_the_plain_paths_text(daemon, htrd):
     eng = daemon.status()["engine"]
     assert eng["slots"] == 8 and eng["preprocess_ms_per_image"] > 0 and eng["kv_cache_bytes"] > 0
     assert eng["decode_attention"] == "sdpa" and plain.status()["engine"]["decode_attention"] is None  # CPU
-    assert eng["prefill_layout"] == "packed" and plain.status()["engine"]["prefill_layout"] is None
+    assert eng["prefill_layout"] == "mixed" and plain.status()["engine"]["prefill_layout"] is None
+    assert eng["prefill_tokens_per_step"] == 512 and eng["mixed_steps"] > 0 and eng["prefill_waiting"] == 0
     # graphs are a GPU's: nothing captured ahead of need, nothing failed (the fields are served all the same)
     assert eng["prefill_precaptured"] == 0 and eng["prefill_direct_capture_failures"] == 0
     # where start -> READY went (the CPU captures no decode graphs)

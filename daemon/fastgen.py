@@ -665,7 +665,7 @@ class FastGenerator(GeneratorBase):
         first = torch.argmax(torch.where((self.lim_min[done] > 0)[:, None], first + self.eos_bias, first), dim=-1)
         self.out[done, 0] = first
         self.tok[done, 0] = first
-        self.nstep[done] = 1
+        self.nstep.index_fill_(0, done, 1)  # (a Python scalar would be a host copy: not allowed in a capture)
         self.pos[done] = end
         self.finished[done] = (first[:, None] == self.eos[None, :]).any(dim=1) | (self.lim_max[done] <= 1)
         self.attend[done] = self.rows_l[None] < end[:, None]

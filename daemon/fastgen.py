@@ -7,12 +7,28 @@ What the engine gets from :class:`FastGenerator` compared with the naive
   ``merged/``): decoding runs plain linear layers.
 - **Slots.** The KV cache holds ``slots`` lines (the largest of
   ``limits.batch_sizes``) of up to ``max_cache_len`` tokens each. A line joins
-  the running decode batch at a step boundary: its prompt is prefilled
-  (several newcomers together, at most ``prefill_chunk`` at a time so running
-  lines are never stalled for long) with its keys and values written into a
-  free slot.
-  It leaves at its EOS or its own ``max_new_tokens`` and frees the slot at
-  once; a one-word line never waits for a long one.
+  the running decode batch at a step boundary into a free slot, and leaves at
+  its EOS or its own ``max_new_tokens``, freeing the slot at once; a one-word
+  line never waits for a long one.
+- **Mixed steps** (the default where flash attention's variable-length kernel
+  runs and passes its check, and on the CPU). A joining line's prompt is not
+  prefilled apart: its input embeddings (text tokens embedded, the vision
+  tower's image tokens and deepstack features) wait in a staging ring, and
+  each decode step takes up to ``prefill_tokens`` (512) of the waiting prompt
+  tokens, in FIFO order, along with the running lines' decode rows -- one
+  forward over both (:meth:`_mixed_step`): the weights are read once for a
+  step's prompt chunk and every running line's next token, and the running
+  lines never stall behind a whole prefill. A prompt may span steps; each
+  chunk attends to its line's earlier positions in the cache
+  (:func:`_cache_attention`: one flash attention call per layer, every (line,
+  KV head) a sequence over the head-major cache, chunks aligned bottom-right).
+  The step that takes a prompt's last token chooses the line's first token;
+  the line decodes from the next. Shapes depend on (decode rows, budget)
+  only: one CUDA graph per pair, captured before READY (budgets of 1/4 .. 4/4
+  of ``prefill_tokens``, decode rows of each batch size). The host
+  side -- the FIFO, the ring, each step's chunks -- is :mod:`htrd.chunks`.
+  Where mixed steps are off, newcomers are prefilled together between decode
+  steps (at most ``prefill_chunk`` at a time), as below.
 - **A captured decode step.** Every slot keeps its own cache index, rope offset,
   token count and limits on the device. One decode step -- embedding, the
   layers, the LM head, greedy argmax, EOS and limit bookkeeping -- reads and
@@ -304,9 +320,9 @@ class FastGenerator(GeneratorBase):
         # they need passes its check; elsewhere newcomers are prefilled apart, between decode steps.
         self.mixed = self.packed and self._mixed_attention_ok()
         self.prefill_budgets = _budgets(int(prefill_tokens), self.max_cache_len)
-        # A mixed step's decode rows: every other batch size from the largest (its prompt tokens dwarf the few
-        # rows more), so that (decode rows, budget) pairs stay few: their graphs are captured before READY.
-        self.mixed_batch_sizes = self.batch_sizes[::-1][::2][::-1]
+        # A mixed step's decode rows: the batch sizes (one graph per (batch size, budget), captured before READY;
+        # every other size wasted ~10 % of a step's rows at 64 lines on an H200).
+        self.mixed_batch_sizes = list(self.batch_sizes)
         ring = max(self.prefill_chunk * PRECAPTURE_LINE_TOKENS, self.max_cache_len, self.prefill_budgets[-1])
         self._prefills = PrefillQueue(ring=ring, budget=self.prefill_budgets[-1], max_lines=self.prefill_chunk)
         self._mixed_graphs: dict[tuple[int, int], _Graph] = {}
@@ -556,8 +572,8 @@ class FastGenerator(GeneratorBase):
             buf = self._mixed_buffers[T] = self.torch.zeros((sum(sizes),), dtype=self.torch.long, device=self.device)
         return list(buf.split(self._mixed_sizes(T)))
 
-    def _mixed_host(self, plan: StepPlan, T: int, B: int):
-        """:meth:`_mixed_inputs`' values for *plan* after *B* decode rows, built on the host: the chunks' tokens
+    def _mixed_host(self, plan: StepPlan, T: int):
+        """:meth:`_mixed_inputs`' values for *plan*, built on the host: the chunks' tokens
         back to back, then padding (the scratch slot, the ring's zero row) up to *T*. The queries of each
         (chunk, KV head) become consecutive rows for the cache attention (sequence-major); the padding is one
         more sequence per KV head whose keys are the first ones of the cache (finite values, never used)."""
@@ -578,7 +594,7 @@ class FastGenerator(GeneratorBase):
             pos[off : off + n] = c.start + r
             rope[:, off : off + n] = c.item.prepared.positions[:, c.start : c.end]
             perm.append(((off + r)[None, :] * nkv + heads[:, None]).reshape(-1))
-            cu_q += [B * nkv + off * nkv + h * n for h in range(nkv)]
+            cu_q += [off * nkv + h * n for h in range(nkv)]
             cu_k += [(c.slot * nkv + h) * L for h in range(nkv)]
             used += [c.end] * nkv
             if c.last:
@@ -588,11 +604,11 @@ class FastGenerator(GeneratorBase):
         pad = T - off  # the padding: one sequence per KV head over the cache's first rows
         r = torch.arange(pad)
         perm.append(((off + r)[None, :] * nkv + heads[:, None]).reshape(-1))
-        cu_q += [B * nkv + off * nkv + h * pad for h in range(nkv)]
+        cu_q += [off * nkv + h * pad for h in range(nkv)]
         cu_k += [h * L for h in range(nkv)]
         used += [max(pad, 1)] * nkv
         empty = (P + 1) * nkv - len(cu_q)  # no more lines: empty sequences
-        cu_q += [(B + T) * nkv] * (empty + 1)
+        cu_q += [T * nkv] * (empty + 1)
         cu_k += [0] * empty + [S * nkv * L]
         used += [1] * empty
         perm = torch.cat(perm)
@@ -606,7 +622,7 @@ class FastGenerator(GeneratorBase):
         waiting), then its graph replayed -- or run eagerly where none was captured (CPU, graphs off)."""
         T = self._budget_for(plan.tokens)
         self._mixed_inputs(T)  # allocated on first use
-        self._mixed_buffers[T].copy_(to_device(self._mixed_host(plan, T, B), self.device))
+        self._mixed_buffers[T].copy_(to_device(self._mixed_host(plan, T), self.device))
         g = self._mixed_graphs.get((B, T)) if self.cuda_graphs else None
         if g is not None:
             g.graph.replay()
@@ -637,9 +653,7 @@ class FastGenerator(GeneratorBase):
         dec_rows = torch.where(self.finished[:B, None], self._scratch_row, dec_rows)
         pf_rows = torch.where(slot[:, None] < S, _kv_rows(slot, self.kv_heads, pos_t, L), self._scratch_row)
         kv_flat = torch.cat([dec_rows.reshape(-1), pf_rows.reshape(-1)])
-        cu_q = torch.cat([self.cu_q[: B * nkv], cu_q_t.int()])
-        cu_k = torch.cat([cu_k_dec[:-1], cu_k_t.int()])
-        used = torch.cat([used_dec, used_t.int()])
+        cu_q, cu_k, used = cu_q_t.int(), cu_k_t.int(), used_t.int()
         h = torch.cat([self.text.embed_tokens(self.tok[:B, 0]), self._stage_h.index_select(0, src)])
         N = B + T
         rope = torch.cat([(pos + self.delta[:B]).view(1, B).expand(3, B), rope_t.view(3, T)], dim=1)
@@ -651,10 +665,14 @@ class FastGenerator(GeneratorBase):
             self._k_rows[li].index_copy_(0, kv_flat, k.reshape(N * nkv, hd))
             self._v_rows[li].index_copy_(0, kv_flat, v.reshape(N * nkv, hd))
             q = q.reshape(N * nkv, nh // nkv, hd)
-            q = torch.cat([q[:D], q[D:].index_select(0, perm)])
-            o = _cache_attention(q, self.k_cache[li], self.v_cache[li], scale=att.scaling, cu_q=cu_q, cu_k=cu_k,
-                                 used=used, max_q=T, span=L)
-            return torch.cat([o[:D], o[D:].index_select(0, inv)]).reshape(N, nh * hd)
+            kc, vc = self.k_cache[li], self.v_cache[li]
+            # Two calls: the decode rows with one query each (flash then folds each KV head's query heads into
+            # one block that reads the keys once -- as the decode step's), the prompt chunks with theirs.
+            od = _cache_attention(q[:D], kc, vc, scale=att.scaling, cu_q=self.cu_q[: D + 1], cu_k=cu_k_dec,
+                                  used=used_dec, max_q=1, span=L)
+            op = _cache_attention(q[D:].index_select(0, perm), kc, vc, scale=att.scaling, cu_q=cu_q, cu_k=cu_k,
+                                  used=used, max_q=T, span=L)
+            return torch.cat([od, op.index_select(0, inv)]).reshape(N, nh * hd)
 
         vis = torch.arange(B, N, device=self.device)
         deepstack = [d.index_select(0, src) for d in self._stage_ds]
@@ -1535,7 +1553,7 @@ class FastGenerator(GeneratorBase):
         writes its own first: :meth:`_launch_mixed`). Like :meth:`_capture`, only while no line runs."""
         if (B, T) not in self._mixed_graphs:
             inputs = self._mixed_inputs(T)
-            self._mixed_buffers[T].copy_(self._mixed_host(StepPlan(), T, B).to(self.device))
+            self._mixed_buffers[T].copy_(self._mixed_host(StepPlan(), T).to(self.device))
             self._mixed_graphs[(B, T)] = self._capture_step(lambda: self._mixed_step(B, T), B,
                                                             f"mixed graph tokens={T}", inputs)
         return self._mixed_graphs[(B, T)]

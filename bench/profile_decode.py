@@ -36,6 +36,9 @@ def main() -> int:
     ap.add_argument("--kernels", type=int, default=14, help="rows of the kernel table")
     ap.add_argument("--prefill-only", action="store_true", help="only the prefill comparison (HF forward vs ours)")
     ap.add_argument("--decode-only", action="store_true", help="only the decode steps")
+    ap.add_argument("--mixed", default="",
+                    help="only mixed steps: comma-separated prompt-token budgets (e.g. 256,512,1024), each with "
+                         "every --batches decode rows: captured step time, its matmuls alone, top kernels")
     ap.add_argument("--new-shapes", action="store_true",
                     help="only: first vs second prefill of line images of widths not seen before, with cuDNN's "
                          "attention allowed and not (a new shape's first prefill builds kernels/plans)")
@@ -47,8 +50,10 @@ def main() -> int:
     from torch.profiler import ProfilerActivity, profile
 
     batches = [int(b) for b in args.batches.split(",")]
+    budgets = [int(t) for t in args.mixed.split(",") if t]
     fast = FastGenerator.load(args.model_dir, device="cuda", prompt=PROMPT, batch_sizes=batches,
-                              max_cache_len=1024, max_new_tokens=256, compile=args.compile)
+                              max_cache_len=1024, max_new_tokens=256, compile=args.compile,
+                              **({"prefill_tokens": max(budgets)} if budgets else {}))
     dev = fast.device
     F = torch.nn.functional
     if args.new_shapes:
@@ -110,6 +115,9 @@ def main() -> int:
     gbytes = weights * 2 / 1e9
     print(f"GPU: {torch.cuda.get_device_name(dev)}; matmul weights per step {gbytes:.2f} GB; span {L}", flush=True)
     replaced = []  # graphs captured again in another mode: a graph freed while its pool is shared breaks capture
+    if budgets:
+        return mixed_steps(fast, torch, batches, budgets, occupy, per_replay_ms, graph_of, matmuls_only, gbytes,
+                           args.kernels)
     with torch.inference_mode():
         for B in ([] if args.prefill_only else batches):
             modes = [fast.flash_decode] + ([not fast.flash_decode] if args.attention == "both" and
@@ -198,6 +206,47 @@ def main() -> int:
         if n in (1, 16):
             print(ev.table(sort_by="self_device_time_total", row_limit=args.kernels, max_name_column_width=70),
                   flush=True)
+    return 0
+
+
+def mixed_steps(fast, torch, batches, budgets, occupy, per_replay_ms, graph_of, matmuls_only, gbytes,
+                kernels) -> int:
+    """Mixed steps (FastGenerator._mixed_step): B decode rows (slots decoding, as occupy() leaves them) and T
+    prompt rows (padding: one sequence per KV head of T queries over the cache's first T keys -- the same work
+    as a chunk of T tokens), for every B and T: the captured step, the matmuls of B + T rows alone (TFLOP/s)
+    and the eager step's top kernels for the largest pair."""
+    from htrd.chunks import StepPlan
+    from torch.profiler import ProfilerActivity, profile
+
+    print(f"mixed steps: flash chunks {fast.mixed}; budgets {budgets}; decode rows {batches}", flush=True)
+    flops_row = 2 * gbytes / 2 * 1e9  # 2 FLOPs per weight and row (lm_head included: an upper bound)
+    with torch.inference_mode():
+        for T in budgets:
+            host = fast._mixed_host(StepPlan(), T).to(fast.device)
+            for B in batches:
+                occupy(B)
+                fast._mixed_inputs(T)
+                fast._mixed_buffers[T].copy_(host)
+                g = fast._capture_mixed(B, T).graph
+
+                def reset(B=B, T=T, host=host):
+                    occupy(B)
+                    fast._mixed_buffers[T].copy_(host)
+
+                t = per_replay_ms(g, n=20, before=reset)
+                t_mm = per_replay_ms(graph_of(matmuls_only(B + T)), n=20)
+                print(f"B {B:3d} + T {T:4d}: captured mixed step {t:6.2f} ms ({(B + T) / t:6.1f} rows/ms); matmuls "
+                      f"alone {t_mm:6.2f} ms ({flops_row * (B + T) / t_mm / 1e9:5.0f} TFLOP/s); rest {t - t_mm:5.2f} ms",
+                      flush=True)
+        B, T = batches[-1], budgets[-1]
+        reset(B, T)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fast._mixed_step(B, T)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=kernels, max_name_column_width=70),
+              flush=True)
+        fast._reset_slots(list(range(fast.slots)))
     return 0
 
 

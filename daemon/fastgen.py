@@ -1645,7 +1645,7 @@ class FastGenerator(GeneratorBase):
         self.generate([prep] * self.slots, max_new_tokens=min(max_new, 8), decode_text=False)
         if self.device.type == "cuda":
             self.torch.cuda.synchronize(self.device)
-        self.steps_run = self.occupied_sum = self.step_calls = self.turnarounds = 0
+        self.steps_run = self.occupied_sum = self.step_calls = self.turnarounds = self.mixed_steps = 0
         self.turnaround_s, self._idle_since = 0.0, None
         took = time.perf_counter() - t0
         logger.info("fast path warm in %.1f s: %d decode graphs in %.1f s, prefills of %s", took, n_graphs,

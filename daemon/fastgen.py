@@ -877,8 +877,9 @@ class FastGenerator(GeneratorBase):
         plans: list[StepPlan] = []
         joining: dict[int, int] = {}  # slot -> the step of this call that chooses its first token (1-based)
         if self.mixed:
-            with torch.inference_mode():
-                self._stage()  # lines that waited for staging rows
+            if not self._prefills.pending_tokens():  # nothing staged to plan: stage now, else behind the steps
+                with torch.inference_mode():
+                    self._stage()
             plans = self._prefills.plan(steps)
             for k, plan in enumerate(plans, 1):
                 for c in plan.finishing():
@@ -927,6 +928,8 @@ class FastGenerator(GeneratorBase):
                     running += len(plan.finishing())
             self.steps_run += steps
             fin_t, counts_t, out_t = self._results(max(B, Bm))
+            if self.mixed:  # lines that waited for staging rows: their host work overlaps the launched steps
+                self._stage()
         if during is not None:
             during()
         self._results_ready()

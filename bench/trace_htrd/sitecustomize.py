@@ -25,7 +25,7 @@ OUT = os.environ.get("HTR_TRACE_OUT")
 # number of lines (htr:_prefill:<n>), _step the slots occupied.
 ENGINE = ("_take", "_finish", "_admit")
 GENERATOR = ("_results_ready", "_reset_slots", "_results", "_record", "_vision_replayed", "_packed_layers",
-             "_generate_eager")
+             "_generate_eager", "_join", "_stage_group", "_launch_mixed", "_mixed_host")
 
 
 def _install() -> None:

@@ -3,10 +3,11 @@
     python bench/bench_serving.py --model-dir /tmp/m8b                 # GPU (8B-shaped model, bench/make_model_8b.py)
     python bench/bench_serving.py --cpu --model-dir /tmp/tiny8b --make-tiny --clients 4 --per-client 3
 
-Two real daemons, one after the other, on the same model and the same requests:
+Real daemons, one after the other, on the same model and the same requests:
 ``static`` (``generation.continuous_batching: false``: a batch runs until its
-longest line is done -- the engine before continuous batching) and
-``continuous`` (the default). Closed-loop clients (each sends its next line as
+longest line is done -- the engine before continuous batching),
+``continuous`` (the default) and, with ``--engines static,continuous,mixed``,
+``mixed`` (``generation.mixed_steps``: prompts prefilled inside the decode steps). Closed-loop clients (each sends its next line as
 soon as the previous one is answered) over the Unix socket, in two modes:
 
 - **fixed**: every line a 1200x160 image, exactly ``--new-tokens`` tokens;
@@ -227,7 +228,15 @@ def prompt_lengths(model_dir: Path, images: list, prompt: str) -> list[int]:
     return out
 
 
-def write_config(path: Path, args, socket_path: Path, *, continuous: bool, min_new: int, max_new: int) -> None:
+# The engines --engines names: the generation settings each daemon gets on top of the shipped ones.
+ENGINES = {
+    "static": {"continuous_batching": False},  # a batch runs until its longest line is done
+    "continuous": {"continuous_batching": True},  # the shipped config
+    "mixed": {"continuous_batching": True, "mixed_steps": True},  # prompts prefilled inside the decode steps
+}
+
+
+def write_config(path: Path, args, socket_path: Path, *, engine: str, min_new: int, max_new: int) -> None:
     import yaml
 
     cfg = {
@@ -236,7 +245,7 @@ def write_config(path: Path, args, socket_path: Path, *, continuous: bool, min_n
         "socket": {"path": str(socket_path), "group": None, "mode": 0o660},
         "limits": {"queue_length": max(1024, 4 * max(args.clients)), "request_deadline_s": 900.0,
                    "batch_sizes": list(args.batch_sizes)},
-        "generation": {"max_new_tokens": max_new, "min_new_tokens": min_new, "continuous_batching": continuous,
+        "generation": {"max_new_tokens": max_new, "min_new_tokens": min_new, **ENGINES[engine],
                        "max_cache_len": args.max_cache_len, "compile": not args.no_compile,
                        "compile_cache_dir": str(Path(args.state_dir) / "compile-cache"),
                        "prefill_chunk": args.prefill_chunk, "prefill_tokens": args.prefill_tokens,
@@ -260,13 +269,13 @@ def load_key(mode: str, clients: int, rnd: int = 1) -> str:
     return f"{mode}@{clients}" + (f" round {rnd}" if rnd > 1 else "")
 
 
-def run_engine(args, name: str, continuous: bool, workloads: dict, work_dir: Path) -> dict:
+def run_engine(args, name: str, workloads: dict, work_dir: Path) -> dict:
     import os
 
     sock = work_dir / f"{name}.sock"
     cfg = work_dir / f"{name}.yaml"
     max_new = max(REALISTIC_MAX_NEW, args.new_tokens)
-    write_config(cfg, args, sock, continuous=continuous, min_new=max_new, max_new=max_new)
+    write_config(cfg, args, sock, engine=name, min_new=max_new, max_new=max_new)
     env = dict(os.environ, HTR_CONFIG=str(cfg))
     d = Daemon(cfg, sock, work_dir / f"{name}.log", env)
     res: dict = {"engine": name}
@@ -335,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="fixed,realistic")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run every load this many times on the same daemons (round 2 on: every shape seen before)")
-    ap.add_argument("--engines", default="static,continuous")
+    ap.add_argument("--engines", default="static,continuous",
+                    help=f"comma-separated, run one after the other: {', '.join(ENGINES)} (mixed: continuous with "
+                         "generation.mixed_steps)")
     ap.add_argument("--settle", type=float, default=0.0,
                     help="seconds each daemon stays idle after READY before the first load (default 0: loads start "
                          "at READY; an idle daemon captures prefill graphs ahead of need)")
@@ -351,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     args.clients = [int(x) for x in args.clients.split(",")]
     args.batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
+    unknown = [e for e in args.engines.split(",") if e not in ENGINES]
+    if unknown:
+        ap.error(f"--engines: unknown {', '.join(unknown)} (known: {', '.join(ENGINES)})")
     args.state_dir = args.state_dir or tempfile.mkdtemp(prefix="htrbs-state-")
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
@@ -388,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
 
         results["gpu"] = torch.cuda.get_device_name(0)
     for name in args.engines.split(","):
-        results["engines"][name] = run_engine(args, name, name == "continuous", workloads, work_dir)
+        results["engines"][name] = run_engine(args, name, workloads, work_dir)
     rows = [("| load | engine | lines/s | steady lines/s | tokens/s | p50 s | p95 s | p95/p50 | slots occupied | MFU | "
              "GPU busy (steady) |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (mode, clients, rnd), _ in rounds(workloads, args.rounds):
@@ -404,10 +418,10 @@ def main(argv: list[str] | None = None) -> int:
                         + (f"{mfu:.1%}" if mfu is not None else "-") + " | "
                         + (f"{r['gpu_busy_pct']:.0f} % ({r['gpu_busy_steady_pct']:.0f} %)"
                            if r.get("gpu_busy_steady_pct") is not None else "-") + " |")
-        if {"static", "continuous"} <= set(results["engines"]):
-            s = results["engines"]["static"][key]["lines_per_s"]
-            c = results["engines"]["continuous"][key]["lines_per_s"]
-            rows.append(f"| {label} | **continuous / static** | **{c / s:.2f}x** | | | | | | | | |")
+        for a, b in (("continuous", "static"), ("mixed", "static"), ("mixed", "continuous")):
+            if {a, b} <= set(results["engines"]):
+                ra, rb = (results["engines"][e][key]["lines_per_s"] for e in (a, b))
+                rows.append(f"| {label} | **{a} / {b}** | **{ra / rb:.2f}x** | | | | | | | | |")
     for name, res in results["engines"].items():
         rows.append(f"| start -> READY | {name} | {res['ready_s']:.1f} s | | | | | | | | |")
     for name, res in results["engines"].items():

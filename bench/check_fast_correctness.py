@@ -1,6 +1,6 @@
 """Correctness of the fast generator on a GPU, against an fp32 reference (teacher-forced).
 
-    python bench/check_fast_correctness.py /tmp/m8b [--new-tokens 32] [--json out.json] [--decode-attention sdpa]
+    python bench/check_fast_correctness.py /tmp/m8b [--new-tokens 32] [--json out.json] [--decode-attention sdpa] [--mixed]
 
 For line images of 8 different widths, the fast generator (bf16, CUDA graphs)
 chooses tokens alone, all batched together, and joining a running batch
@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-attention", choices=["auto", "sdpa"], default="auto",
                     help="sdpa: decode steps attend with SDPA over the masked span even where flash attention over "
                          "each line's own keys is on (the generator's default): the two compared on one host")
+    ap.add_argument("--mixed", action="store_true",
+                    help="the fast generator with mixed steps (generation.mixed_steps: prompts prefilled in chunks "
+                         "inside the decode steps)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     import torch
@@ -56,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     new = args.new_tokens
     images = [line_image(w, h, seed=i) for i, (w, h) in enumerate(WIDTHS)]
     fast = FastGenerator.load(args.model_dir, device=args.device, dtype="bfloat16", prompt=PROMPT,
-                              batch_sizes=[1, 2, 4, 8], max_cache_len=1024, max_new_tokens=new, compile=args.device != "cpu")
+                              batch_sizes=[1, 2, 4, 8], max_cache_len=1024, max_new_tokens=new, compile=args.device != "cpu",
+                              mixed=args.mixed)
     if args.decode_attention == "sdpa":
         fast.flash_decode = False  # before any decode graph is captured
     fast.warmup(images[4], max_new_tokens=new)

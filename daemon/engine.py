@@ -153,7 +153,8 @@ class Engine:
             progress("building the fast generator (static KV cache with slots)")
             self.gen = FastGenerator(loaded.model, loaded.processor, batch_sizes=self.batch_sizes,
                                      max_cache_len=gen_s.max_cache_len, max_new_tokens=gen_s.max_new_tokens,
-                                     prefill_chunk=gen_s.prefill_chunk, prefill_tokens=gen_s.prefill_tokens,
+                                     prefill_chunk=gen_s.prefill_chunk, mixed=gen_s.mixed_steps,
+                                     prefill_tokens=gen_s.prefill_tokens,
                                      compile=compiling, preprocessor=pre)
             for thread in precompiled:
                 thread.join()  # the warm-up must not compile the same ops beside it

@@ -10,8 +10,10 @@ What the engine gets from :class:`FastGenerator` compared with the naive
   the running decode batch at a step boundary into a free slot, and leaves at
   its EOS or its own ``max_new_tokens``, freeing the slot at once; a one-word
   line never waits for a long one.
-- **Mixed steps** (the default where flash attention's variable-length kernel
-  runs and passes its check, and on the CPU). A joining line's prompt is not
+- **Mixed steps** (``mixed=True``, ``generation.mixed_steps``; where flash
+  attention's variable-length kernel runs and passes its check, and on the
+  CPU -- off by default: on an H200 not faster yet, see the README). A joining
+  line's prompt is not
   prefilled apart: its input embeddings (text tokens embedded, the vision
   tower's image tokens and deepstack features) wait in a staging ring, and
   each decode step takes up to ``prefill_tokens`` (512) of the waiting prompt
@@ -241,6 +243,7 @@ class FastGenerator(GeneratorBase):
         max_cache_len: int = 1024,
         max_new_tokens: int = 256,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        mixed: bool = False,
         prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
         cuda_graphs: bool | None = None,
         compile: bool = False,
@@ -316,9 +319,9 @@ class FastGenerator(GeneratorBase):
         # kernel runs and passes its check, and on the CPU (attention per line). Elsewhere each group is
         # left-padded to its longest prompt.
         self.packed = self.device.type == "cpu" or (has_flash_varlen(self.k_cache[0]) and self._packed_attention_ok())
-        # Mixed steps (prompts chunked into the decode steps) where packed prefills run and the cache attention
-        # they need passes its check; elsewhere newcomers are prefilled apart, between decode steps.
-        self.mixed = self.packed and self._mixed_attention_ok()
+        # Mixed steps (prompts chunked into the decode steps), when asked for, where packed prefills run and the
+        # cache attention they need passes its check; elsewhere newcomers are prefilled between decode steps.
+        self.mixed = bool(mixed) and self.packed and self._mixed_attention_ok()
         self.prefill_budgets = _budgets(int(prefill_tokens), self.max_cache_len)
         # A mixed step's decode rows: the batch sizes (one graph per (batch size, budget), captured before READY;
         # every other size wasted ~10 % of a step's rows at 64 lines on an H200).
@@ -573,49 +576,52 @@ class FastGenerator(GeneratorBase):
         return list(buf.split(self._mixed_sizes(T)))
 
     def _mixed_host(self, plan: StepPlan, T: int):
-        """:meth:`_mixed_inputs`' values for *plan*, built on the host: the chunks' tokens
-        back to back, then padding (the scratch slot, the ring's zero row) up to *T*. The queries of each
-        (chunk, KV head) become consecutive rows for the cache attention (sequence-major); the padding is one
-        more sequence per KV head whose keys are the first ones of the cache (finite values, never used)."""
-        torch = self.torch
+        """:meth:`_mixed_inputs`' values for *plan*, built on the host: the chunks' tokens back to back, then
+        padding (the scratch slot, the ring's zero row) up to *T*. The queries of each (chunk, KV head) become
+        consecutive rows for the cache attention (sequence-major); the padding is one more chunk whose
+        sequences (one per KV head) read the cache's first keys (finite values, never used). Vectorised
+        (numpy): it runs on the inference thread before each step's launch -- its first step's with the GPU
+        idle (torch ops on small tensors here took ~2 ms for 16 chunks, ~5 % of the GPU's time on an H200)."""
+        import numpy as np
+
         S, nkv, L, P = self.slots, self.n_kv, self.max_cache_len, self.prefill_chunk
-        src = torch.full((T,), self._ring_zero, dtype=torch.long)
-        slot = torch.full((T,), S, dtype=torch.long)
-        pos = torch.zeros((T,), dtype=torch.long)
-        rope = torch.zeros((3, T), dtype=torch.long)
-        heads = torch.arange(nkv)
-        perm, cu_q, cu_k, used = [], [], [], []
-        last, done, end = [0] * P, [S] * P, [1] * P
-        off, fin = 0, 0
-        for c in plan.chunks:
-            n, r = c.tokens, torch.arange(c.tokens)
-            src[off : off + n] = c.src + r
-            slot[off : off + n] = c.slot
-            pos[off : off + n] = c.start + r
-            rope[:, off : off + n] = c.item.prepared.positions[:, c.start : c.end]
-            perm.append(((off + r)[None, :] * nkv + heads[:, None]).reshape(-1))
-            cu_q += [off * nkv + h * n for h in range(nkv)]
-            cu_k += [(c.slot * nkv + h) * L for h in range(nkv)]
-            used += [c.end] * nkv
-            if c.last:
-                last[fin], done[fin], end[fin] = off + n - 1, c.slot, c.end
-                fin += 1
-            off += n
-        pad = T - off  # the padding: one sequence per KV head over the cache's first rows
-        r = torch.arange(pad)
-        perm.append(((off + r)[None, :] * nkv + heads[:, None]).reshape(-1))
-        cu_q += [off * nkv + h * pad for h in range(nkv)]
-        cu_k += [h * L for h in range(nkv)]
-        used += [max(pad, 1)] * nkv
-        empty = (P + 1) * nkv - len(cu_q)  # no more lines: empty sequences
-        cu_q += [T * nkv] * (empty + 1)
-        cu_k += [0] * empty + [S * nkv * L]
-        used += [1] * empty
-        perm = torch.cat(perm)
-        inv = torch.empty_like(perm)
-        inv[perm] = torch.arange(perm.numel())
-        return torch.cat([src, slot, pos, rope.view(-1), perm, inv, torch.tensor(cu_q), torch.tensor(cu_k),
-                          torch.tensor(used), torch.tensor(last), torch.tensor(done), torch.tensor(end)])
+        cs = plan.chunks
+        m = len(cs)
+        n = np.array([c.tokens for c in cs] + [0], dtype=np.int64)
+        real = int(n.sum())
+        n[m] = T - real  # the padding chunk
+        slots = np.array([c.slot for c in cs] + [S], dtype=np.int64)
+        starts = np.array([c.start for c in cs] + [0], dtype=np.int64)
+        srcs = np.array([c.src for c in cs] + [self._ring_zero], dtype=np.int64)
+        ends = np.array([c.end for c in cs] + [0], dtype=np.int64)
+        off = np.concatenate([[0], np.cumsum(n)[:-1]])
+        cid = np.repeat(np.arange(m + 1), n)  # each row's chunk
+        r = np.arange(T) - off[cid]  # its place in the chunk
+        pad = cid == m
+        src = np.where(pad, self._ring_zero, srcs[cid] + r)
+        pos = np.where(pad, 0, starts[cid] + r)
+        rope = np.zeros((3, T), dtype=np.int64)
+        if cs:
+            rope[:, :real] = np.concatenate([c.item.prepared.positions[:, c.start : c.end].numpy() for c in cs], 1)
+        # Sequence-major order: chunk j's rows for KV head 0, then head 1, ...: e -> (head e // n_j, row e % n_j)
+        cid2 = np.repeat(np.arange(m + 1), n * nkv)
+        e = np.arange(T * nkv) - off[cid2] * nkv
+        perm = (off[cid2] + e % n[cid2]) * nkv + e // n[cid2]
+        inv = np.empty_like(perm)
+        inv[perm] = np.arange(perm.size)
+        jj, hh = np.repeat(np.arange(m + 1), nkv), np.tile(np.arange(nkv), m + 1)  # the sequences (chunk, head)
+        empty = (P - m) * nkv  # no more lines: empty sequences
+        cu_q = np.concatenate([off[jj] * nkv + hh * n[jj], np.full(empty + 1, T * nkv)])
+        cu_k = np.concatenate([np.where(jj == m, hh * L, (slots[jj] * nkv + hh) * L), np.zeros(empty, np.int64),
+                               [S * nkv * L]])
+        used = np.concatenate([np.where(jj == m, max(int(n[m]), 1), ends[jj]), np.ones(empty, np.int64)])
+        fin = [j for j, c in enumerate(cs) if c.last]
+        last, done, end = np.zeros(P, np.int64), np.full(P, S, np.int64), np.ones(P, np.int64)
+        last[: len(fin)] = off[fin] + n[fin] - 1
+        done[: len(fin)] = slots[fin]
+        end[: len(fin)] = ends[fin]
+        return self.torch.from_numpy(np.concatenate([src, slots[cid], pos, rope.reshape(-1), perm, inv, cu_q, cu_k,
+                                                     used, last, done, end]).astype(np.int64))
 
     def _launch_mixed(self, B: int, plan: StepPlan) -> None:
         """Queue one mixed step of *plan*'s chunks after *B* decode rows: its inputs copied (pinned, without

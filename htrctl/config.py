@@ -148,10 +148,15 @@ class GenerationSettings(_Section):
     prefill_chunk: int = Field(
         16, ge=1, le=1024, description="most lines prefilled together while others decode (bounds their stall)"
     )
+    mixed_steps: bool = Field(
+        False, description="fast generator on a GPU with flash attention (and the CPU): prefill newcomers' "
+        "prompts in chunks inside the decode steps (one forward for a chunk and the running lines' next tokens) "
+        "instead of between them; measured on an H200 no faster yet (README), so off by default"
+    )
     prefill_tokens: int = Field(
-        512, ge=8, le=16384, description="fast generator on a GPU with flash attention (and the CPU): most prompt "
-        "tokens prefilled inside one decode step, with the running lines' next tokens (bounds how much a "
-        "newcomer's prefill slows them; larger: faster prefill under heavy load, slower tokens meanwhile)"
+        512, ge=8, le=16384, description="mixed_steps: most prompt tokens prefilled inside one decode step, with "
+        "the running lines' next tokens (bounds how much a newcomer's prefill slows them; larger: faster "
+        "prefill under heavy load, slower tokens meanwhile)"
     )
     compile: bool = Field(True, description="static_cache on a GPU: fuse the decode step's ops with torch.compile")
     compile_cache_dir: Path | None = Field(

@@ -75,21 +75,24 @@ def test_where_the_requests_are_averages_the_steady_part_and_partitions_the_clie
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_serving_bench_cpu_smoke_both_engines_both_modes(tmp_path):
-    """bench_serving.py end to end on the CPU: a static and a continuous daemon each answer every request of
-    both modes, in two rounds, with exactly the forced number of tokens, and exit cleanly."""
+def test_serving_bench_cpu_smoke_every_engine_both_modes(tmp_path):
+    """bench_serving.py end to end on the CPU: a static, a continuous and a mixed-steps daemon each answer every
+    request of both modes, in two rounds, with exactly the forced number of tokens, and exit cleanly."""
     sys.path.insert(0, str(REPO / "bench"))
     from bench_serving import realistic_requests
 
     model, out = tmp_path / "tiny8b", tmp_path / "serving.json"
     cmd = [sys.executable, str(REPO / "bench" / "bench_serving.py"), "--cpu", "--make-tiny", "--model-dir", str(model),
            "--clients", "3", "--per-client", "2", "--new-tokens", str(NEW), "--rounds", "2", "--settle", "0.3",
-           "--json", str(out)]
+           "--engines", "static,continuous,mixed", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     realistic = realistic_requests(6)
-    for engine in ("static", "continuous"):
+    layouts = {name: e["status"]["engine"]["prefill_layout"] for name, e in data["engines"].items()}
+    assert layouts == {"static": "packed", "continuous": "packed", "mixed": "mixed"}
+    assert data["engines"]["mixed"]["status"]["engine"]["mixed_steps"] > 0
+    for engine in ("static", "continuous", "mixed"):
         e = data["engines"][engine]
         assert e["exit_code"] == 0
         assert e["precaptured_before_load"] == 0  # --settle: idle after READY; the CPU captures no graphs

@@ -263,7 +263,8 @@ def test_max_new_tokens_is_honoured_and_openapi_and_metrics_are_served(daemon):
 @pytest.mark.slow
 def test_default_fast_generator_gives_the_plain_paths_text(daemon, htrd):
     """The default (generation.static_cache: auto -> the fast generator, continuous batching) serves the
-    same greedy text as the reference path (static_cache: false, HF generate on the unmerged adapter)."""
+    same greedy text as the reference path (static_cache: false, HF generate on the unmerged adapter); so does
+    the fast generator with mixed steps (generation.mixed_steps)."""
     plain = htrd(config={"generation": {"static_cache": False}})
     images = [encode(line_image(i)) for i in range(3)]
     want = [plain.post(P.PATH_TRANSCRIBE, content=b).json()["results"][0]["text"] for b in images]
@@ -274,8 +275,14 @@ def test_default_fast_generator_gives_the_plain_paths_text(daemon, htrd):
     eng = daemon.status()["engine"]
     assert eng["slots"] == 8 and eng["preprocess_ms_per_image"] > 0 and eng["kv_cache_bytes"] > 0
     assert eng["decode_attention"] == "sdpa" and plain.status()["engine"]["decode_attention"] is None  # CPU
-    assert eng["prefill_layout"] == "mixed" and plain.status()["engine"]["prefill_layout"] is None
-    assert eng["prefill_tokens_per_step"] == 512 and eng["mixed_steps"] > 0 and eng["prefill_waiting"] == 0
+    assert eng["prefill_layout"] == "packed" and plain.status()["engine"]["prefill_layout"] is None
+    assert eng["prefill_tokens_per_step"] is None and eng["mixed_steps"] == 0 and eng["prefill_waiting"] is None
+    # generation.mixed_steps: prompts prefilled inside the decode steps -- the same text
+    mixed = htrd(config={"generation": {"mixed_steps": True, "prefill_tokens": 64}})
+    assert [mixed.post(P.PATH_TRANSCRIBE, content=b).json()["results"][0]["text"] for b in images] == want
+    eng_m = mixed.status()["engine"]
+    assert eng_m["prefill_layout"] == "mixed" and eng_m["prefill_tokens_per_step"] == 64
+    assert eng_m["mixed_steps"] > 0 and eng_m["prefill_waiting"] == 0
     # graphs are a GPU's: nothing captured ahead of need, nothing failed (the fields are served all the same)
     assert eng["prefill_precaptured"] == 0 and eng["prefill_direct_capture_failures"] == 0
     # where start -> READY went (the CPU captures no decode graphs)

@@ -65,7 +65,25 @@ def fast(demo_model_dir):
     )
 
 
-def test_batched_fast_path_equals_naive_one_at_a_time(naive, fast):
+@pytest.fixture(scope="module")
+def mixed(demo_model_dir):
+    """The fast generator with mixed steps (prompts prefilled in chunks inside the decode steps)."""
+    from htrd.fastgen import FastGenerator
+
+    gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2, 4], max_cache_len=512,
+                             max_new_tokens=NEW, mixed=True)
+    assert gen.mixed
+    return gen
+
+
+# The tests of what a caller sees run on both ways of prefilling: between the decode steps (packed) and inside
+# them (mixed steps).
+BOTH = pytest.mark.parametrize("gen_name", ["fast", "mixed"])
+
+
+@BOTH
+def test_batched_fast_path_equals_naive_one_at_a_time(naive, gen_name, request):
+    fast = request.getfixturevalue(gen_name)
     assert fast.variant == "adapter"  # merged at load from final_model/
     preps = [fast.prepare(im) for im in IMAGES]
     assert len({p.prompt_len for p in preps}) > 1, "the images must give different prompt lengths (left padding)"
@@ -84,7 +102,9 @@ def test_equal_sized_images_batched_through_the_vision_tower(naive, fast):
     assert [o.token_ids for o in out] == [naive["tokens"][0]] * 2 + [naive["tokens"][1]] * 2
 
 
-def test_single_requests_equal_naive(naive, fast):
+@BOTH
+def test_single_requests_equal_naive(naive, gen_name, request):
+    fast = request.getfixturevalue(gen_name)
     for im, want in zip(IMAGES, naive["tokens"]):
         (got,) = fast.generate([fast.prepare(im)])
         assert got.token_ids == want
@@ -125,7 +145,9 @@ def test_prompt_longer_than_the_static_cache_uses_the_eager_path(naive, demo_mod
     assert got.token_ids == naive["tokens"][0]
 
 
-def test_more_images_than_slots_wait_for_free_slots(naive, fast):
+@BOTH
+def test_more_images_than_slots_wait_for_free_slots(naive, gen_name, request):
+    fast = request.getfixturevalue(gen_name)
     preps = [fast.prepare(IMAGES[i % 3]) for i in range(6)]  # 4 slots
     out = fast.generate(preps)
     assert [o.token_ids for o in out] == [naive["tokens"][i % 3] for i in range(6)]
@@ -200,8 +222,10 @@ def _run(gen, schedule, until_done=True):
             return done
 
 
-def test_a_line_joining_midway_gets_the_tokens_it_gets_alone(naive, fast):
+@BOTH
+def test_a_line_joining_midway_gets_the_tokens_it_gets_alone(naive, gen_name, request):
     """Continuous batching: a line's tokens do not depend on when it joined or who decodes beside it."""
+    fast = request.getfixturevalue(gen_name)
     from htrd.generation import Seq
 
     preps = [fast.prepare(im) for im in IMAGES]
@@ -213,10 +237,12 @@ def test_a_line_joining_midway_gets_the_tokens_it_gets_alone(naive, fast):
     assert all(f.group == 1 for f in done.values())
 
 
-def test_lines_added_while_steps_run_join_the_next_call_with_their_solo_tokens(naive, fast):
+@BOTH
+def test_lines_added_while_steps_run_join_the_next_call_with_their_solo_tokens(naive, gen_name, request):
     """step(during=...): newcomers prefilled while the launched steps run (before the host reads their
     results) take no part in those steps, are not reported by that call, and get the tokens they get alone;
     the running line is unaffected. A line that ends in the same call still leaves with the right tokens."""
+    fast = request.getfixturevalue(gen_name)
     from htrd.generation import Seq
 
     preps = [fast.prepare(im) for im in IMAGES]
@@ -242,9 +268,11 @@ def test_lines_added_while_steps_run_join_the_next_call_with_their_solo_tokens(n
     assert done["during"].token_ids == naive["tokens"][2]
 
 
-def test_a_short_line_leaves_early_and_its_slot_is_reused(naive, fast):
+@BOTH
+def test_a_short_line_leaves_early_and_its_slot_is_reused(naive, gen_name, request):
     """A 3-token line beside a 24-token one finishes after its own tokens, not the long line's; the freed
     slot takes the next line while the long one still decodes."""
+    fast = request.getfixturevalue(gen_name)
     from htrd.generation import Seq
 
     long_, short = fast.prepare(IMAGES[0]), fast.prepare(IMAGES[1])
@@ -278,7 +306,7 @@ def test_a_line_is_answered_right_after_its_last_token(fast):
     while not done:
         done = fast.step()
     assert [f.seq.tag for f in done] == ["six"] and len(done[0].token_ids) == 6
-    assert fast.steps_run - start == 5 + fast.mixed  # mixed steps: the first step prefills and chooses token 1
+    assert fast.steps_run - start == 5
     while fast.running():
         fast.step()
 
@@ -313,7 +341,9 @@ def _round_up(v: int, m: int) -> int:
     return -(-v // m) * m
 
 
-def test_stop_takes_a_running_line_out_and_the_others_continue(naive, fast):
+@BOTH
+def test_stop_takes_a_running_line_out_and_the_others_continue(naive, gen_name, request):
+    fast = request.getfixturevalue(gen_name)
     from htrd.generation import Seq
 
     preps = [fast.prepare(im) for im in IMAGES[:2]]
@@ -338,7 +368,7 @@ def test_mixed_steps_chunk_prompts_across_steps_and_joining_lines_get_their_solo
     from htrd.generation import Seq
 
     gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2, 4, 8], max_cache_len=512,
-                             max_new_tokens=NEW, prefill_tokens=16)
+                             max_new_tokens=NEW, mixed=True, prefill_tokens=16)
     assert gen.mixed and gen.prefill_budgets == [8, 16]
     preps = [gen.prepare(im) for im in IMAGES]
     assert all(p.prompt_len > 3 * 16 for p in preps)
@@ -497,7 +527,7 @@ def test_small_prefills_replay_graphs_with_the_new_lines_inputs_and_slots(naive,
 
     gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2, 4, 8],
                              max_cache_len=512, max_new_tokens=NEW)
-    gen.packed = gen.mixed = False  # the left-padded prefill: GPUs without flash attention's varlen kernel
+    gen.packed = False  # the left-padded prefill: GPUs without flash attention's variable-length kernel
     captured = _stand_in_graphs(gen, lambda inputs: "whole" if inputs[0].dtype == torch.long else "lm")
     a = gen.prepare(IMAGES[0])
     other_grid = stroke_line(1000, 160, 9)  # another grid, the same padded width
@@ -661,7 +691,6 @@ def test_new_prefill_shapes_after_the_first_are_captured_without_an_eager_run(na
 
     gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2, 4, 8], max_cache_len=512,
                              max_new_tokens=NEW)
-    gen.mixed = False  # packed prefills apart from decode steps (GPUs that fail the mixed steps' check)
     gen.vision.varlen = True  # as on a GPU (the CPU runs the blocks' attention in a loop)
     captured = _stand_in_graphs(gen, lambda inputs: "vision" if inputs[-1].dtype == torch.int32 else "lm")
     a = gen.prepare(IMAGES[0])
@@ -693,7 +722,6 @@ def test_quiet_precapture_prepares_every_width_and_row_count_a_later_prefill_rep
     monkeypatch.setattr(fg, "PRECAPTURE_LINE_TOKENS", 160)
     gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2, 4], max_cache_len=512,
                              max_new_tokens=NEW, prefill_chunk=2)
-    gen.mixed = False  # packed prefills apart from decode steps (GPUs that fail the mixed steps' check)
     gen.vision.varlen = True  # as on a GPU (the CPU runs the blocks' attention in a loop)
     captured = _stand_in_graphs(gen, lambda inputs: ("vision", inputs[0].shape[0]) if inputs[-1].dtype == torch.int32
                                 else ("lm", _pack_width(int(inputs[0].shape[0]))))
@@ -724,7 +752,6 @@ def test_quiet_precapture_stops_while_the_gpu_is_short_of_memory(naive, demo_mod
 
     gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2], max_cache_len=512,
                              max_new_tokens=NEW)
-    gen.mixed = False  # packed prefills apart from decode steps (GPUs that fail the mixed steps' check)
     captured = _stand_in_graphs(gen, lambda inputs: int(inputs[0].shape[0]))
     assert gen.generate([gen.prepare(IMAGES[0])])[0].token_ids == naive["tokens"][0]
     first = list(captured)
@@ -749,7 +776,6 @@ def test_packed_prefills_replay_one_graph_per_padded_width(naive, demo_model_dir
 
     gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2, 4], max_cache_len=512,
                              max_new_tokens=NEW)
-    gen.mixed = False  # packed prefills apart from decode steps (GPUs that fail the mixed steps' check)
     assert gen.packed
     captured = _stand_in_graphs(gen, lambda inputs: _pack_width(int(inputs[0].shape[0])))
     a, b, c = (gen.prepare(im) for im in IMAGES)
@@ -800,7 +826,7 @@ def test_full_prefill_graph_caches_capture_no_more_and_drop_none(naive, demo_mod
     monkeypatch.setattr(fg, "PREFILL_GRAPHS", 1)
     gen = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1, 2, 4], max_cache_len=512,
                              max_new_tokens=NEW)
-    gen.packed = gen.mixed = False  # the left-padded prefill: GPUs without flash attention's varlen kernel
+    gen.packed = False  # the left-padded prefill: GPUs without flash attention's variable-length kernel
     captured = _stand_in_graphs(gen, lambda inputs: "whole" if inputs[0].dtype == torch.long else "lm")
     a, b = gen.prepare(IMAGES[0]), gen.prepare(IMAGES[1])
     for _ in range(PREFILL_GRAPH_AFTER + 2):
@@ -911,8 +937,8 @@ def test_lines_joining_together_prefill_in_groups_of_similar_length(naive, fast)
 
     a, b = fast.prepare(IMAGES[0]), fast.prepare(IMAGES[1])
     assert a.prompt_len != b.prompt_len
-    chunk, mixed = fast.prefill_chunk, fast.mixed
-    fast.prefill_chunk, fast.mixed = 2, False  # prefills apart from decode steps (mixed steps take chunks)
+    chunk = fast.prefill_chunk
+    fast.prefill_chunk = 2
     try:  # alternating lengths: in arrival order every group would pad one line to the other's length
         seqs = [Seq(a, NEW, tag=0), Seq(b, NEW, tag=1), Seq(a, NEW, tag=0), Seq(b, NEW, tag=1)]
         fast.add(seqs)
@@ -923,7 +949,7 @@ def test_lines_joining_together_prefill_in_groups_of_similar_length(naive, fast)
         while fast.running():
             done += fast.step()
     finally:
-        fast.prefill_chunk, fast.mixed = chunk, mixed
+        fast.prefill_chunk = chunk
     assert sorted(f.seq.tag for f in done) == [0, 0, 1, 1]
     for f in done:
         assert f.token_ids == naive["tokens"][f.seq.tag]
@@ -945,12 +971,12 @@ def test_each_slot_s_first_position_and_position_bound_what_its_mask_lets_it_see
     fastgen._kv_spans) instead of masking the span: on lines prefilled together (packed from position 0, or
     left-padded to the group's width), joined later and freed, those bounds are exactly the positions the
     SDPA path's mask marks."""
-    was = fast.packed, fast.mixed
-    fast.packed, fast.mixed = packed, packed and fast.mixed  # packed: mixed steps, prompts from position 0
+    was = fast.packed
+    fast.packed = packed
     try:
         _check_first_and_pos(fast, packed)
     finally:
-        fast.packed, fast.mixed = was
+        fast.packed = was
 
 
 def _check_first_and_pos(fast, packed: bool) -> None:
@@ -984,4 +1010,4 @@ def _check_first_and_pos(fast, packed: bool) -> None:
                 assert int(used[i]) == len(seen)
     while fast.running():
         fast.step()
-    assert not fast.kv_first[: fast.slots].any() and not fast.pos[: fast.slots].any()  # (row S: a dummy)
+    assert not fast.kv_first.any() and not fast.pos.any()

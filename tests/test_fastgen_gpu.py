@@ -114,7 +114,7 @@ def test_small_prefills_are_captured_and_replay_the_eager_prefill(cuda, demo_mod
     kw = dict(device=cuda, prompt=PROMPT, batch_sizes=[1, 2, 4], max_cache_len=512, max_new_tokens=NEW)
     gen = FastGenerator.load(demo_model_dir, cuda_graphs=True, **kw)
     eager = FastGenerator.load(demo_model_dir, cuda_graphs=False, **kw)
-    gen.packed = eager.packed = gen.mixed = eager.mixed = False  # left-padded prefills: GPUs without flash varlen
+    gen.packed = eager.packed = False  # the left-padded prefill: GPUs without flash attention's varlen kernel
     sizes = [(1000, 140, 5), (640, 120, 6)]
     a, b = (gen.prepare(stroke_line(*s)) for s in sizes)
     assert gen.vision.varlen
@@ -157,7 +157,6 @@ def test_packed_prefill_graphs_replay_the_eager_packed_prefill(cuda, demo_model_
     gen = FastGenerator.load(demo_model_dir, cuda_graphs=True, **kw)
     eager = FastGenerator.load(demo_model_dir, cuda_graphs=False, **kw)
     assert gen.packed and eager.packed
-    gen.mixed = eager.mixed = False  # packed prefills apart from decode steps (GPUs that fail the mixed check)
     sizes = [(1200, 160, 1), (700, 120, 2), (300, 64, 3), (2000, 150, 4), (900, 100, 5), (1500, 140, 6)]
     for group in (sizes[:1], sizes[1:3], sizes):
         preps = [gen.prepare(stroke_line(*s)) for s in group]
@@ -180,7 +179,6 @@ def test_precaptured_prefill_graphs_replay_the_eager_packed_prefill(cuda, demo_m
     kw = {"device": cuda, "prompt": PROMPT, "batch_sizes": [1, 2, 4, 8], "max_cache_len": 512, "max_new_tokens": NEW}
     gen = FastGenerator.load(demo_model_dir, cuda_graphs=True, prefill_chunk=8, **kw)
     eager = FastGenerator.load(demo_model_dir, cuda_graphs=False, **kw)
-    gen.mixed = eager.mixed = False  # packed prefills apart from decode steps (GPUs that fail the mixed check)
     gen.warmup(stroke_line(1200, 160, 1), max_new_tokens=NEW)
     while gen.precapture_next():
         pass
@@ -243,7 +241,7 @@ def test_decode_attention_reads_each_slot_s_own_keys_as_the_masked_span_does(cud
                              max_new_tokens=NEW, cuda_graphs=False)
     assert gen.flash_decode, "flash attention over the slots is off (see the log) on a GPU that has it"
     gen.flash_decode = False  # steps through SDPA keep the mask (`attend`) current: the reference below
-    gen.packed = gen.mixed = False  # left-padded prefills: lines start at different positions
+    gen.packed = False  # left-padded prefills: lines start at different positions
     preps = [gen.prepare(stroke_line(*s)) for s in [(1200, 160, 11), (500, 100, 12), (900, 130, 13)]]
     gen.add([Seq(preps[0], NEW, tag=0), Seq(preps[1], 2, tag=1)])
     gen.step(steps=2)
@@ -276,7 +274,7 @@ def test_mixed_step_graphs_replay_the_eager_mixed_steps_and_pass_their_check(cud
     from htrd.generation import Seq
 
     kw = dict(device=cuda, prompt=PROMPT, batch_sizes=[1, 2, 4, 8], max_cache_len=512, max_new_tokens=NEW,
-              prefill_tokens=32)
+              mixed=True, prefill_tokens=32)
     gen = FastGenerator.load(demo_model_dir, cuda_graphs=True, **kw)
     eager = FastGenerator.load(demo_model_dir, cuda_graphs=False, **kw)
     assert gen.mixed and eager.mixed, "the start-up check turned mixed steps off (see the log)"

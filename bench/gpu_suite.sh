@@ -11,6 +11,9 @@
 #   serving      bench/bench_serving.py --clients 64       (static vs continuous, fixed and realistic, ~5 min;
 #                py-spy of each load in spy-serving.tgz: python3 bench/spy_summary.py FILE htrd-inference)
 #   serving256   bench/bench_serving.py --clients 256 --modes fixed
+#   mixed        bench/bench_serving.py --engines static,continuous,mixed --settle 8 (64 clients, both modes; ~6 min):
+#                the shipped prefills between the decode steps against generation.mixed_steps, same call
+#   mixedcheck   bench/check_fast_correctness.py --mixed    (fp32 teacher-forced, mixed steps)
 #   replicas     bench/bench_replicas.py                   (one htrd per GPU; needs 2+ GPUs)
 #   profile      bench/profile_decode.py                   (decode step vs matmul floor, prefill launch vs GPU)
 #
@@ -37,7 +40,7 @@ run() {  # run LIMIT_S CMD...: CMD's output into suite.txt, killed (and its daem
 
 for part in $parts; do
   case $part in
-    tests | correctness | generate | serving | serving256 | replicas | profile) ;;
+    tests | correctness | generate | serving | serving256 | mixed | mixedcheck | replicas | profile) ;;
     *) echo "gpu_suite.sh: unknown part '$part' (see the header of this file)" >&2; exit 2 ;;
   esac
 done
@@ -55,6 +58,9 @@ for part in $parts; do
              tar czf "$out/spy-serving.tgz" -C "$state" spy-serving 2>>"$log" ;;
     serving256) run 540 python3 bench/bench_serving.py --model-dir "$model" --clients 256 --per-client 4 \
                   --modes fixed --state-dir "$state" --json "$out/serving256.json" ;;
+    mixed) run 560 python3 bench/bench_serving.py --model-dir "$model" --clients 64 --per-client 5 --settle 8 \
+             --engines static,continuous,mixed --state-dir "$state" --json "$out/mixed.json" ;;
+    mixedcheck) run 240 python3 bench/check_fast_correctness.py "$model" --mixed --json "$out/mixedcheck.json" ;;
     replicas) run 400 python3 bench/bench_replicas.py --model-dir "$model" --per-client 6 --state-dir "$state" \
                 --json "$out/replicas.json" ;;
     profile) run 200 python3 bench/profile_decode.py "$model" --kernels 12 ;;

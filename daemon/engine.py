@@ -420,12 +420,14 @@ class Engine:
                     if left <= 0 or self.state.in_flight <= len(self._queue):
                         break
                     self._cond.wait(min(left, 0.002))
-            elif len(self._queue) < min(free, gen_chunk(gen)) and self._arriving_locked() > 0:
+            elif (not getattr(gen, "mixed", False) and len(self._queue) < min(free, gen_chunk(gen))
+                  and self._arriving_locked() > 0):
                 # Lines are decoding: a newcomer joins at the next step boundary -- or later, with the requests
                 # already on their way (accepted, still being decoded and preprocessed), up to
                 # generation.join_wait_ms. One prefill of several lines costs the GPU much less per line than
                 # several of one (an H200: 18.7 ms for one 284-token line, 45.6 ms for four). With nothing on
-                # its way, waiting would only add latency.
+                # its way, waiting would only add latency. Mixed steps chunk every prompt into the decode
+                # steps whoever joins with it: nothing to share, no wait.
                 if time.monotonic() - self._queue[0].enqueued_at < self.join_wait_s:
                     return []
             n = min(free, len(self._queue))

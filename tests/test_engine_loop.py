@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 from helpers import stroke_line, wait_until
 
 
-def _engine(demo_model_dir, join_wait_ms: float):
+def _engine(demo_model_dir, join_wait_ms: float, *, mixed: bool = False):
     from htrd.engine import Engine
     from htrd.faults import Faults
     from htrd.metrics import Metrics
@@ -22,7 +22,8 @@ def _engine(demo_model_dir, join_wait_ms: float):
 
     settings = Settings(model={"dir": str(demo_model_dir), "verify_on_start": "off"}, gpu={"select": "cpu"},
                         limits={"batch_sizes": [1, 2, 4], "batch_window_ms": 0},
-                        generation={"max_new_tokens": 40, "min_new_tokens": 40, "join_wait_ms": join_wait_ms})
+                        generation={"max_new_tokens": 40, "min_new_tokens": 40, "join_wait_ms": join_wait_ms,
+                                    "mixed_steps": mixed})
     eng = Engine(settings, device="cpu", faults=Faults(), state=DaemonState(),
                  metrics=Metrics(list(settings.limits.batch_sizes)))
     eng.load()
@@ -108,6 +109,40 @@ def test_a_newcomer_waits_to_share_its_prefill_only_with_requests_on_their_way(p
     assert waiting == ([[(1, False)]] if on_their_way else [])
     assert calls == [(1, False), (1 + on_their_way, True)]
     assert [r.tokens for r in results] == [40] + [3] * (1 + on_their_way)
+
+
+def test_with_mixed_steps_a_newcomer_never_waits_for_requests_on_their_way(demo_model_dir):
+    """generation.join_wait_ms is for prefills between the decode steps (several lines share one). Mixed steps
+    chunk every prompt into the steps whoever joins with it: a newcomer joins inside the next step although
+    a request is on its way and the wait is long; every line is answered in full."""
+    eng = _engine(demo_model_dir, 5000, mixed=True)
+    gen = eng.gen
+    calls: list[tuple[int, bool]] = []
+    deadline = time.monotonic() + 120
+    short_prep = eng.prepare(stroke_line(600, 100, 2))
+    short: list = []
+
+    def newcomer():
+        if not short and gen.running():
+            short.extend(eng.submit([short_prep], deadline=deadline, max_new_tokens=3, request_id="short"))
+
+    add, step = _traced(gen, calls, after_step=newcomer)
+    with eng.state._lock:  # the long line, the newcomer, and one more on its way (never sent)
+        eng.state.in_flight += 3
+    try:
+        assert gen.mixed
+        long = eng.submit([eng.prepare(stroke_line(1200, 160, 1))], deadline=deadline, max_new_tokens=40,
+                          request_id="long")
+        first = long[0].future.result(timeout=120)
+        second = short[0].future.result(timeout=120)
+        assert gen.mixed_steps >= 2  # each prompt prefilled inside a step
+    finally:
+        gen.add, gen.step = add, step
+        with eng.state._lock:
+            eng.state.in_flight -= 3
+        eng.stop()
+    assert calls == [(1, False), (1, True)]
+    assert (first.tokens, second.tokens) == (40, 3)
 
 
 def test_a_newcomer_joins_behind_the_launched_decode_steps(engine):

@@ -479,18 +479,13 @@ class Engine:
                     else:
                         self._prefill([item])
                 return
-            err = ApiError("out_of_memory",
-                           f"CUDA out of memory while transcribing a batch of {len(live)} images; the daemon is still "
-                           "ready -- retry, send smaller images, or lower limits.batch_sizes",
-                           detail={"batch_size": len(live)})
             for item in live:
-                _settle(item, exc=err)
+                _settle(item, exc=_prefill_error(exc, len(live)))
             return
         except Exception as exc:  # one prefill fails, the daemon keeps serving
             logger.exception("prefill failed for %d images", len(live))
-            err = ApiError("internal", f"transcription failed: {_first_line(exc)}")
             for item in live:
-                _settle(item, exc=err)
+                _settle(item, exc=_prefill_error(exc, len(live)))
             return
         if self._serving:
             self.metrics.batch_size.observe(len(live))
@@ -548,6 +543,9 @@ class Engine:
         for f in finished:
             item: WorkItem = f.seq.tag
             if item.future.done():
+                continue
+            if f.error is not None:  # its prefill failed (mixed steps stage each line apart); the others go on
+                _settle(item, exc=_prefill_error(f.error, 1))
                 continue
             if f.stopped or now > item.deadline:
                 _settle(item, exc=_deadline_error(item))
@@ -668,6 +666,17 @@ def _settle(item: WorkItem, *, result: Any = None, exc: BaseException | None = N
         return True
     except InvalidStateError:
         return False
+
+
+def _prefill_error(exc: BaseException, n: int) -> ApiError:
+    """The error a request gets when the prefill of its *n* images failed with *exc*."""
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return ApiError("out_of_memory",
+                        f"CUDA out of memory while transcribing a batch of {n} images; the daemon is still ready -- "
+                        "retry, send smaller images, or lower limits.batch_sizes", detail={"batch_size": n})
+    return ApiError("internal", f"transcription failed: {_first_line(exc)}")
 
 
 def _deadline_error(item: WorkItem) -> ApiError:

@@ -331,6 +331,7 @@ class FastGenerator(GeneratorBase):
         self._mixed_graphs: dict[tuple[int, int], _Graph] = {}
         self._mixed_buffers: dict[int, object] = {}  # per budget: the mixed step's static inputs (_mixed_inputs)
         self.mixed_steps = 0
+        self._failed: list[Finished] = []  # lines whose staging failed, answered by the next add() or step()
         self._fuse_weights()
         self.vision = VisionTower(self.model.model.visual, compile=self.compile)
         self._alloc_staging(ring)
@@ -521,7 +522,35 @@ class FastGenerator(GeneratorBase):
         launches GPU work."""
         staged = self._prefills.stage()
         for i in range(0, len(staged), self.prefill_chunk):
-            self._stage_group(staged[i : i + self.prefill_chunk])
+            group = staged[i : i + self.prefill_chunk]
+            try:
+                self._stage_group(group)
+            except Exception as exc:  # noqa: BLE001 -- one bad line (an image the GPU has no room for) fails alone
+                if len(group) == 1:
+                    self._fail(group[0][0], exc)
+                    continue
+                logger.warning("staging %d joining lines failed (%s); staging them one by one", len(group),
+                               _first_line(exc))
+                for one in group:
+                    try:
+                        self._stage_group([one])
+                    except Exception as exc1:  # noqa: BLE001
+                        self._fail(one[0], exc1)
+
+    def _fail(self, slot: int, exc: BaseException) -> None:
+        """The line in *slot* could not be staged: out of the prefill queue, its slot free, and answered (by the
+        next :meth:`add` or :meth:`step`) as finished with *exc* and no tokens."""
+        logger.error("a joining line's prefill failed: %s", _first_line(exc))
+        seq = self._seqs[slot]
+        self._prefills.drop(slot)
+        self._seqs[slot] = None
+        heapq.heappush(self._free, slot)
+        self._reset_slots([slot])
+        self._failed.append(Finished(seq, [], group=self._group[slot], error=exc))
+
+    def _take_failed(self) -> list[Finished]:
+        failed, self._failed = self._failed, []
+        return failed
 
     def _stage_group(self, group: list) -> None:
         torch = self.torch
@@ -751,7 +780,7 @@ class FastGenerator(GeneratorBase):
         # They all join before the next decode step, so their order among themselves costs nothing.
         if self.mixed:  # prefilled by the next steps, in order (_join)
             self._join(fit)
-            return done
+            return done + self._take_failed()
         fit.sort(key=lambda s: s.prepared.prompt_len)
         with self.torch.inference_mode():
             for chunk in self._chunks(fit):
@@ -777,12 +806,20 @@ class FastGenerator(GeneratorBase):
             self._prefill_end[slot] = t0  # until the line's last chunk is launched
             self._prefills.push(slot, s.prepared.prompt_len, s)
         with self.torch.inference_mode():
-            st, delta, lim_max, lim_min = self._on_device(
-                [*slots, *(s.prepared.rope_span - s.prepared.prompt_len for s in seqs), *max_new, *min_new]).view(4, n)
-            self.delta[st] = delta
-            self.lim_max[st] = lim_max
-            self.lim_min[st] = lim_min
-            self._stage()
+            try:
+                st, delta, lim_max, lim_min = self._on_device(
+                    [*slots, *(s.prepared.rope_span - s.prepared.prompt_len for s in seqs), *max_new,
+                     *min_new]).view(4, n)
+                self.delta[st] = delta
+                self.lim_max[st] = lim_max
+                self.lim_min[st] = lim_min
+            except BaseException:  # nothing joined: the caller answers these lines
+                for slot in slots:
+                    self._prefills.drop(slot)
+                    self._seqs[slot] = None
+                    heapq.heappush(self._free, slot)
+                raise
+            self._stage()  # a line whose staging fails is answered with its error (_fail), not raised
 
     def _chunks(self, seqs: Sequence[Seq]) -> list[list[Seq]]:
         """Consecutive prefill groups of at most ``prefill_chunk`` lines. A group's prompts are left-padded
@@ -874,18 +911,18 @@ class FastGenerator(GeneratorBase):
         prefills newcomers there (:meth:`add`), so the host's work of launching a prefill overlaps the
         GPU's decoding instead of following it. Lines added in *during* decode from the next call.
         """
+        torch = self.torch
+        if self.mixed and not self._prefills.pending_tokens():  # nothing staged to plan: stage now, else behind
+            with torch.inference_mode():  # the steps
+                self._stage()
         occupied = [i for i, s in enumerate(self._seqs) if s is not None]
         if not occupied:
             if during is not None:
                 during()
-            return []
-        torch = self.torch
+            return self._take_failed()
         plans: list[StepPlan] = []
         joining: dict[int, int] = {}  # slot -> the step of this call that chooses its first token (1-based)
         if self.mixed:
-            if not self._prefills.pending_tokens():  # nothing staged to plan: stage now, else behind the steps
-                with torch.inference_mode():
-                    self._stage()
             plans = self._prefills.plan(steps)
             for k, plan in enumerate(plans, 1):
                 for c in plan.finishing():
@@ -946,8 +983,8 @@ class FastGenerator(GeneratorBase):
             (fin[i] and i not in still) or (stop is not None and stop(self._seqs[i])))]
         if not leaving:
             self._idle_since = t_end
-            return []
-        done = []
+            return self._take_failed()
+        done = self._take_failed()
         for i in leaving:
             seq = self._seqs[i]
             ids = []

@@ -52,6 +52,7 @@ class Finished:
     prefill_ms: float = 0.0
     decode_ms: float = 0.0  # from the end of its prefill to its last token
     joined_at: float = field(default_factory=time.monotonic)
+    error: BaseException | None = None  # its prefill failed (no tokens); the other lines go on
 
 
 @dataclass

@@ -145,6 +145,39 @@ def test_with_mixed_steps_a_newcomer_never_waits_for_requests_on_their_way(demo_
     assert (first.tokens, second.tokens) == (40, 3)
 
 
+def test_with_mixed_steps_an_image_whose_staging_fails_gets_its_error_and_the_others_their_text(demo_model_dir,
+                                                                                              monkeypatch):
+    """A line's prefill staged apart from the steps (mixed steps) that fails -- CUDA out of memory for its image
+    -- answers that request with out_of_memory; the request beside it and the line already decoding finish."""
+    from htrd.api_errors import ApiError
+
+    eng = _engine(demo_model_dir, 0, mixed=True)
+    gen = eng.gen
+    real = gen._stage_group
+
+    def stage_group(group):
+        if any(seq.tag.request_id == "bad" for *_, seq in group):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB (stand-in)")
+        return real(group)
+
+    monkeypatch.setattr(gen, "_stage_group", stage_group)
+    deadline = time.monotonic() + 120
+    try:
+        long = eng.submit([eng.prepare(stroke_line(1200, 160, 1))], deadline=deadline, max_new_tokens=40,
+                          request_id="long")
+        assert wait_until(lambda: gen.mixed_steps > 0, timeout=60)
+        prep = eng.prepare(stroke_line(600, 100, 2))
+        bad = eng.submit([prep], deadline=deadline, max_new_tokens=3, request_id="bad")
+        good = eng.submit([prep], deadline=deadline, max_new_tokens=3, request_id="good")
+        with pytest.raises(ApiError) as err:
+            bad[0].future.result(timeout=120)
+        assert err.value.type == "out_of_memory" and err.value.detail == {"batch_size": 1}
+        assert good[0].future.result(timeout=120).tokens == 3 and long[0].future.result(timeout=120).tokens == 40
+    finally:
+        eng.stop()
+    assert gen.free_slots() == gen.slots
+
+
 def test_a_newcomer_joins_behind_the_launched_decode_steps(engine):
     """While a line decodes, a newcomer's prefill is launched from inside the next step -- once its decode
     steps are launched, before the host waits for them (step's *during*) -- not before that step: with the

@@ -1011,3 +1011,32 @@ def _check_first_and_pos(fast, packed: bool) -> None:
     while fast.running():
         fast.step()
     assert not fast.kv_first.any() and not fast.pos.any()
+
+
+def test_with_mixed_steps_a_line_whose_staging_fails_is_answered_with_its_error_alone(naive, mixed, monkeypatch,
+                                                                                      caplog):
+    """Mixed steps stage each joining line's embeddings apart from the steps; when that fails for one line (an
+    image the GPU has no room for), the group is retried line by line, the failing line is answered (by add or
+    step) as finished with the error and no tokens, its slot is free again, and the other lines -- joining
+    with it or already decoding -- get naive's tokens."""
+    from htrd.generation import Seq
+
+    preps = [mixed.prepare(im) for im in IMAGES]
+    real = mixed._stage_group
+
+    def stage_group(group):
+        if any(item.tag == "bad" for *_, item in group):
+            raise RuntimeError("CUDA out of memory (stand-in)")
+        return real(group)
+
+    monkeypatch.setattr(mixed, "_stage_group", stage_group)
+    done = mixed.add([Seq(preps[0], NEW, tag=0)])
+    done += mixed.step(steps=2)
+    with caplog.at_level("WARNING", logger="htrd.fastgen"):
+        done += mixed.add([Seq(preps[1], NEW, tag=1), Seq(preps[2], NEW, tag="bad")])
+    assert [(f.seq.tag, f.token_ids, str(f.error)) for f in done] == [("bad", [], "CUDA out of memory (stand-in)")]
+    assert "staging them one by one" in caplog.text and mixed.free_slots() == mixed.slots - 2
+    while mixed.running():
+        done += mixed.step()
+    assert {f.seq.tag: f.token_ids for f in done if f.error is None} == {0: naive["tokens"][0], 1: naive["tokens"][1]}
+    assert mixed.free_slots() == mixed.slots and len(mixed._prefills) == 0

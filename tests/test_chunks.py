@@ -65,3 +65,66 @@ def test_a_dropped_line_leaves_the_queue_and_a_prompt_longer_than_the_ring_is_re
         q.push(2, 17)
     with pytest.raises(ValueError):
         PrefillQueue(ring=0, budget=8, max_lines=1)
+
+
+def test_random_joins_plans_and_drops_keep_every_invariant():
+    """Many random sequences of joins, staging, plans (committed in part) and drops: the rows of the lines
+    staged and not yet wholly planned never overlap and stay inside the ring; every step keeps to the budget
+    and the lines' limit; each line's chunks are consecutive, in FIFO order, from its first row; and a line
+    not dropped is planned whole, exactly once."""
+    import random
+
+    rng = random.Random(7)
+    for _ in range(400):
+        ring, budget, max_lines = rng.randint(16, 400), rng.randint(1, 96), rng.randint(1, 6)
+        q = PrefillQueue(ring=ring, budget=budget, max_lines=max_lines)
+        planned: dict[int, int] = {}  # line id -> tokens planned so far
+        lengths: dict[int, int] = {}
+        rows: dict[int, int] = {}
+        dropped: set[int] = set()
+        slot_of: dict[int, int] = {}
+        next_id = 0
+        for _ in range(rng.randint(1, 80)):
+            action = rng.random()
+            if action < 0.35:
+                n = rng.randint(1, ring // 3 + 1) if rng.random() < 0.8 else rng.randint(1, ring)
+                slot = next_id  # slots stand in for line ids (never reused here)
+                q.push(slot, n, item=next_id)
+                lengths[next_id], planned[next_id], slot_of[next_id] = n, 0, slot
+                next_id += 1
+            elif action < 0.55:
+                for slot, start, n, item in q.stage():
+                    assert 0 <= start and start + n <= ring and n == lengths[item]
+                    rows[item] = start
+            elif action < 0.9:
+                plans = q.plan(rng.randint(1, 4))
+                take = plans[: rng.randint(0, len(plans))]
+                order = []
+                for plan in take:
+                    assert plan.tokens <= budget and len(plan.chunks) <= max_lines
+                    for c in plan.chunks:
+                        assert c.start == planned[c.item] and c.src == rows[c.item] + c.start
+                        assert c.last == (c.end == lengths[c.item])
+                        planned[c.item] = c.end
+                        order.append(c.item)
+                assert order == sorted(order)  # FIFO: an earlier line is never planned after a later one
+                q.commit(take)
+            elif q.slots():
+                slot = rng.choice(q.slots())
+                assert q.drop(slot)
+                dropped.add(slot)
+            live = [(rows[i], rows[i] + lengths[i]) for i in lengths
+                    if i in rows and i not in dropped and planned[i] < lengths[i]]
+            live.sort()
+            assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(live, live[1:]))
+        # drain: everything still queued gets staged and planned whole
+        while len(q):
+            for slot, start, n, item in q.stage():
+                rows[item] = start
+            plans = q.plan(1)
+            assert plans[0].chunks or not q.pending_tokens()
+            for c in plans[0].chunks:
+                assert c.start == planned[c.item]
+                planned[c.item] = c.end
+            q.commit(plans)
+        assert all(planned[i] == lengths[i] for i in lengths if i not in dropped)

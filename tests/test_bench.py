@@ -286,3 +286,14 @@ def test_trace_summary_attributes_gpu_idle_to_the_innermost_range_of_the_inferen
     assert s["prefills"] == {3: {"count": 1, "host_ms": 0.4, "gpu_busy_pct": pytest.approx(100 * (50 + 180) / 400)}}
     assert summarise([rng("htr:_step:1", 0, 10)]) == {
         "error": "no kernels or no htr:_step ranges (was the trace taken under load on a GPU?)"}
+
+
+def test_preprocess_contention_runs_on_the_cpu(demo_model_dir):
+    """bench/preprocess_contention.py: the preprocessing alone, the inference-like thread alone and beside a
+    pool of one thread -- every figure printed, exit 0."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "preprocess_contention.py"), str(demo_model_dir),
+                           "--threads", "1", "--iters", "5"], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "preprocessing alone:" in out and "inference-like thread alone: period p50" in out
+    assert "1 preprocessing threads: inference-like period p50" in out and "images/s" in out

@@ -225,13 +225,12 @@ def mixed_steps(fast, torch, batches, budgets, occupy, per_replay_ms, graph_of, 
             host = fast._mixed_host(StepPlan(), T).to(fast.device)
             for B in batches:
                 occupy(B)
-                fast._mixed_inputs(T)
-                fast._mixed_buffers[T].copy_(host)
+                fast._mixed_buffer(T).copy_(host)
                 g = fast._capture_mixed(B, T).graph
 
                 def reset(B=B, T=T, host=host):
                     occupy(B)
-                    fast._mixed_buffers[T].copy_(host)
+                    fast._mixed_buffer(T).copy_(host)
 
                 t = per_replay_ms(g, n=20, before=reset)
                 t_mm = per_replay_ms(graph_of(matmuls_only(B + T)), n=20)

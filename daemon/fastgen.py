@@ -13,8 +13,7 @@ What the engine gets from :class:`FastGenerator` compared with the naive
 - **Mixed steps** (``mixed=True``, ``generation.mixed_steps``; where flash
   attention's variable-length kernel runs and passes its check, and on the
   CPU -- off by default: on an H200 not faster yet, see the README). A joining
-  line's prompt is not
-  prefilled apart: its input embeddings (text tokens embedded, the vision
+  line's prompt is not prefilled apart: its input embeddings (text tokens embedded, the vision
   tower's image tokens and deepstack features) wait in a staging ring, and
   each decode step takes up to ``prefill_tokens`` (512) of the waiting prompt
   tokens, in FIFO order, along with the running lines' decode rows -- one
@@ -22,8 +21,9 @@ What the engine gets from :class:`FastGenerator` compared with the naive
   step's prompt chunk and every running line's next token, and the running
   lines never stall behind a whole prefill. A prompt may span steps; each
   chunk attends to its line's earlier positions in the cache
-  (:func:`_cache_attention`: one flash attention call per layer, every (line,
-  KV head) a sequence over the head-major cache, chunks aligned bottom-right).
+  (:func:`_cache_attention`: flash attention's variable-length kernel, every
+  (line, KV head) a sequence over the head-major cache, chunks aligned
+  bottom-right; the decode rows in a call of their own, as in a decode step).
   The step that takes a prompt's last token chooses the line's first token;
   the line decodes from the next. Shapes depend on (decode rows, budget)
   only: one CUDA graph per pair, captured before READY (budgets of 1/4 .. 4/4
@@ -323,9 +323,6 @@ class FastGenerator(GeneratorBase):
         # cache attention they need passes its check; elsewhere newcomers are prefilled between decode steps.
         self.mixed = bool(mixed) and self.packed and self._mixed_attention_ok()
         self.prefill_budgets = _budgets(int(prefill_tokens), self.max_cache_len)
-        # A mixed step's decode rows: the batch sizes (one graph per (batch size, budget), captured before READY;
-        # every other size wasted ~10 % of a step's rows at 64 lines on an H200).
-        self.mixed_batch_sizes = list(self.batch_sizes)
         ring = max(self.prefill_chunk * PRECAPTURE_LINE_TOKENS, self.max_cache_len, self.prefill_budgets[-1])
         self._prefills = PrefillQueue(ring=ring, budget=self.prefill_budgets[-1], max_lines=self.prefill_chunk)
         self._mixed_graphs: dict[tuple[int, int], _Graph] = {}
@@ -586,9 +583,6 @@ class FastGenerator(GeneratorBase):
                 return b
         return self.prefill_budgets[-1]
 
-    def _mixed_bucket(self, n: int) -> int:
-        return next(b for b in self.mixed_batch_sizes if b >= n)
-
     def _mixed_sizes(self, T: int) -> list[int]:
         """The parts of a mixed step's static inputs (one long tensor, :meth:`_mixed_host`) for *T* prompt
         rows: each row's ring row, slot, position, rope positions (3 rows); the queries' order for the cache
@@ -598,13 +592,18 @@ class FastGenerator(GeneratorBase):
         seqs = (P + 1) * nkv
         return [T, T, T, 3 * T, T * nkv, T * nkv, seqs + 1, seqs + 1, seqs, P, P, P]
 
-    def _mixed_inputs(self, T: int) -> list:
-        """The static inputs of every mixed step of budget *T*: views of one long tensor on the device."""
+    def _mixed_buffer(self, T: int):
+        """The one long tensor on the device that holds the static inputs of every mixed step of budget *T*
+        (allocated on first use); a step's inputs are copied into it whole (:meth:`_mixed_host`)."""
         buf = self._mixed_buffers.get(T)
         if buf is None:
-            sizes = self._mixed_sizes(T)
-            buf = self._mixed_buffers[T] = self.torch.zeros((sum(sizes),), dtype=self.torch.long, device=self.device)
-        return list(buf.split(self._mixed_sizes(T)))
+            buf = self._mixed_buffers[T] = self.torch.zeros((sum(self._mixed_sizes(T)),), dtype=self.torch.long,
+                                                            device=self.device)
+        return buf
+
+    def _mixed_inputs(self, T: int) -> list:
+        """The static inputs of every mixed step of budget *T*: views of :meth:`_mixed_buffer`."""
+        return list(self._mixed_buffer(T).split(self._mixed_sizes(T)))
 
     def _mixed_host(self, plan: StepPlan, T: int):
         """:meth:`_mixed_inputs`' values for *plan*, built on the host: the chunks' tokens back to back, then
@@ -659,8 +658,7 @@ class FastGenerator(GeneratorBase):
         """Queue one mixed step of *plan*'s chunks after *B* decode rows: its inputs copied (pinned, without
         waiting), then its graph replayed -- or run eagerly where none was captured (CPU, graphs off)."""
         T = self._budget_for(plan.tokens)
-        self._mixed_inputs(T)  # allocated on first use
-        self._mixed_buffers[T].copy_(to_device(self._mixed_host(plan, T), self.device))
+        self._mixed_buffer(T).copy_(to_device(self._mixed_host(plan, T), self.device))
         g = self._mixed_graphs.get((B, T)) if self.cuda_graphs else None
         if g is not None:
             g.graph.replay()
@@ -953,7 +951,6 @@ class FastGenerator(GeneratorBase):
             if k <= steps:
                 self._left[i] -= steps - k
         B = self.bucket_for(occupied[-1] + 1)
-        Bm = self._mixed_bucket(B) if self.mixed else B
         L = self._span_for(max(self._need[i] for i in occupied))
         graph = self._graphs.get((B, L)) if self.cuda_graphs else None
         if self.cuda_graphs and graph is None and (B, L) not in self._missing_graphs:
@@ -965,7 +962,7 @@ class FastGenerator(GeneratorBase):
             for k in range(steps):
                 plan = plans[k] if k < len(plans) else None
                 if plan is not None and plan.chunks:
-                    self._launch_mixed(Bm, plan)
+                    self._launch_mixed(B, plan)
                     t = time.perf_counter()
                     for c in plan.finishing():
                         self._prefill_ms[c.slot] = (t - self._prefill_end[c.slot]) * 1000.0
@@ -978,7 +975,7 @@ class FastGenerator(GeneratorBase):
                 if plan is not None:
                     running += len(plan.finishing())
             self.steps_run += steps
-            fin_t, counts_t, out_t = self._results(max(B, Bm))
+            fin_t, counts_t, out_t = self._results(B)
             if self.mixed:  # lines that waited for staging rows: their host work overlaps the launched steps
                 self._stage()
         if during is not None:
@@ -1599,20 +1596,20 @@ class FastGenerator(GeneratorBase):
     def _capture(self, B: int, L: int) -> _Graph | None:
         """Capture the decode step for (B, L). Runs the step on the live buffers: only while no line runs."""
         if (B, L) not in self._graphs:
-            self._graphs[(B, L)] = self._capture_step(lambda: self._step_fn(B, L), B, f"decode graph span={L}")
+            graph = self._capture_step(lambda: self._step_fn(B, L), B, f"decode graph span={L}")
+            self._graphs[(B, L)] = _Graph(graph, B, L)
         return self._graphs[(B, L)]
 
     def _capture_mixed(self, B: int, T: int) -> _Graph:
         """Capture the mixed step for B decode rows and T prompt rows, on inputs of padding only (every replay
         writes its own first: :meth:`_launch_mixed`). Like :meth:`_capture`, only while no line runs."""
         if (B, T) not in self._mixed_graphs:
-            inputs = self._mixed_inputs(T)
-            self._mixed_buffers[T].copy_(self._mixed_host(StepPlan(), T).to(self.device))
-            self._mixed_graphs[(B, T)] = self._capture_step(lambda: self._mixed_step(B, T), B,
-                                                            f"mixed graph tokens={T}", inputs)
+            self._mixed_buffer(T).copy_(self._mixed_host(StepPlan(), T).to(self.device))
+            graph = self._capture_step(lambda: self._mixed_step(B, T), B, f"mixed graph tokens={T}")
+            self._mixed_graphs[(B, T)] = _Graph(graph, B, T)
         return self._mixed_graphs[(B, T)]
 
-    def _capture_step(self, fn: Callable[[], None], B: int, what: str, inputs=None) -> _Graph:
+    def _capture_step(self, fn: Callable[[], None], B: int, what: str):
         """Capture *fn* (a step over B slots' rows), run first on a side stream (cuBLAS and inductor choose
         their kernels outside the capture): twice for a batch size not seen yet (torch.compile specialises,
         cuBLAS picks kernels), then once."""
@@ -1633,7 +1630,7 @@ class FastGenerator(GeneratorBase):
                 fn()
             torch.cuda.synchronize(self.device)
         logger.debug("captured %s batch=%d in %.0f ms", what, B, (time.perf_counter() - t0) * 1e3)
-        return _Graph(graph, B, 0)
+        return graph
 
     def spans(self, min_prompt: int = 1) -> list[int]:
         """The attention spans (L buckets) a line of at least *min_prompt* prompt tokens can need: one per
@@ -1675,7 +1672,7 @@ class FastGenerator(GeneratorBase):
                     for L in spans:
                         self._capture(b, L)
                         n_graphs += 1
-                    if self.mixed and b in self.mixed_batch_sizes:
+                    if self.mixed:  # one graph per (batch size, budget)
                         for T in self.prefill_budgets:
                             self._capture_mixed(b, T)
                             n_graphs += 1
@@ -1730,13 +1727,11 @@ def _kv_spans(rows, first, pos, max_len: int):
 def _flash_decode(q, k_cache, v_cache, *, scale: float, cu_q, cu_k, used, span: int):
     """One query per slot (*q*: (B, n_kv, g, hd), each KV head's g query heads) against a layer's cache
     (slots, n_kv, positions, hd), every (slot, head) its own sequence of one KV head: reads only the keys
-    in use (:func:`_kv_spans`), not the span. Returns (B * n_kv, g, hd)."""
-    import torch
-
+    in use (:func:`_kv_spans`), not the span: :func:`_cache_attention` with one query a sequence. Returns
+    (B * n_kv, g, hd)."""
     B, nkv, g, hd = q.shape
-    return torch.ops.aten._flash_attention_forward(
-        q.reshape(B * nkv, g, hd), k_cache.view(-1, 1, hd), v_cache.view(-1, 1, hd), cu_q, cu_k, 1, span, 0.0,
-        False, False, scale=scale, seqused_k=used)[0]
+    return _cache_attention(q.reshape(B * nkv, g, hd), k_cache, v_cache, scale=scale, cu_q=cu_q, cu_k=cu_k, used=used,
+                            max_q=1, span=span)
 
 
 def _cache_attention(q, k_cache, v_cache, *, scale: float, cu_q, cu_k, used, max_q: int, span: int):
@@ -1751,8 +1746,8 @@ def _cache_attention(q, k_cache, v_cache, *, scale: float, cu_q, cu_k, used, max
 
     hd = q.shape[-1]
     kf, vf = k_cache.view(-1, 1, hd), v_cache.view(-1, 1, hd)
-    if q.is_cuda:
-        return torch.ops.aten._flash_attention_forward(q, kf, vf, cu_q, cu_k, max_q, span, 0.0, True, False,
+    if q.is_cuda:  # (one query a sequence: causal or not is the same)
+        return torch.ops.aten._flash_attention_forward(q, kf, vf, cu_q, cu_k, max_q, span, 0.0, max_q > 1, False,
                                                        scale=scale, seqused_k=used)[0]
     out = torch.zeros_like(q)
     bounds, starts, lengths = cu_q.tolist(), cu_k.tolist(), used.tolist()

@@ -279,7 +279,7 @@ def test_mixed_step_graphs_replay_the_eager_mixed_steps_and_pass_their_check(cud
     eager = FastGenerator.load(demo_model_dir, cuda_graphs=False, **kw)
     assert gen.mixed and eager.mixed, "the start-up check turned mixed steps off (see the log)"
     gen.warmup(stroke_line(1200, 160, 1), max_new_tokens=NEW)
-    assert len(gen._mixed_graphs) == len(gen.mixed_batch_sizes) * len(gen.prefill_budgets)
+    assert len(gen._mixed_graphs) == len(gen.batch_sizes) * len(gen.prefill_budgets)
     sizes = [(1200, 160, 1), (700, 120, 2), (300, 64, 3), (2000, 150, 4), (900, 100, 5)]
 
     def run(g):

@@ -6,8 +6,10 @@
 Real daemons, one after the other, on the same model and the same requests:
 ``static`` (``generation.continuous_batching: false``: a batch runs until its
 longest line is done -- the engine before continuous batching),
-``continuous`` (the default) and, with ``--engines static,continuous,mixed``,
-``mixed`` (``generation.mixed_steps``: prompts prefilled inside the decode steps). Closed-loop clients (each sends its next line as
+``continuous`` (the default) and, with ``--engines static,continuous,mixed,threads``,
+``mixed`` (``generation.mixed_steps``: prompts prefilled inside the decode steps) and ``threads``
+(``limits.preprocess_workers: 0``: the images decoded and preprocessed in threads of htrd's own process, under
+its GIL, instead of worker processes). Closed-loop clients (each sends its next line as
 soon as the previous one is answered) over the Unix socket, in two modes:
 
 - **fixed**: every line a 1200x160 image, exactly ``--new-tokens`` tokens;
@@ -228,11 +230,14 @@ def prompt_lengths(model_dir: Path, images: list, prompt: str) -> list[int]:
     return out
 
 
-# The engines --engines names: the generation settings each daemon gets on top of the shipped ones.
+# The engines --engines names: the generation (and limits) settings each daemon gets on top of the shipped ones.
 ENGINES = {
-    "static": {"continuous_batching": False},  # a batch runs until its longest line is done
-    "continuous": {"continuous_batching": True},  # the shipped config
-    "mixed": {"continuous_batching": True, "mixed_steps": True},  # prompts prefilled inside the decode steps
+    "static": {"generation": {"continuous_batching": False}},  # a batch runs until its longest line is done
+    "continuous": {"generation": {"continuous_batching": True}},  # the shipped config
+    # prompts prefilled inside the decode steps
+    "mixed": {"generation": {"continuous_batching": True, "mixed_steps": True}},
+    # the preprocessing in threads of htrd's process (under its GIL), not worker processes
+    "threads": {"generation": {"continuous_batching": True}, "limits": {"preprocess_workers": 0}},
 }
 
 
@@ -244,8 +249,8 @@ def write_config(path: Path, args, socket_path: Path, *, engine: str, min_new: i
         "gpu": {"select": "cpu" if args.cpu else args.gpu_select},
         "socket": {"path": str(socket_path), "group": None, "mode": 0o660},
         "limits": {"queue_length": max(1024, 4 * max(args.clients)), "request_deadline_s": 900.0,
-                   "batch_sizes": list(args.batch_sizes)},
-        "generation": {"max_new_tokens": max_new, "min_new_tokens": min_new, **ENGINES[engine],
+                   "batch_sizes": list(args.batch_sizes), **ENGINES[engine].get("limits", {})},
+        "generation": {"max_new_tokens": max_new, "min_new_tokens": min_new, **ENGINES[engine]["generation"],
                        "max_cache_len": args.max_cache_len, "compile": not args.no_compile,
                        "compile_cache_dir": str(Path(args.state_dir) / "compile-cache"),
                        "prefill_chunk": args.prefill_chunk, "prefill_tokens": args.prefill_tokens,
@@ -346,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="run every load this many times on the same daemons (round 2 on: every shape seen before)")
     ap.add_argument("--engines", default="static,continuous",
                     help=f"comma-separated, run one after the other: {', '.join(ENGINES)} (mixed: continuous with "
-                         "generation.mixed_steps)")
+                         "generation.mixed_steps; threads: continuous with the preprocessing in threads, "
+                         "limits.preprocess_workers 0)")
     ap.add_argument("--settle", type=float, default=0.0,
                     help="seconds each daemon stays idle after READY before the first load (default 0: loads start "
                          "at READY; an idle daemon captures prefill graphs ahead of need)")
@@ -418,12 +424,17 @@ def main(argv: list[str] | None = None) -> int:
                         + (f"{mfu:.1%}" if mfu is not None else "-") + " | "
                         + (f"{r['gpu_busy_pct']:.0f} % ({r['gpu_busy_steady_pct']:.0f} %)"
                            if r.get("gpu_busy_steady_pct") is not None else "-") + " |")
-        for a, b in (("continuous", "static"), ("mixed", "static"), ("mixed", "continuous")):
+        for a, b in (("continuous", "static"), ("mixed", "static"), ("mixed", "continuous"), ("continuous", "threads")):
             if {a, b} <= set(results["engines"]):
                 ra, rb = (results["engines"][e][key]["lines_per_s"] for e in (a, b))
                 rows.append(f"| {label} | **{a} / {b}** | **{ra / rb:.2f}x** | | | | | | | | |")
     for name, res in results["engines"].items():
         rows.append(f"| start -> READY | {name} | {res['ready_s']:.1f} s | | | | | | | | |")
+    for name, res in results["engines"].items():
+        eng = (res.get("status") or {}).get("engine") or {}
+        if eng.get("preprocess_ms_per_image") is not None:
+            rows.append(f"| preprocessing per image, on average | {name} | {eng['preprocess_ms_per_image']:g} ms | "
+                        f"{eng.get('preprocess_workers')} workers | | | | | | | |")
     for name, res in results["engines"].items():
         gpu = (res.get("status") or {}).get("gpu") or {}
         if gpu.get("memory_reserved_bytes"):  # at the end: every prefill graph it captured, on first sight or ahead

@@ -6,9 +6,10 @@ The model itself -- loading, the processor, the prompt, EOS/pad ids -- is
 :class:`~htrd.plaingen.PlainGenerator` with ``generation.static_cache: false``).
 The engine keeps scheduling only:
 
-- **Preprocessing** (decode + image processor) runs in a bounded pool sized to
-  the cores (:meth:`Engine.run_cpu`), never on the inference thread; its CPU
-  time per line is reported in ``/v1/status``.
+- **Preprocessing** (decode + image processor) runs in worker processes
+  (:mod:`htrd.prepool`; ``limits.preprocess_workers``), never on the inference
+  thread nor under its GIL (:meth:`Engine.decode_prepare`); its CPU time per
+  line is reported in ``/v1/status``.
 - **Queue and admission**: :meth:`Engine.submit` queues the pages of a request
   at once or refuses them all (``queue_full``: 503 + Retry-After).
 - **Continuous batching**: the inference thread moves queued lines, in FIFO
@@ -47,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from htrctl.errors import GpuError
+from htrctl.errors import GpuError, ModelError
 from htrctl.protocol import PageResult, Timings
 
 from .api_errors import ApiError
@@ -55,6 +56,7 @@ from .faults import Faults
 from .generation import Finished, Seq
 from .metrics import Metrics
 from .model import Prepared, _first_line, resolve_dtype_name
+from .prepool import PreprocessPool, default_workers, encode_pages
 from .state import DaemonState
 
 logger = logging.getLogger(__name__)
@@ -110,7 +112,16 @@ class Engine:
         self._busy_at = time.monotonic()  # the inference thread's last serving work (or the warm-up's end)
         # while quiet, capture prefill graphs ahead of need (FastGenerator.precapture_next) until none is left
         self._precapturing = False  # set once warm (generators that have precapture_next)
-        workers = max(1, min(32, os.cpu_count() or 1))
+        # Preprocessing: worker processes (htrd.prepool) unless limits.preprocess_workers is 0, then threads.
+        procs = settings.limits.preprocess_workers
+        self._procs: PreprocessPool | None = None
+        if procs != 0:
+            self._procs = PreprocessPool(self.model_dir, prompt=settings.generation.prompt, dtype_name=self.dtype_name,
+                                         workers=procs or default_workers(), warm_png=_warmup_png(),
+                                         one_cpu_thread=device.startswith("cuda"))
+        self._procs_started: Future | None = None
+        workers = self._procs.workers if self._procs is not None else max(1, min(32, os.cpu_count() or 1))
+        # threads: the preprocessing itself without processes, else what completes the workers' results
         self._cpu_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="htrd-pre")
         self.cpu_workers = workers
         self._pre_lock = threading.Lock()
@@ -134,6 +145,8 @@ class Engine:
             threading.Event().wait(self.faults.slow_load_s)
         from .model import Preprocessor, load_model
 
+        if self._procs is not None:  # the workers start beside the load (each loads the processor)
+            self._procs_started = self.run_cpu(self._procs.start)
         gen_s = self.settings.generation
         compiling = self.fast and self.device.startswith("cuda") and gen_s.compile
         precompiled: list[threading.Thread] = []
@@ -206,7 +219,7 @@ class Engine:
 
     def _one_cpu_thread(self) -> None:
         """On a GPU, the calling thread's torch CPU ops on one core -- what the preprocessing threads set
-        (:meth:`htrd.model.Preprocessor._limit_threads`), and the inference thread preprocesses the warm-up line.
+        (:meth:`htrd.model.ImageEncoder._limit_threads`), and the inference thread preprocesses the warm-up line.
         The thread that compiles the ops and the inference thread that runs them must agree: the compiled ops
         are guarded on torch's thread count, and a mismatch recompiled all four of them twice before READY
         (~1 s on an H200)."""
@@ -223,8 +236,27 @@ class Engine:
         """Run *fn(*args)* in the bounded preprocessing pool (one worker per core)."""
         return self._cpu_pool.submit(fn, *args)
 
+    def decode_prepare(self, data: bytes, header) -> Future:
+        """Decode and preprocess the image *data* (read before as *header*), off the inference thread: a future
+        of ``[(page index, Prepared)]``, failing with the image's :class:`ApiError`."""
+        if self._procs is None:
+            return self.run_cpu(encode_pages, data, header, self.prepare)
+        out: Future = Future()
+        out.set_running_or_notify_cancel()
+
+        def done(f: Future) -> None:
+            try:
+                out.set_result([(page, self._count(self.gen.complete(enc))) for page, enc in f.result()])
+            except BaseException as exc:  # noqa: BLE001 -- the image's error, for the request
+                out.set_exception(exc)
+
+        self._procs.submit(data, header).add_done_callback(done)
+        return out
+
     def prepare(self, image) -> Prepared:
-        prepared = self.gen.prepare(image)
+        return self._count(self.gen.prepare(image))
+
+    def _count(self, prepared: Prepared) -> Prepared:
         with self._pre_lock:
             self.preprocessed += 1
             self.preprocess_ms_total += prepared.preprocess_ms
@@ -242,7 +274,15 @@ class Engine:
         self._progress = progress
         self._thread = threading.Thread(target=self._run_guarded, name="htrd-inference", daemon=True)
         self._thread.start()
-        self._warm_cpu_pool()
+        if self._procs_started is not None:
+            try:
+                self._procs_started.result()
+            except Exception as exc:
+                raise ModelError(f"the preprocessing worker processes did not start: {_first_line(exc)}",
+                                 remedy="see the log above; limits.preprocess_workers: 0 preprocesses in threads "
+                                 "instead") from exc
+        else:
+            self._warm_cpu_pool()
         self._warm.wait()
         if self._warm_error is not None:
             raise self._warm_error
@@ -288,6 +328,8 @@ class Engine:
             self._stopping = True
             self._cond.notify_all()
         self._go.set()
+        if self._procs is not None:
+            self._procs.close()
 
     # -- queue -----------------------------------------------------------------------------------------------
     def queue_depth(self) -> int:

@@ -10,6 +10,9 @@
                           ``torch.cuda.OutOfMemoryError``.
 - ``crash``               the process dies abruptly (SIGKILL) at the first
                           serving ``generate`` call.
+- ``crash_preprocess=W``  a preprocessing worker process dies abruptly
+                          (``os._exit``) on every image W pixels wide (a
+                          decoder crashing on a hostile file).
 
 Warm-up is never faulted, so a faulted daemon still reaches READY.
 """
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 logger = logging.getLogger(__name__)
 
 ENV = "HTR_TEST_FAULTS"
-KNOWN = ("hang_generate", "slow_generate", "slow_load", "oom", "crash")
+KNOWN = ("hang_generate", "slow_generate", "slow_load", "oom", "crash", "crash_preprocess")
 
 
 @dataclass
@@ -34,13 +37,15 @@ class Faults:
     slow_load_s: float = 0.0
     oom_remaining: int = 0
     crash: bool = False
+    crash_preprocess_width: int = 0
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
 
     @property
     def active(self) -> bool:
-        return bool(self.hang_generate or self.slow_generate_s or self.slow_load_s or self.oom_remaining or self.crash)
+        return bool(self.hang_generate or self.slow_generate_s or self.slow_load_s or self.oom_remaining or self.crash
+                    or self.crash_preprocess_width)
 
     def take_oom(self) -> bool:
         """True (once per remaining count) when this generate must raise an OOM."""
@@ -71,6 +76,8 @@ class Faults:
                     faults.oom_remaining = int(value) if value else 1
                 elif name == "crash":
                     faults.crash = True
+                elif name == "crash_preprocess":
+                    faults.crash_preprocess_width = int(value)
                 else:
                     raise ValueError(f"unknown fault {name!r} (known: {', '.join(KNOWN)})")
             except ValueError as exc:

@@ -74,6 +74,8 @@ class Generator(Protocol):
 
     def prepare(self, image) -> Prepared: ...
 
+    def complete(self, enc) -> Prepared: ...
+
     def free_slots(self) -> int: ...
 
     def running(self) -> list[Seq]: ...
@@ -100,6 +102,10 @@ class GeneratorBase:
 
     def prepare(self, image) -> Prepared:
         return self.pre.prepare(image)
+
+    def complete(self, enc) -> Prepared:
+        """An image encoded in a preprocessing worker process (:mod:`htrd.prepool`) made ready to prefill."""
+        return self.pre.complete(enc)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.pre.decode(ids)

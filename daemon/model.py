@@ -99,11 +99,7 @@ def load_model(model_dir: str | os.PathLike, *, device: str, dtype: str = "auto"
         torch.cuda.set_device(torch.device(device))
     processor_from, processor_dir = processor_source(model_dir)
     progress(f"loading processor from {processor_dir}")
-    try:
-        processor = _load_processor(model_dir, processor_from, processor_dir)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ModelError(f"cannot load the processor/tokenizer from {processor_dir}: {_first_line(exc)}",
-                         remedy="run `htrctl verify` and re-provision the directory") from exc
+    processor = load_processor(model_dir)
     progress(f"loading {used} weights from {weights} ({dtype_name}, {device})")
     kwargs: dict[str, Any] = dict(local_files_only=True, use_safetensors=True, dtype=getattr(torch, dtype_name),
                                   attn_implementation="sdpa")
@@ -183,6 +179,19 @@ def _adapter_plan(model_dir: Path, adapter: Path):
         raise IncompatibleAdapterError(f"cannot load the LoRA adapter: {first.path}: {first.problem}",
                                        remedy=first.remedy, detail=[f.to_dict() for f in plan.errors])
     return plan
+
+
+def load_processor(model_dir: str | os.PathLike):
+    """The processor htrd serves *model_dir* with (:func:`_load_processor`), offline; raises ModelError."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    model_dir = Path(model_dir)
+    source, processor_dir = processor_source(model_dir)
+    try:
+        return _load_processor(model_dir, source, processor_dir)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelError(f"cannot load the processor/tokenizer from {processor_dir}: {_first_line(exc)}",
+                         remedy="run `htrctl verify` and re-provision the directory") from exc
 
 
 def _load_processor(model_dir: Path, source: str, processor_dir: Path):
@@ -267,44 +276,46 @@ class Prepared:
         return int(self.input_ids.shape[0])
 
 
-class Preprocessor:
-    """The prompt and the image preprocessing for one model. Thread-safe.
+@dataclass
+class Encoded:
+    """One image through the processor alone (:class:`ImageEncoder`): what crosses from a preprocessing worker
+    process to htrd (:mod:`htrd.prepool`); :meth:`Preprocessor.complete` makes it a :class:`Prepared`."""
 
-    The image processor (resize, normalise, patchify) runs per image; the
-    prompt's token ids depend only on the image's patch grid, so they are
-    computed once per grid shape with the full processor (chat text with the
-    image placeholder expanded, tokenised) and reused.
-    """
+    input_ids: Any  # LongTensor (S,): the prompt with the image's tokens
+    mm_token_type_ids: Any | None  # IntTensor (S,) or None (older transformers)
+    pixel_values: Any  # (patches, dim), in the model's dtype
+    image_grid_thw: Any  # LongTensor (1, 3)
+    preprocess_ms: float = 0.0
 
-    def __init__(self, processor, model, *, prompt: str = DEFAULT_PROMPT, one_cpu_thread: bool = False) -> None:
+    @property
+    def grid(self) -> tuple[int, ...]:
+        return tuple(int(x) for x in self.image_grid_thw.flatten().tolist())
+
+
+class ImageEncoder:
+    """The processor's part of preprocessing, which needs no model: the image processor (resize, normalise,
+    patchify) per image, and the prompt's token ids -- which depend only on the image's patch grid, so they are
+    computed once per grid with the full processor (chat text with the image placeholder expanded, tokenised)
+    and reused. Thread-safe; runs in htrd's preprocessing worker processes (:mod:`htrd.prepool`) or threads."""
+
+    def __init__(self, processor, *, prompt: str = DEFAULT_PROMPT, dtype=None, one_cpu_thread: bool = False) -> None:
         import torch
 
         self.torch = torch
         self.processor = processor
-        self.tokenizer = processor.tokenizer
         self.prompt = prompt
-        self.dtype = next(model.parameters()).dtype
-        # Patches in pinned memory when the model is on a GPU: the prefill's copy is then queued on the stream
-        # (see to_device), and the pinning's memcpy runs here, in the preprocessing pool.
-        self._pin = next(model.parameters()).device.type == "cuda"
-        cfg = model.config
-        self.image_token_id = int(cfg.image_token_id)
-        inner = model  # the multimodal model under ForConditionalGeneration (and PEFT's wrappers)
-        while not hasattr(inner, "get_rope_index") and hasattr(inner, "model"):
-            inner = inner.model
-        self._rope_index = inner.get_rope_index  # HF's own M-RoPE positions; pure index math
-        self.eos_ids, self.pad_id = special_ids(model, self.tokenizer)
+        self.dtype = dtype or torch.float32
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         self.chat_text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         self._one_cpu_thread = one_cpu_thread
         self._tls = threading.local()
         self._lock = threading.Lock()  # the tokenizer (grid-cache misses only)
-        self._ids: dict[tuple[int, ...], tuple[Any, Any, int, Any, Any]] = {}
+        self._ids: dict[tuple[int, ...], tuple[Any, Any]] = {}
         self.hits = 0
         self.misses = 0
 
-    def prepare(self, image) -> Prepared:
-        """Preprocess one PIL image (CPU only; safe from any thread)."""
+    def encode(self, image) -> Encoded:
+        """One PIL image through the processor (CPU only; safe from any thread)."""
         t0 = time.perf_counter()
         self._limit_threads()
         image = image.convert("RGB")
@@ -316,33 +327,100 @@ class Preprocessor:
             cached = self._tokenise(image, key)
         else:
             self.hits += 1
-        input_ids, mm, span, positions, image_positions = cached
+        input_ids, mm = cached
         pixels = px["pixel_values"].to(self.dtype)  # the vision tower casts to it anyway
-        if self._pin:
-            pixels = pinned(pixels)
-        return Prepared(input_ids=input_ids, mm_token_type_ids=mm, pixel_values=pixels,
-                        image_grid_thw=grid, rope_span=span, preprocess_ms=(time.perf_counter() - t0) * 1000.0,
-                        positions=positions, image_positions=image_positions)
+        return Encoded(input_ids=input_ids, mm_token_type_ids=mm, pixel_values=pixels, image_grid_thw=grid,
+                       preprocess_ms=(time.perf_counter() - t0) * 1000.0)
 
     def encode_full(self, image) -> dict[str, Any]:
-        """The processor's own encoding of *image* with the prompt (the reference :meth:`prepare` matches)."""
+        """The processor's own encoding of *image* with the prompt (the reference :meth:`encode` matches)."""
         with self._lock:
             return dict(self.processor(text=[self.chat_text], images=[image.convert("RGB")], return_tensors="pt"))
 
     def _tokenise(self, image, key: tuple[int, ...]):
         enc = self.encode_full(image)
-        input_ids = enc["input_ids"][0]
         mm = enc.get("mm_token_type_ids")
-        mm = None if mm is None else mm[0]
-        image_positions = (input_ids == self.image_token_id).nonzero().squeeze(1)
-        positions = self._positions(input_ids, mm, key)
-        value = (input_ids, mm, int(positions.max()) + 1, positions, image_positions)
+        value = (enc["input_ids"][0], None if mm is None else mm[0])
         with self._lock:
             self.misses += 1
             if len(self._ids) >= PROMPT_CACHE_SIZE:
                 self._ids.clear()
             self._ids[key] = value
         return value
+
+    def _limit_threads(self) -> None:
+        """On a GPU host, each preprocessing thread's torch CPU ops run on one core.
+
+        The image processor's tensor ops parallelise over every core by default;
+        with many requests preprocessed at once that oversubscribes the CPU. The
+        requests themselves are the parallelism. Not on a CPU-only host, where
+        the model needs the cores.
+        """
+        if not self._one_cpu_thread or getattr(self._tls, "one_thread", False):
+            return
+        self.torch.set_num_threads(1)
+        self._tls.one_thread = True
+
+
+class Preprocessor:
+    """The prompt and the image preprocessing for one model. Thread-safe.
+
+    :class:`ImageEncoder` does the processor's part (:attr:`encoder`; in htrd, in worker processes);
+    :meth:`complete` adds what depends on the model: the prompt's M-RoPE positions (once per grid, from HF's
+    own ``get_rope_index``), where the image tokens sit, and on a GPU the patches in pinned memory.
+    """
+
+    def __init__(self, processor, model, *, prompt: str = DEFAULT_PROMPT, one_cpu_thread: bool = False) -> None:
+        import torch
+
+        self.torch = torch
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.prompt = prompt
+        self.dtype = next(model.parameters()).dtype
+        self.encoder = ImageEncoder(processor, prompt=prompt, dtype=self.dtype, one_cpu_thread=one_cpu_thread)
+        # Patches in pinned memory when the model is on a GPU: the prefill's copy is then queued on the stream
+        # (see to_device), and the pinning's memcpy runs off the inference thread.
+        self._pin = next(model.parameters()).device.type == "cuda"
+        cfg = model.config
+        self.image_token_id = int(cfg.image_token_id)
+        inner = model  # the multimodal model under ForConditionalGeneration (and PEFT's wrappers)
+        while not hasattr(inner, "get_rope_index") and hasattr(inner, "model"):
+            inner = inner.model
+        self._rope_index = inner.get_rope_index  # HF's own M-RoPE positions; pure index math
+        self.eos_ids, self.pad_id = special_ids(model, self.tokenizer)
+        self.chat_text = self.encoder.chat_text
+        self._lock = threading.Lock()
+        self._positions_by_grid: dict[tuple[int, ...], tuple[int, Any, Any]] = {}
+
+    def prepare(self, image) -> Prepared:
+        """Preprocess one PIL image (CPU only; safe from any thread)."""
+        return self.complete(self.encoder.encode(image))
+
+    def complete(self, enc: Encoded) -> Prepared:
+        """*enc* with the model's part: M-RoPE positions and image-token places (cached per grid), pinned
+        patches on a GPU."""
+        t0 = time.perf_counter()
+        key = enc.grid
+        cached = self._positions_by_grid.get(key)
+        if cached is None:
+            positions = self._positions(enc.input_ids, enc.mm_token_type_ids, key)
+            image_positions = (enc.input_ids == self.image_token_id).nonzero().squeeze(1)
+            cached = (int(positions.max()) + 1, positions, image_positions)
+            with self._lock:
+                if len(self._positions_by_grid) >= PROMPT_CACHE_SIZE:
+                    self._positions_by_grid.clear()
+                self._positions_by_grid[key] = cached
+        span, positions, image_positions = cached
+        pixels = pinned(enc.pixel_values) if self._pin else enc.pixel_values
+        ms = enc.preprocess_ms + (time.perf_counter() - t0) * 1000.0
+        return Prepared(input_ids=enc.input_ids, mm_token_type_ids=enc.mm_token_type_ids, pixel_values=pixels,
+                        image_grid_thw=enc.image_grid_thw, rope_span=span, preprocess_ms=ms,
+                        positions=positions, image_positions=image_positions)
+
+    def encode_full(self, image) -> dict[str, Any]:
+        """The processor's own encoding of *image* with the prompt (the reference :meth:`prepare` matches)."""
+        return self.encoder.encode_full(image)
 
     def _positions(self, input_ids, mm, key: tuple[int, ...]):
         """The prompt's M-RoPE positions (3, S), from HF's own get_rope_index, on the CPU, once per grid."""
@@ -367,19 +445,6 @@ class Preprocessor:
             if i < known:
                 out.append(int(i))
         return self.tokenizer.decode(out, skip_special_tokens=True).strip()
-
-    def _limit_threads(self) -> None:
-        """On a GPU host, each preprocessing thread's torch CPU ops run on one core.
-
-        The image processor's tensor ops parallelise over every core by default;
-        with many requests preprocessed at once that oversubscribes the CPU. The
-        requests themselves are the parallelism. Not on a CPU-only host, where
-        the model needs the cores.
-        """
-        if not self._one_cpu_thread or getattr(self._tls, "one_thread", False):
-            return
-        self.torch.set_num_threads(1)
-        self._tls.one_thread = True
 
 
 def collate(items, *, pad_id: int, device, dtype, width: int | None = None) -> dict[str, Any]:

@@ -115,6 +115,10 @@ class LimitSettings(_Section):
     batch_sizes: list[int] = Field([1, 2, 4, 8, 16, 32, 64], description="batch sizes warmed and served")
     batch_window_ms: float = Field(5.0, ge=0, le=1000, description="how long to wait for requests already received to join a batch")
     drain_timeout_s: float = Field(60.0, gt=0, le=3600, description="SIGTERM: finish in-flight work by then")
+    preprocess_workers: int | None = Field(
+        None, ge=0, le=256, description="processes that decode and preprocess images, off htrd's interpreter "
+        "(its GIL); null: half the cores, at most 8; 0: threads in htrd's own process instead (one per core)"
+    )
 
     @field_validator("batch_sizes")
     @classmethod

@@ -405,7 +405,7 @@ def test_generate_stop_callback_ends_every_line(fast):
 def test_preprocessing_equals_the_processor_and_caches_the_prompt_per_grid(fast):
     """prepare() = image processor + prompt ids cached per image grid; equal to the processor's own encoding."""
     pre = fast.pre
-    hits0 = pre.hits
+    hits0 = pre.encoder.hits
     for im in IMAGES + [stroke_line(1200, 160, 9), stroke_line(333, 48, 4), stroke_line(2000, 120, 5)]:
         p = pre.prepare(im)
         full = pre.encode_full(im)
@@ -414,7 +414,7 @@ def test_preprocessing_equals_the_processor_and_caches_the_prompt_per_grid(fast)
         assert torch.equal(p.pixel_values, full["pixel_values"].to(p.pixel_values.dtype))
         if "mm_token_type_ids" in full:
             assert torch.equal(p.mm_token_type_ids, full["mm_token_type_ids"][0])
-    assert pre.hits > hits0  # the second 1200x160 line reused the first one's prompt ids
+    assert pre.encoder.hits > hits0  # the second 1200x160 line reused the first one's prompt ids
 
 
 def test_prompt_layout_equals_hf_positions_and_image_placement(fast):

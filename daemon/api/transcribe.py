@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect
 from htrctl import protocol as P
 
 from ..api_errors import ApiError
-from ..images import ImageHeader, iter_pages, read_header
+from ..images import ImageHeader, read_header
 from ..runtime import Daemon
 from .context import NOTE_KEY, DaemonDep
 
@@ -58,7 +58,7 @@ async def transcribe(request: Request, daemon: DaemonDep, max_new_tokens: int | 
         if isinstance(header, ApiError):
             raise header
         with pixels_admitted(daemon, [header]):
-            prepared = await asyncio.wrap_future(engine.run_cpu(decode_prepare, daemon, data, header))
+            prepared = await asyncio.wrap_future(engine.decode_prepare(data, header))
             items = engine.submit([p for _, p in prepared], deadline=deadline, max_new_tokens=new_tokens,
                                   request_id=rid, pages=[i for i, _ in prepared])
             outcomes = await wait(daemon, items, deadline)
@@ -107,7 +107,7 @@ async def transcribe_batch(request: Request, daemon: DaemonDep, max_new_tokens: 
 
         async def decode_one(blob: bytes, header: ImageHeader):
             try:
-                return await asyncio.wrap_future(engine.run_cpu(decode_prepare, daemon, blob, header))
+                return await asyncio.wrap_future(engine.decode_prepare(blob, header))
             except ApiError as err:
                 return err
             except Exception as exc:  # this part's own error: the other parts go on
@@ -212,22 +212,6 @@ def pixels_admitted(daemon: Daemon, headers: list[ImageHeader]):
 
 
 # -- decoding and waiting ---------------------------------------------------------------------------------
-def decode_prepare(daemon: Daemon, data: bytes, header: ImageHeader):
-    """Decode and preprocess one image, a page at a time: each decoded page is dropped once prepared."""
-    out = []
-    with contextlib.closing(iter_pages(data, header)) as pages:
-        for page in pages:
-            try:
-                out.append((page.index, daemon.engine.prepare(page.image)))
-            except ValueError as exc:  # the model's image processor refuses this geometry (e.g. smart_resize)
-                w, h = page.image.size
-                where = f" (page {page.index})" if page.index else ""
-                raise ApiError("bad_image", f"the model cannot take this {w}x{h} image{where}: "
-                               f"{str(exc).splitlines()[0][:200]}") from None
-            del page
-    return out
-
-
 async def wait(daemon: Daemon, items, deadline: float):
     futures = [asyncio.wrap_future(i.future) for i in items]
     try:

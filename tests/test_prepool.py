@@ -1,0 +1,153 @@
+"""Preprocessing in worker processes (htrd.prepool): real htrd daemons on the demo model, real worker processes.
+
+What it must hold: the workers' encoding equals the in-process one; a worker that dies on a file (test fault
+``crash_preprocess``) fails that file with ``internal`` while the images beside it are served and the daemon
+stays ready; the workers go when htrd goes (SIGTERM or SIGKILL); ``limits.preprocess_workers: 0`` serves from
+threads.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from daemon_harness import htrd  # noqa: F401 -- the fixture
+from helpers import stroke_line, wait_until
+
+from htrctl import protocol as P
+from htrd.images import read_header
+from htrd.prepool import _from_wire, _to_wire, default_workers, encode_pages
+
+
+def png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below *pid* (the fork server's workers are its grandchildren)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
+def alive(pids: set[int]) -> set[int]:
+    out = set()
+    for p in pids:
+        try:
+            state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            out.add(p)
+    return out
+
+
+def test_default_workers_half_the_cores_at_most_8():
+    assert [default_workers(n) for n in (1, 2, 3, 16, 64)] == [1, 1, 1, 8, 8]
+
+
+def test_what_crosses_from_a_worker_is_the_encoding_bit_for_bit():
+    from htrd.model import Encoded
+
+    enc = Encoded(input_ids=torch.arange(7), mm_token_type_ids=torch.tensor([0, 1, 1], dtype=torch.int32),
+                  pixel_values=torch.randn(5, 12).to(torch.bfloat16), image_grid_thw=torch.tensor([[1, 2, 4]]),
+                  preprocess_ms=2.5)
+    back = _from_wire(_to_wire(enc))
+    for name in ("input_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw"):
+        a, b = getattr(enc, name), getattr(back, name)
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), name
+    assert back.preprocess_ms == 2.5 and back.grid == (1, 2, 4)
+
+
+def test_workers_encode_as_htrd_does_and_survive_a_crashing_file(htrd, demo_model_dir):
+    d = htrd(config={"limits": {"preprocess_workers": 2}}, faults="crash_preprocess=777")
+    eng = d.status()["engine"]
+    assert eng["preprocess_workers"] == 2
+    workers = descendants(d.pid)
+    assert len(workers) >= 3  # the fork server, its two workers (and multiprocessing's resource tracker)
+
+    # The same text as the in-process path (the CPU demo model is deterministic): see test_threads below for
+    # the other side; here, each line's text is the same whichever worker took it.
+    lines = [png(stroke_line(w, 40, w)) for w in (300, 420, 560, 300)]
+    with ThreadPoolExecutor(4) as pool:
+        texts = list(pool.map(lambda b: d.post(P.PATH_TRANSCRIBE, content=b).json()["results"][0]["text"], lines))
+    assert texts[0] == texts[3]
+
+    # A file that kills its worker, in a batch beside good ones: that part fails with internal (its pool died
+    # twice with it), the good parts are served, the daemon stays ready with new workers.
+    files = [("image", ("ok0.png", lines[0], "image/png")),
+             ("image", ("poison.png", png(stroke_line(777, 40, 1)), "image/png")),
+             ("image", ("ok1.png", lines[1], "image/png"))]
+    r = d.post(P.PATH_TRANSCRIBE_BATCH, files=files)
+    assert r.status_code == 200, r.text
+    items = r.json()["items"]
+
+    assert items[1]["error"]["type"] == "internal" and "died" in items[1]["error"]["message"]
+    assert [items[0]["results"][0]["text"], items[2]["results"][0]["text"]] == [texts[0], texts[1]]
+    assert d.state() == "ready"
+    r = d.post(P.PATH_TRANSCRIBE, content=lines[2])
+    assert r.status_code == 200 and r.json()["results"][0]["text"] == texts[2]
+    assert "preprocessing worker process died" in d.stderr()
+    after = descendants(d.pid)
+    assert d.stop() == 0
+    wait_until(lambda: not alive(after), 30, "htrd's worker processes to exit with it")
+
+
+def test_workers_exit_when_htrd_is_killed(htrd):
+    d = htrd(config={"limits": {"preprocess_workers": 1}})
+    workers = descendants(d.pid)
+    assert workers
+    os.kill(d.pid, signal.SIGKILL)
+    d.wait_exit(30)
+    wait_until(lambda: not alive(workers), 60, "the worker processes of a killed htrd to exit")
+
+
+def test_threads_when_preprocess_workers_is_0(htrd):
+    d = htrd(config={"limits": {"preprocess_workers": 0}})
+    assert not descendants(d.pid)  # no fork server, no workers
+    eng = d.status()["engine"]
+    assert eng["preprocess_workers"] == max(1, min(32, os.cpu_count() or 1))
+    ok = png(stroke_line(300, 40, 300))
+    r = d.post(P.PATH_TRANSCRIBE, content=ok)
+    assert r.status_code == 200, r.text
+    # the same text as in worker processes (the other test's first line)
+    w = htrd(config={"limits": {"preprocess_workers": 1}})
+    assert w.post(P.PATH_TRANSCRIBE, content=ok).json()["results"][0]["text"] == r.json()["results"][0]["text"]
+    bad = d.post(P.PATH_TRANSCRIBE, content=ok[:60])
+    assert bad.status_code == 422 and bad.json()["error"]["type"] == "bad_image"
+    assert w.post(P.PATH_TRANSCRIBE, content=ok[:60]).json() == bad.json()
+
+
+def test_encode_pages_turns_the_processors_refusal_into_bad_image(demo_model_dir):
+    from htrd.api_errors import ApiError
+    from htrd.model import ImageEncoder, load_processor
+
+    def refuse(image):
+        raise ValueError("absolute aspect ratio must be smaller than 200\nmore")
+
+    ok = png(stroke_line(300, 40, 2))
+    header = read_header(ok, max_pixels=1 << 20)
+    with pytest.raises(ApiError) as info:
+        encode_pages(ok, header, refuse)
+    assert info.value.type == "bad_image" and "300x40" in info.value.message and "aspect ratio" in info.value.message
+    [(page, e)] = encode_pages(ok, header, ImageEncoder(load_processor(demo_model_dir)).encode)
+    assert page == 0 and e.pixel_values.shape[0] == int(e.image_grid_thw.prod())

@@ -27,8 +27,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
 from .api_errors import ApiError
@@ -75,6 +76,7 @@ class PreprocessPool:
     def __init__(self, model_dir: str, *, prompt: str, dtype_name: str, workers: int, one_cpu_thread: bool,
                  warm_png: bytes) -> None:
         self.workers = workers
+        self._deliver = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="htrd-pre-in")
         self._args = (str(model_dir), prompt, dtype_name, one_cpu_thread, warm_png, os.getpid())
         self._lock = threading.Lock()
         self._ex: ProcessPoolExecutor | None = None
@@ -109,8 +111,7 @@ class PreprocessPool:
     def _submit(self, data: bytes, header: ImageHeader, out: Future, *, retry: bool) -> None:
         with self._lock:
             if self._closed or self._ex is None:
-                out.set_exception(ApiError("not_ready", "htrd is stopping; send the image again later",
-                                           retry_after=1))
+                out.set_exception(_stopping())
                 if retry:
                     self._retrying = False
                 return
@@ -124,6 +125,9 @@ class PreprocessPool:
 
     def _done(self, f: Future, out: Future, ex: ProcessPoolExecutor, data: bytes, header: ImageHeader,
               retry: bool) -> None:
+        if f.cancelled():  # close(): htrd stops
+            out.set_exception(_stopping())
+            return
         try:
             result = f.result()
         except BrokenProcessPool:
@@ -141,11 +145,8 @@ class PreprocessPool:
         else:
             if isinstance(result, _Refused):
                 out.set_exception(ApiError(result.type, result.message, status=result.status, detail=result.detail))
-            else:
-                try:
-                    out.set_result([(page, _from_wire(wire)) for page, wire in result])
-                except BaseException as exc:  # noqa: BLE001
-                    out.set_exception(exc)
+            else:  # the patches out of shared memory on a thread of htrd's: this one reads every worker's results
+                self._deliver.submit(_deliver, result, out)
         if retry:
             with self._lock:
                 self._retrying = False
@@ -176,6 +177,11 @@ class PreprocessPool:
             ex, self._ex = self._ex, None
         if ex is not None:
             ex.shutdown(wait=False, cancel_futures=True)
+        self._deliver.shutdown(wait=False)
+
+
+def _stopping() -> ApiError:
+    return ApiError("not_ready", "htrd is stopping; send the image again later", retry_after=1)
 
 
 # -- in the worker processes -----------------------------------------------------------------------------------
@@ -251,11 +257,21 @@ def _work(data: bytes, header: ImageHeader):
         return _Refused(err)
 
 
-# Tensors cross as numpy arrays (pickled by value) -- not torch's shared-memory tensors, which would cost a file
-# descriptor each and outlive a worker that dies.
+def _deliver(result: list, out: Future) -> None:
+    try:
+        out.set_result([(page, _from_wire(wire)) for page, wire in result])
+    except BaseException as exc:  # noqa: BLE001 -- for the request
+        out.set_exception(exc)
+
+
+# What crosses: token ids and the grid as numpy arrays (pickled by value), the patches (a few MB a line) through
+# a shared-memory block the worker fills and htrd copies out and unlinks. Through the result pipe, a line's
+# patches took ~40 reads of 64 KB in htrd's one thread that reads every worker's results, each taking the GIL
+# back from the inference thread: under 256 clients on an H200 that thread was the bottleneck (47 lines/s
+# against 63 with threads). Not torch's shared-memory tensors: a file descriptor each, kept by a worker that dies.
 def _to_wire(enc) -> tuple:
     return (_array(enc.input_ids), None if enc.mm_token_type_ids is None else _array(enc.mm_token_type_ids),
-            _array(enc.pixel_values), _array(enc.image_grid_thw), enc.preprocess_ms)
+            _shared(enc.pixel_values), _array(enc.image_grid_thw), enc.preprocess_ms)
 
 
 def _from_wire(wire: tuple):
@@ -263,14 +279,14 @@ def _from_wire(wire: tuple):
 
     ids, mm, pixels, grid, ms = wire
     return Encoded(input_ids=_tensor(ids), mm_token_type_ids=None if mm is None else _tensor(mm),
-                   pixel_values=_tensor(pixels), image_grid_thw=_tensor(grid), preprocess_ms=ms)
+                   pixel_values=_unshared(pixels), image_grid_thw=_tensor(grid), preprocess_ms=ms)
 
 
 def _array(t) -> tuple:
     """(bytes as a uint8 array, dtype name, shape): any torch dtype, bfloat16 included (numpy has none)."""
-    t = t.contiguous()
     import torch
 
+    t = t.contiguous()
     return t.view(-1).view(torch.uint8).numpy(), str(t.dtype).removeprefix("torch."), tuple(t.shape)
 
 
@@ -279,3 +295,34 @@ def _tensor(wire: tuple):
 
     raw, dtype, shape = wire
     return torch.from_numpy(raw).view(getattr(torch, dtype)).view(shape)
+
+
+def _shared(t) -> tuple:
+    """*t*'s bytes in a new shared-memory block: (its name, dtype name, shape); the receiver unlinks it."""
+    import numpy as np
+
+    raw, dtype, shape = _array(t)
+    shm = SharedMemory(create=True, size=max(1, raw.nbytes))
+    try:
+        np.frombuffer(shm.buf, dtype=np.uint8, count=raw.nbytes)[:] = raw
+    finally:
+        shm.close()
+    return shm.name, raw.nbytes, dtype, shape
+
+
+def _unshared(wire: tuple):
+    """The tensor of :func:`_shared`'s block, copied out; the block unlinked."""
+    import numpy as np
+    import torch
+
+    name, nbytes, dtype, shape = wire
+    shm = SharedMemory(name=name)
+    try:
+        out = torch.empty((nbytes,), dtype=torch.uint8)
+        view = np.frombuffer(shm.buf, dtype=np.uint8, count=nbytes)
+        out.copy_(torch.from_numpy(view))
+        del view
+    finally:
+        shm.close()
+        shm.unlink()
+    return out.view(getattr(torch, dtype)).view(shape)

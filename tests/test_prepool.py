@@ -18,10 +18,10 @@ import pytest
 import torch
 from daemon_harness import htrd  # noqa: F401 -- the fixture
 from helpers import stroke_line, wait_until
-
-from htrctl import protocol as P
 from htrd.images import read_header
 from htrd.prepool import _from_wire, _to_wire, default_workers, encode_pages
+
+from htrctl import protocol as P
 
 
 def png(img) -> bytes:
@@ -71,7 +71,11 @@ def test_what_crosses_from_a_worker_is_the_encoding_bit_for_bit():
     enc = Encoded(input_ids=torch.arange(7), mm_token_type_ids=torch.tensor([0, 1, 1], dtype=torch.int32),
                   pixel_values=torch.randn(5, 12).to(torch.bfloat16), image_grid_thw=torch.tensor([[1, 2, 4]]),
                   preprocess_ms=2.5)
-    back = _from_wire(_to_wire(enc))
+    wire = _to_wire(enc)
+    block = Path("/dev/shm") / wire[2][0].lstrip("/")
+    assert block.exists()  # the patches cross through shared memory, the rest pickled
+    back = _from_wire(wire)
+    assert not block.exists()  # unlinked by the receiver
     for name in ("input_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw"):
         a, b = getattr(enc, name), getattr(back, name)
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), name

@@ -231,9 +231,9 @@ class Engine:
     def _beat(self) -> None:
         self.heartbeat = time.monotonic()
 
-    # -- preprocessing (the CPU pool, never the inference thread) ------------------------------------------
+    # -- preprocessing (worker processes or the CPU pool, never the inference thread) -------------------------
     def run_cpu(self, fn: Callable, *args) -> Future:
-        """Run *fn(*args)* in the bounded preprocessing pool (one worker per core)."""
+        """Run *fn(*args)* in the bounded thread pool (the preprocessing with ``limits.preprocess_workers: 0``)."""
         return self._cpu_pool.submit(fn, *args)
 
     def decode_prepare(self, data: bytes, header) -> Future:

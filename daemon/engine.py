@@ -118,7 +118,8 @@ class Engine:
         if procs != 0:
             self._procs = PreprocessPool(self.model_dir, prompt=settings.generation.prompt, dtype_name=self.dtype_name,
                                          workers=procs or default_workers(), warm_png=_warmup_png(),
-                                         one_cpu_thread=device.startswith("cuda"))
+                                         one_cpu_thread=device.startswith("cuda"),
+                                         timeout_s=settings.limits.preprocess_timeout_s)
         self._procs_started: Future | None = None
         workers = self._procs.workers if self._procs is not None else max(1, min(32, os.cpu_count() or 1))
         # threads: the preprocessing itself without processes, else what completes the workers' results
@@ -644,6 +645,8 @@ class Engine:
             "decode_attention": ("flash" if gen.flash_decode else "sdpa") if self.fast else None,
             "preprocess_ms_per_image": self.preprocess_ms_per_image(),
             "preprocess_workers": self.cpu_workers,
+            "preprocess_in": "threads" if self._procs is None else "processes",
+            "preprocess_restarts": None if self._procs is None else self._procs.restarts,
             "prefill_layout": (("mixed" if gen.mixed else "packed") if gen.packed else "left-padded") if self.fast
             else None,
             "prefill_tokens_per_step": gen.prefill_budgets[-1] if self.fast and gen.mixed else None,

@@ -13,6 +13,8 @@
 - ``crash_preprocess=W``  a preprocessing worker process dies abruptly
                           (``os._exit``) on every image W pixels wide (a
                           decoder crashing on a hostile file).
+- ``hang_preprocess=W``   a preprocessing worker process never finishes an
+                          image W pixels wide (a decoder looping on one).
 
 Warm-up is never faulted, so a faulted daemon still reaches READY.
 """
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 logger = logging.getLogger(__name__)
 
 ENV = "HTR_TEST_FAULTS"
-KNOWN = ("hang_generate", "slow_generate", "slow_load", "oom", "crash", "crash_preprocess")
+KNOWN = ("hang_generate", "slow_generate", "slow_load", "oom", "crash", "crash_preprocess", "hang_preprocess")
 
 
 @dataclass
@@ -38,6 +40,7 @@ class Faults:
     oom_remaining: int = 0
     crash: bool = False
     crash_preprocess_width: int = 0
+    hang_preprocess_width: int = 0
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -45,7 +48,7 @@ class Faults:
     @property
     def active(self) -> bool:
         return bool(self.hang_generate or self.slow_generate_s or self.slow_load_s or self.oom_remaining or self.crash
-                    or self.crash_preprocess_width)
+                    or self.crash_preprocess_width or self.hang_preprocess_width)
 
     def take_oom(self) -> bool:
         """True (once per remaining count) when this generate must raise an OOM."""
@@ -78,6 +81,8 @@ class Faults:
                     faults.crash = True
                 elif name == "crash_preprocess":
                     faults.crash_preprocess_width = int(value)
+                elif name == "hang_preprocess":
+                    faults.hang_preprocess_width = int(value)
                 else:
                     raise ValueError(f"unknown fault {name!r} (known: {', '.join(KNOWN)})")
             except ValueError as exc:

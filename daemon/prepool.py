@@ -2,14 +2,16 @@
 in worker processes, off htrd's own interpreter.
 
 Why processes: htrd's inference thread launches the GPU's work from Python, and every torch call it makes
-lets go of the GIL and takes it back. In threads beside it, the preprocessing holds the GIL for the interpreter's
-switch interval (5 ms) whenever it runs Python, so under load the inference thread waited for it at almost
-every call: a 16-line prefill took ~140 ms to launch on an H200 host under 256 clients (the GPU idle ~9 % of
-the time meanwhile), and the preprocessing itself went from ~3 ms an image alone to 30-50 ms
-(``bench/preprocess_contention.py`` shows the same convoy on any machine). In processes it takes no GIL of
-htrd's; what crosses is the file's bytes one way and the patches and token ids the other (a few MB a line).
+lets go of the GIL and takes it back; preprocessing threads beside it hold the GIL for up to the switch
+interval (5 ms) whenever they run Python. On H200 hosts under load an image took 40-70 ms to preprocess in
+threads against ~3 ms alone (``bench/preprocess_contention.py`` shows the convoy on any machine); in processes
+15-18 ms. Throughput moved less than that suggests (README: 1.02-1.11x at 64 clients, 0.94-1.02x at 256) --
+the GIL was not what holds the GPU back -- and a decoder that crashes or hangs on a hostile file now takes
+down a worker, not htrd. What crosses is the file's bytes one way and the patches (through shared memory) and
+token ids the other.
 
-A worker that dies (a decoder crashing on a hostile file, the OOM killer) breaks its pool: a new pool starts,
+A worker that dies (a decoder crashing on a hostile file, the OOM killer) -- or is killed by the hang watch,
+an image in the pool past ``limits.preprocess_timeout_s`` -- breaks its pool: a new pool starts,
 and every image the old one had in hand goes again, once, one at a time -- the file that crashes a decoder
 then fails alone with ``internal``, and the images that were in the pool beside it are served.
 ``limits.preprocess_workers: 0`` keeps the preprocessing in threads of htrd's own process instead.
@@ -74,8 +76,11 @@ class PreprocessPool:
     *warm_png*). :meth:`submit` returns a future of ``[(page, Encoded)]``."""
 
     def __init__(self, model_dir: str, *, prompt: str, dtype_name: str, workers: int, one_cpu_thread: bool,
-                 warm_png: bytes) -> None:
+                 warm_png: bytes, timeout_s: float = 60.0) -> None:
         self.workers = workers
+        self.timeout_s = timeout_s  # an image in the pool longer than this: its workers are killed (hung decoder)
+        self._inflight: dict[Future, tuple[float, ProcessPoolExecutor]] = {}  # in a pool: since when, which pool
+        self._killed: ProcessPoolExecutor | None = None  # the pool whose workers the hang watch killed last
         self._deliver = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="htrd-pre-in")
         self._args = (str(model_dir), prompt, dtype_name, one_cpu_thread, warm_png, os.getpid())
         self._lock = threading.Lock()
@@ -93,6 +98,7 @@ class PreprocessPool:
         futures = [self._ex.submit(_ping) for _ in range(self.workers)]
         for f in futures:
             f.result(timeout=START_TIMEOUT_S)
+        threading.Thread(target=self._watch, name="htrd-pre-watch", daemon=True).start()
 
     def _new(self) -> ProcessPoolExecutor:
         ctx = multiprocessing.get_context("forkserver")
@@ -121,10 +127,13 @@ class PreprocessPool:
             except BrokenProcessPool:  # died since its last task: a new pool takes this one
                 ex = self._ex = self._replace(ex)
                 inner = ex.submit(_work, data, header)
+            self._inflight[inner] = (time.monotonic(), ex)
         inner.add_done_callback(lambda f: self._done(f, out, ex, data, header, retry))
 
     def _done(self, f: Future, out: Future, ex: ProcessPoolExecutor, data: bytes, header: ImageHeader,
               retry: bool) -> None:
+        with self._lock:
+            self._inflight.pop(f, None)
         if f.cancelled():  # close(): htrd stops
             out.set_exception(_stopping())
             return
@@ -138,8 +147,8 @@ class PreprocessPool:
                     self._retries.append((data, header, out))
             if retry:
                 out.set_exception(ApiError(
-                    "internal", "preprocessing worker processes died twice while this image was in their pool "
-                    "(a decoder crash on this file, most likely, or the OOM killer; see htrd's log)"))
+                    "internal", "preprocessing worker processes died or hung twice while this image was in their "
+                    "pool (a decoder crash or hang on this file, most likely, or the OOM killer; see htrd's log)"))
         except BaseException as exc:  # noqa: BLE001 -- the caller's to report (the API logs it as internal)
             out.set_exception(exc)
         else:
@@ -162,9 +171,28 @@ class PreprocessPool:
             data, header, out = self._retries.popleft()
         self._submit(data, header, out, retry=True)
 
+    def _watch(self) -> None:
+        """The hang watch: an image in the pool for longer than ``timeout_s`` (a decoder looping on a hostile
+        file) gets its pool's workers killed -- the pool breaks and is replaced as when a worker crashes, and
+        its images go again one at a time, so the file that hangs is the one that fails."""
+        while not self._closed:
+            time.sleep(min(1.0, self.timeout_s / 4))
+            now = time.monotonic()
+            with self._lock:
+                hung = [ex for t0, ex in self._inflight.values()
+                        if now - t0 > self.timeout_s and ex is self._ex and ex is not self._killed]
+                if not hung or self._closed:
+                    continue
+                ex = self._killed = hung[0]
+            logger.error("an image has been in the preprocessing pool for more than %g s (a decoder hanging on a "
+                         "hostile file?): killing its worker processes", self.timeout_s)
+            for proc in list((getattr(ex, "_processes", None) or {}).values()):  # pid -> Process (CPython)
+                with contextlib.suppress(OSError, ValueError):
+                    proc.kill()
+
     def _replace(self, ex: ProcessPoolExecutor) -> ProcessPoolExecutor:
         """A new pool for the broken *ex* (called with the lock held)."""
-        logger.error("a preprocessing worker process died (a decoder crash on a hostile file, or the OOM "
+        logger.error("a preprocessing worker process died (a decoder crash on a hostile file, a hang, or the OOM "
                      "killer); a new pool of %d starts and the images the old one held go again, once",
                      self.workers)
         self.restarts += 1
@@ -187,6 +215,7 @@ def _stopping() -> ApiError:
 # -- in the worker processes -----------------------------------------------------------------------------------
 _encoder = None
 _crash_width = 0  # test fault crash_preprocess (htrd.faults): die on an image this wide
+_hang_width = 0  # test fault hang_preprocess: never finish an image this wide
 
 
 class _Refused:
@@ -197,7 +226,7 @@ class _Refused:
 
 
 def _init(model_dir: str, prompt: str, dtype_name: str, one_cpu_thread: bool, warm_png: bytes, htrd_pid: int) -> None:
-    global _encoder, _crash_width
+    global _encoder, _crash_width, _hang_width
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: htrd decides
     _exit_with(htrd_pid)
     import torch
@@ -206,7 +235,8 @@ def _init(model_dir: str, prompt: str, dtype_name: str, one_cpu_thread: bool, wa
     from .images import read_header
     from .model import ImageEncoder, load_processor
 
-    _crash_width = Faults.parse(os.environ.get(ENV)).crash_preprocess_width
+    faults = Faults.parse(os.environ.get(ENV))
+    _crash_width, _hang_width = faults.crash_preprocess_width, faults.hang_preprocess_width
 
     if one_cpu_thread:
         torch.set_num_threads(1)
@@ -251,6 +281,8 @@ def _ping() -> int:
 def _work(data: bytes, header: ImageHeader):
     if _crash_width and any(w == _crash_width for w, _ in header.sizes):
         os._exit(70)  # test fault crash_preprocess
+    if _hang_width and any(w == _hang_width for w, _ in header.sizes):
+        threading.Event().wait()  # test fault hang_preprocess
     try:
         return [(page, _to_wire(enc)) for page, enc in encode_pages(data, header, _encoder.encode)]
     except ApiError as err:

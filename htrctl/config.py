@@ -119,6 +119,10 @@ class LimitSettings(_Section):
         None, ge=0, le=256, description="processes that decode and preprocess images, off htrd's interpreter "
         "(its GIL); null: half the cores, at most 8; 0: threads in htrd's own process instead (one per core)"
     )
+    preprocess_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="preprocess_workers > 0: an image not preprocessed by then (a decoder "
+        "hanging on a hostile file) gets its worker processes killed and restarted; that file fails, others retry"
+    )
 
     @field_validator("batch_sizes")
     @classmethod

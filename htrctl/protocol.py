@@ -143,6 +143,9 @@ class EngineInfo(BaseModel):
     decode_attention: str | None = None
     preprocess_ms_per_image: float | None = None  # CPU time to decode + preprocess one line, on average
     preprocess_workers: int | None = None
+    preprocess_in: str | None = None  # "processes" (htrd.prepool, the default) | "threads" (preprocess_workers: 0)
+    # times the preprocessing worker processes were started anew (one died: a decoder crash, a hung file, OOM)
+    preprocess_restarts: int | None = None
     # fast path: "mixed" (prompts prefilled in chunks inside the decode steps; GPUs with flash attention, the
     # CPU) | "packed" (prompts back to back apart from the decode steps, where the mixed steps' check failed) |
     # "left-padded" (each prefill group padded to its longest prompt; older GPUs)

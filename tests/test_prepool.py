@@ -85,7 +85,7 @@ def test_what_crosses_from_a_worker_is_the_encoding_bit_for_bit():
 def test_workers_encode_as_htrd_does_and_survive_a_crashing_file(htrd, demo_model_dir):
     d = htrd(config={"limits": {"preprocess_workers": 2}}, faults="crash_preprocess=777")
     eng = d.status()["engine"]
-    assert eng["preprocess_workers"] == 2
+    assert eng["preprocess_workers"] == 2 and eng["preprocess_in"] == "processes" and eng["preprocess_restarts"] == 0
     workers = descendants(d.pid)
     assert len(workers) >= 3  # the fork server, its two workers (and multiprocessing's resource tracker)
 
@@ -116,6 +116,23 @@ def test_workers_encode_as_htrd_does_and_survive_a_crashing_file(htrd, demo_mode
     wait_until(lambda: not alive(after), 30, "htrd's worker processes to exit with it")
 
 
+def test_a_file_that_hangs_its_worker_fails_alone_after_the_timeout(htrd):
+    d = htrd(config={"limits": {"preprocess_workers": 2, "preprocess_timeout_s": 2.0}}, faults="hang_preprocess=555")
+    good = [png(stroke_line(w, 40, w)) for w in (310, 430)]
+    files = [("image", ("ok0.png", good[0], "image/png")),
+             ("image", ("hangs.png", png(stroke_line(555, 40, 1)), "image/png")),
+             ("image", ("ok1.png", good[1], "image/png"))]
+    r = d.post(P.PATH_TRANSCRIBE_BATCH, files=files)
+    assert r.status_code == 200, r.text
+    items = r.json()["items"]
+    assert items[1]["error"]["type"] == "internal" and "hung" in items[1]["error"]["message"], items[1]
+    assert items[0]["results"] and items[2]["results"], items
+    assert "more than 2 s" in d.stderr()
+    eng = d.status()["engine"]
+    assert eng["preprocess_in"] == "processes" and eng["preprocess_restarts"] >= 2
+    assert d.post(P.PATH_TRANSCRIBE, content=good[1]).status_code == 200  # the new pool serves
+
+
 def test_workers_exit_when_htrd_is_killed(htrd):
     d = htrd(config={"limits": {"preprocess_workers": 1}})
     workers = descendants(d.pid)
@@ -129,7 +146,7 @@ def test_threads_when_preprocess_workers_is_0(htrd):
     d = htrd(config={"limits": {"preprocess_workers": 0}})
     assert not descendants(d.pid)  # no fork server, no workers
     eng = d.status()["engine"]
-    assert eng["preprocess_workers"] == max(1, min(32, os.cpu_count() or 1))
+    assert eng["preprocess_workers"] == max(1, min(32, os.cpu_count() or 1)) and eng["preprocess_in"] == "threads"
     ok = png(stroke_line(300, 40, 300))
     r = d.post(P.PATH_TRANSCRIBE, content=ok)
     assert r.status_code == 200, r.text

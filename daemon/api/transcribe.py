@@ -14,8 +14,8 @@ import logging
 import time
 
 import anyio
-import anyio.streams.memory  # noqa: F401 -- imported lazily by the first request otherwise (~9 ms of its latency)
 import anyio._backends._asyncio  # noqa: F401 -- the backend anyio imports on its first use (~6 ms, read_body's timeout)
+import anyio.streams.memory  # noqa: F401 -- imported lazily by the first request otherwise (~9 ms of its latency)
 from fastapi import APIRouter, Request
 from starlette.requests import ClientDisconnect
 

@@ -35,7 +35,10 @@ def _engine_line(e: dict) -> list[str]:
     if e.get("kv_cache_bytes"):
         line += f", KV cache {_size(e['kv_cache_bytes'])}"
     if e.get("preprocess_ms_per_image") is not None:
-        line += f", preprocessing {e['preprocess_ms_per_image']:g} ms/image on {e.get('preprocess_workers')} workers"
+        line += (f", preprocessing {e['preprocess_ms_per_image']:g} ms/image on {e.get('preprocess_workers')} "
+                 f"{'worker processes' if e.get('preprocess_in') == 'processes' else 'workers'}")
+        if e.get("preprocess_restarts"):
+            line += f" (started anew {e['preprocess_restarts']}x: one died -- see htrd's log)"
     return [line]
 
 

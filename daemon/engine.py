@@ -122,7 +122,7 @@ class Engine:
                                          timeout_s=settings.limits.preprocess_timeout_s)
         self._procs_started: Future | None = None
         workers = self._procs.workers if self._procs is not None else max(1, min(32, os.cpu_count() or 1))
-        # threads: the preprocessing itself without processes, else what completes the workers' results
+        # threads: the preprocessing itself without processes; with them, only what starts them beside the load
         self._cpu_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="htrd-pre")
         self.cpu_workers = workers
         self._pre_lock = threading.Lock()

@@ -301,6 +301,7 @@ def _deliver(result: list, out: Future) -> None:
 # patches took ~40 reads of 64 KB in htrd's one thread that reads every worker's results, each taking the GIL
 # back from the inference thread: under 256 clients on an H200 that thread was the bottleneck (47 lines/s
 # against 63 with threads). Not torch's shared-memory tensors: a file descriptor each, kept by a worker that dies.
+# Where the shared-memory tmpfs is small (a container's 64 MB /dev/shm and a full page's patches), by value.
 def _to_wire(enc) -> tuple:
     return (_array(enc.input_ids), None if enc.mm_token_type_ids is None else _array(enc.mm_token_type_ids),
             _shared(enc.pixel_values), _array(enc.image_grid_thw), enc.preprocess_ms)
@@ -329,25 +330,47 @@ def _tensor(wire: tuple):
     return torch.from_numpy(raw).view(getattr(torch, dtype)).view(shape)
 
 
+SHM_DIR = "/dev/shm"  # where POSIX shared memory lives on Linux (a tmpfs; 64 MB in a default Docker container)
+
+
+def _shm_room() -> int:
+    """Bytes free in :data:`SHM_DIR` (0 when it cannot be read)."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
 def _shared(t) -> tuple:
-    """*t*'s bytes in a new shared-memory block: (its name, dtype name, shape); the receiver unlinks it."""
+    """*t* for the receiver: its bytes in a new shared-memory block, ``("shm", name, bytes, dtype, shape)`` (the
+    receiver unlinks it) -- or, where the shared-memory tmpfs lacks room for twice the block, by value through the
+    pipe, ``("inline", array, dtype, shape)``: a write past a full tmpfs would kill the worker (SIGBUS), and the
+    file would fail as a crash."""
     import numpy as np
 
     raw, dtype, shape = _array(t)
-    shm = SharedMemory(create=True, size=max(1, raw.nbytes))
+    if raw.nbytes * 2 > _shm_room():
+        return "inline", raw, dtype, shape
+    try:
+        shm = SharedMemory(create=True, size=max(1, raw.nbytes))
+    except OSError:
+        return "inline", raw, dtype, shape
     try:
         np.frombuffer(shm.buf, dtype=np.uint8, count=raw.nbytes)[:] = raw
     finally:
         shm.close()
-    return shm.name, raw.nbytes, dtype, shape
+    return "shm", shm.name, raw.nbytes, dtype, shape
 
 
 def _unshared(wire: tuple):
-    """The tensor of :func:`_shared`'s block, copied out; the block unlinked."""
+    """The tensor :func:`_shared` sent: copied out of its block (then unlinked), or as it came."""
     import numpy as np
     import torch
 
-    name, nbytes, dtype, shape = wire
+    if wire[0] == "inline":
+        return _tensor(wire[1:])
+    _, name, nbytes, dtype, shape = wire
     shm = SharedMemory(name=name)
     try:
         out = torch.empty((nbytes,), dtype=torch.uint8)

@@ -72,7 +72,8 @@ def test_what_crosses_from_a_worker_is_the_encoding_bit_for_bit():
                   pixel_values=torch.randn(5, 12).to(torch.bfloat16), image_grid_thw=torch.tensor([[1, 2, 4]]),
                   preprocess_ms=2.5)
     wire = _to_wire(enc)
-    block = Path("/dev/shm") / wire[2][0].lstrip("/")
+    assert wire[2][0] == "shm"
+    block = Path("/dev/shm") / wire[2][1].lstrip("/")
     assert block.exists()  # the patches cross through shared memory, the rest pickled
     back = _from_wire(wire)
     assert not block.exists()  # unlinked by the receiver
@@ -80,6 +81,23 @@ def test_what_crosses_from_a_worker_is_the_encoding_bit_for_bit():
         a, b = getattr(enc, name), getattr(back, name)
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), name
     assert back.preprocess_ms == 2.5 and back.grid == (1, 2, 4)
+
+
+def test_the_patches_go_through_the_pipe_where_shared_memory_lacks_room(monkeypatch):
+    from htrd import prepool
+    from htrd.model import Encoded
+
+    pixels = torch.randn(64, 12).to(torch.bfloat16)
+    enc = Encoded(input_ids=torch.arange(3), mm_token_type_ids=None, pixel_values=pixels,
+                  image_grid_thw=torch.tensor([[1, 8, 8]]))
+    monkeypatch.setattr(prepool, "_shm_room", lambda: pixels.numel() * 2 * 2 - 1)  # less than twice the block
+    before = set(os.listdir("/dev/shm"))
+    wire = _to_wire(enc)
+    assert wire[2][0] == "inline" and set(os.listdir("/dev/shm")) == before
+    back = _from_wire(wire)
+    assert torch.equal(back.pixel_values, pixels) and back.mm_token_type_ids is None
+    monkeypatch.setattr(prepool, "SHM_DIR", "/nonexistent-shm")  # unreadable: by value as well
+    assert _to_wire(enc)[2][0] == "inline"
 
 
 def test_workers_encode_as_htrd_does_and_survive_a_crashing_file(htrd, demo_model_dir):

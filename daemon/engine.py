@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from htrctl.errors import GpuError, ModelError
+from htrctl.errors import GpuError
 from htrctl.protocol import PageResult, Timings
 
 from .api_errors import ApiError
@@ -278,11 +278,15 @@ class Engine:
         if self._procs_started is not None:
             try:
                 self._procs_started.result()
-            except Exception as exc:
-                raise ModelError(f"the preprocessing worker processes did not start: {_first_line(exc)}",
-                                 remedy="see the log above; limits.preprocess_workers: 0 preprocesses in threads "
-                                 "instead") from exc
-        else:
+            except Exception as exc:  # noqa: BLE001 -- logged; serving goes on with threads
+                # (the processor itself loaded in htrd: what failed is the host's multiprocessing -- no /dev/shm
+                # for its semaphores, a refused fork...)
+                logger.warning("the preprocessing worker processes did not start (%s): preprocessing in %d threads "
+                               "of htrd instead (limits.preprocess_workers: 0 says so and skips the attempt)",
+                               _first_line(exc), self.cpu_workers)
+                self._procs.close()
+                self._procs = None
+        if self._procs is None:
             self._warm_cpu_pool()
         self._warm.wait()
         if self._warm_error is not None:

@@ -15,6 +15,8 @@
                           decoder crashing on a hostile file).
 - ``hang_preprocess=W``   a preprocessing worker process never finishes an
                           image W pixels wide (a decoder looping on one).
+- ``fail_preprocess_start`` the preprocessing worker processes fail to start
+                          (a host whose multiprocessing does not work).
 
 Warm-up is never faulted, so a faulted daemon still reaches READY.
 """
@@ -29,7 +31,8 @@ from dataclasses import dataclass
 logger = logging.getLogger(__name__)
 
 ENV = "HTR_TEST_FAULTS"
-KNOWN = ("hang_generate", "slow_generate", "slow_load", "oom", "crash", "crash_preprocess", "hang_preprocess")
+KNOWN = ("hang_generate", "slow_generate", "slow_load", "oom", "crash", "crash_preprocess", "hang_preprocess",
+         "fail_preprocess_start")
 
 
 @dataclass
@@ -41,6 +44,7 @@ class Faults:
     crash: bool = False
     crash_preprocess_width: int = 0
     hang_preprocess_width: int = 0
+    fail_preprocess_start: bool = False
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -48,7 +52,7 @@ class Faults:
     @property
     def active(self) -> bool:
         return bool(self.hang_generate or self.slow_generate_s or self.slow_load_s or self.oom_remaining or self.crash
-                    or self.crash_preprocess_width or self.hang_preprocess_width)
+                    or self.crash_preprocess_width or self.hang_preprocess_width or self.fail_preprocess_start)
 
     def take_oom(self) -> bool:
         """True (once per remaining count) when this generate must raise an OOM."""
@@ -83,6 +87,8 @@ class Faults:
                     faults.crash_preprocess_width = int(value)
                 elif name == "hang_preprocess":
                     faults.hang_preprocess_width = int(value)
+                elif name == "fail_preprocess_start":
+                    faults.fail_preprocess_start = True
                 else:
                     raise ValueError(f"unknown fault {name!r} (known: {', '.join(KNOWN)})")
             except ValueError as exc:

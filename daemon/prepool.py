@@ -236,6 +236,8 @@ def _init(model_dir: str, prompt: str, dtype_name: str, one_cpu_thread: bool, wa
     from .model import ImageEncoder, load_processor
 
     faults = Faults.parse(os.environ.get(ENV))
+    if faults.fail_preprocess_start:
+        raise RuntimeError("test fault fail_preprocess_start")
     _crash_width, _hang_width = faults.crash_preprocess_width, faults.hang_preprocess_width
 
     if one_cpu_thread:

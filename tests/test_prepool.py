@@ -151,6 +151,28 @@ def test_a_file_that_hangs_its_worker_fails_alone_after_the_timeout(htrd):
     assert d.post(P.PATH_TRANSCRIBE, content=good[1]).status_code == 200  # the new pool serves
 
 
+def test_htrd_serves_from_threads_when_its_worker_processes_cannot_start(htrd):
+    d = htrd(config={"limits": {"preprocess_workers": 2}}, faults="fail_preprocess_start")
+    assert d.status()["engine"]["preprocess_in"] == "threads"
+    assert "worker processes did not start" in d.stderr() and "preprocessing in" in d.stderr()
+    r = d.post(P.PATH_TRANSCRIBE, content=png(stroke_line(300, 40, 300)))
+    assert r.status_code == 200, r.text
+    wait_until(lambda: not alive(descendants(d.pid) - _trackers(d.pid)), 30, "the failed workers to be gone")
+
+
+def _trackers(pid: int) -> set[int]:
+    """multiprocessing's resource tracker and fork server below *pid* (they stay for htrd's life)."""
+    out = set()
+    for p in descendants(pid):
+        try:
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"resource_tracker" in cmd or b"forkserver import main" in cmd:
+            out.add(p)
+    return out
+
+
 def test_workers_exit_when_htrd_is_killed(htrd):
     d = htrd(config={"limits": {"preprocess_workers": 1}})
     workers = descendants(d.pid)

@@ -14,6 +14,8 @@
 #   mixed        bench/bench_serving.py --engines static,continuous,mixed --settle 8 (64 clients, both modes; ~6 min):
 #                the shipped prefills between the decode steps against generation.mixed_steps, same call
 #   mixedcheck   bench/check_fast_correctness.py --mixed    (fp32 teacher-forced, mixed steps)
+#   prepool      bench/bench_serving.py --engines threads,continuous --settle 8 (64 clients, both modes; ~4 min):
+#                the preprocessing in threads (limits.preprocess_workers: 0) against worker processes, same call
 #   replicas     bench/bench_replicas.py                   (one htrd per GPU; needs 2+ GPUs)
 #   profile      bench/profile_decode.py                   (decode step vs matmul floor, prefill launch vs GPU)
 #
@@ -40,7 +42,7 @@ run() {  # run LIMIT_S CMD...: CMD's output into suite.txt, killed (and its daem
 
 for part in $parts; do
   case $part in
-    tests | correctness | generate | serving | serving256 | mixed | mixedcheck | replicas | profile) ;;
+    tests | correctness | generate | serving | serving256 | mixed | mixedcheck | prepool | replicas | profile) ;;
     *) echo "gpu_suite.sh: unknown part '$part' (see the header of this file)" >&2; exit 2 ;;
   esac
 done
@@ -60,6 +62,8 @@ for part in $parts; do
                   --modes fixed --state-dir "$state" --json "$out/serving256.json" ;;
     mixed) run 560 python3 bench/bench_serving.py --model-dir "$model" --clients 64 --per-client 5 --settle 8 \
              --engines static,continuous,mixed --state-dir "$state" --json "$out/mixed.json" ;;
+    prepool) run 400 python3 bench/bench_serving.py --model-dir "$model" --clients 64 --per-client 5 --settle 8 \
+               --engines threads,continuous --state-dir "$state" --json "$out/prepool.json" ;;
     mixedcheck) run 240 python3 bench/check_fast_correctness.py "$model" --mixed --json "$out/mixedcheck.json" ;;
     replicas) run 400 python3 bench/bench_replicas.py --model-dir "$model" --per-client 6 --state-dir "$state" \
                 --json "$out/replicas.json" ;;

@@ -81,6 +81,8 @@ class PreprocessPool:
         self.timeout_s = timeout_s  # an image in the pool longer than this: its workers are killed (hung decoder)
         self._inflight: dict[Future, tuple[float, ProcessPoolExecutor]] = {}  # in a pool: since when, which pool
         self._killed: ProcessPoolExecutor | None = None  # the pool whose workers the hang watch killed last
+        self._pings: dict[ProcessPoolExecutor, list[Future]] = {}  # the current pool's start pings (_new)
+        self._ready: dict[ProcessPoolExecutor, float] = {}  # when they had all answered (_ready_at)
         self._deliver = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="htrd-pre-in")
         self._args = (str(model_dir), prompt, dtype_name, one_cpu_thread, warm_png, os.getpid())
         self._lock = threading.Lock()
@@ -94,16 +96,29 @@ class PreprocessPool:
         """Start the workers; raises what a worker's start raised (the processor cannot load...)."""
         with self._lock:
             self._ex = self._new()
-        # One task per worker: each submit while no worker is idle starts another (they are busy starting).
-        futures = [self._ex.submit(_ping) for _ in range(self.workers)]
-        for f in futures:
+            pings = self._pings[self._ex]
+        for f in pings:
             f.result(timeout=START_TIMEOUT_S)
         threading.Thread(target=self._watch, name="htrd-pre-watch", daemon=True).start()
 
     def _new(self) -> ProcessPoolExecutor:
+        """A pool, its workers starting: one ping a worker, ahead of any image (each submit while no worker is
+        idle starts another, and they are busy starting); the hang watch counts an image's time from when they
+        have all answered -- a pool started anew on a loaded host takes seconds to load its processors."""
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(PRELOAD)
-        return ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=_init, initargs=self._args)
+        ex = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=_init, initargs=self._args)
+        self._pings = {ex: [ex.submit(_ping) for _ in range(self.workers)]}  # the current pool's only
+        return ex
+
+    def _ready_at(self, ex: ProcessPoolExecutor) -> float | None:
+        """When every worker of *ex* had started (monotonic), or None while some are starting."""
+        pings = self._pings.get(ex) or []
+        if not all(f.done() for f in pings):
+            return None
+        if ex not in self._ready:
+            self._ready = {ex: time.monotonic()}
+        return self._ready[ex]
 
     def submit(self, data: bytes, header: ImageHeader) -> Future:
         """The pages of *data*, each an :class:`htrd.model.Encoded`, as ``[(page index, Encoded)]``; the
@@ -179,11 +194,13 @@ class PreprocessPool:
             time.sleep(min(1.0, self.timeout_s / 4))
             now = time.monotonic()
             with self._lock:
-                hung = [ex for t0, ex in self._inflight.values()
-                        if now - t0 > self.timeout_s and ex is self._ex and ex is not self._killed]
-                if not hung or self._closed:
+                ex = self._ex
+                ready = self._ready_at(ex) if ex is not None else None
+                if ready is None or ex is self._killed or self._closed:
                     continue
-                ex = self._killed = hung[0]
+                if not any(now - max(t0, ready) > self.timeout_s for t0, e in self._inflight.values() if e is ex):
+                    continue
+                self._killed = ex
             logger.error("an image has been in the preprocessing pool for more than %g s (a decoder hanging on a "
                          "hostile file?): killing its worker processes", self.timeout_s)
             for proc in list((getattr(ex, "_processes", None) or {}).values()):  # pid -> Process (CPython)

@@ -157,20 +157,38 @@ def test_htrd_serves_from_threads_when_its_worker_processes_cannot_start(htrd):
     assert "worker processes did not start" in d.stderr() and "preprocessing in" in d.stderr()
     r = d.post(P.PATH_TRANSCRIBE, content=png(stroke_line(300, 40, 300)))
     assert r.status_code == 200, r.text
-    wait_until(lambda: not alive(descendants(d.pid) - _trackers(d.pid)), 30, "the failed workers to be gone")
+    wait_until(lambda: not alive(_workers(d.pid)), 30, "the failed workers to be gone")
 
 
-def _trackers(pid: int) -> set[int]:
-    """multiprocessing's resource tracker and fork server below *pid* (they stay for htrd's life)."""
+def _workers(pid: int) -> set[int]:
+    """The worker processes of htrd *pid*: the fork server's children (its own children are the fork server and
+    multiprocessing's resource tracker, which stay for htrd's life)."""
+    return descendants(pid) - _children(pid)
+
+
+def _children(pid: int) -> set[int]:
     out = set()
     for p in descendants(pid):
         try:
-            cmd = Path(f"/proc/{p}/cmdline").read_bytes()
-        except OSError:
+            if int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.add(p)
+        except (OSError, IndexError, ValueError):
             continue
-        if b"resource_tracker" in cmd or b"forkserver import main" in cmd:
-            out.add(p)
     return out
+
+
+def test_a_worker_killed_while_idle_is_replaced_for_the_next_image(htrd):
+    """The OOM killer takes a worker between requests: the next image finds the pool broken, a new pool
+    serves it."""
+    d = htrd(config={"limits": {"preprocess_workers": 1}})
+    line = png(stroke_line(300, 40, 300))
+    first = d.post(P.PATH_TRANSCRIBE, content=line).json()["results"][0]["text"]
+    [worker] = _workers(d.pid)
+    os.kill(worker, signal.SIGKILL)
+    wait_until(lambda: not alive({worker}), 30, "the worker to die")
+    r = d.post(P.PATH_TRANSCRIBE, content=line)
+    assert r.status_code == 200 and r.json()["results"][0]["text"] == first, r.text
+    assert d.status()["engine"]["preprocess_restarts"] == 1
 
 
 def test_workers_exit_when_htrd_is_killed(htrd):

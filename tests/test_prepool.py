@@ -61,6 +61,15 @@ def alive(pids: set[int]) -> set[int]:
     return out
 
 
+def batch_beside(d, bad: bytes, good: list[bytes]) -> list[dict]:
+    """One batch request: good[0], *bad*, good[1]; its items (the request itself must succeed)."""
+    files = [("image", ("ok0.png", good[0], "image/png")), ("image", ("bad.png", bad, "image/png")),
+             ("image", ("ok1.png", good[1], "image/png"))]
+    r = d.post(P.PATH_TRANSCRIBE_BATCH, files=files)
+    assert r.status_code == 200, r.text
+    return r.json()["items"]
+
+
 def test_default_workers_half_the_cores_at_most_8():
     assert [default_workers(n) for n in (1, 2, 3, 16, 64)] == [1, 1, 1, 8, 8]
 
@@ -116,13 +125,7 @@ def test_workers_encode_as_htrd_does_and_survive_a_crashing_file(htrd, demo_mode
 
     # A file that kills its worker, in a batch beside good ones: that part fails with internal (its pool died
     # twice with it), the good parts are served, the daemon stays ready with new workers.
-    files = [("image", ("ok0.png", lines[0], "image/png")),
-             ("image", ("poison.png", png(stroke_line(777, 40, 1)), "image/png")),
-             ("image", ("ok1.png", lines[1], "image/png"))]
-    r = d.post(P.PATH_TRANSCRIBE_BATCH, files=files)
-    assert r.status_code == 200, r.text
-    items = r.json()["items"]
-
+    items = batch_beside(d, png(stroke_line(777, 40, 1)), lines[:2])
     assert items[1]["error"]["type"] == "internal" and "died" in items[1]["error"]["message"]
     assert [items[0]["results"][0]["text"], items[2]["results"][0]["text"]] == [texts[0], texts[1]]
     assert d.state() == "ready"
@@ -137,12 +140,7 @@ def test_workers_encode_as_htrd_does_and_survive_a_crashing_file(htrd, demo_mode
 def test_a_file_that_hangs_its_worker_fails_alone_after_the_timeout(htrd):
     d = htrd(config={"limits": {"preprocess_workers": 2, "preprocess_timeout_s": 2.0}}, faults="hang_preprocess=555")
     good = [png(stroke_line(w, 40, w)) for w in (310, 430)]
-    files = [("image", ("ok0.png", good[0], "image/png")),
-             ("image", ("hangs.png", png(stroke_line(555, 40, 1)), "image/png")),
-             ("image", ("ok1.png", good[1], "image/png"))]
-    r = d.post(P.PATH_TRANSCRIBE_BATCH, files=files)
-    assert r.status_code == 200, r.text
-    items = r.json()["items"]
+    items = batch_beside(d, png(stroke_line(555, 40, 1)), good)
     assert items[1]["error"]["type"] == "internal" and "hung" in items[1]["error"]["message"], items[1]
     assert items[0]["results"] and items[2]["results"], items
     assert "more than 2 s" in d.stderr()

@@ -81,8 +81,8 @@ class PreprocessPool:
         self.timeout_s = timeout_s  # an image in the pool longer than this: its workers are killed (hung decoder)
         self._inflight: dict[Future, tuple[float, ProcessPoolExecutor]] = {}  # in a pool: since when, which pool
         self._killed: ProcessPoolExecutor | None = None  # the pool whose workers the hang watch killed last
-        self._pings: dict[ProcessPoolExecutor, list[Future]] = {}  # the current pool's start pings (_new)
-        self._ready: dict[ProcessPoolExecutor, float] = {}  # when they had all answered (_ready_at)
+        self._pings: list[Future] = []  # the current pool's start pings (_new)
+        self._ready: float | None = None  # when they had all answered (_ready_at)
         self._deliver = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="htrd-pre-in")
         self._args = (str(model_dir), prompt, dtype_name, one_cpu_thread, warm_png, os.getpid())
         self._lock = threading.Lock()
@@ -96,7 +96,7 @@ class PreprocessPool:
         """Start the workers; raises what a worker's start raised (the processor cannot load...)."""
         with self._lock:
             self._ex = self._new()
-            pings = self._pings[self._ex]
+            pings = self._pings
         for f in pings:
             f.result(timeout=START_TIMEOUT_S)
         threading.Thread(target=self._watch, name="htrd-pre-watch", daemon=True).start()
@@ -108,17 +108,15 @@ class PreprocessPool:
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(PRELOAD)
         ex = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=_init, initargs=self._args)
-        self._pings = {ex: [ex.submit(_ping) for _ in range(self.workers)]}  # the current pool's only
+        self._pings, self._ready = [ex.submit(_ping) for _ in range(self.workers)], None
         return ex
 
-    def _ready_at(self, ex: ProcessPoolExecutor) -> float | None:
-        """When every worker of *ex* had started (monotonic), or None while some are starting."""
-        pings = self._pings.get(ex) or []
-        if not all(f.done() for f in pings):
-            return None
-        if ex not in self._ready:
-            self._ready = {ex: time.monotonic()}
-        return self._ready[ex]
+    def _ready_at(self) -> float | None:
+        """When every worker of the current pool had started (monotonic), or None while some are starting
+        (called with the lock held)."""
+        if self._ready is None and all(f.done() for f in self._pings):
+            self._ready = time.monotonic()
+        return self._ready
 
     def submit(self, data: bytes, header: ImageHeader) -> Future:
         """The pages of *data*, each an :class:`htrd.model.Encoded`, as ``[(page index, Encoded)]``; the
@@ -195,7 +193,7 @@ class PreprocessPool:
             now = time.monotonic()
             with self._lock:
                 ex = self._ex
-                ready = self._ready_at(ex) if ex is not None else None
+                ready = self._ready_at() if ex is not None else None
                 if ready is None or ex is self._killed or self._closed:
                     continue
                 if not any(now - max(t0, ready) > self.timeout_s for t0, e in self._inflight.values() if e is ex):

@@ -30,17 +30,21 @@ def png(img) -> bytes:
     return buf.getvalue()
 
 
+def stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command (state, ppid, ...); None when the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def descendants(pid: int) -> set[int]:
     """Every live process below *pid* (the fork server's workers are its grandchildren)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
+        fields = stat(entry.name) if entry.name.isdigit() else None
+        if fields:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
     out, todo = set(), [pid]
     while todo:
         for c in children.get(todo.pop(), []):
@@ -50,15 +54,7 @@ def descendants(pid: int) -> set[int]:
 
 
 def alive(pids: set[int]) -> set[int]:
-    out = set()
-    for p in pids:
-        try:
-            state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            out.add(p)
-    return out
+    return {p for p in pids if (fields := stat(p)) and fields[0] != "Z"}
 
 
 def batch_beside(d, bad: bytes, good: list[bytes]) -> list[dict]:
@@ -165,14 +161,7 @@ def _workers(pid: int) -> set[int]:
 
 
 def _children(pid: int) -> set[int]:
-    out = set()
-    for p in descendants(pid):
-        try:
-            if int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                out.add(p)
-        except (OSError, IndexError, ValueError):
-            continue
-    return out
+    return {p for p in descendants(pid) if (fields := stat(p)) and int(fields[1]) == pid}
 
 
 def test_a_worker_killed_while_idle_is_replaced_for_the_next_image(htrd):

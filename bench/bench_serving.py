@@ -6,10 +6,11 @@
 Real daemons, one after the other, on the same model and the same requests:
 ``static`` (``generation.continuous_batching: false``: a batch runs until its
 longest line is done -- the engine before continuous batching),
-``continuous`` (the default) and, with ``--engines static,continuous,mixed,threads``,
-``mixed`` (``generation.mixed_steps``: prompts prefilled inside the decode steps) and ``threads``
+``continuous`` (the default) and, with ``--engines static,continuous,mixed,threads,flash``,
+``mixed`` (``generation.mixed_steps``: prompts prefilled inside the decode steps), ``threads``
 (``limits.preprocess_workers: 0``: the images decoded and preprocessed in threads of htrd's own process, under
-its GIL, instead of worker processes). Closed-loop clients (each sends its next line as
+its GIL, instead of worker processes) and ``flash`` (``generation.decode_attention: flash``: the decode steps'
+attention through flash attention's kernel instead of the Triton one). Closed-loop clients (each sends its next line as
 soon as the previous one is answered) over the Unix socket, in two modes:
 
 - **fixed**: every line a 1200x160 image, exactly ``--new-tokens`` tokens;
@@ -114,7 +115,13 @@ def closed_loop(socket_path: Path, work: list[tuple[bytes, int]], clients: int) 
     released = time.perf_counter() - wall
     steady_s = last_taken[0] - released
     steady = sum(1 for t in finished_at if t <= last_taken[0])
+    # Lines answered in each second of the load: a slow start (first shapes, the pool's first images), a
+    # drain, or waves (lines that joined together leaving together) show here, not in the averages.
+    per_second = [0] * (int(wall) + 1)
+    for t in finished_at:
+        per_second[min(len(per_second) - 1, max(0, int(t - released)))] += 1
     return {"clients": clients, "requests": len(lat), "n_errors": len(errors), "errors": errors[:3],
+            "per_second": per_second,
             "released_at": released, "steady_until": last_taken[0], "steady_s": steady_s,
             "steady_lines_per_s": steady / steady_s if steady_s > 0 else None,
             "wall_s": wall, "lines_per_s": len(lat) / wall, "tokens_per_s": sum(tokens) / wall,
@@ -238,6 +245,8 @@ ENGINES = {
     "mixed": {"generation": {"continuous_batching": True, "mixed_steps": True}},
     # the preprocessing in threads of htrd's process (under its GIL), not worker processes
     "threads": {"generation": {"continuous_batching": True}, "limits": {"preprocess_workers": 0}},
+    # the decode steps' attention through flash attention's variable-length kernel, not Triton's (htrd.attention)
+    "flash": {"generation": {"continuous_batching": True, "decode_attention": "flash"}},
 }
 
 
@@ -326,6 +335,8 @@ def run_engine(args, name: str, workloads: dict, work_dir: Path) -> dict:
                         100 * r["host_turnaround_s"] / r["wall_s"] if r.get("wall_s") else 0,
                         r["avg_prefill_lines"] or 0, r["prefill_replays"],
                         r["prefill_graphs"], r["where"])
+            logger.info("%s %s: lines answered per second of the load: %s", name, load_key(mode, clients, rnd),
+                        " ".join(map(str, r["per_second"])))
         res["status"] = status(sock)
     finally:
         res["exit_code"] = d.stop()
@@ -352,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engines", default="static,continuous",
                     help=f"comma-separated, run one after the other: {', '.join(ENGINES)} (mixed: continuous with "
                          "generation.mixed_steps; threads: continuous with the preprocessing in threads, "
-                         "limits.preprocess_workers 0)")
+                         "limits.preprocess_workers 0; flash: continuous with generation.decode_attention flash)")
     ap.add_argument("--settle", type=float, default=0.0,
                     help="seconds each daemon stays idle after READY before the first load (default 0: loads start "
                          "at READY; an idle daemon captures prefill graphs ahead of need)")
@@ -424,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
                         + (f"{mfu:.1%}" if mfu is not None else "-") + " | "
                         + (f"{r['gpu_busy_pct']:.0f} % ({r['gpu_busy_steady_pct']:.0f} %)"
                            if r.get("gpu_busy_steady_pct") is not None else "-") + " |")
-        for a, b in (("continuous", "static"), ("mixed", "static"), ("mixed", "continuous"), ("continuous", "threads")):
+        for a, b in (("continuous", "static"), ("mixed", "static"), ("mixed", "continuous"), ("continuous", "threads"),
+                     ("continuous", "flash")):
             if {a, b} <= set(results["engines"]):
                 ra, rb = (results["engines"][e][key]["lines_per_s"] for e in (a, b))
                 rows.append(f"| {label} | **{a} / {b}** | **{ra / rb:.2f}x** | | | | | | | | |")
@@ -435,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         if eng.get("preprocess_ms_per_image") is not None:
             rows.append(f"| preprocessing per image, on average | {name} | {eng['preprocess_ms_per_image']:g} ms | "
                         f"{eng.get('preprocess_workers')} workers | | | | | | | |")
+        if eng.get("decode_attention"):
+            rows.append(f"| decode attention | {name} | {eng['decode_attention']} | | | | | | | | |")
     for name, res in results["engines"].items():
         gpu = (res.get("status") or {}).get("gpu") or {}
         if gpu.get("memory_reserved_bytes"):  # at the end: every prefill graph it captured, on first sight or ahead

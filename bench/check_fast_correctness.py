@@ -8,8 +8,8 @@ midway; HF ``generate`` in bf16 on the same merged weights chooses its own.
 Every chosen token is then scored by the merged model in **fp32**, teacher-
 forced on that sequence: the gap between fp32's best logit and the chosen
 token's logit (0 where fp32 agrees). Then the decode steps are teacher-forced
-on HF's own tokens, with each decode attention the GPU has (flash over each
-line's keys, SDPA over the masked span): their logits along the very sequences
+on HF's own tokens, with each decode attention the GPU has (Triton and flash
+over each line's keys, SDPA over the masked span): their logits along the very sequences
 HF chose, against fp32's -- the arithmetic alone, whatever near-tie a path
 happened to follow.
 
@@ -43,9 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--device", default="cuda", help="cuda (the check), or cpu (a smoke run of this script)")
-    ap.add_argument("--decode-attention", choices=["auto", "sdpa"], default="auto",
-                    help="sdpa: decode steps attend with SDPA over the masked span even where flash attention over "
-                         "each line's own keys is on (the generator's default): the two compared on one host")
+    ap.add_argument("--decode-attention", choices=["auto", "triton", "flash", "sdpa"], default="auto",
+                    help="the decode steps' attention for the free-running paths (generation.decode_attention; "
+                         "auto: the generator's choice); the teacher-forced check runs every one that runs here")
     ap.add_argument("--mixed", action="store_true",
                     help="the fast generator with mixed steps (generation.mixed_steps: prompts prefilled in chunks "
                          "inside the decode steps)")
@@ -60,11 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     images = [line_image(w, h, seed=i) for i, (w, h) in enumerate(WIDTHS)]
     fast = FastGenerator.load(args.model_dir, device=args.device, dtype="bfloat16", prompt=PROMPT,
                               batch_sizes=[1, 2, 4, 8], max_cache_len=1024, max_new_tokens=new, compile=args.device != "cpu",
-                              mixed=args.mixed)
-    if args.decode_attention == "sdpa":
-        fast.flash_decode = False  # before any decode graph is captured
+                              mixed=args.mixed, decode_attention=args.decode_attention)
     fast.warmup(images[4], max_new_tokens=new)
-    decode_attention = "flash" if fast.flash_decode else "sdpa"
+    decode_attention = fast.decode_attention
     preps = [fast.prepare(im) for im in images]
     alone = [fast.generate([p], min_new_tokens=new)[0].token_ids for p in preps]
     # The same lines three times more: a recurring shape's prefill is captured (third time) and replayed (fourth).
@@ -103,9 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     # The decode steps teacher-forced on HF's tokens, with each decode attention in turn: their logits along the
     # very sequences HF chose, so what differs is the arithmetic, not which near-tie a path happened to follow.
     forced = {}
-    modes = [True, False] if fast.flash_decode else [False]
-    for flash in modes:
-        forced["flash" if flash else "sdpa"] = [forced_logits(fast, p, toks, flash=flash) for p, toks in zip(preps, hf)]
+    kinds = dict.fromkeys([fast.decode_attention, *(k for k in ("triton", "flash") if
+                                                    fast._decode_attention(k) == k), "sdpa"])
+    for kind in kinds:
+        forced[kind] = [forced_logits(fast, p, toks, attention=kind) for p, toks in zip(preps, hf)]
     fast_mixed, fast_packed, fast_mixed_steps = fast.mixed, fast.packed, fast.mixed_steps
     del fast
     dev = args.device
@@ -192,14 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
 
 
-def forced_logits(fast, p, tokens: list[int], *, flash: bool):
+def forced_logits(fast, p, tokens: list[int], *, attention: str):
     """The fast generator's decode-step logits for line *p* teacher-forced on *tokens* (its first token is taken
-    as the prefill's choice), uncaptured steps with flash attention or SDPA: row t predicts tokens[t + 1]."""
+    as the prefill's choice), uncaptured steps with the decode attention *attention*: row t predicts tokens[t + 1]."""
     import torch
     from htrd.generation import Seq
 
     rec = []
-    select, graphs, attention = fast._select, fast.cuda_graphs, fast.flash_decode
+    select, graphs, shipped = fast._select, fast.cuda_graphs, fast.decode_attention
 
     def forcing(logits, B):
         rec.append(logits[0].float().cpu())  # slot 0: the line runs alone
@@ -210,13 +209,13 @@ def forced_logits(fast, p, tokens: list[int], *, flash: bool):
     fast.add([Seq(p, len(tokens), len(tokens))])
     while fast.mixed and 0 in fast._prefills.slots():
         fast.step(steps=1)  # mixed steps: the prompt's chunks (their choice of the first token is forced over)
-    fast._select, fast.cuda_graphs, fast.flash_decode = forcing, False, flash
+    fast._select, fast.cuda_graphs, fast.decode_attention = forcing, False, attention
     try:
         fast.tok[0, 0] = tokens[0]
         while fast.running():
             fast.step(steps=1)
     finally:
-        fast._select, fast.cuda_graphs, fast.flash_decode = select, graphs, attention
+        fast._select, fast.cuda_graphs, fast.decode_attention = select, graphs, shipped
     return torch.stack(rec)
 
 

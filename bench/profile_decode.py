@@ -1,13 +1,13 @@
 """Where one decode step and one small prefill go (GPU): captured step time per batch, a floor, top kernels.
 
-    python bench/profile_decode.py MODEL_DIR [--batches 1,16,64] [--span 512] [--used 250-330] [--attention both]
+    python bench/profile_decode.py MODEL_DIR [--batches 1,16,64] [--span 512] [--used 250-330] [--attention all]
 
 Diagnostic for the serving path's per-token cost (FastGenerator). Prints, for
 each batch size: the captured decode step (CUDA graph replay, averaged over
 50 steps, every slot decoding at a cache position drawn from --used), the same
 step's matmuls alone (the weight-streaming floor of that batch), and
-torch.profiler's top kernels of one eager step; with --attention both, the
-step with flash attention over each line's own keys and with SDPA over the
+torch.profiler's top kernels of one eager step; with --attention all, the
+step with each decode attention that runs here (Triton and flash attention over each line's own keys, SDPA over the
 masked span, captured in the same process; then one line's
 prefill: wall time against the GPU time of its kernels (how launch-bound it is).
 """
@@ -30,8 +30,9 @@ def main() -> int:
     ap.add_argument("--span", type=int, default=512)
     ap.add_argument("--used", default="250-330",
                     help="cache positions of the decoding lines, drawn from LO-HI (the fixed-shape line: 284 + 50)")
-    ap.add_argument("--attention", choices=["auto", "both"], default="auto",
-                    help="both: the step with flash attention over each line's keys and with SDPA over the span")
+    ap.add_argument("--attention", choices=["auto", "all"], default="auto",
+                    help="all: the step with each decode attention that runs here (htrd.attention), the "
+                         "generator's own last")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--kernels", type=int, default=14, help="rows of the kernel table")
     ap.add_argument("--prefill-only", action="store_true", help="only the prefill comparison (HF forward vs ours)")
@@ -120,22 +121,22 @@ def main() -> int:
                            args.kernels)
     with torch.inference_mode():
         for B in ([] if args.prefill_only else batches):
-            modes = [fast.flash_decode] + ([not fast.flash_decode] if args.attention == "both" and
-                                           fast.flash_decode else [])
-            for flash in modes[1:]:  # the other attention first; the generator's own last (profiled below)
-                fast.flash_decode = flash
+            modes = [fast.decode_attention] + ([k for k in ("triton", "flash", "sdpa") if k != fast.decode_attention
+                                                 and fast._decode_attention(k) == k] if args.attention == "all" else [])
+            for kind in modes[1:]:  # the others first; the generator's own last (profiled below)
+                fast.decode_attention = kind
                 replaced.append(fast._graphs.pop((B, L), None))  # kept alive: its memory pool is shared
                 occupy(B)
                 t_other = per_replay_ms(fast._capture(B, L).graph, before=lambda: occupy(B))  # noqa: B023
-                print(f"batch {B:3d}: captured step with {'flash' if flash else 'sdpa'} attention {t_other:6.2f} ms",
+                print(f"batch {B:3d}: captured step with {kind} attention {t_other:6.2f} ms",
                       flush=True)
-            fast.flash_decode = modes[0]
+            fast.decode_attention = modes[0]
             replaced.append(fast._graphs.pop((B, L), None))
             occupy(B)
             step = fast._capture(B, L)
             t_step = per_replay_ms(step.graph, before=lambda: occupy(B))  # noqa: B023
             t_mm = per_replay_ms(graph_of(matmuls_only(B)))
-            kind = "flash" if fast.flash_decode else "sdpa"
+            kind = fast.decode_attention
             print(f"batch {B:3d}: captured step ({kind}) {t_step:6.2f} ms ({B / t_step * 1000:7.0f} tok/s); matmuls "
                   f"alone {t_mm:6.2f} ms ({gbytes / t_mm:5.2f} TB/s); rest {t_step - t_mm:5.2f} ms", flush=True)
             occupy(B)

@@ -169,7 +169,7 @@ class Engine:
                                      max_cache_len=gen_s.max_cache_len, max_new_tokens=gen_s.max_new_tokens,
                                      prefill_chunk=gen_s.prefill_chunk, mixed=gen_s.mixed_steps,
                                      prefill_tokens=gen_s.prefill_tokens,
-                                     compile=compiling, preprocessor=pre)
+                                     decode_attention=gen_s.decode_attention, compile=compiling, preprocessor=pre)
             for thread in precompiled:
                 thread.join()  # the warm-up must not compile the same ops beside it
             self.batch_sizes = list(self.gen.batch_sizes)  # those whose KV cache fits
@@ -646,7 +646,7 @@ class Engine:
             "turnarounds": getattr(gen, "turnarounds", None),
             "occupied_slot_steps": gen.occupied_sum,
             "kv_cache_bytes": int(getattr(gen, "kv_cache_bytes", 0)),
-            "decode_attention": ("flash" if gen.flash_decode else "sdpa") if self.fast else None,
+            "decode_attention": gen.decode_attention if self.fast else None,
             "preprocess_ms_per_image": self.preprocess_ms_per_image(),
             "preprocess_workers": self.cpu_workers,
             "preprocess_in": "threads" if self._procs is None else "processes",

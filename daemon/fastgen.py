@@ -21,7 +21,7 @@ What the engine gets from :class:`FastGenerator` compared with the naive
   step's prompt chunk and every running line's next token, and the running
   lines never stall behind a whole prefill. A prompt may span steps; each
   chunk attends to its line's earlier positions in the cache
-  (:func:`_cache_attention`: flash attention's variable-length kernel, every
+  (:func:`htrd.attention.cache_attention`: flash attention's variable-length kernel, every
   (line, KV head) a sequence over the head-major cache, chunks aligned
   bottom-right; the decode rows in a call of their own, as in a decode step).
   The step that takes a prompt's last token chooses the line's first token;
@@ -74,7 +74,7 @@ What the engine gets from :class:`FastGenerator` compared with the naive
   (dropping old graphs would re-capture on every prefill of many shapes).
 - **Decode attention reads only the keys in use.** On a GPU with flash
   attention's variable-length kernel, each (slot, KV head) is its own sequence
-  from its first prompt position to its current one (:func:`_flash_decode`),
+  from its first prompt position to its current one (:func:`htrd.attention.flash_decode`),
   so a step reads each line's keys, not the span bucket's for every slot (a
   2,000-px line in the batch made every slot's attention read ~1,000
   positions). Elsewhere SDPA with an additive mask over the span.
@@ -97,7 +97,6 @@ from __future__ import annotations
 
 import functools
 import heapq
-import itertools
 import logging
 import math
 import os
@@ -106,6 +105,18 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .attention import (
+    cache_attention,
+    decode_splits,
+    flash_decode,
+    kernel_agrees,
+    kv_rows,
+    kv_spans,
+    packed_attention,
+    sdpa_decode,
+    triton_decode,
+    triton_decode_ok,
+)
 from .chunks import PrefillQueue, StepPlan
 from .generation import Finished, GeneratorBase, Seq
 from .model import (
@@ -127,6 +138,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 LENGTH_BUCKET = 64  # the cache's positions per slot are a multiple of this
+DECODE_ATTENTION = ("auto", "triton", "flash", "sdpa")  # generation.decode_attention (see _decode_attention)
 # Without flash attention (SDPA over a masked span), attention spans (cache positions a decode step reads) are
 # multiples of this, capped at the cache's length: one CUDA graph per (batch size, span), each ~0.5 s to capture
 # on an H200 -- 4 spans for a 1024-position cache instead of 8, for at most 255 masked positions read per line
@@ -247,6 +259,7 @@ class FastGenerator(GeneratorBase):
         prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
         cuda_graphs: bool | None = None,
         compile: bool = False,
+        decode_attention: str = "auto",
         preprocessor: Preprocessor | None = None,
     ) -> None:
         import torch
@@ -314,7 +327,11 @@ class FastGenerator(GeneratorBase):
         self._packed_graphs: dict[int, _PrefillGraph] = {}
         self._packed_buffers: list = []  # the packed prefill graphs' static inputs
         self._alloc_state()
-        self.flash_decode = self._flash_decode_ok()
+        # Decode attention: "triton" (each (slot, KV head)'s own keys, g query heads at once; htrd.attention),
+        # "flash" (its own keys through flash attention's variable-length kernel) or "sdpa" (masked span).
+        self.decode_attention = self._decode_attention(decode_attention)
+        self._sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
+                     if self.device.type == "cuda" else 2)
         # Prefills packed (every prompt's tokens back to back, no padding) where flash attention's variable-length
         # kernel runs and passes its check, and on the CPU (attention per line). Elsewhere each group is
         # left-padded to its longest prompt.
@@ -406,8 +423,28 @@ class FastGenerator(GeneratorBase):
         self.kv_cache_bytes = 2 * len(self.layers) * math.prod(shape) * self.k_cache[0].element_size()
         logger.info("static KV cache: %d slots x %d positions, %.2f GiB", S, L, self.kv_cache_bytes / 2**30)
 
+    def _decode_attention(self, wanted: str) -> str:
+        """The decode steps' attention kernel (:mod:`htrd.attention`): *wanted* ("auto", "triton", "flash" or
+        "sdpa") where it runs and passes its start-up check; "auto" -- and a kernel that cannot run or fails --
+        the first of triton, flash, sdpa that does. SDPA always runs."""
+        if wanted not in DECODE_ATTENTION:
+            raise ValueError(f"decode attention {wanted!r}: one of {', '.join(DECODE_ATTENTION)}")
+        order = ["triton", "flash", "sdpa"]
+        if wanted != "auto":
+            order.remove(wanted)
+            order.insert(0, wanted)
+        for kind in order:
+            if kind == "sdpa" or (kind == "flash" and self._flash_decode_ok()) or (
+                    kind == "triton" and triton_decode_ok(
+                        n_kv=self.n_kv, g=self.n_heads // self.n_kv, head_dim=self.head_dim, device=self.device,
+                        dtype=self.dtype, span=2 * LENGTH_BUCKET)):
+                if wanted not in ("auto", kind):
+                    logger.warning("decode attention %s does not run here: %s instead", wanted, kind)
+                return kind
+        raise AssertionError("unreachable: sdpa always runs")
+
     def _flash_decode_ok(self) -> bool:
-        """Whether decode steps attend with flash attention over each slot's own positions (:func:`_flash_decode`)
+        """Whether decode steps attend with flash attention over each slot's own positions (:func:`htrd.attention.flash_decode`)
         instead of SDPA over the whole span: where the kernel exists, checked against SDPA with the mask on a
         small random cache. Where it fails or differs (another torch whose kernel reads its offsets otherwise),
         logged, and SDPA it is."""
@@ -424,20 +461,20 @@ class FastGenerator(GeneratorBase):
         seen = torch.arange(M, device=self.device)
         seen = (seen[None] >= first[:, None]) & (seen[None] <= pos[:, None])
         bias = torch.zeros((S, 1, 1, M), device=self.device).masked_fill_(~seen[:, None, None], float("-inf"))
-        ref = _sdpa_decode(q.float(), k.float(), v.float(), scale=hd**-0.5, bias=bias, span=M).reshape(S, -1)
+        ref = sdpa_decode(q.float(), k.float(), v.float(), scale=hd**-0.5, bias=bias, span=M).reshape(S, -1)
 
         def flash():
-            rows = _kv_rows(torch.arange(S, device=self.device), torch.arange(nkv, device=self.device), pos, M)
-            cu_k, used = _kv_spans(rows, first, pos, M)
-            return _flash_decode(q, k, v, scale=hd**-0.5, cu_q=torch.arange(S * nkv + 1, dtype=torch.int32,
+            rows = kv_rows(torch.arange(S, device=self.device), torch.arange(nkv, device=self.device), pos, M)
+            cu_k, used = kv_spans(rows, first, pos, M)
+            return flash_decode(q, k, v, scale=hd**-0.5, cu_q=torch.arange(S * nkv + 1, dtype=torch.int32,
                                  device=self.device), cu_k=cu_k, used=used, span=M).reshape(S, -1)
 
-        return _kernel_agrees(flash, ref, what="flash attention over the KV cache's slots",
+        return kernel_agrees(flash, ref, what="flash attention over the KV cache's slots",
                               fallback="decode steps use SDPA over every position of the span")
 
     def _packed_attention_ok(self) -> bool:
         """Whether packed prefills may attend with flash attention's variable-length kernel
-        (:func:`_packed_attention`): checked on small random rows (sequences of several lengths, an empty one,
+        (:func:`htrd.attention.packed_attention`): checked on small random rows (sequences of several lengths, an empty one,
         values strided as the fused projection leaves them) against SDPA over all rows with a block-diagonal
         causal mask, relative norm of the difference <= 1 %. Where it fails or differs (another torch whose
         kernel reads its bounds otherwise): logged, and prompts are left-padded to their group's longest."""
@@ -459,14 +496,14 @@ class FastGenerator(GeneratorBase):
             q.float().transpose(0, 1), k.float().repeat_interleave(g, 1).transpose(0, 1),
             v.float().repeat_interleave(g, 1).transpose(0, 1), attn_mask=bias, scale=hd**-0.5).transpose(0, 1)
         cu = torch.tensor(bounds, dtype=torch.int32, device=self.device)
-        return _kernel_agrees(lambda: _packed_attention(q, k, v, cu, span=T, scale=hd**-0.5), ref,
+        return kernel_agrees(lambda: packed_attention(q, k, v, cu, span=T, scale=hd**-0.5), ref,
                               what="flash attention over packed prompts",
                               fallback="prompts are left-padded to their group's longest")
 
     # -------------------------------------------------------------- mixed steps
     def _mixed_attention_ok(self) -> bool:
         """Whether mixed steps may attend with flash attention's variable-length kernel over the cache
-        (:func:`_cache_attention`: each (line, KV head) a sequence, a prompt chunk's queries causally aligned
+        (:func:`htrd.attention.cache_attention`: each (line, KV head) a sequence, a prompt chunk's queries causally aligned
         bottom-right to the line's keys so far): checked on a small random cache -- decode rows, chunks that
         start mid-prompt, an empty sequence, keys of slots out of order -- against the same attention per
         sequence with SDPA in fp32 on the CPU. On the CPU it is that reference: True."""
@@ -488,10 +525,10 @@ class FastGenerator(GeneratorBase):
         cu_k.append(4 * nkv * M)
         q = torch.randn((cu_q[-1], g, hd), generator=gen, device=self.device, dtype=self.dtype)
         args = [torch.tensor(a, dtype=torch.int32) for a in (cu_q, cu_k, used)]
-        ref = _cache_attention(q.float().cpu(), k.float().cpu(), v.float().cpu(), scale=hd**-0.5, cu_q=args[0],
+        ref = cache_attention(q.float().cpu(), k.float().cpu(), v.float().cpu(), scale=hd**-0.5, cu_q=args[0],
                                cu_k=args[1], used=args[2], max_q=60, span=M)
         cu_qd, cu_kd, used_d = (a.to(self.device) for a in args)
-        return _kernel_agrees(lambda: _cache_attention(q, k, v, scale=hd**-0.5, cu_q=cu_qd, cu_k=cu_kd, used=used_d,
+        return kernel_agrees(lambda: cache_attention(q, k, v, scale=hd**-0.5, cu_q=cu_qd, cu_k=cu_kd, used=used_d,
                                                        max_q=60, span=M).cpu(),
                               ref, what="flash attention of prompt chunks over the KV cache",
                               fallback="newcomers are prefilled between decode steps")
@@ -673,7 +710,7 @@ class FastGenerator(GeneratorBase):
         """One step over slots [:B]'s decode rows and *T* prompt rows (the chunks :meth:`_mixed_host` wrote
         into the static inputs): every row through the layers together (the decode rows ride along the
         prompt's GEMMs), keys and values of both into the cache by one index_copy per layer, attention over
-        the cache (:func:`_cache_attention`: one call for the decode rows, one for the prompt chunks); the
+        the cache (:func:`htrd.attention.cache_attention`: one call for the decode rows, one for the prompt chunks); the
         decode rows' next tokens as :meth:`_decode_step`'s, and
         each line whose prompt ended here gets its first token and starts decoding at the next step. Only
         touches fixed buffers: captured per (B, T)."""
@@ -683,12 +720,12 @@ class FastGenerator(GeneratorBase):
         src, slot, pos_t, rope_t, perm, inv, cu_q_t, cu_k_t, used_t, last, done, end = self._mixed_inputs(T)
         rows, pos = self.rows[:B], self.pos[:B]
         self.attend.index_put_((rows, pos), self._true)  # SDPA's mask stays current for the decode steps after
-        dec_rows = _kv_rows(rows, self.kv_heads, pos, L)
-        cu_k_dec, used_dec = _kv_spans(dec_rows, self.kv_first[:B], pos, L)
+        dec_rows = kv_rows(rows, self.kv_heads, pos, L)
+        cu_k_dec, used_dec = kv_spans(dec_rows, self.kv_first[:B], pos, L)
         # Finished and free slots (a joining line's among them) write their decode row's keys to the scratch
         # row: their position 0 is where a chunk of a joining prompt may write in this very step.
         dec_rows = torch.where(self.finished[:B, None], self._scratch_row, dec_rows)
-        pf_rows = torch.where(slot[:, None] < S, _kv_rows(slot, self.kv_heads, pos_t, L), self._scratch_row)
+        pf_rows = torch.where(slot[:, None] < S, kv_rows(slot, self.kv_heads, pos_t, L), self._scratch_row)
         kv_flat = torch.cat([dec_rows.reshape(-1), pf_rows.reshape(-1)])
         cu_q, cu_k, used = cu_q_t.int(), cu_k_t.int(), used_t.int()
         h = torch.cat([self.text.embed_tokens(self.tok[:B, 0]), self._stage_h.index_select(0, src)])
@@ -705,9 +742,9 @@ class FastGenerator(GeneratorBase):
             kc, vc = self.k_cache[li], self.v_cache[li]
             # Two calls: the decode rows with one query each (flash then folds each KV head's query heads into
             # one block that reads the keys once -- as the decode step's), the prompt chunks with theirs.
-            od = _cache_attention(q[:D], kc, vc, scale=att.scaling, cu_q=self.cu_q[: D + 1], cu_k=cu_k_dec,
+            od = cache_attention(q[:D], kc, vc, scale=att.scaling, cu_q=self.cu_q[: D + 1], cu_k=cu_k_dec,
                                   used=used_dec, max_q=1, span=L)
-            op = _cache_attention(q[D:].index_select(0, perm), kc, vc, scale=att.scaling, cu_q=cu_q, cu_k=cu_k,
+            op = cache_attention(q[D:].index_select(0, perm), kc, vc, scale=att.scaling, cu_q=cu_q, cu_k=cu_k,
                                   used=used, max_q=T, span=L)
             return torch.cat([od, op.index_select(0, inv)]).reshape(N, nh * hd)
 
@@ -1213,7 +1250,7 @@ class FastGenerator(GeneratorBase):
         nh, nkv, hd, L = self.n_heads, self.n_kv, self.head_dim, self.max_cache_len
         cos, sin = self.text.rotary_emb(h[None], pos3[:, None])  # (1, T, hd)
         cos, sin = cos.reshape(T, 1, hd), sin.reshape(T, 1, hd)
-        rows = _kv_rows(tok_slot, self.kv_heads, tok_pos, L)  # past the slots for padding tokens: the scratch row
+        rows = kv_rows(tok_slot, self.kv_heads, tok_pos, L)  # past the slots for padding tokens: the scratch row
         rows = torch.where(tok_slot[:, None] < self.slots, rows, self._scratch_row).reshape(-1)
         # Every real sequence fits the cache; the padding sequence is shorter than one step of _pack_width.
         span = min(T, max(L, T // 8 + PACK_MIN))
@@ -1222,7 +1259,7 @@ class FastGenerator(GeneratorBase):
             k, v = k.reshape(T, nkv, hd), v.reshape(T, nkv, hd)
             self._k_rows[li].index_copy_(0, rows, k.reshape(T * nkv, hd))
             self._v_rows[li].index_copy_(0, rows, v.reshape(T * nkv, hd))
-            return _packed_attention(q.reshape(T, nh, hd), k, v, cu, span=span, scale=att.scaling).reshape(T, nh * hd)
+            return packed_attention(q.reshape(T, nh, hd), k, v, cu, span=span, scale=att.scaling).reshape(T, nh * hd)
 
         x = self._layers(h, cos, sin, attend, vis, deepstack)
         return x.index_select(0, last)
@@ -1545,10 +1582,19 @@ class FastGenerator(GeneratorBase):
         rows = self.rows[:B]
         pos = self.pos[:B]
         # Where each slot's new key/value goes in a layer's cache seen as rows of head_dim: one index_copy_ each.
-        kv_rows = _kv_rows(rows, self.kv_heads, pos, self.max_cache_len)
-        if self.flash_decode:  # each slot's keys from its first position on, nothing past its own position
-            cu_k, used = _kv_spans(kv_rows, self.kv_first[:B], pos, self.max_cache_len)
-            attention = functools.partial(_flash_decode, cu_q=self.cu_q[: B * self.n_kv + 1], cu_k=cu_k, used=used,
+        kv_at = kv_rows(rows, self.kv_heads, pos, self.max_cache_len)
+        if self.decode_attention != "sdpa":  # each slot's keys from its first position on, none past its own
+            cu_k, used = kv_spans(kv_at, self.kv_first[:B], pos, self.max_cache_len)
+        if self.decode_attention == "triton":
+            splits = decode_splits(B * self.n_kv, self._sms)
+
+            def attention(q, k_cache, v_cache, *, scale):
+                k_rows = k_cache.view(-1, self.head_dim)  # the cache's rows without the scratch row
+                return triton_decode(q.reshape(B * self.n_kv, -1, self.head_dim), k_rows,
+                                     v_cache.view(-1, self.head_dim), scale=scale, start=cu_k[:-1], used=used,
+                                     splits=splits)
+        elif self.decode_attention == "flash":
+            attention = functools.partial(flash_decode, cu_q=self.cu_q[: B * self.n_kv + 1], cu_k=cu_k, used=used,
                                           span=L)
         else:
             self.attend.index_put_((rows, pos), self._true)  # a device scalar: no host copy inside a graph
@@ -1556,14 +1602,14 @@ class FastGenerator(GeneratorBase):
             # position of the span for every slot.
             bias = torch.zeros((B, 1, 1, L), dtype=self.dtype, device=self.device).masked_fill_(
                 ~self.attend[:B, None, None, :L], float("-inf"))
-            attention = functools.partial(_sdpa_decode, bias=bias, span=L)
+            attention = functools.partial(sdpa_decode, bias=bias, span=L)
         h = self.text.embed_tokens(self.tok[:B, 0])  # (B,H)
         rope = (pos + self.delta[:B]).view(1, B, 1).expand(3, B, 1)
         cos, sin = self.text.rotary_emb(h, rope)  # (B,1,hd)
         nh, hd, nkv = self.n_heads, self.head_dim, self.n_kv
         # Finished and free slots write to the scratch row: a slot being prefilled by mixed steps must keep its
         # prompt's keys (its decode row is inert until its first token).
-        kv_flat = torch.where(self.finished[:B, None], self._scratch_row, kv_rows).reshape(-1)
+        kv_flat = torch.where(self.finished[:B, None], self._scratch_row, kv_at).reshape(-1)
 
         def attend(li, att, q, k, v):
             self._k_rows[li].index_copy_(0, kv_flat, k.reshape(B * nkv, hd))
@@ -1636,14 +1682,14 @@ class FastGenerator(GeneratorBase):
         """The attention spans (L buckets) a line of at least *min_prompt* prompt tokens can need: one per
         SPAN_BUCKET positions with SDPA, which reads the whole span; with flash attention only the whole cache
         (it reads each line's own keys whatever the span: one decode graph per batch size)."""
-        if self.flash_decode:
+        if self.decode_attention != "sdpa":
             return [self.max_cache_len]
         lo = min(_round_up(min_prompt + 1, SPAN_BUCKET), self.max_cache_len)
         return sorted(set(range(lo, self.max_cache_len, SPAN_BUCKET)) | {self.max_cache_len})
 
     def _span_for(self, need: int) -> int:
         """The span (L bucket) of a decode step whose running lines reach cache position *need*."""
-        if self.flash_decode:
+        if self.decode_attention != "sdpa":
             return self.max_cache_len
         return min(_round_up(need, SPAN_BUCKET), self.max_cache_len)
 
@@ -1703,106 +1749,6 @@ class FastGenerator(GeneratorBase):
                     t_graphs - t0, sizes)
         return {"warmup_s": took, "graphs": n_graphs, "graphs_s": t_graphs - t0, "per_batch_ms": report,
                 "prompt_tokens": prep.prompt_len}
-
-
-def _kv_rows(slots, heads, at, max_len: int):
-    """The row of cache position *at[b]* of slot *slots[b]*, for each KV head of *heads*, in a layer's cache
-    (slots, n_kv, max_len, head_dim) seen as rows of head_dim: (B, n_kv)."""
-    return ((slots * heads.numel())[:, None] + heads[None, :]) * max_len + at[:, None]
-
-
-def _kv_spans(rows, first, pos, max_len: int):
-    """Where each (slot, KV head) of slots [:B] has its keys, from the rows of its current position *pos*
-    (:func:`_kv_rows`, where the step writes): flash attention's cumulative key offsets (B * n_kv + 1, int32;
-    offsets, not lengths: a slot's keys start at its first position) and its used lengths (first .. pos
-    inclusive, at least 1: a free slot sees one)."""
-    import torch
-
-    starts = rows - (pos - first)[:, None]
-    cu_k = torch.cat([starts.reshape(-1), starts.new_full((1,), rows.numel() * max_len)]).to(torch.int32)
-    used = (pos + 1 - first).clamp(min=1)[:, None].expand_as(rows).reshape(-1).to(torch.int32)
-    return cu_k, used
-
-
-def _flash_decode(q, k_cache, v_cache, *, scale: float, cu_q, cu_k, used, span: int):
-    """One query per slot (*q*: (B, n_kv, g, hd), each KV head's g query heads) against a layer's cache
-    (slots, n_kv, positions, hd), every (slot, head) its own sequence of one KV head: reads only the keys
-    in use (:func:`_kv_spans`), not the span: :func:`_cache_attention` with one query a sequence. Returns
-    (B * n_kv, g, hd)."""
-    B, nkv, g, hd = q.shape
-    return _cache_attention(q.reshape(B * nkv, g, hd), k_cache, v_cache, scale=scale, cu_q=cu_q, cu_k=cu_k, used=used,
-                            max_q=1, span=span)
-
-
-def _cache_attention(q, k_cache, v_cache, *, scale: float, cu_q, cu_k, used, max_q: int, span: int):
-    """Attention of query rows against a layer's cache (slots, n_kv, positions, hd) seen as rows of head_dim,
-    every (line, KV head) its own sequence of one KV head: *q* (rows, g, hd) with each sequence's rows
-    consecutive (bounds *cu_q*, int32); sequence i reads the keys of rows ``cu_k[i] .. cu_k[i] + used[i]``
-    (int32), causally aligned bottom-right -- its last query sees every key, the one before all but the last
-    (a chunk of a prompt attends to the line's earlier positions and to itself up to each token; a decode
-    row, one query, to all). On a GPU flash attention's variable-length kernel (*max_q*: no sequence has
-    more queries; *span*: more keys); elsewhere SDPA per sequence. Returns (rows, g, hd)."""
-    import torch
-
-    hd = q.shape[-1]
-    kf, vf = k_cache.view(-1, 1, hd), v_cache.view(-1, 1, hd)
-    if q.is_cuda:  # (one query a sequence: causal or not is the same)
-        return torch.ops.aten._flash_attention_forward(q, kf, vf, cu_q, cu_k, max_q, span, 0.0, max_q > 1, False,
-                                                       scale=scale, seqused_k=used)[0]
-    out = torch.zeros_like(q)
-    bounds, starts, lengths = cu_q.tolist(), cu_k.tolist(), used.tolist()
-    for i, (a, b) in enumerate(itertools.pairwise(bounds)):
-        if b <= a:
-            continue
-        s, u, c = starts[i], lengths[i], b - a
-        seen = torch.arange(u)[None, :] <= torch.arange(u - c, u)[:, None]  # (c, u): bottom-right causal
-        ks, vs = kf[s : s + u, 0], vf[s : s + u, 0]  # (u, hd)
-        out[a:b] = torch.nn.functional.scaled_dot_product_attention(
-            q[a:b].transpose(0, 1), ks[None], vs[None], attn_mask=seen[None], scale=scale).transpose(0, 1)
-    return out
-
-
-def _kernel_agrees(run: Callable[[], object], ref, *, what: str, fallback: str) -> bool:
-    """A start-up check: *run()* (an attention kernel's output) against *ref* (SDPA with a mask, fp32) within
-    1 % (relative norm of the difference). Where it raises or differs: logged with *fallback*, False."""
-    try:
-        out = run().float()
-    except RuntimeError as exc:
-        logger.warning("%s fails here (%s): %s", what, _first_line(exc), fallback)
-        return False
-    if not bool((out - ref).norm() <= 0.01 * ref.norm()):
-        logger.warning("%s differs from SDPA with a mask: %s", what, fallback)
-        return False
-    return True
-
-
-def _packed_attention(q, k, v, cu, *, span: int, scale: float):
-    """Causal attention within each sequence of packed rows: *q* (T, heads, d), *k*/*v* (T, kv heads, d), the
-    sequences' bounds *cu* (int32, on the device). On a GPU flash attention's variable-length kernel (*span*:
-    no sequence is longer); on the CPU SDPA per sequence."""
-    import torch
-
-    if q.is_cuda:
-        return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, span, span, 0.0, True, False, scale=scale)[0]
-    g = q.shape[1] // k.shape[1]
-    out = torch.zeros_like(q)
-    bounds = cu.tolist()
-    for a, b in itertools.pairwise(bounds):
-        if b > a:
-            qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
-            out[a:b] = torch.nn.functional.scaled_dot_product_attention(
-                qs, ks.repeat_interleave(g, 0), vs.repeat_interleave(g, 0), is_causal=True, scale=scale).transpose(0, 1)
-    return out
-
-
-def _sdpa_decode(q, k_cache, v_cache, *, scale: float, bias, span: int):
-    """:func:`_flash_decode` with SDPA and an additive mask (*bias*: (B, 1, 1, span)) over every position of the
-    span: the fallback (CPU, fp32, older GPUs)."""
-    import torch
-
-    B = q.shape[0]
-    return torch.nn.functional.scaled_dot_product_attention(
-        q, k_cache[:B, :, :span], v_cache[:B, :, :span], attn_mask=bias, scale=scale)
 
 
 def _rms(x, w, eps: float):

@@ -166,6 +166,12 @@ class GenerationSettings(_Section):
         "the running lines' next tokens (bounds how much a newcomer's prefill slows them; larger: faster "
         "prefill under heavy load, slower tokens meanwhile)"
     )
+    decode_attention: Literal["auto", "triton", "flash", "sdpa"] = Field(
+        "auto", description="fast generator: the decode steps' attention kernel. auto: Triton (each line's own "
+        "keys, a KV head's query heads together) where it runs and passes its start-up check, else flash "
+        "attention's variable-length kernel, else SDPA over the masked span; a kernel named here that cannot "
+        "run falls back the same way, with a warning"
+    )
     compile: bool = Field(True, description="static_cache on a GPU: fuse the decode step's ops with torch.compile")
     compile_cache_dir: Path | None = Field(
         None, description="inductor/triton kernel cache; null: $TORCHINDUCTOR_CACHE_DIR/$TRITON_CACHE_DIR or torch's"

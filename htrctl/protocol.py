@@ -139,7 +139,8 @@ class EngineInfo(BaseModel):
     turnarounds: int | None = None  # how many such gaps (turnaround_total_ms / turnarounds: one on average)
     occupied_slot_steps: int | None = None  # sum over those steps of the lines decoding
     kv_cache_bytes: int | None = None
-    # fast path: "flash" (a decode step reads each line's own keys) | "sdpa" (the masked span; CPU, older GPUs)
+    # fast path: "triton" | "flash" (a decode step reads each line's own keys; htrd.attention) | "sdpa" (the
+    # masked span; CPU, older GPUs)
     decode_attention: str | None = None
     preprocess_ms_per_image: float | None = None  # CPU time to decode + preprocess one line, on average
     preprocess_workers: int | None = None

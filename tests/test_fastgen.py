@@ -441,8 +441,10 @@ def test_prompt_layout_equals_hf_positions_and_image_placement(fast):
 
 
 def test_vision_tower_with_cached_grid_inputs_equals_hf_forward(fast):
-    """The vision tower as prefills run it (per-grid inputs cached, block sizes from the host) gives HF's
-    forward's image tokens and deepstack features exactly, on a batch of three widths (two alike)."""
+    """The vision tower as prefills run it (per-grid inputs cached, block sizes from the host, the patch
+    embedding as a GEMM) gives HF's forward's image tokens and deepstack features, on a batch of three widths
+    (two alike): equal bar the reduction order of the patch embedding (HF's Conv3d, one GEMM here) -- fp32
+    rounding, far below what a wrong weight layout or a lost bias would change."""
     from htrd.model import collate, prompt_layout
     from htrd.vision import _split
 
@@ -458,7 +460,7 @@ def test_vision_tower_with_cached_grid_inputs_equals_hf_forward(fast):
         ref_image, ref_deep = _split(fast.model.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]))
     assert len(deepstack) == len(ref_deep) > 0
     for got, want in zip([image, *deepstack], [ref_image, *ref_deep]):
-        assert torch.equal(got, want)
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     assert fast.vision.check(batch["pixel_values"], batch["image_grid_thw"], layout.grids, layout.vision_lengths)
 
 
@@ -483,7 +485,8 @@ def test_vision_helpers_that_changed_fall_back_to_hf_forward(fast, monkeypatch, 
         monkeypatch.setattr(vision_utils, "get_vision_interpolation_indices_and_weights", changed)
         got = tower(batch["pixel_values"], batch["image_grid_thw"], layout.grids, layout.vision_lengths)
     assert not tower.own and "do not take what they did" in caplog.text
-    assert torch.equal(got[0], want[0]) and all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
+    for a, b in zip([got[0], *got[1]], [want[0], *want[1]]):  # HF's Conv3d patch embedding, one GEMM in `want`
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
 
 
 def _stand_in_graphs(gen, kind) -> list:
@@ -804,14 +807,14 @@ def test_the_packed_attention_check_passes_it_and_catches_wrong_bounds(fast, mon
     import htrd.fastgen as fg
 
     assert fast._packed_attention_ok()
-    real = fg._packed_attention
+    real = fg.packed_attention
 
     def shifted(q, k, v, cu, **kw):
         off = (cu + 8).clamp(max=int(cu[-1]))
         off[0] = 0
         return real(q, k, v, off, **kw)
 
-    monkeypatch.setattr(fg, "_packed_attention", shifted)
+    monkeypatch.setattr(fg, "packed_attention", shifted)
     assert not fast._packed_attention_ok()
 
 
@@ -968,7 +971,7 @@ def test_doctor_sizes_the_kv_cache_htrd_allocates(fast, demo_model_dir):
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "left-padded"])
 def test_each_slot_s_first_position_and_position_bound_what_its_mask_lets_it_see(fast, packed):
     """Decode attention on a GPU reads each slot's keys from kv_first to pos (flash attention's offsets,
-    fastgen._kv_spans) instead of masking the span: on lines prefilled together (packed from position 0, or
+    attention.kv_spans) instead of masking the span: on lines prefilled together (packed from position 0, or
     left-padded to the group's width), joined later and freed, those bounds are exactly the positions the
     SDPA path's mask marks."""
     was = fast.packed
@@ -980,7 +983,7 @@ def test_each_slot_s_first_position_and_position_bound_what_its_mask_lets_it_see
 
 
 def _check_first_and_pos(fast, packed: bool) -> None:
-    from htrd.fastgen import _kv_rows, _kv_spans
+    from htrd.attention import kv_rows, kv_spans
     from htrd.generation import Seq
 
     preps = [fast.prepare(im) for im in IMAGES]
@@ -995,8 +998,8 @@ def _check_first_and_pos(fast, packed: bool) -> None:
             assert not first.any() and len({int(x) for x in pos}) > 1  # from 0, prompts of different lengths
         else:
             assert len({int(x) for x in first}) > 1  # lines with different padding run
-        rows = _kv_rows(fast.rows[:B], fast.kv_heads, pos, fast.max_cache_len)
-        cu_k, used = _kv_spans(rows, first, pos, fast.max_cache_len)
+        rows = kv_rows(fast.rows[:B], fast.kv_heads, pos, fast.max_cache_len)
+        cu_k, used = kv_spans(rows, first, pos, fast.max_cache_len)
         for slot in range(B):
             # the mask marks [first, pos) after a step; the next step adds pos itself, the position it writes
             seen = fast.attend[slot].nonzero().flatten().tolist() + [int(pos[slot])]

@@ -229,40 +229,48 @@ def test_a_prefill_launched_behind_decode_steps_never_waits_for_the_gpu(cuda, de
     assert done == {0: want[0], 1: want[1]}
 
 
-def test_decode_attention_reads_each_slot_s_own_keys_as_the_masked_span_does(cuda, demo_model_dir):
-    """Flash attention over each (slot, KV head)'s own keys (fastgen._flash_decode: offsets kv_first, lengths to
-    pos) gives SDPA's attention over the masked span, on the live cache of lines prefilled together with left
-    padding, one joined later and one freed; the generator checked it at start (flash_decode on). The steps run
-    through SDPA here, which keeps its mask current (decode steps with flash attention do not update it)."""
-    from htrd.fastgen import FastGenerator, _flash_decode, _kv_rows, _kv_spans, _sdpa_decode
+@pytest.mark.parametrize("kind", ["triton", "flash"])
+def test_decode_attention_reads_each_slot_s_own_keys_as_the_masked_span_does(cuda, demo_model_dir, kind):
+    """Triton's and flash attention's decode kernels over each (slot, KV head)'s own keys (htrd.attention:
+    offsets kv_first, lengths to pos; Triton split and not) give SDPA's attention over the masked span, on the
+    live cache of lines prefilled together with left padding, one joined later and one freed; the generator
+    checked each at start. The steps run through SDPA here, which keeps its mask current (decode steps over
+    each line's own keys do not update it)."""
+    from htrd.attention import flash_decode, kv_rows, kv_spans, sdpa_decode, triton_decode
+    from htrd.fastgen import FastGenerator
     from htrd.generation import Seq
 
     gen = FastGenerator.load(demo_model_dir, device=cuda, prompt=PROMPT, batch_sizes=[1, 2, 4], max_cache_len=512,
-                             max_new_tokens=NEW, cuda_graphs=False)
-    assert gen.flash_decode, "flash attention over the slots is off (see the log) on a GPU that has it"
-    gen.flash_decode = False  # steps through SDPA keep the mask (`attend`) current: the reference below
+                             max_new_tokens=NEW, cuda_graphs=False, decode_attention=kind)
+    assert gen.decode_attention == kind, f"{kind} decode attention is off (see the log) on a GPU that has it"
+    gen.decode_attention = "sdpa"  # steps through SDPA keep the mask (`attend`) current: the reference below
     gen.packed = False  # left-padded prefills: lines start at different positions
     preps = [gen.prepare(stroke_line(*s)) for s in [(1200, 160, 11), (500, 100, 12), (900, 130, 13)]]
     gen.add([Seq(preps[0], NEW, tag=0), Seq(preps[1], 2, tag=1)])
     gen.step(steps=2)
     gen.add([Seq(preps[2], NEW, tag=2)])
     gen.step(steps=3)
-    B, L, g = 4, 512, gen.n_heads // gen.n_kv
+    B, L, g, hd = 4, 512, gen.n_heads // gen.n_kv, gen.head_dim
     with torch.inference_mode():
         first, pos = gen.kv_first[:B], gen.pos[:B]
         assert len(set(first.tolist())) > 1
-        rows = _kv_rows(gen.rows[:B], gen.kv_heads, pos, gen.max_cache_len)
-        cu_k, used = _kv_spans(rows, first, pos, gen.max_cache_len)
+        rows = kv_rows(gen.rows[:B], gen.kv_heads, pos, gen.max_cache_len)
+        cu_k, used = kv_spans(rows, first, pos, gen.max_cache_len)
         seen = gen.attend[:B, :L].clone()
         seen[torch.arange(B, device=gen.device), pos] = True  # what the step adds before attending
         bias = torch.zeros((B, 1, 1, L), device=gen.device).masked_fill_(~seen[:, None, None], float("-inf"))
-        q = torch.randn((B, gen.n_kv, g, gen.head_dim), device=gen.device, dtype=gen.dtype)
+        q = torch.randn((B, gen.n_kv, g, hd), device=gen.device, dtype=gen.dtype)
         for li in (0, len(gen.layers) - 1):
             k, v = gen.k_cache[li], gen.v_cache[li]
-            want = _sdpa_decode(q.float(), k.float(), v.float(), scale=gen.head_dim**-0.5, bias=bias, span=L)
-            got = _flash_decode(q, k, v, scale=gen.head_dim**-0.5, cu_q=gen.cu_q[: B * gen.n_kv + 1], cu_k=cu_k,
-                                used=used, span=L).view(want.shape).float()
-            assert (got - want).norm() <= 0.01 * want.norm()
+            want = sdpa_decode(q.float(), k.float(), v.float(), scale=hd**-0.5, bias=bias, span=L)
+            if kind == "flash":
+                got = [flash_decode(q, k, v, scale=hd**-0.5, cu_q=gen.cu_q[: B * gen.n_kv + 1], cu_k=cu_k,
+                                    used=used, span=L)]
+            else:
+                got = [triton_decode(q.reshape(-1, g, hd), k.view(-1, hd), v.view(-1, hd), scale=hd**-0.5,
+                                     start=cu_k[:-1], used=used, splits=splits) for splits in (1, 4)]
+            for out in got:
+                assert (out.view(want.shape).float() - want).norm() <= 0.01 * want.norm()
 
 
 def test_mixed_step_graphs_replay_the_eager_mixed_steps_and_pass_their_check(cuda, demo_model_dir):

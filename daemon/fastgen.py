@@ -72,12 +72,13 @@ What the engine gets from :class:`FastGenerator` compared with the naive
   back a third time the whole prefill is captured as one graph (the warm-up
   line's shapes before READY). Graphs are kept: a full cache captures no more
   (dropping old graphs would re-capture on every prefill of many shapes).
-- **Decode attention reads only the keys in use.** On a GPU with flash
-  attention's variable-length kernel, each (slot, KV head) is its own sequence
-  from its first prompt position to its current one (:func:`htrd.attention.flash_decode`),
-  so a step reads each line's keys, not the span bucket's for every slot (a
-  2,000-px line in the batch made every slot's attention read ~1,000
-  positions). Elsewhere SDPA with an additive mask over the span.
+- **Decode attention reads only the keys in use.** On a GPU each (slot, KV
+  head) is its own sequence from its first prompt position to its current one
+  (:mod:`htrd.attention`: Triton's kernel, the head's query heads together;
+  else flash attention's variable-length kernel), so a step reads each line's
+  keys, not the span bucket's for every slot (a 2,000-px line in the batch made
+  every slot's attention read ~1,000 positions). Elsewhere SDPA with an
+  additive mask over the span.
 - **SDPA attention** in left-padded prefills and the vision tower (without its
   cuDNN backend, which plans every new shape: see :func:`_no_cudnn_attention`);
   optionally the elementwise ops (norms, rotary, SiLU) compiled with

@@ -60,9 +60,12 @@ class VisionTower:
         proj = visual.patch_embed.proj
         # The patch embedding (a Conv3d whose kernel is its stride, no padding) is one GEMM over the patch rows:
         # cuDNN's implicit-GEMM convolution took ~50x the GEMM's time on an H200 (~0.18 ms a line under load).
-        self._embed = (weight.reshape(weight.shape[0], -1), proj.bias) if (
-            type(proj).__name__ == "Conv3d" and tuple(proj.kernel_size) == tuple(proj.stride)
-            and not any(proj.padding) and proj.groups == 1) else None
+        # Swapped into HF's module, as the attention below: HF's own forward (the reference of check(), the
+        # fallback, generate for over-long lines) computes the same.
+        if (type(proj).__name__ == "Conv3d" and tuple(proj.kernel_size) == tuple(proj.stride)
+                and not any(proj.padding) and proj.groups == 1):
+            visual.patch_embed.forward = functools.partial(
+                _patch_embed_forward, visual.patch_embed.forward, weight.reshape(weight.shape[0], -1), proj.bias)
         # padded() on a GPU needs flash attention's variable-length kernel; elsewhere small prefills run the
         # tower eagerly.
         self.varlen = self.own and has_flash_varlen(weight)
@@ -170,9 +173,10 @@ class VisionTower:
         and deepstack features stacked, (1 + deepstack layers, rows / merge, H); the real images' are the
         first patches / merge rows of each. Shapes depend on rows and the boundaries' length only; nothing
         waits for the GPU."""
+        vis = self.visual
         self._blocks = (cu_seqlens, int(pixel_values.shape[0]))
         try:
-            h = self._patch_embed(pixel_values)
+            h = vis.patch_embed(pixel_values)
             image, deepstack = self._blocks_forward(h + pos.to(h.dtype), cos, sin)
         finally:
             self._blocks = None
@@ -215,17 +219,10 @@ class VisionTower:
 
     def _forward(self, pixel_values, grids):
         """HF's ``Qwen3VLVisionModel.forward`` with the grid-derived inputs from the cache."""
+        vis = self.visual
         pos, cos, sin = self.grid_inputs(grids)
-        h = self._patch_embed(pixel_values)
+        h = vis.patch_embed(pixel_values)
         return self._blocks_forward(h + pos.to(h.dtype), cos, sin)
-
-    def _patch_embed(self, pixel_values):
-        """HF's ``patch_embed``: each row of patch values (channels x frames x patch x patch, the Conv3d kernel's
-        order) times the kernel, plus the bias -- as a GEMM where the convolution is one (see __init__)."""
-        if self._embed is None or pixel_values.shape[-1] != self._embed[0].shape[1]:
-            return self.visual.patch_embed(pixel_values)
-        w, b = self._embed
-        return self.torch.nn.functional.linear(pixel_values.reshape(-1, w.shape[1]).to(w.dtype), w, b)
 
     def _blocks_forward(self, h, cos, sin):
         vis = self.visual
@@ -255,6 +252,17 @@ def _split(out):
     if hasattr(out, "pooler_output"):  # transformers >= 5.2x: a model output
         return out.pooler_output, out.deepstack_features
     return out[0], out[1]  # earlier: (merged image tokens, deepstack features)
+
+
+def _patch_embed_forward(conv_forward, w, b, hidden_states):
+    """HF's patch embedding (``Qwen3VLVisionPatchEmbed.forward``): each row of patch values (channels x frames x
+    patch x patch, the Conv3d kernel's order) times the kernel *w* (out, kernel size) plus the bias *b* -- the
+    convolution, whose kernel is its stride, as one GEMM. Rows of another size: the module's own forward."""
+    import torch
+
+    if hidden_states.shape[-1] != w.shape[1]:
+        return conv_forward(hidden_states)
+    return torch.nn.functional.linear(hidden_states.reshape(-1, w.shape[1]).to(w.dtype), w, b)
 
 
 def _attention_forward(tower, mod, hidden_states, cu_seqlens=None, position_embeddings=None, max_seqlen=None,

@@ -101,6 +101,20 @@ def test_ops_compiled_beside_the_load_serve_the_warm_up(cuda, demo_model_dir, tm
     assert counters["stats"]["unique_graphs"] <= 9, dict(counters["recompiles"])
 
 
+def test_the_vision_tower_passes_its_check_in_bf16_and_keeps_its_graphs(cuda, demo_model_dir):
+    """In bf16 (what serves on a GPU) the warm-up's check of the vision tower against HF's forward passes:
+    its own forward and the padded tower (prefill graphs) stay on. A patch embedding computed otherwise than
+    HF's module (a GEMM here, HF's Conv3d there) differed by bf16 rounding and turned both off on the 8B model
+    -- silently slower prefills -- until the GEMM was swapped into HF's module itself."""
+    from htrd.fastgen import FastGenerator
+
+    gen = FastGenerator.load(demo_model_dir, device=cuda, dtype="bfloat16", prompt=PROMPT, batch_sizes=[1, 2],
+                             max_cache_len=512, max_new_tokens=NEW)
+    assert gen.dtype == torch.bfloat16
+    gen.warmup(stroke_line(1200, 160, 3), max_new_tokens=NEW)
+    assert gen.vision.own and gen.vision.varlen, "the vision tower's check failed (see the log)"
+
+
 def test_small_prefills_are_captured_and_replay_the_eager_prefill(cuda, demo_model_dir):
     """A small prefill is padded to PREFILL_BUCKET positions and its patches to a 256-row bucket; its two parts
     are captured on the first run (vision tower per padded rows, language model per (lines, padded

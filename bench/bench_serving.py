@@ -72,10 +72,23 @@ def encode(img) -> bytes:
     return buf.getvalue()
 
 
+def steady_window(released: float, first_answers: list[float], last_taken: float,
+                  finished_at: list[float]) -> tuple[float, float, float | None]:
+    """The steady part of a closed-loop load: from the moment every client has had its first answer (before,
+    the daemon fills up: the burst of first requests is preprocessed, the first prefills run, nothing is
+    answered yet -- 2-5 s on an H200 at 64-256 clients) until the last request is taken (after, the load
+    drains with fewer and fewer clients). Returns (start, end, lines answered per second in it); where the
+    load is too short to have one, (released, last_taken, None)."""
+    start = max(first_answers, default=released)
+    if not first_answers or start >= last_taken:
+        return released, last_taken, None
+    done = sum(1 for t in finished_at if start < t <= last_taken)
+    return start, last_taken, done / (last_taken - start)
+
+
 def closed_loop(socket_path: Path, work: list[tuple[bytes, int]], clients: int) -> dict:
     """*clients* threads take requests from *work* in order until it is empty. Besides the whole load's
-    figures, the steady part's: from the release until the last request is taken (every client busy until
-    then; afterwards the load drains with fewer and fewer clients), its lines/s and its time span."""
+    figures, the steady part's (:func:`steady_window`): its lines/s and its time span."""
     import httpx
 
     lock = threading.Lock()
@@ -86,8 +99,10 @@ def closed_loop(socket_path: Path, work: list[tuple[bytes, int]], clients: int) 
     tokens: list[int] = []
     errors: list[str] = []
     done_ids: list[int] = []
+    first_answers: list[float] = []
 
     def client(start: threading.Event) -> None:
+        first = True
         transport = httpx.HTTPTransport(uds=str(socket_path))
         with httpx.Client(transport=transport, base_url="http://htr", timeout=900.0) as c:
             start.wait()
@@ -104,6 +119,9 @@ def closed_loop(socket_path: Path, work: list[tuple[bytes, int]], clients: int) 
                 dt = time.perf_counter() - t
                 with lock:
                     finished_at.append(t + dt)
+                    if first:
+                        first_answers.append(t + dt)
+                        first = False
                     if r.status_code == 200:
                         lat.append(dt)
                         tokens.append(r.json()["results"][0]["tokens"])
@@ -113,8 +131,8 @@ def closed_loop(socket_path: Path, work: list[tuple[bytes, int]], clients: int) 
 
     wall = run_clients(clients, client)
     released = time.perf_counter() - wall
-    steady_s = last_taken[0] - released
-    steady = sum(1 for t in finished_at if t <= last_taken[0])
+    since, until, steady_rate = steady_window(released, first_answers if len(first_answers) == clients else [],
+                                              last_taken[0], finished_at)
     # Lines answered in each second of the load: a slow start (first shapes, the pool's first images), a
     # drain, or waves (lines that joined together leaving together) show here, not in the averages.
     per_second = [0] * (int(wall) + 1)
@@ -122,8 +140,9 @@ def closed_loop(socket_path: Path, work: list[tuple[bytes, int]], clients: int) 
         per_second[min(len(per_second) - 1, max(0, int(t - released)))] += 1
     return {"clients": clients, "requests": len(lat), "n_errors": len(errors), "errors": errors[:3],
             "per_second": per_second,
-            "released_at": released, "steady_until": last_taken[0], "steady_s": steady_s,
-            "steady_lines_per_s": steady / steady_s if steady_s > 0 else None,
+            "released_at": released, "first_answer_s": min(first_answers, default=released) - released,
+            "steady_since": since, "steady_until": until, "steady_s": until - since if steady_rate else None,
+            "steady_lines_per_s": steady_rate,
             "wall_s": wall, "lines_per_s": len(lat) / wall, "tokens_per_s": sum(tokens) / wall,
             "tokens": sum(tokens), "p50_s": pct(lat, 0.5), "p95_s": pct(lat, 0.95), "done_ids": done_ids}
 
@@ -304,9 +323,9 @@ def run_engine(args, name: str, workloads: dict, work_dir: Path) -> dict:
             spy = args.profile / f"spy-{name}-{mode}{clients}-{rnd}.txt" if args.profile else None
             with py_spy(d.proc.pid, spy), GpuSampler() as gpu, WhereSampler(sock, clients) as where:
                 r = closed_loop(sock, work, clients)
-            r["where"] = where.averages(r["released_at"], r["steady_until"])  # the steady part's requests
+            r["where"] = where.averages(r["steady_since"], r["steady_until"])  # the steady part's requests
             r["gpu_busy_pct"] = gpu.busy().get(0)  # the daemon's GPU (gpu.select), as NVML counts kernels running
-            r["gpu_busy_steady_pct"] = gpu.busy(r["released_at"], r["steady_until"]).get(0)
+            r["gpu_busy_steady_pct"] = gpu.busy(r["steady_since"], r["steady_until"]).get(0)
             after_all = status(sock)
             after = after_all["engine"]
             prefills = after_all["counters"]["batches"] - before_all["counters"]["batches"]
@@ -324,11 +343,13 @@ def run_engine(args, name: str, workloads: dict, work_dir: Path) -> dict:
             r["prefill_graphs"] = [after.get("prefill_graphs"), after.get("prefill_lm_graphs")]
             r.pop("done_ids")
             res[load_key(mode, clients, rnd)] = r
-            logger.info("%s %s: %.1f lines/s (steady part: %.1f over %.1f s), p50 %.3f s, p95 %.3f s, slots %.1f, "
+            logger.info("%s %s: %.1f lines/s (steady part: %.1f over %.1f s; first answer after %.1f s), p50 %.3f s, "
+                        "p95 %.3f s, slots %.1f, "
                         "%.2f steps per check, GPU busy %.0f %% (NVML; steady part %.0f %%), idle at host turnarounds "
                         "%.1f %% of the load, %.1f lines per prefill, %d prefills replayed (graphs whole/LM part: %s); "
                         "the clients' requests on average (steady part): %s",
-                        name, load_key(mode, clients, rnd), r["lines_per_s"], r["steady_lines_per_s"] or 0, r["steady_s"],
+                        name, load_key(mode, clients, rnd), r["lines_per_s"], r["steady_lines_per_s"] or 0,
+                        r["steady_s"] or 0, r["first_answer_s"],
                         r["p50_s"], r["p95_s"], r["avg_occupied_slots"] or 0, r["steps_per_check"] or 0,
                         r["gpu_busy_pct"] if r["gpu_busy_pct"] is not None else float("nan"),
                         r["gpu_busy_steady_pct"] if r["gpu_busy_steady_pct"] is not None else float("nan"),

@@ -55,6 +55,19 @@ def test_bench_cpu_smoke_on_the_tiny_8b_layout(tmp_path):
         assert row in table, row
 
 
+def test_the_steady_part_starts_once_every_client_has_its_first_answer():
+    """bench_serving's steady window: from the last client's first answer to the last request taken, lines
+    answered inside it (not the ramp's, not the drain's); a load whose last request is taken before every
+    client has had an answer has none."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_serving import steady_window
+
+    finished = [2.0, 2.1, 2.5, 3.0, 4.0, 5.0, 6.0, 7.5, 8.0]  # released at 0; answers from 2 s on (the ramp)
+    assert steady_window(0.0, [2.0, 2.1, 2.5], 6.5, finished) == (2.5, 6.5, 4 / 4.0)  # 3.0, 4.0, 5.0, 6.0
+    assert steady_window(0.0, [2.0, 7.0], 6.5, finished) == (0.0, 6.5, None)
+    assert steady_window(1.0, [], 6.5, finished) == (1.0, 6.5, None)
+
+
 def test_where_the_requests_are_averages_the_steady_part_and_partitions_the_clients():
     """bench_serving's WhereSampler: averaged over the samples inside the steady part (every client busy), the
     clients' requests split into decoding, queued, elsewhere in htrd (in flight, neither) and at the clients
@@ -101,8 +114,8 @@ def test_serving_bench_cpu_smoke_every_engine_both_modes(tmp_path):
             assert fixed["requests"] == real["requests"] == 6 and fixed["n_errors"] == real["n_errors"] == 0
             assert fixed["tokens"] == 6 * NEW
             assert real["tokens"] == sum(new for _, _, new in realistic)  # every request answered, so all of them
-            for r in (fixed, real):  # the steady part: from the release until the last request was taken
-                assert 0 < r["steady_s"] < r["wall_s"] and r["steady_lines_per_s"] > 0
+            for r in (fixed, real):  # 2 requests a client: too short for a steady part (see the test below)
+                assert sum(r["per_second"]) == 6 and 0 <= r["first_answer_s"] < r["wall_s"]
                 where = r["where"]  # the 3 clients' requests, sampled from /v1/status during the load
                 parts = ("decoding", "queued", "elsewhere_in_htrd", "at_clients")
                 assert where["samples"] > 0 and all(where[k] >= 0 for k in parts)

@@ -45,19 +45,20 @@ def _cache(S: int, nkv: int, g: int, hd: int, M: int, dtype):
     return q, k, v
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_triton_decode_equals_sdpa_over_the_masked_span_split_or_not(dtype):
+@pytest.mark.parametrize(("dtype", "g", "hd"), [("float32", 4, 32), ("float16", 4, 32), ("float32", 1, 64),
+                                                ("float32", 8, 16)])
+def test_triton_decode_equals_sdpa_over_the_masked_span_split_or_not(dtype, g, hd):
     """Slots whose keys start past position 0 (left padding), a slot with one key, one with the whole span, and
-    keys that end mid-block: every split count gives SDPA's output, including splits with no keys at all (a
-    one-key slot split 8 ways)."""
-    interpreted("decode_equals_sdpa", dtype)
+    keys that end mid-block: every split count and block size gives SDPA's output, including splits with no
+    keys at all (a one-key slot split 8 ways); 4 query heads a KV head (the 8B model), 1 (no GQA) and 8."""
+    interpreted("decode_equals_sdpa", dtype, g, hd)
 
 
-def _decode_equals_sdpa(dtype: str) -> None:
+def _decode_equals_sdpa(dtype: str, g: int, hd: int) -> None:
     from htrd import attention as a
 
     dtype = getattr(torch, dtype)
-    S, nkv, g, hd, M = 5, 2, 4, 32, 256
+    S, nkv, M = 5, 2, 256
     q, k, v = _cache(S, nkv, g, hd, M, dtype)
     first = torch.tensor([0, 3, 0, 100, 7])
     pos = torch.tensor([0, 200, M - 1, 150, 70])
@@ -68,11 +69,11 @@ def _decode_equals_sdpa(dtype: str) -> None:
     rows = a.kv_rows(torch.arange(S), torch.arange(nkv), pos, M)
     cu_k, used = a.kv_spans(rows, first, pos, M)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
-    for splits in (1, 2, 3, 8):
+    for splits, block_n in ((1, 64), (2, 64), (3, 32), (8, 64), (1, 128)):
         got = a.triton_decode(q.reshape(S * nkv, g, hd), k.view(-1, hd), v.view(-1, hd), scale=hd**-0.5,
-                              start=cu_k[:-1], used=used, splits=splits).reshape(S, -1)
+                              start=cu_k[:-1], used=used, splits=splits, block_n=block_n).reshape(S, -1)
         assert got.dtype == dtype
-        assert (got.float() - want).abs().max() <= tol * want.abs().max(), splits
+        assert (got.float() - want).abs().max() <= tol * want.abs().max(), (splits, block_n)
 
 
 def test_the_start_up_check_passes_the_kernel_and_catches_a_wrong_one():

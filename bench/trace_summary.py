@@ -6,7 +6,10 @@ For each trace, over the window from its first to its last decode step (``htr:_s
 (any kernel, copy or memset running), its idle time by gap length and by the innermost ``htr:`` range of the
 inference thread at each gap's middle (gaps under 10 us are counted apart: the launch gaps between kernels
 of a graph), idle per half second, the prefills by number of lines (host time, GPU busy share within), the
-host time per range and the kernels that took the most GPU time.
+host time per range, the kernels that took the most GPU time, and the **GPU time per line by phase**: each
+kernel charged to what launched it (the runtime call of the same correlation id: inside ``htr:_vision_replayed``
+the vision tower, else inside ``htr:_prefill`` the language model's prefill, else inside ``htr:_step`` the
+decode steps), divided by the lines prefilled in the window -- where a line's ~12 ms of GPU go.
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ def summarise(events: list[dict]) -> dict:
             top[name[:70]] += b - a
     span = w1 - w0
     busy_us = sum(b - a for a, b in busy)
+    per_line = _per_line(events, ranges, w0, w1)
     return {"window_ms": span / 1e3, "gpu_busy_pct": 100 * busy_us / span, "idle_ms": (span - busy_us) / 1e3,
             "gaps": len(gaps),
             "idle_by_size_ms": {k: v / 1e3 for k, v in sorted(by_size.items())},
@@ -93,7 +97,35 @@ def summarise(events: list[dict]) -> dict:
             "steps": len(steps),
             "mean_occupancy": sum(int(r[2].split(":")[2]) for r in steps) / len(steps),
             "host_ms_by_range": {k: v / 1e3 for k, v in host.most_common()},
-            "top_kernels_ms": {k: v / 1e3 for k, v in top.most_common(12)}}
+            "top_kernels_ms": {k: v / 1e3 for k, v in top.most_common(12)},
+            "gpu_ms_per_line": per_line}
+
+
+PHASES = (("htr:_vision_replayed", "vision tower"), ("htr:_prefill", "prefill (language model)"),
+          ("htr:_step", "decode steps"))
+
+
+def _per_line(events: list[dict], ranges, w0: float, w1: float) -> dict:
+    """GPU time per line prefilled in the window, by the phase whose range holds the kernel's launch (the
+    runtime/driver call with the kernel's correlation id); kernels whose launch is not in the trace or in no
+    phase: "other". Empty where no line was prefilled in the window."""
+    launched = {e["args"]["correlation"]: e["ts"] for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    lines = sum(int(name.split(":")[2]) for a, b, name in ranges
+                if name.startswith("htr:_prefill:") and w0 <= a <= w1)
+    if not lines:
+        return {}
+    spans = {prefix: [(a, b) for a, b, name in ranges if name.startswith(prefix)] for prefix, _ in PHASES}
+    by_phase: collections.Counter = collections.Counter()
+    for e in events:
+        if e.get("cat") not in GPU_CATS or "ts" not in e or not (w0 <= e["ts"] <= w1):
+            continue
+        t = launched.get(e.get("args", {}).get("correlation"))
+        phase = "other"
+        if t is not None:
+            phase = next((label for prefix, label in PHASES if any(a <= t <= b for a, b in spans[prefix])), "other")
+        by_phase[phase] += e.get("dur", 0)
+    return {"lines": lines, **{k: v / 1e3 / lines for k, v in by_phase.most_common()}}
 
 
 def report(path: str, s: dict) -> str:
@@ -115,6 +147,12 @@ def report(path: str, s: dict) -> str:
         f"{k} {v:.1f}" for k, v in s["host_ms_by_range"].items()))
     lines.append("  kernels with the most GPU time (ms):")
     lines += [f"    {v:8.1f}  {k}" for k, v in s["top_kernels_ms"].items()]
+    per_line = dict(s.get("gpu_ms_per_line") or {})
+    if per_line:
+        n = per_line.pop("lines")
+        lines.append(f"  GPU time per line ({n} lines prefilled in the window), by what launched it: "
+                     + ", ".join(f"{k} {v:.2f} ms" for k, v in per_line.items())
+                     + f"; {sum(per_line.values()):.2f} ms in all")
     return "\n".join(lines)
 
 

@@ -17,7 +17,9 @@
 #   prepool      bench/bench_serving.py --engines threads,continuous --settle 8 (64 clients, both modes; ~4 min):
 #                the preprocessing in threads (limits.preprocess_workers: 0) against worker processes, same call
 #   replicas     bench/bench_replicas.py                   (one htrd per GPU; needs 2+ GPUs)
-#   profile      bench/profile_decode.py                   (decode step vs matmul floor, prefill launch vs GPU)
+#   profile      bench/profile_decode.py --attention all   (decode step vs matmul floor per decode attention,
+#                prefill launch vs GPU)
+#   tune         bench/tune_decode_attention.py            (the Triton decode kernel's tilings against flash alone)
 #
 # Everything lands in OUT_DIR: suite.txt (every part's output, its limit and exit code) and one JSON per
 # part -- at most 8 files, what the device tool brings back. The 8.77 B random model is written once to
@@ -42,7 +44,7 @@ run() {  # run LIMIT_S CMD...: CMD's output into suite.txt, killed (and its daem
 
 for part in $parts; do
   case $part in
-    tests | correctness | generate | serving | serving256 | mixed | mixedcheck | prepool | replicas | profile) ;;
+    tests | correctness | generate | serving | serving256 | mixed | mixedcheck | prepool | replicas | profile | tune) ;;
     *) echo "gpu_suite.sh: unknown part '$part' (see the header of this file)" >&2; exit 2 ;;
   esac
 done
@@ -55,10 +57,10 @@ for part in $parts; do
     correctness) run 240 python3 bench/check_fast_correctness.py "$model" --json "$out/correctness.json" ;;
     generate) run 300 python3 bench/bench_generate.py --model-dir "$model" --skip-naive --state-dir "$state" \
                 --profile-load "$out/spy64.txt" --json "$out/generate.json" ;;
-    serving) run 540 python3 bench/bench_serving.py --model-dir "$model" --clients 64 --per-client 6 \
+    serving) run 540 python3 bench/bench_serving.py --model-dir "$model" --clients 64 --per-client 15 \
                --state-dir "$state" --json "$out/serving.json" --profile "$state/spy-serving"
              tar czf "$out/spy-serving.tgz" -C "$state" spy-serving 2>>"$log" ;;
-    serving256) run 540 python3 bench/bench_serving.py --model-dir "$model" --clients 256 --per-client 4 \
+    serving256) run 540 python3 bench/bench_serving.py --model-dir "$model" --clients 256 --per-client 7 \
                   --modes fixed --state-dir "$state" --json "$out/serving256.json" ;;
     mixed) run 560 python3 bench/bench_serving.py --model-dir "$model" --clients 64 --per-client 5 --settle 8 \
              --engines static,continuous,mixed --state-dir "$state" --json "$out/mixed.json" ;;
@@ -67,7 +69,8 @@ for part in $parts; do
     mixedcheck) run 240 python3 bench/check_fast_correctness.py "$model" --mixed --json "$out/mixedcheck.json" ;;
     replicas) run 400 python3 bench/bench_replicas.py --model-dir "$model" --per-client 6 --state-dir "$state" \
                 --json "$out/replicas.json" ;;
-    profile) run 200 python3 bench/profile_decode.py "$model" --kernels 12 ;;
+    profile) run 240 python3 bench/profile_decode.py "$model" --attention all --kernels 12 ;;
+    tune) run 200 python3 bench/tune_decode_attention.py ;;
   esac
 done
 grep -E "^== exit|PASS|FAIL|passed|failed|lines/s|READY|p50|scaling" "$log" | tail -60

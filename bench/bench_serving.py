@@ -9,8 +9,9 @@ longest line is done -- the engine before continuous batching),
 ``continuous`` (the default) and, with ``--engines static,continuous,mixed,threads,flash``,
 ``mixed`` (``generation.mixed_steps``: prompts prefilled inside the decode steps), ``threads``
 (``limits.preprocess_workers: 0``: the images decoded and preprocessed in threads of htrd's own process, under
-its GIL, instead of worker processes) and ``flash`` (``generation.decode_attention: flash``: the decode steps'
-attention through flash attention's kernel instead of the Triton one). Closed-loop clients (each sends its next line as
+its GIL, instead of worker processes), ``flash`` (``generation.decode_attention: flash``: the decode steps'
+attention through flash attention's kernel instead of the Triton one), ``slots64`` and ``slots256`` (64 or 256
+slots instead of ``--batch-sizes``' 128; the shipped config has 64). Closed-loop clients (each sends its next line as
 soon as the previous one is answered) over the Unix socket, in two modes:
 
 - **fixed**: every line a 1200x160 image, exactly ``--new-tokens`` tokens;
@@ -266,6 +267,10 @@ ENGINES = {
     "threads": {"generation": {"continuous_batching": True}, "limits": {"preprocess_workers": 0}},
     # the decode steps' attention through flash attention's variable-length kernel, not Triton's (htrd.attention)
     "flash": {"generation": {"continuous_batching": True, "decode_attention": "flash"}},
+    # other slot counts than --batch-sizes' largest (the KV cache: slots x max_cache_len x 147 KiB on the 8B model)
+    "slots64": {"generation": {"continuous_batching": True}, "limits": {"batch_sizes": [1, 2, 4, 8, 16, 32, 64]}},
+    "slots256": {"generation": {"continuous_batching": True},
+                 "limits": {"batch_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256]}},
 }
 
 
@@ -384,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engines", default="static,continuous",
                     help=f"comma-separated, run one after the other: {', '.join(ENGINES)} (mixed: continuous with "
                          "generation.mixed_steps; threads: continuous with the preprocessing in threads, "
-                         "limits.preprocess_workers 0; flash: continuous with generation.decode_attention flash)")
+                         "limits.preprocess_workers 0; flash: continuous with generation.decode_attention flash; "
+                         "slots64, slots256: continuous with 64 or 256 slots)")
     ap.add_argument("--settle", type=float, default=0.0,
                     help="seconds each daemon stays idle after READY before the first load (default 0: loads start "
                          "at READY; an idle daemon captures prefill graphs ahead of need)")
@@ -457,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
                         + (f"{r['gpu_busy_pct']:.0f} % ({r['gpu_busy_steady_pct']:.0f} %)"
                            if r.get("gpu_busy_steady_pct") is not None else "-") + " |")
         for a, b in (("continuous", "static"), ("mixed", "static"), ("mixed", "continuous"), ("continuous", "threads"),
-                     ("continuous", "flash")):
+                     ("continuous", "flash"), ("continuous", "slots64"), ("slots256", "continuous")):
             if {a, b} <= set(results["engines"]):
                 ra, rb = (results["engines"][e][key]["lines_per_s"] for e in (a, b))
                 rows.append(f"| {label} | **{a} / {b}** | **{ra / rb:.2f}x** | | | | | | | | |")

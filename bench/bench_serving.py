@@ -475,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(f"| preprocessing per image, on average | {name} | {eng['preprocess_ms_per_image']:g} ms | "
                         f"{eng.get('preprocess_workers')} workers | | | | | | | |")
         if eng.get("decode_attention"):
-            rows.append(f"| decode attention | {name} | {eng['decode_attention']} | | | | | | | | |")
+            rows.append(f"| decode attention, slots | {name} | {eng['decode_attention']}, {eng.get('slots')} slots | "
+                        "| | | | | | | |")
     for name, res in results["engines"].items():
         gpu = (res.get("status") or {}).get("gpu") or {}
         if gpu.get("memory_reserved_bytes"):  # at the end: every prefill graph it captured, on first sight or ahead

@@ -29,7 +29,7 @@ import itertools
 import logging
 from collections.abc import Callable
 
-from .model import _first_line
+from .model import _first_line, has_flash_varlen
 
 logger = logging.getLogger(__name__)
 
@@ -139,16 +139,17 @@ def _triton():
     return triton, stage1, stage2
 
 
-def has_triton(t) -> bool:
-    """Whether :func:`triton_decode` can run on *t*'s device and dtype: Triton installed, a GPU (or Triton's
+def has_triton(device, dtype) -> bool:
+    """Whether :func:`triton_decode` can run on *device* in *dtype*: Triton installed, a GPU (or Triton's
     interpreter, ``TRITON_INTERPRET=1``, which runs the kernels on the CPU: the tests), half precision or
     fp32."""
     import os
 
     import torch
 
-    on = t.is_cuda or (os.environ.get("TRITON_INTERPRET") == "1" and t.device.type == "cpu")
-    return on and t.dtype in (torch.float16, torch.bfloat16, torch.float32) and _triton() is not None
+    kind = torch.device(device).type
+    on = kind == "cuda" or (kind == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    return on and dtype in (torch.float16, torch.bfloat16, torch.float32) and _triton() is not None
 
 
 def decode_splits(sequences: int, sms: int) -> int:
@@ -162,12 +163,12 @@ def decode_splits(sequences: int, sms: int) -> int:
     return max(1, min(4, -(-sms // max(1, sequences))))
 
 
-def triton_decode(q, k_rows, v_rows, *, scale: float, start, used, splits: int, scratch=None,
+def triton_decode(q, k_rows, v_rows, *, scale: float, start, used, splits: int,
                   block_n: int = TRITON_BLOCK_N, num_warps: int = 4, num_stages: int | None = None):
     """One query row per sequence against its keys: *q* (S, g, hd), sequence i reads rows ``start[i] ..
     start[i] + used[i]`` (int32; at least one) of *k_rows*/*v_rows* (rows, hd; contiguous). *splits* parts per
-    sequence (:func:`decode_splits`), combined in a second kernel; *scratch*: that kernel's buffers
-    (:func:`decode_scratch`), else allocated here (inside a CUDA graph: from the graph's pool). *block_n*,
+    sequence (:func:`decode_splits`), combined in a second kernel from fp32 buffers of each split's output and
+    log-sum-exp (allocated here; inside a CUDA graph from the graph's pool). *block_n*,
     *num_warps*, *num_stages*: the kernel's tiling (bench/tune_decode_attention.py compares them). Returns (S, g, hd)."""
     import torch
 
@@ -177,7 +178,8 @@ def triton_decode(q, k_rows, v_rows, *, scale: float, start, used, splits: int, 
     out = torch.empty_like(q)
     block_g = max(TRITON_MIN_G, triton.next_power_of_2(G))
     if splits > 1:
-        part, lse = scratch if scratch is not None else decode_scratch(q, splits)
+        part = torch.empty((S * splits * G, hd), dtype=torch.float32, device=q.device)
+        lse = torch.empty((S * splits * G,), dtype=torch.float32, device=q.device)
     else:
         part = lse = out  # unused
     if num_stages is None:  # an H200: 2 stages 10 % faster at 64 lines x 8 KV heads, 3 stages 13 % at 16 x 8
@@ -190,24 +192,12 @@ def triton_decode(q, k_rows, v_rows, *, scale: float, start, used, splits: int, 
     return out
 
 
-def decode_scratch(q, splits: int):
-    """:func:`triton_decode`'s buffers for *q*'s shape: each split's output (fp32) and log-sum-exp."""
+def _decode_probe(*, n_kv: int, g: int, head_dim: int, device, dtype, span: int):
+    """The start-up checks' small random cache: 3 slots of *span* positions -- keys from position 0 to 9, from
+    5 to the span's end, and one key at 37 --, their queries, where their keys are (:func:`kv_spans`) and SDPA's
+    answer over the masked span in fp32: (q (3, n_kv, g, head_dim), k, v, cu_k, used, reference (3, ...))."""
     import torch
 
-    S, G, hd = q.shape
-    return (torch.empty((S * splits * G, hd), dtype=torch.float32, device=q.device),
-            torch.empty((S * splits * G,), dtype=torch.float32, device=q.device))
-
-
-def triton_decode_ok(*, n_kv: int, g: int, head_dim: int, device, dtype, span: int) -> bool:
-    """Whether decode steps may use :func:`triton_decode` here: Triton runs, head_dim is a power of two, and the
-    kernel agrees with SDPA on a small random cache (slots with keys from a later first position, one key,
-    the whole span), split and not. Where it does not: logged, False."""
-    import torch
-
-    probe = torch.empty((), device=device, dtype=dtype)
-    if not has_triton(probe) or head_dim & (head_dim - 1) or head_dim < 16:
-        return False
     S = 3
     gen = torch.Generator(device=device).manual_seed(0)
     k, v = (torch.randn((S, n_kv, span, head_dim), generator=gen, device=device, dtype=dtype) for _ in range(2))
@@ -220,15 +210,43 @@ def triton_decode_ok(*, n_kv: int, g: int, head_dim: int, device, dtype, span: i
     ref = sdpa_decode(q.float(), k.float(), v.float(), scale=head_dim**-0.5, bias=bias, span=span).reshape(S, -1)
     rows = kv_rows(torch.arange(S, device=device), torch.arange(n_kv, device=device), pos, span)
     cu_k, used = kv_spans(rows, first, pos, span)
-    kr, vr = k.view(-1, head_dim), v.view(-1, head_dim)
+    return q, k, v, cu_k, used, ref
+
+
+def triton_decode_ok(*, n_kv: int, g: int, head_dim: int, device, dtype, span: int) -> bool:
+    """Whether decode steps may use :func:`triton_decode` here: Triton runs, head_dim is a power of two, and the
+    kernel agrees with SDPA on :func:`_decode_probe`'s cache, split and not. Where it does not: logged, False."""
+    if not has_triton(device, dtype) or head_dim & (head_dim - 1) or head_dim < 16:
+        return False
+    q, k, v, cu_k, used, ref = _decode_probe(n_kv=n_kv, g=g, head_dim=head_dim, device=device, dtype=dtype,
+                                             span=span)
+    S = q.shape[0]
     for splits in (1, 3):
-        run = functools.partial(triton_decode, q.reshape(S * n_kv, g, head_dim), kr, vr, scale=head_dim**-0.5,
-                                start=cu_k[:-1], used=used, splits=splits)
+        run = functools.partial(triton_decode, q.reshape(S * n_kv, g, head_dim), k.view(-1, head_dim),
+                                v.view(-1, head_dim), scale=head_dim**-0.5, start=cu_k[:-1], used=used, splits=splits)
         if not kernel_agrees(lambda run=run: run().reshape(S, -1),
                              ref, what=f"Triton decode attention ({splits} split{'s' if splits > 1 else ''})",
                              fallback="decode steps use flash attention or SDPA"):
             return False
     return True
+
+
+def flash_decode_ok(*, n_kv: int, g: int, head_dim: int, device, dtype, span: int) -> bool:
+    """Whether decode steps may use :func:`flash_decode`: flash attention's variable-length kernel exists here
+    and agrees with SDPA on :func:`_decode_probe`'s cache. Where it fails or differs (another torch whose kernel
+    reads its offsets otherwise): logged, False."""
+    import torch
+
+    if not has_flash_varlen(torch.empty((), device=device, dtype=dtype)):
+        return False
+    q, k, v, cu_k, used, ref = _decode_probe(n_kv=n_kv, g=g, head_dim=head_dim, device=device, dtype=dtype,
+                                             span=span)
+    S = q.shape[0]
+    cu_q = torch.arange(S * n_kv + 1, dtype=torch.int32, device=device)
+    return kernel_agrees(lambda: flash_decode(q, k, v, scale=head_dim**-0.5, cu_q=cu_q, cu_k=cu_k, used=used,
+                                              span=span).reshape(S, -1),
+                         ref, what="flash attention over the KV cache's slots",
+                         fallback="decode steps use SDPA over every position of the span")
 
 
 # ------------------------------------------------------------------------------------------- flash / SDPA

@@ -110,6 +110,7 @@ from .attention import (
     cache_attention,
     decode_splits,
     flash_decode,
+    flash_decode_ok,
     kernel_agrees,
     kv_rows,
     kv_spans,
@@ -434,44 +435,16 @@ class FastGenerator(GeneratorBase):
         if wanted != "auto":
             order.remove(wanted)
             order.insert(0, wanted)
+        shape = {"n_kv": self.n_kv, "g": self.n_heads // self.n_kv, "head_dim": self.head_dim, "device": self.device,
+                 "dtype": self.dtype, "span": 2 * LENGTH_BUCKET}
+        runs = {"triton": lambda: triton_decode_ok(**shape), "flash": lambda: flash_decode_ok(**shape),
+                "sdpa": lambda: True}
         for kind in order:
-            if kind == "sdpa" or (kind == "flash" and self._flash_decode_ok()) or (
-                    kind == "triton" and triton_decode_ok(
-                        n_kv=self.n_kv, g=self.n_heads // self.n_kv, head_dim=self.head_dim, device=self.device,
-                        dtype=self.dtype, span=2 * LENGTH_BUCKET)):
+            if runs[kind]():
                 if wanted not in ("auto", kind):
                     logger.warning("decode attention %s does not run here: %s instead", wanted, kind)
                 return kind
         raise AssertionError("unreachable: sdpa always runs")
-
-    def _flash_decode_ok(self) -> bool:
-        """Whether decode steps attend with flash attention over each slot's own positions (:func:`htrd.attention.flash_decode`)
-        instead of SDPA over the whole span: where the kernel exists, checked against SDPA with the mask on a
-        small random cache. Where it fails or differs (another torch whose kernel reads its offsets otherwise),
-        logged, and SDPA it is."""
-        if not has_flash_varlen(self.k_cache[0]):
-            return False
-        torch = self.torch
-        nkv, hd, g = self.n_kv, self.head_dim, self.n_heads // self.n_kv
-        S, M = 3, 2 * LENGTH_BUCKET
-        gen = torch.Generator(device=self.device).manual_seed(0)
-        k, v = (torch.randn((S, nkv, M, hd), generator=gen, device=self.device, dtype=self.dtype) for _ in range(2))
-        q = torch.randn((S, nkv, g, hd), generator=gen, device=self.device, dtype=self.dtype)
-        first = torch.tensor([0, 5, 37], device=self.device)
-        pos = torch.tensor([9, M - 1, 37], device=self.device)
-        seen = torch.arange(M, device=self.device)
-        seen = (seen[None] >= first[:, None]) & (seen[None] <= pos[:, None])
-        bias = torch.zeros((S, 1, 1, M), device=self.device).masked_fill_(~seen[:, None, None], float("-inf"))
-        ref = sdpa_decode(q.float(), k.float(), v.float(), scale=hd**-0.5, bias=bias, span=M).reshape(S, -1)
-
-        def flash():
-            rows = kv_rows(torch.arange(S, device=self.device), torch.arange(nkv, device=self.device), pos, M)
-            cu_k, used = kv_spans(rows, first, pos, M)
-            return flash_decode(q, k, v, scale=hd**-0.5, cu_q=torch.arange(S * nkv + 1, dtype=torch.int32,
-                                 device=self.device), cu_k=cu_k, used=used, span=M).reshape(S, -1)
-
-        return kernel_agrees(flash, ref, what="flash attention over the KV cache's slots",
-                              fallback="decode steps use SDPA over every position of the span")
 
     def _packed_attention_ok(self) -> bool:
         """Whether packed prefills may attend with flash attention's variable-length kernel

@@ -56,8 +56,8 @@ class VisionTower:
         self.lengths: list[int] | None = None  # patches per image while a forward runs (host-known)
         self._grids: dict[tuple[int, int, int], tuple] = {}
         self.own = _helpers() is not None  # False: HF's forward (still with batched attention)
-        weight = visual.patch_embed.proj.weight
         proj = visual.patch_embed.proj
+        weight = proj.weight
         # The patch embedding (a Conv3d whose kernel is its stride, no padding) is one GEMM over the patch rows:
         # cuDNN's implicit-GEMM convolution took ~50x the GEMM's time on an H200 (~0.18 ms a line under load).
         # Swapped into HF's module, as the attention below: HF's own forward (the reference of check(), the

@@ -101,7 +101,7 @@ def test_without_the_interpreter_the_cpu_has_no_triton_decode(monkeypatch):
     from htrd import attention
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert not attention.has_triton(torch.empty(1))
+    assert not attention.has_triton("cpu", torch.float32)
     assert not attention.triton_decode_ok(n_kv=2, g=4, head_dim=32, device="cpu", dtype=torch.float32, span=128)
 
 

@@ -106,6 +106,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from htrctl.modeldir import KV_RESERVE_FRACTION, slots_that_fit
+
 from .attention import (
     cache_attention,
     decode_splits,
@@ -138,7 +140,7 @@ from .vision import ROW_BUCKET, VisionTower
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # limits.batch_sizes' default
 LENGTH_BUCKET = 64  # the cache's positions per slot are a multiple of this
 DECODE_ATTENTION = ("auto", "triton", "flash", "sdpa")  # generation.decode_attention (see _decode_attention)
 # Without flash attention (SDPA over a masked span), attention spans (cache positions a decode step reads) are
@@ -158,7 +160,6 @@ DEFAULT_PREFILL_CHUNK = 16
 # floor, a running line's token ~2x a pure decode step's time.
 DEFAULT_PREFILL_TOKENS = 512
 MIXED_BUDGETS = 4  # budgets: 1/4, 2/4, 3/4 and all of prefill_tokens
-KV_RESERVE_FRACTION = 0.10  # of the GPU's memory, kept free beside the KV cache (prefill activations)
 # A prefill of at most this many lines is launch-bound (one line: ~50 ms of host launches for ~19 ms of GPU
 # work on an H200); when its exact shape (prompt length, image grids) recurs, it is captured as a CUDA graph and
 # replayed. Larger prefills keep the GPU busy on their own.
@@ -365,24 +366,32 @@ class FastGenerator(GeneratorBase):
 
     # ------------------------------------------------------------------- state
     def _fit_slots(self, sizes: list[int]) -> list[int]:
-        """Drop batch sizes whose KV cache would not fit beside the model in the GPU's free memory."""
+        """The batch sizes whose KV cache fits beside the model in the device's free memory (less
+        KV_RESERVE_FRACTION of it, for activations): the largest is the number of slots. The default sizes go
+        up to 256 -- as many slots as the GPU holds -- so serving fewer than configured is normal (logged),
+        and only a cache that fits not even the smallest size is an error."""
         self.kv_cache_bytes_per_slot = kv_bytes_per_slot(self.model, self.max_cache_len)
-        if self.device.type != "cuda":
-            return sizes
-        free, total = self.torch.cuda.mem_get_info(self.device)
-        budget = free - int(total * KV_RESERVE_FRACTION)
-        fits = [b for b in sizes if b * self.kv_cache_bytes_per_slot <= budget]
+        if self.device.type == "cuda":
+            free, total = self.torch.cuda.mem_get_info(self.device)
+            where = "the GPU's"
+        else:  # the CPU: host memory (a 256-slot cache of the 8B model in fp32 is ~77 GiB)
+            import psutil
+
+            free, total = psutil.virtual_memory().available, psutil.virtual_memory().total
+            where = "the host's available"
+        fits = slots_that_fit(sizes, self.kv_cache_bytes_per_slot, free, total)
         if not fits:
             from htrctl.errors import GpuError
 
             raise GpuError(f"the KV cache for even {sizes[0]} line(s) of generation.max_cache_len="
                            f"{self.max_cache_len} ({sizes[0] * self.kv_cache_bytes_per_slot / 2**30:.2f} GiB) does "
-                           f"not fit in the GPU's {free / 2**30:.1f} GiB free memory",
+                           f"not fit in {where} {free / 2**30:.1f} GiB free memory",
                            remedy="lower generation.max_cache_len, or free the GPU (htrctl doctor)")
         if len(fits) < len(sizes):
-            logger.warning("KV cache: %d slots x %d positions do not fit in %.1f GiB free; serving %d slots "
-                           "(limits.batch_sizes %s -> %s)", sizes[-1], self.max_cache_len, free / 2**30, fits[-1],
-                           sizes, fits)
+            logger.info("KV cache: %d slots x %d positions (%.1f GiB) would not fit in %s %.1f GiB free memory "
+                        "(less %.0f %% kept for activations): serving %d slots, the largest of limits.batch_sizes "
+                        "that fits", sizes[-1], self.max_cache_len, sizes[-1] * self.kv_cache_bytes_per_slot / 2**30,
+                        where, free / 2**30, KV_RESERVE_FRACTION * 100, fits[-1])
         return fits
 
     def _alloc_state(self) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
 
@@ -112,7 +112,10 @@ class LimitSettings(_Section):
     max_pixels_in_flight: int | None = Field(
         None, ge=1024, description="declared pixels of all requests being served at once; null: from host memory"
     )
-    batch_sizes: list[int] = Field([1, 2, 4, 8, 16, 32, 64], description="batch sizes warmed and served")
+    batch_sizes: list[int] = Field(
+        [1, 2, 4, 8, 16, 32, 64, 128, 256], description="batch sizes warmed and served; the fast generator's slots "
+        "are the largest whose KV cache fits beside the model in the device's free memory"
+    )
     batch_window_ms: float = Field(5.0, ge=0, le=1000, description="how long to wait for requests already received to join a batch")
     drain_timeout_s: float = Field(60.0, gt=0, le=3600, description="SIGTERM: finish in-flight work by then")
     preprocess_workers: int | None = Field(
@@ -216,12 +219,6 @@ class Settings(_Section):
 
     # Where this object came from (not a setting; excluded from dumps).
     source: str = Field("<defaults>", exclude=True, repr=False)
-
-    @model_validator(mode="after")
-    def _cross(self) -> Settings:
-        if max(self.limits.batch_sizes) > self.limits.queue_length:
-            raise ValueError("limits.batch_sizes: largest batch exceeds limits.queue_length")
-        return self
 
 
 def resolve_config_path(explicit: str | os.PathLike | None = None, env: dict | None = None) -> Path | None:

@@ -154,6 +154,19 @@ def text_config(model_dir: Path, variant: str = "auto") -> dict | None:
     return t if isinstance(t, dict) else None
 
 
+# Of a GPU's memory, kept free beside htrd's KV cache (prefill activations, graphs): the fast generator serves
+# the largest of limits.batch_sizes whose cache fits in the rest of the free memory.
+KV_RESERVE_FRACTION = 0.10
+
+
+def slots_that_fit(sizes: list[int], slot_bytes: int, free_bytes: int, total_bytes: int) -> list[int]:
+    """The batch sizes among *sizes* whose KV cache (*slot_bytes* a slot) fits in *free_bytes* (the memory free
+    once the weights are loaded) less KV_RESERVE_FRACTION of *total_bytes*; the largest is the slots htrd
+    serves ([] when not even the smallest fits). htrd sizes its cache so (daemon/fastgen.py), doctor predicts it."""
+    budget = free_bytes - int(total_bytes * KV_RESERVE_FRACTION)
+    return [b for b in sorted(sizes) if b * slot_bytes <= budget]
+
+
 def kv_cache_bytes(model_dir: Path, variant: str, *, slots: int, max_cache_len: int, dtype_bytes: int = 2,
                    length_bucket: int = 64) -> int:
     """Bytes of the fast generator's KV cache: slots x positions x (2 x layers x KV heads x head size), from the

@@ -50,7 +50,7 @@ FORMATS = ("txt", "jsonl", "json", "page", "alto")
 XML_FORMATS = ("page", "alto")  # a PAGE/ALTO file around each image's text (``<name>.xml``)
 DEFAULT_INCLUDE = ("*.png", "*.jpg", "*.jpeg", "*.tif", "*.tiff", "*.webp")  # what htrd decodes (protocol)
 TEMP_SUFFIX = ".htr-part"
-AUTO_CONCURRENCY_MAX = 128
+AUTO_CONCURRENCY_MAX = 512  # requests in flight per socket at most (auto): twice 256 slots
 PLAIN_PROGRESS_S = 30.0
 STDIN = "-"
 

@@ -23,7 +23,7 @@ def test_defaults_without_any_file():
     assert s.source == "<defaults>"
     assert s.gpu.select == "most-free"
     assert s.socket.mode == 0o660
-    assert s.limits.batch_sizes == [1, 2, 4, 8, 16, 32, 64]
+    assert s.limits.batch_sizes == [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 
 def test_shipped_config_equals_the_defaults():
@@ -118,10 +118,11 @@ def test_an_explicit_config_file_that_does_not_exist_is_an_error(tmp_path):
         load_settings(tmp_path / "nope.yaml", env={})
 
 
-def test_a_batch_larger_than_the_queue_is_refused(tmp_path):
-    p = write(tmp_path, "limits: {queue_length: 4, batch_sizes: [1, 8]}\n")
-    with pytest.raises(ConfigError, match="largest batch exceeds limits.queue_length"):
-        load_settings(p, env={})
+def test_a_queue_shorter_than_the_slots_is_accepted(tmp_path):
+    """Slots fill from the queue as lines leave (continuous batching): limits.queue_length bounds the lines
+    waiting, not the lines decoding -- a short queue beside the default batch sizes (up to 256) is valid."""
+    s = load_settings(write(tmp_path, "limits: {queue_length: 10}\n"), env={})
+    assert (s.limits.queue_length, max(s.limits.batch_sizes)) == (10, 256)
 
 
 def test_socket_mode_accepts_octal_strings_from_env_and_yaml(tmp_path):

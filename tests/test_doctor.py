@@ -249,6 +249,38 @@ def test_a_configured_gpu_too_small_for_the_model_fails_and_another_is_named(tmp
     assert rep.exit_code == 1
 
 
+# Qwen3-VL-8B's language model: 36 layers, 8 KV heads of 128 -- 0.14 GiB of KV cache a slot at 1,024 positions.
+QWEN3_VL_8B_TEXT = {"num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                    "hidden_size": 4096}
+
+
+@pytest.mark.parametrize("free_gib, total_gib, slots, severity", [
+    (139.0, 141.0, 256, OK),  # an H200: every configured size
+    (45.0, 48.0, 128, OK),  # the incident's L40S: 128 of 256 -- still many
+    (22.0, 24.0, 8, WARN),  # a 24 GB card: the model fits, few lines at once
+])
+def test_doctor_says_how_many_slots_the_gpu_holds(tmp_path, paths, monkeypatch, free_gib, total_gib, slots,
+                                                   severity):
+    """htrd serves as many slots (lines decoding at once) as the GPU holds beside the weights, up to the
+    largest of limits.batch_sizes; doctor predicts that number for the configured GPU the way htrd sizes it
+    (htrctl.modeldir.slots_that_fit), and a GPU needs room for the smallest size only."""
+    host(tmp_path, variant(gpus={0: {"memory_free": int(free_gib * GIB), "memory_total": int(total_gib * GIB)}}),
+         monkeypatch)
+    s = settings_for(tmp_path, select="0")
+    s.model.dir = sized_model(tmp_path, 17.5)
+    (s.model.dir / "config.json").write_text(json.dumps({"text_config": QWEN3_VL_8B_TEXT}))
+    rep = run_doctor(s, sections=["placement"], paths=paths)
+    per_slot = 2 * 36 * 8 * 128 * 2 * 1024
+    size = rep.by_id("placement.size")
+    assert size.data["kv_cache_bytes"] == per_slot  # the smallest size: one slot
+    assert size.data["required_bytes"] == int(17.5 * GIB) + per_slot + 2 * GIB
+    assert rep.by_id("placement.config").severity == OK
+    f = rep.by_id("placement.slots")
+    assert (f.severity, f.data["slots"], f.data["kv_cache_bytes"]) == (severity, slots, slots * per_slot)
+    assert f"{slots} slots" in f.message
+    assert (f.remedy is not None) == (severity == WARN)
+
+
 def test_no_gpu_can_hold_the_model(tmp_path, paths, monkeypatch):
     host(tmp_path, INCIDENT, monkeypatch)
     s = settings_for(tmp_path)

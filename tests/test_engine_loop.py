@@ -205,6 +205,70 @@ def test_a_newcomer_joins_behind_the_launched_decode_steps(engine):
     assert (first.tokens, second.tokens) == (40, 3)  # min_new_tokens: no early EOS
 
 
+def test_a_burst_joins_running_lines_one_prefill_chunk_per_step_boundary_in_order(demo_model_dir):
+    """While a line decodes, a burst that could fill many free slots joins at most generation.prefill_chunk
+    lines at one step boundary (each boundary's prefill stalls the running line, so the stall stays bounded),
+    in FIFO order, over the next boundaries; every line is answered in full. Nothing running: the burst is
+    taken at once (no one to stall)."""
+    from htrd.engine import Engine
+    from htrd.faults import Faults
+    from htrd.metrics import Metrics
+    from htrd.state import DaemonState
+
+    from htrctl.config import Settings
+
+    settings = Settings(model={"dir": str(demo_model_dir), "verify_on_start": "off"}, gpu={"select": "cpu"},
+                        limits={"batch_sizes": [1, 2, 4, 8], "batch_window_ms": 0},
+                        generation={"max_new_tokens": 40, "min_new_tokens": 40, "join_wait_ms": 0,
+                                    "prefill_chunk": 2})
+    eng = Engine(settings, device="cpu", faults=Faults(), state=DaemonState(),
+                 metrics=Metrics(list(settings.limits.batch_sizes)))
+    eng.load()
+    eng.warm_up()
+    eng.start()
+    gen = eng.gen
+    joined: list[tuple[list[str], bool]] = []  # (request ids added, inside a step)
+    inside = threading.local()
+    add, step = gen.add, gen.step
+    deadline = time.monotonic() + 120
+    short_prep = eng.prepare(stroke_line(600, 100, 2))
+    burst: list = []
+
+    def traced_add(seqs):
+        joined.append(([s.tag.request_id for s in seqs], getattr(inside, "on", False)))
+        return add(seqs)
+
+    def traced_step(*a, **kw):
+        inside.on = True
+        try:
+            return step(*a, **kw)
+        finally:
+            inside.on = False
+            if not burst and gen.running():  # between two steps of the long line: 5 lines at once
+                for k in range(5):
+                    burst.extend(eng.submit([short_prep], deadline=deadline, max_new_tokens=3,
+                                            request_id=f"b{k}"))
+
+    gen.add, gen.step = traced_add, traced_step
+    try:
+        long = eng.submit([eng.prepare(stroke_line(1200, 160, 1))], deadline=deadline, max_new_tokens=40,
+                          request_id="long")
+        assert long[0].future.result(timeout=120).tokens == 40
+        assert [it.future.result(timeout=120).tokens for it in burst] == [3] * 5
+        assert wait_until(lambda: not gen.running(), 30, "the lines to leave")
+        during = len(joined)
+        # nothing running: a burst is one add (prefilled in chunks back to back), not one chunk per boundary
+        idle = eng.submit([short_prep] * 5, deadline=deadline, max_new_tokens=3, request_id="idle")
+        assert [it.future.result(timeout=120).tokens for it in idle] == [3] * 5
+    finally:
+        gen.add, gen.step = add, step
+        eng.stop()
+    assert joined[0] == (["long"], False)
+    assert all(len(ids) <= 2 and on_step for ids, on_step in joined[1:during])
+    assert [i for ids, _ in joined[1:during] for i in ids] == [f"b{k}" for k in range(5)]
+    assert joined[during:] == [(["idle"] * 5, False)]
+
+
 def test_quiet_engine_precaptures_prefill_graphs_until_none_is_left(engine, monkeypatch, caplog):
     """Nothing queued or running for PRECAPTURE_QUIET_S: the inference thread calls the generator's
     precapture_next, back to back, until it says nothing is left -- then never again. A request arriving

@@ -13,10 +13,11 @@ from pathlib import Path
 from ..atomicfile import write_atomic
 from ..errors import ConfigError, GpuError
 from ..gpus import GIB, choose_gpu
-from ..modeldir import kv_cache_bytes, model_footprint
+from ..modeldir import kv_cache_bytes, model_footprint, slots_that_fit
 from .findings import FAIL, OK, WARN, Context, Finding
 
 logger = logging.getLogger(__name__)
+MANY_SLOTS = 64  # fewer slots than this (when more were configured): a warning -- lines/s under load suffer
 
 
 def _size(n: int) -> str:
@@ -40,12 +41,43 @@ def _healthy(ctx: Context, dev) -> list[str]:
     return why
 
 
-def serving_kv_bytes(s) -> int:
-    """The KV cache htrd's fast generator allocates for these settings (0 for the plain generator)."""
+def serving_kv_bytes(s, slots: int | None = None) -> int:
+    """The KV cache htrd's fast generator allocates for *slots* lines (0 for the plain generator). Default: the
+    smallest of ``limits.batch_sizes`` -- what a GPU must hold at least; htrd serves the largest that fits."""
     if not s.generation.fast_generator:
         return 0
-    return kv_cache_bytes(Path(s.model.dir), s.model.variant, slots=max(s.limits.batch_sizes),
+    return kv_cache_bytes(Path(s.model.dir), s.model.variant, slots=slots or min(s.limits.batch_sizes),
                           max_cache_len=s.generation.max_cache_len)
+
+
+def serving_slots(s, weights_bytes: int, dev) -> int | None:
+    """The slots htrd would serve on *dev* (a :class:`~htrctl.gpus.GpuDevice`) as it is now: the largest of
+    ``limits.batch_sizes`` whose KV cache fits beside the weights (:func:`htrctl.modeldir.slots_that_fit`, as
+    htrd sizes it); None for the plain generator or a model without a readable config; 0 when none fits."""
+    per_slot = serving_kv_bytes(s, slots=1)
+    if not per_slot:
+        return None
+    fits = slots_that_fit(s.limits.batch_sizes, per_slot, dev.memory_free - weights_bytes, dev.memory_total)
+    return fits[-1] if fits else 0
+
+
+def _slots_finding(s, weights_bytes: int, dev) -> Finding | None:
+    n = serving_slots(s, weights_bytes, dev)
+    if n is None:
+        return None
+    largest = max(s.limits.batch_sizes)
+    kv = serving_kv_bytes(s, slots=max(n, 1))
+    data = {"uuid": dev.uuid, "slots": n, "largest_batch_size": largest, "kv_cache_bytes": kv if n else 0}
+    if n == largest:
+        return Finding("placement.slots", OK, f"GPU {dev.index} holds {n} slots (lines decoding at once; "
+                       f"{_size(kv)} of KV cache)", data=data)
+    few = n < min(MANY_SLOTS, largest)
+    return Finding("placement.slots", WARN if few else OK,
+                   f"GPU {dev.index} holds about {n} slots of limits.batch_sizes' {largest} (lines decoding at "
+                   f"once; {_size(kv)} of KV cache in what the weights leave free)"
+                   + ("; fewer slots: fewer lines/s under a deep queue" if few else ""),
+                   remedy=("lower generation.max_cache_len (every slot holds that many positions), or free the GPU "
+                           "/ use a bigger one") if few else None, data=data)
 
 
 def check(ctx: Context) -> list[Finding]:
@@ -62,8 +94,9 @@ def check(ctx: Context) -> list[Finding]:
     elif not fp["weights_bytes"]:
         out.append(Finding("placement.size", WARN, f"no safetensors weights found in {model_dir}", data=fp))
     else:
-        cache = (f" + {_size(kv)} of KV cache ({max(s.limits.batch_sizes)} slots x "
-                 f"{s.generation.max_cache_len} positions)") if kv else ""
+        cache = (f" + {_size(kv)} of KV cache (at least {min(s.limits.batch_sizes)} slot(s) x "
+                 f"{s.generation.max_cache_len} positions; htrd serves as many of limits.batch_sizes as fit)"
+                 ) if kv else ""
         out.append(Finding("placement.size", OK, f"model ({fp['variant']}) needs {_size(fp['weights_bytes'])} "
                            f"of weights{cache} + {s.gpu.min_free_headroom_gib:g} GiB headroom = {_size(need)}",
                            data={**fp, "kv_cache_bytes": kv, "headroom_bytes": headroom, "required_bytes": need}))
@@ -83,11 +116,13 @@ def check(ctx: Context) -> list[Finding]:
     candidates = [d for d in devs if not _healthy(ctx, d) and (need is None or d.memory_free >= need)]
     excluded = {d.uuid: _healthy(ctx, d) for d in devs if _healthy(ctx, d)}
     # GPUs whose peer path failed are still fine alone: the model lives on one GPU.
+    target = None  # the GPU whose slots are reported
     if candidates:
         best = max(candidates, key=lambda d: (procs.get(d.uuid, 0) == 0, d.memory_free, -d.index))
         ctx.recommendation = {"uuid": best.uuid, "index": best.index, "name": best.name,
                               "memory_free": best.memory_free, "required_bytes": need,
                               "config": {"gpu": {"select": best.uuid}}}
+        target = best
         out.append(Finding("placement.recommend", OK,
                            f"recommended: GPU {best.index} {best.name} {best.uuid} "
                            f"({best.memory_free / GIB:.1f} GiB free) -- one GPU, by UUID",
@@ -128,6 +163,12 @@ def check(ctx: Context) -> list[Finding]:
                 out.append(Finding("placement.config", OK,
                                    f"gpu.select: {s.gpu.select} -> GPU {chosen.index} {chosen.uuid}{policy}",
                                    data={"select": s.gpu.select, "uuid": chosen.uuid}))
+                target = chosen
+    # the slots htrd will serve there (the configured GPU, else the recommended one)
+    if target is not None and fp and fp["weights_bytes"]:
+        slots = _slots_finding(s, fp["weights_bytes"], target)
+        if slots is not None:
+            out.append(slots)
     senv = ctx.service_env()
     sel_env = senv.env.get("HTR_GPU__SELECT") if senv.installed else None
     if sel_env is not None and sel_env != s.gpu.select:

@@ -618,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--single-requests", type=int, default=20)
     ap.add_argument("--clients", default="64", help="comma-separated concurrent client counts")
     ap.add_argument("--per-client", type=int, default=4, help="requests per client in each load run")
-    ap.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
+    ap.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128,256")
     ap.add_argument("--batch-window-ms", type=float, default=5.0)
     ap.add_argument("--max-cache-len", type=int, default=1024)
     ap.add_argument("--prompt", default=PROMPT)

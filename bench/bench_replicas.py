@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=64, help="closed-loop clients PER REPLICA")
     ap.add_argument("--per-client", type=int, default=4, help="lines each client sends in each phase")
     ap.add_argument("--new-tokens", type=int, default=50)
-    ap.add_argument("--batch-sizes", default="1,2,4,8,16,32,64", help="limits.batch_sizes (the shipped config's)")
+    ap.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128,256", help="limits.batch_sizes (the shipped config's)")
     ap.add_argument("--max-cache-len", type=int, default=1024)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--transcribe-images", type=int, default=None,

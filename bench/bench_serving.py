@@ -10,8 +10,8 @@ longest line is done -- the engine before continuous batching),
 ``mixed`` (``generation.mixed_steps``: prompts prefilled inside the decode steps), ``threads``
 (``limits.preprocess_workers: 0``: the images decoded and preprocessed in threads of htrd's own process, under
 its GIL, instead of worker processes), ``flash`` (``generation.decode_attention: flash``: the decode steps'
-attention through flash attention's kernel instead of the Triton one), ``slots64`` and ``slots256`` (64 or 256
-slots instead of ``--batch-sizes``' 128; the shipped config has 64). Closed-loop clients (each sends its next line as
+attention through flash attention's kernel instead of the Triton one), ``slots64`` and ``slots128`` (64 or 128
+slots instead of ``--batch-sizes``' 256 -- the shipped config's, where they fit). Closed-loop clients (each sends its next line as
 soon as the previous one is answered) over the Unix socket, in two modes:
 
 - **fixed**: every line a 1200x160 image, exactly ``--new-tokens`` tokens;
@@ -269,8 +269,8 @@ ENGINES = {
     "flash": {"generation": {"continuous_batching": True, "decode_attention": "flash"}},
     # other slot counts than --batch-sizes' largest (the KV cache: slots x max_cache_len x 147 KiB on the 8B model)
     "slots64": {"generation": {"continuous_batching": True}, "limits": {"batch_sizes": [1, 2, 4, 8, 16, 32, 64]}},
-    "slots256": {"generation": {"continuous_batching": True},
-                 "limits": {"batch_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256]}},
+    "slots128": {"generation": {"continuous_batching": True},
+                 "limits": {"batch_sizes": [1, 2, 4, 8, 16, 32, 64, 128]}},
 }
 
 
@@ -378,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", default="64,256", help="fixed-mode client counts; realistic uses the first")
     ap.add_argument("--per-client", type=int, default=8, help="requests per client in each load")
     ap.add_argument("--new-tokens", type=int, default=50)
-    ap.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128")
+    ap.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128,256", help="limits.batch_sizes (the shipped "
+                    "config's: as many slots as fit, up to 256)")
     ap.add_argument("--max-cache-len", type=int, default=1024, help="generation.max_cache_len (the shipped default)")
     ap.add_argument("--prefill-chunk", type=int, default=16)
     ap.add_argument("--prefill-tokens", type=int, default=512, help="generation.prefill_tokens (mixed steps' budget)")
@@ -390,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma-separated, run one after the other: {', '.join(ENGINES)} (mixed: continuous with "
                          "generation.mixed_steps; threads: continuous with the preprocessing in threads, "
                          "limits.preprocess_workers 0; flash: continuous with generation.decode_attention flash; "
-                         "slots64, slots256: continuous with 64 or 256 slots)")
+                         "slots64, slots128: continuous with 64 or 128 slots)")
     ap.add_argument("--settle", type=float, default=0.0,
                     help="seconds each daemon stays idle after READY before the first load (default 0: loads start "
                          "at READY; an idle daemon captures prefill graphs ahead of need)")
@@ -463,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                         + (f"{r['gpu_busy_pct']:.0f} % ({r['gpu_busy_steady_pct']:.0f} %)"
                            if r.get("gpu_busy_steady_pct") is not None else "-") + " |")
         for a, b in (("continuous", "static"), ("mixed", "static"), ("mixed", "continuous"), ("continuous", "threads"),
-                     ("continuous", "flash"), ("continuous", "slots64"), ("slots256", "continuous")):
+                     ("continuous", "flash"), ("continuous", "slots64"), ("continuous", "slots128")):
             if {a, b} <= set(results["engines"]):
                 ra, rb = (results["engines"][e][key]["lines_per_s"] for e in (a, b))
                 rows.append(f"| {label} | **{a} / {b}** | **{ra / rb:.2f}x** | | | | | | | | |")

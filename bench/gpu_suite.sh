@@ -16,8 +16,9 @@
 #   mixedcheck   bench/check_fast_correctness.py --mixed    (fp32 teacher-forced, mixed steps)
 #   prepool      bench/bench_serving.py --engines threads,continuous --settle 8 (64 clients, both modes; ~4 min):
 #                the preprocessing in threads (limits.preprocess_workers: 0) against worker processes, same call
-#   slots        bench/bench_serving.py --engines slots64,continuous,slots256 --clients 256 (fixed and realistic,
-#                ~6 min): 64 (the shipped config), 128 and 256 slots under a deep queue -- what a collection job gets
+#   slots        bench/bench_serving.py --engines continuous,slots128,slots64 --clients 256 (fixed and realistic,
+#                ~6 min): 256 (the shipped config, where they fit), 128 and 64 slots under a deep queue -- what a
+#                collection job gets
 #   replicas     bench/bench_replicas.py                   (one htrd per GPU; needs 2+ GPUs)
 #   profile      bench/profile_decode.py --attention all   (decode step vs matmul floor per decode attention,
 #                prefill launch vs GPU)
@@ -69,7 +70,7 @@ for part in $parts; do
     prepool) run 400 python3 bench/bench_serving.py --model-dir "$model" --clients 64 --per-client 5 --settle 8 \
                --engines threads,continuous --state-dir "$state" --json "$out/prepool.json" ;;
     slots) run 580 python3 bench/bench_serving.py --model-dir "$model" --clients 256 --per-client 5 --settle 8 \
-             --engines slots64,continuous,slots256 --state-dir "$state" --json "$out/slots.json" ;;
+             --engines continuous,slots128,slots64 --state-dir "$state" --json "$out/slots.json" ;;
     mixedcheck) run 240 python3 bench/check_fast_correctness.py "$model" --mixed --json "$out/mixedcheck.json" ;;
     replicas) run 400 python3 bench/bench_replicas.py --model-dir "$model" --per-client 6 --state-dir "$state" \
                 --json "$out/replicas.json" ;;

@@ -652,6 +652,7 @@ class Engine:
             "occupied_slot_steps": gen.occupied_sum,
             "kv_cache_bytes": int(getattr(gen, "kv_cache_bytes", 0)),
             "decode_attention": gen.decode_attention if self.fast else None,
+            "mlp_activation": gen.mlp_activation if self.fast else None,
             "preprocess_ms_per_image": self.preprocess_ms_per_image(),
             "preprocess_workers": self.cpu_workers,
             "preprocess_in": "threads" if self._procs is None else "processes",

@@ -142,6 +142,8 @@ class EngineInfo(BaseModel):
     # fast path: "triton" | "flash" (a decode step reads each line's own keys; htrd.attention) | "sdpa" (the
     # masked span; CPU, older GPUs)
     decode_attention: str | None = None
+    # fast path: "triton" (the MLP's SiLU(gate) x up as one kernel; htrd.activation) | "compiled" | "eager"
+    mlp_activation: str | None = None
     preprocess_ms_per_image: float | None = None  # CPU time to decode + preprocess one line, on average
     preprocess_workers: int | None = None
     preprocess_in: str | None = None  # "processes" (htrd.prepool, the default) | "threads" (preprocess_workers: 0)

@@ -31,7 +31,12 @@ HERE = Path(__file__).resolve().parent
 def interpreted(name: str, *args) -> None:
     """Run ``_name(*args)`` of this file in a new Python with Triton's interpreter on; its assertion errors
     fail the calling test with the child's traceback."""
-    code = (f"import sys; sys.path[:0] = [{str(HERE)!r}]; import test_attention as t; "
+    interpreted_in("test_attention", name, *args)
+
+
+def interpreted_in(module: str, name: str, *args) -> None:
+    """Run ``_name(*args)`` of the test file *module* in a new Python with Triton's interpreter on."""
+    code = (f"import sys; sys.path[:0] = [{str(HERE)!r}]; import {module} as t; "
             f"t._{name}(*{json.dumps(list(args))})")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, check=False)

@@ -105,7 +105,8 @@ def test_status_shows_the_daemon_in_text_and_json(daemon):
     h = htrctl("status", "-s", str(daemon.socket_path)).stdout.decode()
     for key in ("daemon:    ready", "model:", "manifest:  sha256 " + d["manifest_digest"], "gpu:       cpu",
                 "queue:", "counters:", "systemd:", f"engine:    fast generator, 0/{d['engine']['slots']} slots",
-                "ms/image on", "sdpa decode attention"):  # the CPU's (htrd.attention)
+                "ms/image on", "sdpa decode attention",  # the CPU's (htrd.attention)
+                f"{d['engine']['mlp_activation']} MLP activation"):  # compiled or eager there (htrd.activation)
         assert key in h, h
 
 

@@ -36,6 +36,8 @@ def _engine_line(e: dict) -> list[str]:
         line += f", KV cache {_size(e['kv_cache_bytes'])}"
     if e.get("decode_attention"):
         line += f", {e['decode_attention']} decode attention"
+    if e.get("mlp_activation"):
+        line += f", {e['mlp_activation']} MLP activation"
     if e.get("preprocess_ms_per_image") is not None:
         line += (f", preprocessing {e['preprocess_ms_per_image']:g} ms/image on {e.get('preprocess_workers')} "
                  f"{'worker processes' if e.get('preprocess_in') == 'processes' else 'workers'}")

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                               batch_sizes=[1, 2, 4, 8], max_cache_len=1024, max_new_tokens=new, compile=args.device != "cpu",
                               mixed=args.mixed, decode_attention=args.decode_attention)
     fast.warmup(images[4], max_new_tokens=new)
-    decode_attention = fast.decode_attention
+    decode_attention, mlp_activation = fast.decode_attention, fast.mlp_activation
     preps = [fast.prepare(im) for im in images]
     alone = [fast.generate([p], min_new_tokens=new)[0].token_ids for p in preps]
     # The same lines three times more: a recurring shape's prefill is captured (third time) and replayed (fourth).
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         return (best - pick).tolist()
 
     report = {"gpu": torch.cuda.get_device_name(0) if dev != "cpu" else "cpu", "new_tokens": new, "widths": WIDTHS,
-              "decode_attention": decode_attention, "paths": {}}
+              "decode_attention": decode_attention, "mlp_activation": mlp_activation, "paths": {}}
     hf_ref = [ref_logits(p, toks) for p, toks in zip(preps, hf)]  # scores HF's path and the forced decode steps
     for name, seqs in (("hf_bf16_generate", hf), ("fast_alone", alone), ("fast_batched", batched),
                        ("fast_joined", joined), ("fast_replayed_prefill", replayed),
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in report["paths"].items():
         print(f"| {name} | {r['max_gap']:.4f} | {r['p99_gap']:.4f} | {r['mean_gap']:.4f} | "
               f"{r['fp32_agrees']} / {r['tokens']} |")
-    print(f"prefill: {report['prefill']} ({report['mixed_steps']} mixed steps); decode attention: {decode_attention}; prompt tokens {report['prompt_tokens']}; fast alone == batched for {report['fast_alone_equals_batched']}/8, "
+    print(f"prefill: {report['prefill']} ({report['mixed_steps']} mixed steps); decode attention: {decode_attention}; MLP activation: {report['mlp_activation']}; prompt tokens {report['prompt_tokens']}; fast alone == batched for {report['fast_alone_equals_batched']}/8, "
           f"== joined {report['fast_alone_equals_joined']}/8, == HF bf16 {report['fast_alone_equals_hf_bf16']}/8, "
           f"== replayed prefill graph {report['fast_alone_equals_replayed']}/8 ({n_replays} replays), "
           f"== replayed language-model graph {report['fast_alone_equals_lm_replayed']}/8 ({n_lm_replays} replays); "

@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     # The decode steps teacher-forced on HF's tokens, with each decode attention in turn: their logits along the
     # very sequences HF chose, so what differs is the arithmetic, not which near-tie a path happened to follow.
     forced = {}
-    kinds = dict.fromkeys([fast.decode_attention, *(k for k in ("triton", "flash") if
-                                                    fast._decode_attention(k) == k), "sdpa"])
+    kinds = dict.fromkeys([fast.decode_attention, *(k for k in ("triton", "flash") if fast.decode_attention_runs(k)),
+                           "sdpa"])
     for kind in kinds:
         forced[kind] = [forced_logits(fast, p, toks, attention=kind) for p, toks in zip(preps, hf)]
     fast_mixed, fast_packed, fast_mixed_steps = fast.mixed, fast.packed, fast.mixed_steps

@@ -122,7 +122,7 @@ def main() -> int:
     with torch.inference_mode():
         for B in ([] if args.prefill_only else batches):
             modes = [fast.decode_attention] + ([k for k in ("triton", "flash", "sdpa") if k != fast.decode_attention
-                                                 and fast._decode_attention(k) == k] if args.attention == "all" else [])
+                                                 and fast.decode_attention_runs(k)] if args.attention == "all" else [])
             for kind in modes[1:]:  # the others first; the generator's own last (profiled below)
                 fast.decode_attention = kind
                 replaced.append(fast._graphs.pop((B, L), None))  # kept alive: its memory pool is shared

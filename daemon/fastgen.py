@@ -455,16 +455,20 @@ class FastGenerator(GeneratorBase):
         if wanted != "auto":
             order.remove(wanted)
             order.insert(0, wanted)
-        shape = {"n_kv": self.n_kv, "g": self.n_heads // self.n_kv, "head_dim": self.head_dim, "device": self.device,
-                 "dtype": self.dtype, "span": 2 * LENGTH_BUCKET}
-        runs = {"triton": lambda: triton_decode_ok(**shape), "flash": lambda: flash_decode_ok(**shape),
-                "sdpa": lambda: True}
         for kind in order:
-            if runs[kind]():
+            if self.decode_attention_runs(kind):
                 if wanted not in ("auto", kind):
                     logger.warning("decode attention %s does not run here: %s instead", wanted, kind)
                 return kind
         raise AssertionError("unreachable: sdpa always runs")
+
+    def decode_attention_runs(self, kind: str) -> bool:
+        """Whether the decode attention *kind* ("triton", "flash", "sdpa") runs here and passes its start-up
+        check (benchmarks compare every kind that does)."""
+        shape = {"n_kv": self.n_kv, "g": self.n_heads // self.n_kv, "head_dim": self.head_dim, "device": self.device,
+                 "dtype": self.dtype, "span": 2 * LENGTH_BUCKET}
+        checks = {"triton": triton_decode_ok, "flash": flash_decode_ok, "sdpa": lambda **_: True}
+        return checks[kind](**shape)
 
     def _packed_attention_ok(self) -> bool:
         """Whether packed prefills may attend with flash attention's variable-length kernel

@@ -970,6 +970,35 @@ def test_doctor_sizes_the_kv_cache_htrd_allocates(fast, demo_model_dir):
                           dtype_bytes=4) == fast.kv_cache_bytes
 
 
+def test_the_slots_are_the_largest_batch_size_whose_cache_fits(demo_model_dir, monkeypatch, caplog):
+    """The fast generator serves the largest of its batch sizes whose KV cache fits in the device's free memory
+    less a tenth of it (htrctl.modeldir.slots_that_fit, the rule doctor predicts with) -- host memory on the
+    CPU: fewer than configured is logged, not an error; not even one slot is a clear GpuError with a remedy."""
+    import logging
+    from collections import namedtuple
+
+    import psutil
+    from htrd.fastgen import FastGenerator, kv_bytes_per_slot
+
+    from htrctl.errors import GpuError
+
+    kw = {"device": "cpu", "prompt": PROMPT, "batch_sizes": [1, 2, 4, 8], "max_cache_len": 512, "max_new_tokens": NEW}
+    probe = FastGenerator.load(demo_model_dir, **kw)
+    assert probe.slots == 8  # the demo model's cache fits any host
+    per_slot = kv_bytes_per_slot(probe.model, 512)
+    mem = namedtuple("mem", "available total")
+    total = 1_000 * per_slot
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: mem(int(0.1 * total) + 4 * per_slot + per_slot // 2, total))
+    with caplog.at_level(logging.INFO, logger="htrd.fastgen"):
+        gen = FastGenerator.load(demo_model_dir, **kw)
+    assert (gen.slots, gen.batch_sizes) == (4, [1, 2, 4])
+    assert "serving 4 slots, the largest of limits.batch_sizes that fits" in caplog.text
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: mem(int(0.1 * total) + per_slot // 2, total))
+    with pytest.raises(GpuError, match="KV cache for even 1 line") as err:
+        FastGenerator.load(demo_model_dir, **kw)
+    assert "lower generation.max_cache_len" in err.value.remedy
+
+
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "left-padded"])
 def test_each_slot_s_first_position_and_position_bound_what_its_mask_lets_it_see(fast, packed):
     """Decode attention on a GPU reads each slot's keys from kv_first to pos (flash attention's offsets,

@@ -14,11 +14,8 @@ Nothing here imports torch or triton at module level.
 from __future__ import annotations
 
 import functools
-import logging
 
-from .attention import has_triton
-
-logger = logging.getLogger(__name__)
+from .attention import has_triton, kernel_agrees
 
 BLOCK = 1024  # columns of one program
 
@@ -69,21 +66,13 @@ def reference(gu):
 
 def silu_mul_ok(*, inter: int, device, dtype) -> bool:
     """Whether the fast generator may use :func:`silu_mul` here: Triton runs and the kernel gives PyTorch's
-    result on random rows (ragged: a row count and width that are not multiples of anything). Logged when not."""
+    result on random rows (ragged: a row count and width that are not multiples of anything). Logged when not
+    (:func:`htrd.attention.kernel_agrees`, the attention kernels' check)."""
     import torch
 
     if not has_triton(device, dtype):
         return False
     gen = torch.Generator(device="cpu").manual_seed(0)
     gu = (torch.randn((37, 2 * inter), generator=gen) * 3).to(device=device, dtype=dtype)
-    try:
-        out = silu_mul(gu)
-    except Exception as exc:  # noqa: BLE001 -- a kernel that does not build here (Triton's compiler errors vary)
-        logger.warning("the Triton SiLU x up kernel fails here (%s): the compiled op instead",
-                       str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        return False
-    ref = reference(gu).float()
-    if not bool((out.float() - ref).norm() <= 0.01 * ref.norm()):
-        logger.warning("the Triton SiLU x up kernel differs from PyTorch's: the compiled op instead")
-        return False
-    return True
+    return kernel_agrees(lambda: silu_mul(gu), reference(gu).float(), what="the Triton SiLU x up kernel",
+                         fallback="the compiled op instead", against="PyTorch's")

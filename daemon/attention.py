@@ -317,15 +317,17 @@ def sdpa_decode(q, k_cache, v_cache, *, scale: float, bias, span: int):
         q, k_cache[:B, :, :span], v_cache[:B, :, :span], attn_mask=bias, scale=scale)
 
 
-def kernel_agrees(run: Callable[[], object], ref, *, what: str, fallback: str) -> bool:
-    """A start-up check: *run()* (an attention kernel's output) against *ref* (SDPA with a mask, fp32) within
-    1 % (relative norm of the difference). Where it raises or differs: logged with *fallback*, False."""
+def kernel_agrees(run: Callable[[], object], ref, *, what: str, fallback: str,
+                  against: str = "SDPA with a mask") -> bool:
+    """A start-up check: *run()* (a kernel's output) against *ref* (*against*'s result in fp32: SDPA with a mask
+    for the attention kernels) within 1 % (relative norm of the difference). Where it raises or differs: logged
+    with *fallback*, False."""
     try:
         out = run().float()
     except Exception as exc:  # noqa: BLE001 -- a kernel that does not build here (Triton's compiler errors vary)
         logger.warning("%s fails here (%s): %s", what, _first_line(exc), fallback)
         return False
     if not bool((out - ref).norm() <= 0.01 * ref.norm()):
-        logger.warning("%s differs from SDPA with a mask: %s", what, fallback)
+        logger.warning("%s differs from %s: %s", what, against, fallback)
         return False
     return True

@@ -388,7 +388,8 @@ class FastGenerator(GeneratorBase):
         else:  # the CPU: host memory (a 256-slot cache of the 8B model in fp32 is ~77 GiB)
             import psutil
 
-            free, total = psutil.virtual_memory().available, psutil.virtual_memory().total
+            mem = psutil.virtual_memory()
+            free, total = mem.available, mem.total
             where = "the host's available"
         fits = slots_that_fit(sizes, self.kv_cache_bytes_per_slot, free, total)
         if not fits:

@@ -13,10 +13,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 from helpers import stroke_line
-from test_attention import interpreted_in
-
-NEW = 8
-PROMPT = "Transcribe the handwritten text in this line image."
+from test_attention import NEW, PROMPT, batched_and_joining, interpreted_in
 
 
 def _run(name: str, *args) -> None:
@@ -55,12 +52,13 @@ def test_the_start_up_check_passes_the_kernel_and_catches_a_wrong_one():
 
 def _check() -> None:
     from htrd import activation as a
+    from htrd import attention
 
     assert a.silu_mul_ok(inter=1000, device="cpu", dtype=torch.float32)
     real = a.silu_mul
     a.silu_mul = lambda gu: real(gu).roll(1, dims=1)  # a column off
     warned = []
-    a.logger.warning = lambda msg, *args: warned.append(msg % args)
+    attention.logger.warning = lambda msg, *args: warned.append(msg % args)  # kernel_agrees logs it
     assert not a.silu_mul_ok(inter=1000, device="cpu", dtype=torch.float32)
     assert "differs from PyTorch's" in warned[0], warned
 
@@ -82,8 +80,6 @@ def test_the_fast_generator_with_the_triton_activation_decodes_the_tokens_of_pyt
 def _generator(demo_model_dir: str) -> None:
     from htrd import fastgen
     from htrd.fastgen import FastGenerator
-    from htrd.generation import Seq
-
     kw = {"device": "cpu", "prompt": PROMPT, "batch_sizes": [1, 2, 4], "max_cache_len": 512, "max_new_tokens": NEW,
           "decode_attention": "sdpa"}
     tri = FastGenerator.load(demo_model_dir, **kw)
@@ -92,13 +88,6 @@ def _generator(demo_model_dir: str) -> None:
     assert (tri.mlp_activation, ref.mlp_activation) == ("triton", "eager")
     preps = [tri.prepare(stroke_line(*s)) for s in [(1200, 160, 11), (500, 100, 12), (900, 130, 13)]]
     for gen in (tri, ref):
-        gen.got = [f.token_ids for f in gen.generate(preps, min_new_tokens=NEW)]
-        gen.add([Seq(preps[0], NEW, NEW, tag=0)])
-        gen.step(steps=3)
-        gen.add([Seq(preps[1], 5, 5, tag=1)])
-        done = {}
-        while gen.running():
-            done.update({f.seq.tag: f.token_ids for f in gen.step()})
-        gen.joined = done
+        gen.got, gen.joined = batched_and_joining(gen, preps)
     assert tri.got == ref.got and all(len(t) == NEW for t in tri.got)
     assert tri.joined == ref.joined and len(tri.joined[1]) == 5

@@ -43,6 +43,21 @@ def interpreted_in(module: str, name: str, *args) -> None:
     assert r.returncode == 0, r.stderr[-4000:]
 
 
+def batched_and_joining(gen, preps) -> tuple[list[list[int]], dict[int, list[int]]]:
+    """What fast generator *gen* decodes for *preps*: all of them batched (NEW tokens each), and the first
+    decoding alone (NEW) while the second joins after 3 steps (5 tokens) -- (batched tokens, {line: tokens})."""
+    from htrd.generation import Seq
+
+    got = [f.token_ids for f in gen.generate(preps, min_new_tokens=NEW)]
+    gen.add([Seq(preps[0], NEW, NEW, tag=0)])
+    gen.step(steps=3)
+    gen.add([Seq(preps[1], 5, 5, tag=1)])
+    joined = {}
+    while gen.running():
+        joined.update({f.seq.tag: f.token_ids for f in gen.step()})
+    return got, joined
+
+
 def _cache(S: int, nkv: int, g: int, hd: int, M: int, dtype):
     gen = torch.Generator().manual_seed(0)
     k, v = (torch.randn((S, nkv, M, hd), generator=gen).to(dtype) for _ in range(2))
@@ -130,22 +145,13 @@ def test_the_fast_generator_decodes_with_triton_the_tokens_of_sdpa(demo_model_di
 def _generator(demo_model_dir: str) -> None:
     from htrd import fastgen
     from htrd.fastgen import FastGenerator
-    from htrd.generation import Seq
-
     kw = {"device": "cpu", "prompt": PROMPT, "batch_sizes": [1, 2, 4], "max_cache_len": 512, "max_new_tokens": NEW}
     tri = FastGenerator.load(demo_model_dir, **kw)  # auto: Triton runs here (the interpreter) and passes
     ref = FastGenerator.load(demo_model_dir, decode_attention="sdpa", **kw)
     assert (tri.decode_attention, ref.decode_attention) == ("triton", "sdpa")
     preps = [tri.prepare(stroke_line(*s)) for s in [(1200, 160, 11), (500, 100, 12), (900, 130, 13)]]
     for gen in (tri, ref):
-        gen.got = [f.token_ids for f in gen.generate(preps, min_new_tokens=NEW)]
-        gen.add([Seq(preps[0], NEW, NEW, tag=0)])
-        gen.step(steps=3)
-        gen.add([Seq(preps[1], 5, 5, tag=1)])
-        done = {}
-        while gen.running():
-            done.update({f.seq.tag: f.token_ids for f in gen.step()})
-        gen.joined = done
+        gen.got, gen.joined = batched_and_joining(gen, preps)
     assert tri.got == ref.got and all(len(t) == NEW for t in tri.got)
     assert tri.joined == ref.joined and len(tri.joined[1]) == 5
     warned = []

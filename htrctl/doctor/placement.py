@@ -50,23 +50,17 @@ def serving_kv_bytes(s, slots: int | None = None) -> int:
                           max_cache_len=s.generation.max_cache_len)
 
 
-def serving_slots(s, weights_bytes: int, dev) -> int | None:
+def _slots_finding(s, weights_bytes: int, dev) -> Finding | None:
     """The slots htrd would serve on *dev* (a :class:`~htrctl.gpus.GpuDevice`) as it is now: the largest of
     ``limits.batch_sizes`` whose KV cache fits beside the weights (:func:`htrctl.modeldir.slots_that_fit`, as
-    htrd sizes it); None for the plain generator or a model without a readable config; 0 when none fits."""
+    htrd sizes it). None for the plain generator or a model without a readable config."""
     per_slot = serving_kv_bytes(s, slots=1)
     if not per_slot:
         return None
     fits = slots_that_fit(s.limits.batch_sizes, per_slot, dev.memory_free - weights_bytes, dev.memory_total)
-    return fits[-1] if fits else 0
-
-
-def _slots_finding(s, weights_bytes: int, dev) -> Finding | None:
-    n = serving_slots(s, weights_bytes, dev)
-    if n is None:
-        return None
+    n = fits[-1] if fits else 0
     largest = max(s.limits.batch_sizes)
-    kv = serving_kv_bytes(s, slots=max(n, 1))
+    kv = max(n, 1) * per_slot  # the cache is linear in the slots (kv_cache_bytes)
     data = {"uuid": dev.uuid, "slots": n, "largest_batch_size": largest, "kv_cache_bytes": kv if n else 0}
     if n == largest:
         return Finding("placement.slots", OK, f"GPU {dev.index} holds {n} slots (lines decoding at once; "

@@ -11,7 +11,8 @@ longest line is done -- the engine before continuous batching),
 (``limits.preprocess_workers: 0``: the images decoded and preprocessed in threads of htrd's own process, under
 its GIL, instead of worker processes), ``flash`` (``generation.decode_attention: flash``: the decode steps'
 attention through flash attention's kernel instead of the Triton one), ``slots64`` and ``slots128`` (64 or 128
-slots instead of ``--batch-sizes``' 256 -- the shipped config's, where they fit). Closed-loop clients (each sends its next line as
+slots instead of ``--batch-sizes``' 256 -- the shipped config's, where they fit), ``gcscan`` (the loaded heap
+not frozen, ``HTRD_GC_FREEZE=0``: Python's full collections walk the model's ~0.4 M objects, see htrd.heap). Closed-loop clients (each sends its next line as
 soon as the previous one is answered) over the Unix socket, in two modes:
 
 - **fixed**: every line a 1200x160 image, exactly ``--new-tokens`` tokens;
@@ -207,6 +208,32 @@ def status(socket_path: Path) -> dict:
         return c.get("/v1/status").json()
 
 
+def gc_pauses(socket_path: Path) -> dict:
+    """htrd's garbage-collection pauses so far (``htrd_gc_pause_seconds`` of ``/metrics``, every generation):
+    count, total seconds, and how many lasted over 0.1 s."""
+    import httpx
+
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path)), base_url="http://htr", timeout=30) as c:
+        text = c.get("/metrics").text
+    out = {"count": 0.0, "total_s": 0.0, "over_100ms": 0.0}
+    for line in text.splitlines():
+        if not line.startswith("htrd_gc_pause_seconds"):
+            continue
+        name, value = line.rsplit(" ", 1)
+        if name.startswith("htrd_gc_pause_seconds_count"):
+            out["count"] += float(value)
+            out["over_100ms"] += float(value)
+        elif name.startswith("htrd_gc_pause_seconds_sum"):
+            out["total_s"] += float(value)
+        elif name.startswith("htrd_gc_pause_seconds_bucket") and 'le="0.1"' in name:
+            out["over_100ms"] -= float(value)
+    return out
+
+
+def gc_delta(after: dict, before: dict) -> dict:
+    return {k: round(after[k] - before[k], 3) for k in after}
+
+
 def bf16_peak_tflops(device: str) -> float | None:
     """The bf16 matmul rate on this GPU now (8192^3, best of 20), in TFLOP/s."""
     if device == "cpu":
@@ -271,6 +298,8 @@ ENGINES = {
     "slots64": {"generation": {"continuous_batching": True}, "limits": {"batch_sizes": [1, 2, 4, 8, 16, 32, 64]}},
     "slots128": {"generation": {"continuous_batching": True},
                  "limits": {"batch_sizes": [1, 2, 4, 8, 16, 32, 64, 128]}},
+    # the loaded heap not frozen (htrd.heap): Python's full collections walk the whole model's objects again
+    "gcscan": {"generation": {"continuous_batching": True}, "env": {"HTRD_GC_FREEZE": "0"}},
 }
 
 
@@ -314,7 +343,7 @@ def run_engine(args, name: str, workloads: dict, work_dir: Path) -> dict:
     cfg = work_dir / f"{name}.yaml"
     max_new = max(REALISTIC_MAX_NEW, args.new_tokens)
     write_config(cfg, args, sock, engine=name, min_new=max_new, max_new=max_new)
-    env = dict(os.environ, HTR_CONFIG=str(cfg))
+    env = dict(os.environ, HTR_CONFIG=str(cfg), **ENGINES[name].get("env", {}))
     d = Daemon(cfg, sock, work_dir / f"{name}.log", env)
     res: dict = {"engine": name}
     res["ready_s"] = d.start(args.timeout)
@@ -325,6 +354,7 @@ def run_engine(args, name: str, workloads: dict, work_dir: Path) -> dict:
         for (mode, clients, rnd), work in rounds(workloads, args.rounds):
             before_all = status(sock)
             before = before_all["engine"]
+            gc_before = gc_pauses(sock)
             spy = args.profile / f"spy-{name}-{mode}{clients}-{rnd}.txt" if args.profile else None
             with py_spy(d.proc.pid, spy), GpuSampler() as gpu, WhereSampler(sock, clients) as where:
                 r = closed_loop(sock, work, clients)
@@ -333,6 +363,7 @@ def run_engine(args, name: str, workloads: dict, work_dir: Path) -> dict:
             r["gpu_busy_steady_pct"] = gpu.busy(r["steady_since"], r["steady_until"]).get(0)
             after_all = status(sock)
             after = after_all["engine"]
+            r["gc_pauses"] = gc_delta(gc_pauses(sock), gc_before)  # the load's garbage collections (htrd.heap)
             prefills = after_all["counters"]["batches"] - before_all["counters"]["batches"]
             r["avg_prefill_lines"] = ((after_all["counters"]["images"] - before_all["counters"]["images"]) / prefills
                                       if prefills else None)  # lines per prefill group (generation.join_wait_ms)
@@ -352,7 +383,7 @@ def run_engine(args, name: str, workloads: dict, work_dir: Path) -> dict:
                         "p95 %.3f s, slots %.1f, "
                         "%.2f steps per check, GPU busy %.0f %% (NVML; steady part %.0f %%), idle at host turnarounds "
                         "%.1f %% of the load, %.1f lines per prefill, %d prefills replayed (graphs whole/LM part: %s); "
-                        "the clients' requests on average (steady part): %s",
+                        "GC pauses %s; the clients' requests on average (steady part): %s",
                         name, load_key(mode, clients, rnd), r["lines_per_s"], r["steady_lines_per_s"] or 0,
                         r["steady_s"] or 0, r["first_answer_s"],
                         r["p50_s"], r["p95_s"], r["avg_occupied_slots"] or 0, r["steps_per_check"] or 0,
@@ -360,7 +391,7 @@ def run_engine(args, name: str, workloads: dict, work_dir: Path) -> dict:
                         r["gpu_busy_steady_pct"] if r["gpu_busy_steady_pct"] is not None else float("nan"),
                         100 * r["host_turnaround_s"] / r["wall_s"] if r.get("wall_s") else 0,
                         r["avg_prefill_lines"] or 0, r["prefill_replays"],
-                        r["prefill_graphs"], r["where"])
+                        r["prefill_graphs"], r["gc_pauses"], r["where"])
             logger.info("%s %s: lines answered per second of the load: %s", name, load_key(mode, clients, rnd),
                         " ".join(map(str, r["per_second"])))
         res["status"] = status(sock)
@@ -391,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma-separated, run one after the other: {', '.join(ENGINES)} (mixed: continuous with "
                          "generation.mixed_steps; threads: continuous with the preprocessing in threads, "
                          "limits.preprocess_workers 0; flash: continuous with generation.decode_attention flash; "
-                         "slots64, slots128: continuous with 64 or 128 slots)")
+                         "slots64, slots128: continuous with 64 or 128 slots; gcscan: continuous with the loaded "
+                         "heap not frozen, HTRD_GC_FREEZE=0)")
     ap.add_argument("--settle", type=float, default=0.0,
                     help="seconds each daemon stays idle after READY before the first load (default 0: loads start "
                          "at READY; an idle daemon captures prefill graphs ahead of need)")
@@ -464,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
                         + (f"{r['gpu_busy_pct']:.0f} % ({r['gpu_busy_steady_pct']:.0f} %)"
                            if r.get("gpu_busy_steady_pct") is not None else "-") + " |")
         for a, b in (("continuous", "static"), ("mixed", "static"), ("mixed", "continuous"), ("continuous", "threads"),
-                     ("continuous", "flash"), ("continuous", "slots64"), ("continuous", "slots128")):
+                     ("continuous", "flash"), ("continuous", "slots64"), ("continuous", "slots128"),
+                     ("continuous", "gcscan")):
             if {a, b} <= set(results["engines"]):
                 ra, rb = (results["engines"][e][key]["lines_per_s"] for e in (a, b))
                 rows.append(f"| {label} | **{a} / {b}** | **{ra / rb:.2f}x** | | | | | | | | |")

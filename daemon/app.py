@@ -96,6 +96,7 @@ def run(args: argparse.Namespace, *, journald: bool = False) -> int:
 
     from .api import create_app
     from .engine import Engine
+    from .heap import PauseWatch, freeze_loaded_heap
     from .metrics import Metrics
     from .runtime import Daemon
     from .server import peercred_protocol
@@ -104,6 +105,7 @@ def run(args: argparse.Namespace, *, journald: bool = False) -> int:
 
     state = DaemonState()
     metrics = Metrics(settings.limits.batch_sizes)
+    PauseWatch(metrics).install()
     engine = Engine(settings, device=device, faults=faults, state=state, metrics=metrics)
     daemon = Daemon(settings=settings, state=state, metrics=metrics, engine=engine, faults=faults, gpu=gpu,
                     manifest_digest=manifest_digest)
@@ -135,6 +137,7 @@ def run(args: argparse.Namespace, *, journald: bool = False) -> int:
             engine.load(progress=state.set_detail)
             state.set(WARMING, "warming up")
             engine.warm_up(progress=state.set_detail)
+            freeze_loaded_heap(metrics)  # before serving: no full collection walks the loaded model again
             engine.start()
             if state.set(READY, None):
                 supervisor.events.put(("ready", None))

@@ -247,6 +247,7 @@ def _init(model_dir: str, prompt: str, dtype_name: str, one_cpu_thread: bool, wa
     import torch
 
     from .faults import ENV, Faults
+    from .heap import freeze_loaded_heap
     from .images import read_header
     from .model import ImageEncoder, load_processor
 
@@ -263,6 +264,7 @@ def _init(model_dir: str, prompt: str, dtype_name: str, one_cpu_thread: bool, wa
     encode_pages(warm_png, read_header(warm_png, max_pixels=1 << 30), _encoder.encode)  # decoders warm
     logger.debug("preprocessing worker %d ready (warm-up image %.0f ms)", os.getpid(),
                  (time.perf_counter() - t0) * 1000)
+    freeze_loaded_heap(level=logging.DEBUG)  # the processor's heap: no full collection walks it again
 
 
 def _exit_with(pid: int) -> None:

@@ -258,6 +258,9 @@ def test_max_new_tokens_is_honoured_and_openapi_and_metrics_are_served(daemon):
         assert name in text, name
     assert metric(text, "htrd_state", 'htrd_state="ready"') == 1.0
     assert metric(text, "htrd_generated_tokens_total") > 0
+    # the loaded heap was frozen before READY (htrd.heap): the demo model's ~0.4 M objects, never walked again
+    assert metric(text, "htrd_gc_frozen_objects") > 100_000
+    assert "htrd_gc_pause_seconds_count" in text
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ import gc
 import logging
 
 import pytest
-
 from htrd import heap
 from htrd.metrics import Metrics
 

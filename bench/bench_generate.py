@@ -369,7 +369,8 @@ class Daemon:
         with httpx.Client(transport=transport, base_url="http://htr", timeout=5.0) as c:
             while time.perf_counter() < deadline:
                 if self.proc.poll() is not None:
-                    raise SystemExit(f"htrd exited with code {self.proc.returncode} before READY; log: {self.log_path}")
+                    raise SystemExit(f"htrd exited with code {self.proc.returncode} before READY; log: {self.log_path}"
+                                     f", its end:\n{self.log_tail()}")
                 if self.socket_path.exists():
                     try:
                         if c.get("/v1/ready").status_code == 200:
@@ -377,7 +378,14 @@ class Daemon:
                     except httpx.TransportError:
                         pass
                 threading.Event().wait(0.05)
-        raise SystemExit(f"htrd not READY within {timeout:.0f} s; log: {self.log_path}")
+        raise SystemExit(f"htrd not READY within {timeout:.0f} s; log: {self.log_path}, its end:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last *lines* of the daemon's log (what a failed start says; the log may be on a lent machine)."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError as exc:
+            return f"(unreadable: {exc})"
 
     def stop(self, timeout: float = 60.0) -> int | None:
         if self.proc is None or self.proc.poll() is not None:

@@ -105,7 +105,7 @@ def run(args: argparse.Namespace, *, journald: bool = False) -> int:
 
     state = DaemonState()
     metrics = Metrics(settings.limits.batch_sizes)
-    PauseWatch(metrics).install()
+    pauses = PauseWatch(metrics).install()
     engine = Engine(settings, device=device, faults=faults, state=state, metrics=metrics)
     daemon = Daemon(settings=settings, state=state, metrics=metrics, engine=engine, faults=faults, gpu=gpu,
                     manifest_digest=manifest_digest)
@@ -138,6 +138,7 @@ def run(args: argparse.Namespace, *, journald: bool = False) -> int:
             state.set(WARMING, "warming up")
             engine.warm_up(progress=state.set_detail)
             freeze_loaded_heap(metrics)  # before serving: no full collection walks the loaded model again
+            pauses.serving()
             engine.start()
             if state.set(READY, None):
                 supervisor.events.put(("ready", None))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from htrctl.protocol import STATES
 
-GC_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 
 
@@ -41,9 +40,7 @@ class Metrics:
         self.gpu_memory = Gauge("htrd_gpu_memory_bytes", "GPU memory of this process", ["kind"], registry=r)
         self.load_seconds = Gauge("htrd_load_seconds", "time to load the model", registry=r)
         self.warmup_seconds = Gauge("htrd_warmup_seconds", "time to warm up every batch size", registry=r)
-        self.gc_pause_seconds = Histogram("htrd_gc_pause_seconds", "pauses of Python's garbage collector "
-                                          "(the GIL held: no thread runs)", ["generation"], buckets=GC_BUCKETS,
-                                          registry=r)
+        # htrd_gc_pause_seconds: htrd.heap.PauseWatch, a collector of its own on this registry
         self.gc_frozen_objects = Gauge("htrd_gc_frozen_objects", "objects of the loaded heap that no garbage "
                                        "collection walks (htrd.heap)", registry=r)
         self.state = Enum("htrd_state", "readiness state", states=list(STATES), registry=r)

@@ -411,7 +411,7 @@ def _nvidia_smi() -> str | None:
 
 
 def client_requests(socket_path: Path, body: bytes, n: int, lat: list, errors: list, new_tokens: int,
-                    start: threading.Event) -> None:
+                    start: Release) -> None:
     import httpx
 
     transport = httpx.HTTPTransport(uds=str(socket_path))
@@ -428,14 +428,43 @@ def client_requests(socket_path: Path, body: bytes, n: int, lat: list, errors: l
                 errors.append(f"{r.status_code} {r.text[:200]}")
 
 
-def run_clients(n: int, client, release_at: float | None = None) -> float:
-    """Start *n* threads running ``client(start)`` (each waits on the event *start*), release them at once --
-    or at the wall-clock time *release_at* (clients in several processes released together); returns the
-    wall time from the release until the last one ends."""
-    start = threading.Event()
+class Release:
+    """What ``client(start)`` waits on: :meth:`wait` counts the client as set up (its HTTP client built), then
+    blocks until the release. :func:`run_clients` releases only once every client is set up -- building an
+    httpx client takes ~20-55 ms of the GIL (its TLS context), so 256 clients released while still building
+    theirs trickled their first requests out over ~6 s: the "slow start" of earlier 256-client loads was
+    this benchmark's, not htrd's."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.ready = n, 0
+        self._cond = threading.Condition()
+        self._go = threading.Event()
+
+    def wait(self) -> None:
+        with self._cond:
+            self.ready += 1
+            self._cond.notify_all()
+        self._go.wait()
+
+    def all_ready(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.ready >= self.n, timeout)
+
+    def set(self) -> None:
+        self._go.set()
+
+
+def run_clients(n: int, client, release_at: float | None = None, setup_timeout: float = 300.0) -> float:
+    """Start *n* threads running ``client(start)`` (each sets up, then waits on ``start.wait()``, a
+    :class:`Release`), release them together once all are set up -- at the wall-clock time *release_at* if given
+    (clients in several processes released together) -- and return the wall time from the release until the
+    last one ends."""
+    start = Release(n)
     threads = [threading.Thread(target=client, args=(start,), daemon=True) for _ in range(n)]
     for t in threads:
         t.start()
+    if not start.all_ready(setup_timeout):
+        logger.warning("only %d of %d clients set up within %.0f s: released anyway", start.ready, n, setup_timeout)
     if release_at is not None:
         time.sleep(max(0.0, release_at - time.time()))
     t0 = time.perf_counter()

@@ -245,7 +245,7 @@ def client_worker(args) -> int:
     errors: list[str] = []
     ends: list[float] = []
 
-    def client(start: threading.Event) -> None:
+    def client(start) -> None:  # a bench_generate.Release
         client_requests(Path(args.worker), body, args.per_client, lat, errors, args.new_tokens, start)
         ends.append(time.time())
 

@@ -103,7 +103,7 @@ def closed_loop(socket_path: Path, work: list[tuple[bytes, int]], clients: int) 
     done_ids: list[int] = []
     first_answers: list[float] = []
 
-    def client(start: threading.Event) -> None:
+    def client(start) -> None:  # a bench_generate.Release
         first = True
         transport = httpx.HTTPTransport(uds=str(socket_path))
         with httpx.Client(transport=transport, base_url="http://htr", timeout=900.0) as c:

@@ -68,6 +68,33 @@ def test_the_steady_part_starts_once_every_client_has_its_first_answer():
     assert steady_window(1.0, [], 6.5, finished) == (1.0, 6.5, None)
 
 
+def test_clients_are_released_together_once_every_one_is_set_up():
+    """bench_generate.run_clients: no client sends before the slowest has built its HTTP client (256 httpx
+    clients take seconds to build; released meanwhile, the first requests trickled out -- a "slow start" that
+    was the benchmark's)."""
+    import threading
+    import time
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_generate import run_clients
+
+    lock = threading.Lock()
+    set_up: list[float] = []
+    first_request: list[float] = []
+
+    def client(start) -> None:
+        time.sleep(0.02 * len(set_up))  # later clients take longer to set up
+        with lock:
+            set_up.append(time.perf_counter())
+        start.wait()
+        with lock:
+            first_request.append(time.perf_counter())
+
+    run_clients(8, client)
+    assert len(set_up) == len(first_request) == 8
+    assert min(first_request) >= max(set_up)
+
+
 def test_where_the_requests_are_averages_the_steady_part_and_partitions_the_clients():
     """bench_serving's WhereSampler: averaged over the samples inside the steady part (every client busy), the
     clients' requests split into decoding, queued, elsewhere in htrd (in flight, neither) and at the clients

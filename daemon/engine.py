@@ -159,6 +159,9 @@ class Engine:
 
             if torch.cuda.device_count() != 1:
                 raise GpuError(f"expected exactly one visible GPU after pinning, torch sees {torch.cuda.device_count()}")
+        for thread in precompiled:
+            thread.join()  # the generator and the warm-up must not run beside it (below; the same ops)
+        _reset_default_dtype()
         pre = Preprocessor(loaded.processor, loaded.model, prompt=gen_s.prompt,
                            one_cpu_thread=self.device.startswith("cuda"))
         if self.fast:
@@ -170,8 +173,6 @@ class Engine:
                                      prefill_chunk=gen_s.prefill_chunk, mixed=gen_s.mixed_steps,
                                      prefill_tokens=gen_s.prefill_tokens,
                                      decode_attention=gen_s.decode_attention, compile=compiling, preprocessor=pre)
-            for thread in precompiled:
-                thread.join()  # the warm-up must not compile the same ops beside it
             self.batch_sizes = list(self.gen.batch_sizes)  # those whose KV cache fits
             self.max_batch = self.gen.slots
         else:
@@ -688,6 +689,23 @@ class Engine:
             "reserved": int(torch.cuda.memory_reserved(0)),
             "total": int(torch.cuda.get_device_properties(0).total_memory),
         }
+
+
+def _reset_default_dtype() -> None:
+    """torch's default dtype back to float32 after the load, logged where it was not. It is process-wide, and two
+    things change it beside each other while htrd loads: transformers sets the model's dtype (bfloat16) as the
+    default while it builds the model, then restores it, and torch.compile (htrd-precompile, beside the load)
+    restores at its end the default it saw at its start. A compilation that starts inside transformers' window
+    and ends after it leaves bfloat16 as the default for good -- on an H200 with cold compile caches the start-up
+    check of the Triton decode kernel then failed (its float32 reference met a bfloat16 mask) and htrd exited 1;
+    elsewhere, tensors made without a dtype would silently be bfloat16."""
+    import torch
+
+    left = torch.get_default_dtype()
+    if left != torch.float32:
+        logger.warning("torch's default dtype was %s after the load (a compilation beside it restored the default "
+                       "it saw while transformers built the model); reset to float32", str(left).removeprefix("torch."))
+        torch.set_default_dtype(torch.float32)
 
 
 @functools.cache

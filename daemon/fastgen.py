@@ -489,7 +489,7 @@ class FastGenerator(GeneratorBase):
         seq = torch.repeat_interleave(torch.arange(len(bounds) - 1, device=self.device),
                                       torch.tensor(bounds, device=self.device).diff())
         allowed = (seq[:, None] == seq[None]) & torch.ones((T, T), dtype=torch.bool, device=self.device).tril()
-        bias = torch.zeros((T, T), device=self.device).masked_fill_(~allowed, float("-inf"))
+        bias = torch.zeros((T, T), dtype=torch.float32, device=self.device).masked_fill_(~allowed, float("-inf"))
         g = nh // nkv
         ref = torch.nn.functional.scaled_dot_product_attention(
             q.float().transpose(0, 1), k.float().repeat_interleave(g, 1).transpose(0, 1),

@@ -339,3 +339,35 @@ def test_compiling_the_ops_beside_the_load_is_never_fatal(demo_model_dir, tmp_pa
         thread.join(timeout=30)
     assert not thread.is_alive() and seen and seen[0][1:] == ("cpu", "float32")
     assert "compiling the fast path's ops beside the load failed (RuntimeError: inductor: no C compiler)" in caplog.text
+
+
+def test_a_default_dtype_left_by_a_compilation_beside_the_load_is_reset(demo_model_dir, monkeypatch, caplog):
+    """torch's default dtype is process-wide: transformers sets the model's dtype as the default while it builds
+    the model, and torch.compile (htrd-precompile, beside the load on a GPU) restores at its end the default it
+    saw at its start -- a compilation straddling transformers' window leaves bfloat16 behind (an H200 with cold
+    compile caches: the Triton decode kernel's start-up check failed on it, htrd exited 1). The load ends with
+    float32 again, and says so."""
+    import logging
+
+    import htrd.model
+    import torch
+
+    real = htrd.model.load_model
+
+    def load_leaving_bf16(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        torch.set_default_dtype(torch.bfloat16)  # what the straddling compilation restores
+        return loaded
+
+    monkeypatch.setattr(htrd.model, "load_model", load_leaving_bf16)
+    try:
+        with caplog.at_level(logging.WARNING, logger="htrd.engine"):
+            eng = _engine(demo_model_dir, 0)
+        assert torch.get_default_dtype() == torch.float32
+        assert "torch's default dtype was bfloat16 after the load" in caplog.text
+        (item,) = eng.submit([eng.prepare(stroke_line(600, 100, 3))], deadline=time.monotonic() + 60, max_new_tokens=4,
+                             request_id="t")
+        assert item.future.result(timeout=60)
+        eng.stop()
+    finally:
+        torch.set_default_dtype(torch.float32)

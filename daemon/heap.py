@@ -1,10 +1,11 @@
 """Python's garbage collector in a serving process: the loaded heap frozen, every pause measured.
 
-A loaded htrd holds ~0.4 million Python objects before it serves a line (torch, transformers, the model's
-modules, inductor's and Triton's state). CPython's full collection walks all of them, holding the GIL: ~0.4 s
-on this project's CI machine, and a trace of htrd under 256 clients on an H200 showed the inference thread
-stalled 0.34-0.50 s inside a prefill, no torch op running, the GPU idle. Requests' short-lived objects trigger
-such collections every few seconds under load.
+A loaded htrd holds 0.64-0.75 million Python objects before it serves a line (torch, transformers, the
+model's modules, inductor's and Triton's state; 0.44 million with the CPU demo model). CPython's full
+collection walks all of them, holding the GIL: ~0.4 s on this project's CI machine, 0.58 s in one pause under
+256 clients on an H200, and a trace there showed the inference thread stalled 0.34-0.50 s inside a prefill,
+no torch op running, the GPU idle. Under load the requests' objects trigger one every ten seconds or so (3 over
+100 ms in a 30 s load of 256 clients).
 
 :func:`freeze_loaded_heap` runs once the model is loaded and warmed up, before READY: one collection, then
 ``gc.freeze()`` moves every surviving object to the permanent generation, which no later collection walks

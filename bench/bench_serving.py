@@ -201,32 +201,35 @@ class WhereSampler:
                 "at_clients": round(max(0.0, self.clients - flight), 1)}
 
 
-def status(socket_path: Path) -> dict:
+def _get(socket_path: Path, path: str):
+    """GET *path* from the htrd at *socket_path* (outside a load: one client each)."""
     import httpx
 
     with httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path)), base_url="http://htr", timeout=30) as c:
-        return c.get("/v1/status").json()
+        return c.get(path)
+
+
+def status(socket_path: Path) -> dict:
+    return _get(socket_path, "/v1/status").json()
 
 
 def gc_pauses(socket_path: Path) -> dict:
     """htrd's garbage-collection pauses so far (``htrd_gc_pause_seconds`` of ``/metrics``, every generation):
     count, total seconds, and how many lasted over 0.1 s."""
-    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
 
-    with httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path)), base_url="http://htr", timeout=30) as c:
-        text = c.get("/metrics").text
     out = {"count": 0.0, "total_s": 0.0, "over_100ms": 0.0}
-    for line in text.splitlines():
-        if not line.startswith("htrd_gc_pause_seconds"):
+    for family in text_string_to_metric_families(_get(socket_path, "/metrics").text):
+        if family.name != "htrd_gc_pause_seconds":
             continue
-        name, value = line.rsplit(" ", 1)
-        if name.startswith("htrd_gc_pause_seconds_count"):
-            out["count"] += float(value)
-            out["over_100ms"] += float(value)
-        elif name.startswith("htrd_gc_pause_seconds_sum"):
-            out["total_s"] += float(value)
-        elif name.startswith("htrd_gc_pause_seconds_bucket") and 'le="0.1"' in name:
-            out["over_100ms"] -= float(value)
+        for sample in family.samples:
+            if sample.name.endswith("_count"):
+                out["count"] += sample.value
+                out["over_100ms"] += sample.value
+            elif sample.name.endswith("_sum"):
+                out["total_s"] += sample.value
+            elif sample.name.endswith("_bucket") and float(sample.labels["le"]) == 0.1:
+                out["over_100ms"] -= sample.value
     return out
 
 

@@ -71,7 +71,8 @@ def test_the_steady_part_starts_once_every_client_has_its_first_answer():
 def test_clients_are_released_together_once_every_one_is_set_up():
     """bench_generate.run_clients: no client sends before the slowest has built its HTTP client (256 httpx
     clients take seconds to build; released meanwhile, the first requests trickled out -- a "slow start" that
-    was the benchmark's)."""
+    was the benchmark's). The slow client finishes its set-up once another has sent (a release that does not
+    wait for it), else after a second (one that does)."""
     import threading
     import time
 
@@ -79,16 +80,22 @@ def test_clients_are_released_together_once_every_one_is_set_up():
     from bench_generate import run_clients
 
     lock = threading.Lock()
+    sent = threading.Event()
     set_up: list[float] = []
     first_request: list[float] = []
+    order = iter(range(8))
 
     def client(start) -> None:
-        time.sleep(0.02 * len(set_up))  # later clients take longer to set up
+        with lock:
+            slowest = next(order) == 0
+        if slowest:
+            sent.wait(timeout=1.0)
         with lock:
             set_up.append(time.perf_counter())
         start.wait()
         with lock:
             first_request.append(time.perf_counter())
+        sent.set()
 
     run_clients(8, client)
     assert len(set_up) == len(first_request) == 8

@@ -28,7 +28,7 @@ def test_freeze_takes_the_loaded_objects_out_of_every_collection(unfrozen, monke
     loaded = [Cycle() for _ in range(1000)]
     frozen = heap.freeze_loaded_heap(metrics)
     assert frozen == gc.get_freeze_count() >= 1000
-    assert metrics.gc_frozen_objects._value.get() == frozen
+    assert metrics.registry.get_sample_value("htrd_gc_frozen_objects") == frozen
     tracked = {id(o) for o in gc.get_objects()}  # what a collection walks
     assert not any(id(o) in tracked for o in loaded)
     later = Cycle()  # objects made after the freeze are collected as usual

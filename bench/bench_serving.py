@@ -301,10 +301,6 @@ ENGINES = {
     "slots64": {"generation": {"continuous_batching": True}, "limits": {"batch_sizes": [1, 2, 4, 8, 16, 32, 64]}},
     "slots128": {"generation": {"continuous_batching": True},
                  "limits": {"batch_sizes": [1, 2, 4, 8, 16, 32, 64, 128]}},
-    # decode graphs every 32 rows past 64 (48 ... 224 between the powers of two): a step over 183 running lines
-    # runs 192 rows, not 256 -- at ~200 rows the decode GEMMs are compute-bound, so padding rows cost their time
-    "fine": {"generation": {"continuous_batching": True},
-             "limits": {"batch_sizes": [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256]}},
     # the loaded heap not frozen (htrd.heap): Python's full collections walk the whole model's objects again
     "gcscan": {"generation": {"continuous_batching": True}, "env": {"HTRD_GC_FREEZE": "0"}},
 }

@@ -1443,7 +1443,8 @@ class FastGenerator(GeneratorBase):
     def _capture_vision(self, rows: int, inputs: list) -> _PrefillGraph | None:
         """The vision tower's graph of *rows* padded patch rows reading the static *inputs*, captured directly
         into the shared output (:meth:`_vision_out`) and kept; None where the capture failed."""
-        g = self._record(lambda: self.vision.padded(*inputs), inputs, None, [], direct=True,
+        span = self.vision.span_for(rows)
+        g = self._record(lambda: self.vision.padded(*inputs, span=span), inputs, None, [], direct=True,
                          out=self._vision_out(rows))
         if g is not None:
             self._vision_graphs[rows] = g
@@ -1469,6 +1470,12 @@ class FastGenerator(GeneratorBase):
         patches = int(pixel_values.shape[0])
         rows = vt.rows_for(patches)  # the graph's key
         blocks = self.prefill_chunk
+        span = vt.span_for(rows, layout.vision_lengths)
+        if span != vt.span_for(rows):  # an image longer than the graphs' span (VISION_SPAN): eagerly, told the rows
+            out = vt.padded(*vt.padded_inputs(pixel_values, layout.grids, layout.vision_lengths, rows, blocks=blocks),
+                            span=span)
+            k = patches // vt.merge
+            return out[0, :k], [d[:k] for d in out[1:]]
         g = self._vision_graphs.get(rows)
         if g is not None:
             vt.padded_inputs(pixel_values, layout.grids, layout.vision_lengths, rows, into=g.inputs, blocks=blocks)
@@ -1488,9 +1495,10 @@ class FastGenerator(GeneratorBase):
                         g.graph.replay()
                         out = g.out
             if out is None:
-                out = vt.padded(*args)  # eagerly first: the capture then finds every kernel it records
+                out = vt.padded(*args, span=span)  # eagerly first: the capture then finds every kernel it records
                 if room:
-                    g = self._record(lambda: vt.padded(*inputs), inputs, out, [], out=self._vision_out(rows, out))
+                    g = self._record(lambda: vt.padded(*inputs, span=span), inputs, out, [],
+                                     out=self._vision_out(rows, out))
                     if g is not None:
                         self._vision_graphs[rows] = g
         k = patches // vt.merge

@@ -39,6 +39,12 @@ GRID_CACHE = 512  # image grids whose position inputs are kept on the device
 # never empty), the total is a multiple of ROW_BUCKET.
 PAD_ROWS = 4
 ROW_BUCKET = 256
+# The longest block :meth:`VisionTower.padded`'s attention is told of (flash attention's max_seqlen), where
+# every image of the call has at most this many patches (a 2,000 x 500 px line). Its grid has a row of thread
+# blocks per 128 positions of max_seqlen for every image and head, and those past an image's end only return:
+# told the padded row count (up to ~16,000 under load), the vision attention launched ~26,000 thread blocks
+# for ~1,500 with work (16 lines of 760 patches). An image past it: the call is told the row count.
+VISION_SPAN = 4096
 
 
 class VisionTower:
@@ -70,7 +76,7 @@ class VisionTower:
         # tower eagerly.
         self.varlen = self.own and has_flash_varlen(weight)
         self.merge = int(visual.spatial_merge_size) ** 2  # patches per image token
-        self._blocks: tuple | None = None  # (cu_seqlens, rows) while padded() runs
+        self._blocks: tuple | None = None  # (cu_seqlens, rows, span) while padded() runs
         n = 0
         for mod in visual.modules():
             if type(mod).__name__.endswith("VisionAttention") and hasattr(mod, "qkv"):
@@ -123,7 +129,8 @@ class VisionTower:
         if self.varlen:
             rows = self.rows_for(int(pixel_values.shape[0]))
             try:
-                out = self.padded(*self.padded_inputs(pixel_values, grids, lengths, rows))
+                out = self.padded(*self.padded_inputs(pixel_values, grids, lengths, rows),
+                                  span=self.span_for(rows, lengths))
             except RuntimeError as exc:  # e.g. a torch or GPU whose flash attention refuses these inputs
                 logger.warning("the vision tower over padded patches fails here (%s): small prefills run it "
                                "eagerly", _first_line(exc))
@@ -168,13 +175,20 @@ class VisionTower:
             buf[: t.shape[0]].copy_(t)
         return into
 
-    def padded(self, pixel_values, pos, cos, sin, cu_seqlens):
+    def span_for(self, rows: int, lengths: Sequence[int] = ()) -> int:
+        """The longest block :meth:`padded` over *rows* rows may be told of for images of *lengths* patches
+        (a bound on every block, the padding's too): ``min(rows, VISION_SPAN)`` where every image fits, else
+        *rows*. A captured graph bakes it in: graphs are kept per row count for the images that fit."""
+        return rows if any(int(n) > VISION_SPAN for n in lengths) else min(rows, VISION_SPAN)
+
+    def padded(self, pixel_values, pos, cos, sin, cu_seqlens, span: int | None = None):
         """HF's modules over patch rows padded with one more image (see the module docstring): image tokens
         and deepstack features stacked, (1 + deepstack layers, rows / merge, H); the real images' are the
-        first patches / merge rows of each. Shapes depend on rows and the boundaries' length only; nothing
-        waits for the GPU."""
+        first patches / merge rows of each. *span*: no block (image) is longer (:meth:`span_for`; default the
+        row count). Shapes depend on rows and the boundaries' length only; nothing waits for the GPU."""
         vis = self.visual
-        self._blocks = (cu_seqlens, int(pixel_values.shape[0]))
+        rows = int(pixel_values.shape[0])
+        self._blocks = (cu_seqlens, rows, rows if span is None else int(span))
         try:
             h = vis.patch_embed(pixel_values)
             image, deepstack = self._blocks_forward(h + pos.to(h.dtype), cos, sin)
@@ -280,9 +294,9 @@ def _attention_forward(tower, mod, hidden_states, cu_seqlens=None, position_embe
     q, k = tower.rope(q, k, cos, sin)  # (n_tok, heads, d)
     d = q.shape[-1]
     if tower._blocks is not None:  # VisionTower.padded: the block boundaries are a device tensor
-        bounds, rows = tower._blocks
+        bounds, _, span = tower._blocks
         if q.is_cuda:
-            o = torch.ops.aten._flash_attention_forward(q, k, v, bounds, bounds, rows, rows, 0.0, False, False,
+            o = torch.ops.aten._flash_attention_forward(q, k, v, bounds, bounds, span, span, 0.0, False, False,
                                                         scale=mod.scaling)[0]
             return mod.proj(o.reshape(n_tok, heads * d))
         lengths = [n for n in (bounds[1:] - bounds[:-1]).tolist() if n]  # on the CPU (tests): a loop over the blocks

@@ -620,14 +620,14 @@ def test_the_vision_check_turns_the_padded_tower_off_where_it_fails_or_differs(d
         assert vt.check(*args) and vt.varlen
         padded = vt.padded
 
-        def refuses(*a):
+        def refuses(*a, **kw):
             raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
 
         monkeypatch.setattr(vt, "padded", refuses)
         assert vt.check(*args) and not vt.varlen and vt.own
         assert "fails here (FlashAttention only supports Ampere GPUs or newer.)" in caplog.text
         vt.varlen = True
-        monkeypatch.setattr(vt, "padded", lambda *a: padded(*a) * 1.05)
+        monkeypatch.setattr(vt, "padded", lambda *a, **kw: padded(*a, **kw) * 1.05)
         assert vt.check(*args) and not vt.varlen and vt.own
         assert "over padded patches (flash attention, variable lengths) differs" in caplog.text
 

@@ -184,6 +184,37 @@ def test_packed_prefill_graphs_replay_the_eager_packed_prefill(cuda, demo_model_
         assert width in gen._packed_graphs and gen.prefill_replays == replays + 1 + seen
 
 
+def test_the_vision_attention_told_a_shorter_span_keeps_the_tokens(cuda, demo_model_dir, monkeypatch):
+    """The padded vision tower's flash attention is told the longest image it may meet (VisionTower.span_for:
+    VISION_SPAN patches, lowered here so the demo's lines cross it), not the padded row count: prefills whose
+    images all fit replay graphs told the span; one with a longer image runs the tower eagerly, told the rows,
+    and captures nothing -- the eager generator's tokens either way."""
+    from htrd import vision
+    from htrd.fastgen import FastGenerator
+
+    monkeypatch.setattr(vision, "VISION_SPAN", 512)
+    kw = {"device": cuda, "prompt": PROMPT, "batch_sizes": [1, 2, 4, 8], "max_cache_len": 512, "max_new_tokens": NEW}
+    gen = FastGenerator.load(demo_model_dir, cuda_graphs=True, **kw)
+    eager = FastGenerator.load(demo_model_dir, cuda_graphs=False, **kw)
+    assert gen.packed and gen.vision.varlen
+    fit = [(700, 120, 2), (300, 64, 3), (500, 100, 5), (640, 110, 7)]
+    long = [(1200, 160, 1), (300, 64, 3)]
+    for group in (fit, long, fit):
+        preps = [gen.prepare(stroke_line(*s)) for s in group]
+        lengths = [int(p.pixel_values.shape[0]) for p in preps]
+        rows = gen.vision.rows_for(sum(lengths))
+        assert (max(lengths) > 512) == (group is long) and rows > 512
+        want = [x.token_ids for x in eager.generate([eager.prepare(stroke_line(*s)) for s in group],
+                                                    min_new_tokens=NEW)]
+        graphs, replays = len(gen._vision_graphs), gen.vision_replays
+        assert [x.token_ids for x in gen.generate(preps, min_new_tokens=NEW)] == want, group
+        if group is long:
+            assert gen.vision.span_for(rows, lengths) == rows
+            assert (len(gen._vision_graphs), gen.vision_replays) == (graphs, replays)
+        else:
+            assert gen.vision.span_for(rows, lengths) == 512 and rows in gen._vision_graphs
+
+
 def test_precaptured_prefill_graphs_replay_the_eager_packed_prefill(cuda, demo_model_dir):
     """After the warm-up, precapture_next captures every packed width and vision row count ahead of need (on
     stand-in inputs, without running anything); a later prefill of lines of new sizes then captures nothing

@@ -179,7 +179,8 @@ class VisionTower:
         """The longest block :meth:`padded` over *rows* rows may be told of for images of *lengths* patches
         (a bound on every block, the padding's too): ``min(rows, VISION_SPAN)`` where every image fits, else
         *rows*. A captured graph bakes it in: graphs are kept per row count for the images that fit."""
-        return rows if any(int(n) > VISION_SPAN for n in lengths) else min(rows, VISION_SPAN)
+        span = max(VISION_SPAN, ROW_BUCKET + PAD_ROWS)  # the padding image is shorter than ROW_BUCKET + PAD_ROWS
+        return rows if any(int(n) > span for n in lengths) else min(rows, span)
 
     def padded(self, pixel_values, pos, cos, sin, cu_seqlens, span: int | None = None):
         """HF's modules over patch rows padded with one more image (see the module docstring): image tokens

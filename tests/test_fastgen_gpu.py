@@ -186,24 +186,26 @@ def test_packed_prefill_graphs_replay_the_eager_packed_prefill(cuda, demo_model_
 
 def test_the_vision_attention_told_a_shorter_span_keeps_the_tokens(cuda, demo_model_dir, monkeypatch):
     """The padded vision tower's flash attention is told the longest image it may meet (VisionTower.span_for:
-    VISION_SPAN patches, lowered here so the demo's lines cross it), not the padded row count: prefills whose
-    images all fit replay graphs told the span; one with a longer image runs the tower eagerly, told the rows,
-    and captures nothing -- the eager generator's tokens either way."""
+    VISION_SPAN patches), not the padded row count. Lowered here (with the row bucket) so that the demo's
+    lines, of 52-88 patches, cross it: prefills whose images all fit replay graphs told the span; one with a
+    longer image runs the tower eagerly, told the rows, and captures nothing -- the eager generator's tokens
+    either way."""
     from htrd import vision
     from htrd.fastgen import FastGenerator
 
-    monkeypatch.setattr(vision, "VISION_SPAN", 512)
+    monkeypatch.setattr(vision, "VISION_SPAN", 80)
+    monkeypatch.setattr(vision, "ROW_BUCKET", 64)  # the padding image stays within the span
     kw = {"device": cuda, "prompt": PROMPT, "batch_sizes": [1, 2, 4, 8], "max_cache_len": 512, "max_new_tokens": NEW}
     gen = FastGenerator.load(demo_model_dir, cuda_graphs=True, **kw)
     eager = FastGenerator.load(demo_model_dir, cuda_graphs=False, **kw)
     assert gen.packed and gen.vision.varlen
-    fit = [(700, 120, 2), (300, 64, 3), (500, 100, 5), (640, 110, 7)]
-    long = [(1200, 160, 1), (300, 64, 3)]
-    for group in (fit, long, fit):
+    fit = [(300, 64, 3), (500, 100, 5), (1200, 160, 1), (2000, 150, 4)]  # 72, 80, 52, 68 patches
+    long = [(700, 120, 2), (300, 64, 3)]  # 88, 72
+    for k, group in enumerate((fit, long, fit)):
         preps = [gen.prepare(stroke_line(*s)) for s in group]
         lengths = [int(p.pixel_values.shape[0]) for p in preps]
         rows = gen.vision.rows_for(sum(lengths))
-        assert (max(lengths) > 512) == (group is long) and rows > 512
+        assert (max(lengths) > 80) == (group is long) and rows > 80, (lengths, rows)
         want = [x.token_ids for x in eager.generate([eager.prepare(stroke_line(*s)) for s in group],
                                                     min_new_tokens=NEW)]
         graphs, replays = len(gen._vision_graphs), gen.vision_replays
@@ -212,7 +214,8 @@ def test_the_vision_attention_told_a_shorter_span_keeps_the_tokens(cuda, demo_mo
             assert gen.vision.span_for(rows, lengths) == rows
             assert (len(gen._vision_graphs), gen.vision_replays) == (graphs, replays)
         else:
-            assert gen.vision.span_for(rows, lengths) == 512 and rows in gen._vision_graphs
+            assert gen.vision.span_for(rows, lengths) == 80 and rows in gen._vision_graphs
+            assert gen.vision_replays == replays + (k > 0)  # captured on the first, replayed on the third
 
 
 def test_precaptured_prefill_graphs_replay_the_eager_packed_prefill(cuda, demo_model_dir):

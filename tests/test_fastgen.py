@@ -601,6 +601,25 @@ def test_the_vision_tower_over_padded_patches_gives_the_images_own_outputs(demo_
                 torch.testing.assert_close(got[:k], ref, rtol=1e-5, atol=1e-5)
 
 
+def test_the_vision_span_bounds_every_block_of_a_padded_call(demo_model_dir, monkeypatch):
+    """VisionTower.span_for -- what the padded tower's flash attention is told of the longest block (its grid
+    has a row of thread blocks per 128 positions of it for every image and head): VISION_SPAN where every image
+    fits, never less than the padding image can be (ROW_BUCKET + PAD_ROWS), never more than the rows; the
+    rows where an image is longer (that prefill then runs uncaptured: tests/test_fastgen_gpu.py)."""
+    from htrd import vision
+    from htrd.fastgen import FastGenerator
+
+    vt = FastGenerator.load(demo_model_dir, device="cpu", prompt=PROMPT, batch_sizes=[1], max_cache_len=512,
+                            max_new_tokens=NEW).vision
+    span = vision.VISION_SPAN
+    assert span >= vision.ROW_BUCKET + vision.PAD_ROWS
+    assert vt.span_for(16384) == span and vt.span_for(16384, [760] * 16 + [span]) == span
+    assert vt.span_for(16384, [760, span + 1]) == 16384  # an image past the span: told the rows
+    assert vt.span_for(1024, [700]) == 1024  # never more than the rows
+    monkeypatch.setattr(vision, "VISION_SPAN", 8)
+    assert vt.span_for(4096) == vision.ROW_BUCKET + vision.PAD_ROWS  # the padding image always fits
+
+
 def test_the_vision_check_turns_the_padded_tower_off_where_it_fails_or_differs(demo_model_dir, monkeypatch, caplog):
     """The warm-up's check of VisionTower.padded (on by default on a GPU with flash attention): kept where it
     gives the forward's outputs; turned off, logged, and the tower still served, where it raises (a GPU or

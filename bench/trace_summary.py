@@ -9,7 +9,8 @@ of a graph), idle per half second, the prefills by number of lines (host time, G
 host time per range, the kernels that took the most GPU time, and the **GPU time per line by phase**: each
 kernel charged to what launched it (the runtime call of the same correlation id: inside ``htr:_vision_replayed``
 the vision tower, else inside ``htr:_prefill`` the language model's prefill, else inside ``htr:_step`` the
-decode steps), divided by the lines prefilled in the window -- where a line's ~12 ms of GPU go.
+decode steps), divided by the lines prefilled in the window -- where a line's ~11 ms of GPU go -- and
+within each phase by kind of kernel (GEMM, attention, elementwise, copy: :func:`kind`).
 """
 
 from __future__ import annotations
@@ -103,6 +104,15 @@ def summarise(events: list[dict]) -> dict:
 
 PHASES = (("htr:_vision_replayed", "vision tower"), ("htr:_prefill", "prefill (language model)"),
           ("htr:_step", "decode steps"))
+# What a kernel is, by its name (first match; flash attention's names contain "cutlass" too).
+KINDS = (("attention", ("flash", "stage1", "stage2", "attention", "fmha")),
+         ("GEMM", ("nvjet", "gemm", "cutlass", "xmma", "sm90_")), ("copy", ("Memcpy", "Memset")))
+
+
+def kind(name: str) -> str:
+    """A kernel's kind by its name: attention, GEMM, copy, else elementwise (norms, activations, indexing)."""
+    low = name.lower()
+    return next((k for k, keys in KINDS if any(w.lower() in low for w in keys)), "elementwise")
 
 
 def _per_line(events: list[dict], ranges, w0: float, w1: float) -> dict:
@@ -117,6 +127,7 @@ def _per_line(events: list[dict], ranges, w0: float, w1: float) -> dict:
         return {}
     spans = {prefix: [(a, b) for a, b, name in ranges if name.startswith(prefix)] for prefix, _ in PHASES}
     by_phase: collections.Counter = collections.Counter()
+    by_kind: collections.Counter = collections.Counter()
     for e in events:
         if e.get("cat") not in GPU_CATS or "ts" not in e or not (w0 <= e["ts"] <= w1):
             continue
@@ -125,7 +136,9 @@ def _per_line(events: list[dict], ranges, w0: float, w1: float) -> dict:
         if t is not None:
             phase = next((label for prefix, label in PHASES if any(a <= t <= b for a, b in spans[prefix])), "other")
         by_phase[phase] += e.get("dur", 0)
-    return {"lines": lines, **{k: v / 1e3 / lines for k, v in by_phase.most_common()}}
+        by_kind[f"{phase}: {kind(e['name'])}"] += e.get("dur", 0)
+    return {"lines": lines, **{k: v / 1e3 / lines for k, v in by_phase.most_common()},
+            "by_kind": {k: v / 1e3 / lines for k, v in sorted(by_kind.items())}}
 
 
 def report(path: str, s: dict) -> str:
@@ -150,9 +163,11 @@ def report(path: str, s: dict) -> str:
     per_line = dict(s.get("gpu_ms_per_line") or {})
     if per_line:
         n = per_line.pop("lines")
+        kinds = per_line.pop("by_kind", {})
         lines.append(f"  GPU time per line ({n} lines prefilled in the window), by what launched it: "
                      + ", ".join(f"{k} {v:.2f} ms" for k, v in per_line.items())
                      + f"; {sum(per_line.values()):.2f} ms in all")
+        lines.append("    by kind of kernel (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in kinds.items()))
     return "\n".join(lines)
 
 

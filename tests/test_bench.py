@@ -334,13 +334,15 @@ def test_trace_summary_attributes_gpu_idle_to_the_innermost_range_of_the_inferen
     assert summarise([rng("htr:_step:1", 0, 10)]) == {
         "error": "no kernels or no htr:_step ranges (was the trace taken under load on a GPU?)"}
     # no launches in this trace: every kernel of the window is "other", over the 3 lines prefilled
-    assert s["gpu_ms_per_line"] == {"lines": 3, "other": pytest.approx((100 + 95 + 50 + 480 + 900) / 1e3 / 3)}
+    busy = pytest.approx((100 + 95 + 50 + 480 + 900) / 1e3 / 3)
+    assert s["gpu_ms_per_line"] == {"lines": 3, "other": busy, "by_kind": {"other: GEMM": busy}}
 
 
 def test_trace_summary_charges_each_kernel_to_the_phase_that_launched_it():
     """bench/trace_summary.py's GPU time per line: a kernel belongs to the phase whose range holds its launch
     (the runtime call of its correlation id), not to where it ran -- a prefill's kernels run while the host is
-    already in the next step -- vision inside the prefill counted apart; summed per line prefilled."""
+    already in the next step -- vision inside the prefill counted apart; summed per line prefilled, and within
+    each phase by the kernel's kind (flash attention's name holds "cutlass" too: attention, not GEMM)."""
     sys.path.insert(0, str(REPO / "bench"))
     from trace_summary import summarise
 
@@ -350,19 +352,22 @@ def test_trace_summary_charges_each_kernel_to_the_phase_that_launched_it():
     def launch(corr, ts):
         return {"cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": ts, "dur": 1, "args": {"correlation": corr}}
 
-    def kernel(corr, ts, dur):
-        return {"cat": "kernel", "name": "k", "ts": ts, "dur": dur, "args": {"correlation": corr}}
+    def kernel(corr, ts, dur, name="triton_red_fused_add_rms"):
+        return {"cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"correlation": corr}}
 
+    flash = "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<96, 128, 64, 4, cutlass::bfloat16_t>>"
     events = [rng("htr:_step:4", 0, 1000), rng("htr:_prefill:2", 100, 300), rng("htr:_vision_replayed", 120, 50),
               rng("htr:_step:6", 1000, 1000),
-              launch(1, 10), kernel(1, 20, 60),  # a decode step
-              launch(2, 130), kernel(2, 140, 200),  # the vision tower, inside the prefill
+              launch(1, 10), kernel(1, 20, 60, "nvjet_sm90_tst_192x128"),  # a decode step
+              launch(2, 130), kernel(2, 140, 200, flash),  # the vision tower, inside the prefill
               launch(3, 250), kernel(3, 340, 600),  # the language model's prefill: runs on into the next step
-              launch(4, 1010), kernel(4, 1100, 100),  # the next decode step
-              kernel(9, 1300, 40)]  # no launch recorded: other
+              launch(4, 1010), kernel(4, 1100, 100, "stage1"),  # the next decode step
+              kernel(9, 1300, 40, "Memcpy HtoD (Pinned -> Device)")]  # no launch recorded: other
     got = summarise(events)["gpu_ms_per_line"]
     assert got == {"lines": 2, "prefill (language model)": 0.3, "vision tower": 0.1, "decode steps": 0.08,
-                   "other": 0.02}
+                   "other": 0.02,
+                   "by_kind": {"decode steps: GEMM": 0.03, "decode steps: attention": 0.05, "other: copy": 0.02,
+                               "prefill (language model): elementwise": 0.3, "vision tower: attention": 0.1}}
 
 
 def test_preprocess_contention_runs_on_the_cpu(demo_model_dir):

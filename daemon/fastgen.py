@@ -321,7 +321,7 @@ class FastGenerator(GeneratorBase):
         self._lm_seen: OrderedDict[tuple[int, int], int] = OrderedDict()
         self._lm_buffers: list = []  # the language-model graphs' static inputs (_static_inputs)
         self.lm_graph_limit = PREFILL_GRAPH_LINES * -(-self.max_cache_len // PREFILL_BUCKET)  # every key fits
-        self._vision_graphs: dict[int, _PrefillGraph] = {}  # per padded patch rows
+        self._vision_graphs: dict[tuple[int, int], _PrefillGraph] = {}  # per (padded patch rows, span)
         self._vision_buffers: list = []  # the vision graphs' static inputs
         self._vision_out_buf: list = [None, None]  # their shared output (_vision_out): the buffer, the last view
         self.prefill_replays = 0
@@ -1397,7 +1397,8 @@ class FastGenerator(GeneratorBase):
             if kind == "lm" and size not in self._packed_graphs:
                 self._precapture_lm(size)
                 return True
-            if kind == "vision" and size not in self._vision_graphs and len(self._vision_graphs) < VISION_GRAPHS:
+            if (kind == "vision" and (size, self.vision.span_for(size)) not in self._vision_graphs
+                    and len(self._vision_graphs) < VISION_GRAPHS):
                 self._precapture_vision(size)
                 return True
         return False
@@ -1440,14 +1441,14 @@ class FastGenerator(GeneratorBase):
             self._packed_graphs[width] = g
         return g
 
-    def _capture_vision(self, rows: int, inputs: list) -> _PrefillGraph | None:
-        """The vision tower's graph of *rows* padded patch rows reading the static *inputs*, captured directly
-        into the shared output (:meth:`_vision_out`) and kept; None where the capture failed."""
-        span = self.vision.span_for(rows)
+    def _capture_vision(self, rows: int, inputs: list, span: int) -> _PrefillGraph | None:
+        """The vision tower's graph of *rows* padded patch rows, its attention told *span* (the longest image:
+        :meth:`htrd.vision.VisionTower.span_for`), reading the static *inputs*, captured directly into the
+        shared output (:meth:`_vision_out`) and kept; None where the capture failed."""
         g = self._record(lambda: self.vision.padded(*inputs, span=span), inputs, None, [], direct=True,
                          out=self._vision_out(rows))
         if g is not None:
-            self._vision_graphs[rows] = g
+            self._vision_graphs[(rows, span)] = g
         return g
 
     def _precapture_vision(self, rows: int) -> None:
@@ -1457,26 +1458,23 @@ class FastGenerator(GeneratorBase):
             args = [a.clone() if a.dtype == self.torch.int32 else a.new_zeros((rows, *a.shape[1:]))
                     for a in g0.inputs]  # patches, position embeddings, cos, sin (per row); the blocks' bounds
             inputs = self._static_inputs(self._vision_buffers, args, rows, PREFILL_GRAPH_LINES * 4 * ROW_BUCKET)
-            if self._capture_vision(rows, inputs) is not None:
+            if self._capture_vision(rows, inputs, self.vision.span_for(rows)) is not None:
                 self.precaptured += 1
 
     def _vision_replayed(self, pixel_values, layout):
         """The vision tower of a prefill over its patches padded to a 256-row bucket
         (:meth:`htrd.vision.VisionTower.padded`, the attention blocks' boundaries padded to ``prefill_chunk``
-        images), replayed from a CUDA graph per padded row count -- captured on that count's first prefill,
-        whatever its number of lines. Eagerly, lines of many sizes attended in one call per size, per layer:
+        images), replayed from a CUDA graph per padded row count (and span: :meth:`htrd.vision.VisionTower.span_for`)
+        -- captured on that count's first prefill, whatever its number of lines. Eagerly, lines of many sizes attended in one call per size, per layer:
         ~2,000 launches for 16 lines. Returns the real images' (image tokens, deepstack features)."""
         vt = self.vision
         patches = int(pixel_values.shape[0])
         rows = vt.rows_for(patches)  # the graph's key
         blocks = self.prefill_chunk
+        # What the attention is told of the longest image: VISION_SPAN, or the rows where an image is longer
+        # (a graph of its own: the span is baked into a capture)
         span = vt.span_for(rows, layout.vision_lengths)
-        if span != vt.span_for(rows):  # an image longer than the graphs' span (VISION_SPAN): eagerly, told the rows
-            out = vt.padded(*vt.padded_inputs(pixel_values, layout.grids, layout.vision_lengths, rows, blocks=blocks),
-                            span=span)
-            k = patches // vt.merge
-            return out[0, :k], [d[:k] for d in out[1:]]
-        g = self._vision_graphs.get(rows)
+        g = self._vision_graphs.get((rows, span))
         if g is not None:
             vt.padded_inputs(pixel_values, layout.grids, layout.vision_lengths, rows, into=g.inputs, blocks=blocks)
             g.graph.replay()
@@ -1490,7 +1488,7 @@ class FastGenerator(GeneratorBase):
                 # sized at first for PREFILL_GRAPH_LINES lines of up to 1,024 patches (a 2,000 x 128 px line)
                 inputs = self._static_inputs(self._vision_buffers, args, rows, PREFILL_GRAPH_LINES * 4 * ROW_BUCKET)
                 if self._vision_graphs:  # a new row count of a captured kind: capture, then replay
-                    g = self._capture_vision(rows, inputs)
+                    g = self._capture_vision(rows, inputs, span)
                     if g is not None:
                         g.graph.replay()
                         out = g.out
@@ -1500,7 +1498,7 @@ class FastGenerator(GeneratorBase):
                     g = self._record(lambda: vt.padded(*inputs, span=span), inputs, out, [],
                                      out=self._vision_out(rows, out))
                     if g is not None:
-                        self._vision_graphs[rows] = g
+                        self._vision_graphs[(rows, span)] = g
         k = patches // vt.merge
         return out[0, :k], [d[:k] for d in out[1:]]
 

@@ -43,7 +43,8 @@ ROW_BUCKET = 256
 # every image of the call has at most this many patches (a 2,000 x 500 px line). Its grid has a row of thread
 # blocks per 128 positions of max_seqlen for every image and head, and those past an image's end only return:
 # told the padded row count (up to ~16,000 under load), the vision attention launched ~26,000 thread blocks
-# for ~1,500 with work (16 lines of 760 patches). An image past it: the call is told the row count.
+# for ~1,500 with work (16 lines of 760 patches). An image past it: the call is told the row count (the fast
+# generator captures such a call apart).
 VISION_SPAN = 4096
 
 
@@ -178,7 +179,7 @@ class VisionTower:
     def span_for(self, rows: int, lengths: Sequence[int] = ()) -> int:
         """The longest block :meth:`padded` over *rows* rows may be told of for images of *lengths* patches
         (a bound on every block, the padding's too): ``min(rows, VISION_SPAN)`` where every image fits, else
-        *rows*. A captured graph bakes it in: graphs are kept per row count for the images that fit."""
+        *rows*. A captured graph bakes it in: the fast generator keeps its graphs per (rows, span)."""
         span = max(VISION_SPAN, ROW_BUCKET + PAD_ROWS)  # the padding image is shorter than ROW_BUCKET + PAD_ROWS
         return rows if any(int(n) > span for n in lengths) else min(rows, span)
 

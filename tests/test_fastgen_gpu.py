@@ -187,9 +187,9 @@ def test_packed_prefill_graphs_replay_the_eager_packed_prefill(cuda, demo_model_
 def test_the_vision_attention_told_a_shorter_span_keeps_the_tokens(cuda, demo_model_dir, monkeypatch):
     """The padded vision tower's flash attention is told the longest image it may meet (VisionTower.span_for:
     VISION_SPAN patches), not the padded row count. Lowered here (with the row bucket) so that the demo's
-    lines, of 52-88 patches, cross it: prefills whose images all fit replay graphs told the span; one with a
-    longer image runs the tower eagerly, told the rows, and captures nothing -- the eager generator's tokens
-    either way."""
+    lines, of 52-88 patches, cross it: prefills whose images all fit replay a graph told the span; one with a
+    longer image a graph of its own, told the rows -- each captured on its first prefill and replayed on the
+    next, the eager generator's tokens every time."""
     from htrd import vision
     from htrd.fastgen import FastGenerator
 
@@ -200,22 +200,21 @@ def test_the_vision_attention_told_a_shorter_span_keeps_the_tokens(cuda, demo_mo
     eager = FastGenerator.load(demo_model_dir, cuda_graphs=False, **kw)
     assert gen.packed and gen.vision.varlen
     fit = [(300, 64, 3), (500, 100, 5), (1200, 160, 1), (2000, 150, 4)]  # 72, 80, 52, 68 patches
-    long = [(700, 120, 2), (300, 64, 3)]  # 88, 72
-    for k, group in enumerate((fit, long, fit)):
+    long = [(700, 120, 2), (300, 64, 3), (500, 100, 5)]  # 88, 72, 80
+    for k, group in enumerate((fit, long, fit, long)):
         preps = [gen.prepare(stroke_line(*s)) for s in group]
         lengths = [int(p.pixel_values.shape[0]) for p in preps]
         rows = gen.vision.rows_for(sum(lengths))
         assert (max(lengths) > 80) == (group is long) and rows > 80, (lengths, rows)
+        span = rows if group is long else 80
+        assert gen.vision.span_for(rows, lengths) == span
         want = [x.token_ids for x in eager.generate([eager.prepare(stroke_line(*s)) for s in group],
                                                     min_new_tokens=NEW)]
         graphs, replays = len(gen._vision_graphs), gen.vision_replays
         assert [x.token_ids for x in gen.generate(preps, min_new_tokens=NEW)] == want, group
-        if group is long:
-            assert gen.vision.span_for(rows, lengths) == rows
-            assert (len(gen._vision_graphs), gen.vision_replays) == (graphs, replays)
-        else:
-            assert gen.vision.span_for(rows, lengths) == 80 and rows in gen._vision_graphs
-            assert gen.vision_replays == replays + (k > 0)  # captured on the first, replayed on the third
+        assert (rows, span) in gen._vision_graphs
+        # captured on the first of each (nothing replayed), replayed on the second (nothing captured)
+        assert (len(gen._vision_graphs), gen.vision_replays) == ((graphs + 1, replays) if k < 2 else (graphs, replays + 1))
 
 
 def test_precaptured_prefill_graphs_replay_the_eager_packed_prefill(cuda, demo_model_dir):

@@ -1464,9 +1464,10 @@ class FastGenerator(GeneratorBase):
     def _vision_replayed(self, pixel_values, layout):
         """The vision tower of a prefill over its patches padded to a 256-row bucket
         (:meth:`htrd.vision.VisionTower.padded`, the attention blocks' boundaries padded to ``prefill_chunk``
-        images), replayed from a CUDA graph per padded row count (and span: :meth:`htrd.vision.VisionTower.span_for`)
-        -- captured on that count's first prefill, whatever its number of lines. Eagerly, lines of many sizes attended in one call per size, per layer:
-        ~2,000 launches for 16 lines. Returns the real images' (image tokens, deepstack features)."""
+        images), replayed from a CUDA graph per padded row count and span (the longest image the attention is
+        told of: :meth:`htrd.vision.VisionTower.span_for`) -- captured on that pair's first prefill, whatever
+        its number of lines. Eagerly, lines of many sizes attended in one call per size, per layer: ~2,000
+        launches for 16 lines. Returns the real images' (image tokens, deepstack features)."""
         vt = self.vision
         patches = int(pixel_values.shape[0])
         rows = vt.rows_for(patches)  # the graph's key

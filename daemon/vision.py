@@ -77,7 +77,7 @@ class VisionTower:
         # tower eagerly.
         self.varlen = self.own and has_flash_varlen(weight)
         self.merge = int(visual.spatial_merge_size) ** 2  # patches per image token
-        self._blocks: tuple | None = None  # (cu_seqlens, rows, span) while padded() runs
+        self._blocks: tuple | None = None  # (cu_seqlens, span) while padded() runs
         n = 0
         for mod in visual.modules():
             if type(mod).__name__.endswith("VisionAttention") and hasattr(mod, "qkv"):
@@ -189,8 +189,7 @@ class VisionTower:
         first patches / merge rows of each. *span*: no block (image) is longer (:meth:`span_for`; default the
         row count). Shapes depend on rows and the boundaries' length only; nothing waits for the GPU."""
         vis = self.visual
-        rows = int(pixel_values.shape[0])
-        self._blocks = (cu_seqlens, rows, rows if span is None else int(span))
+        self._blocks = (cu_seqlens, int(pixel_values.shape[0]) if span is None else int(span))
         try:
             h = vis.patch_embed(pixel_values)
             image, deepstack = self._blocks_forward(h + pos.to(h.dtype), cos, sin)
@@ -296,7 +295,7 @@ def _attention_forward(tower, mod, hidden_states, cu_seqlens=None, position_embe
     q, k = tower.rope(q, k, cos, sin)  # (n_tok, heads, d)
     d = q.shape[-1]
     if tower._blocks is not None:  # VisionTower.padded: the block boundaries are a device tensor
-        bounds, _, span = tower._blocks
+        bounds, span = tower._blocks
         if q.is_cuda:
             o = torch.ops.aten._flash_attention_forward(q, k, v, bounds, bounds, span, span, 0.0, False, False,
                                                         scale=mod.scaling)[0]

@@ -8,21 +8,13 @@ width. Prints each one's time, its memory rate and the ratio (same run).
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
-
-def timed(fn, x, reps: int = 50) -> float:
-    for _ in range(3):
-        fn(x)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn(x)
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps * 1000.0  # us
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_timing import gpu_us
 
 
 def main() -> None:
@@ -44,7 +36,7 @@ def main() -> None:
         for rows in [int(r) for r in args.rows.split(",")]:
             x = torch.randn((rows, 2 * args.inter), dtype=dt, device=dev) * 3
             moved = 3 * rows * args.inter * x.element_size()
-            a, b = timed(ops.silu_mul, x), timed(silu_mul, x)
+            a, b = gpu_us(lambda x=x: ops.silu_mul(x)), gpu_us(lambda x=x: silu_mul(x))
             err = (silu_mul(x).float() - reference(x).float()).abs().max().item()
             print(f"{rows:6d} {a:12.1f} {moved / a / 1e3:7.0f} {b:10.1f} {moved / b / 1e3:7.0f} {a / b:5.2f}x "
                   f"{err:8.4f}")

@@ -10,18 +10,10 @@ patches 253 us told 12,288, 226 us told 4,096; the language model's 16 x 283 tok
 """
 
 import sys
-import time
+from pathlib import Path
 
-
-def bench(torch, fn, n: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e6
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_timing import gpu_us
 
 
 def case(torch, name: str, lens: list[int], heads: int, kv_heads: int, d: int, causal: bool, bounds: list[int],
@@ -42,7 +34,7 @@ def case(torch, name: str, lens: list[int], heads: int, kv_heads: int, d: int, c
                                                            scale=d**-0.5)[0]
         out = call()
         ref = out if ref is None else ref
-        print(f"{name}: max_seqlen {m:6d}: {bench(torch, call):8.1f} us  same output: {torch.equal(out, ref)}",
+        print(f"{name}: max_seqlen {m:6d}: {gpu_us(call):8.1f} us  same output: {torch.equal(out, ref)}",
               flush=True)
 
 

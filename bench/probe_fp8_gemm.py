@@ -11,22 +11,14 @@ saving needs the quantisation fused into the kernels before each GEMM, and an ac
 """
 
 import sys
-import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_timing import gpu_us
 
 H, INTER, QKV = 4096, 12288, 6144
 SHAPES = {"qkv": (H, QKV), "o": (H, H), "gate_up": (H, 2 * INTER), "down": (INTER, H)}  # (in, out)
 LINE_TOKENS, LAYERS = 288, 36
-
-
-def bench(torch, fn, n: int = 30) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e3
 
 
 def quant_rows(torch, x):
@@ -51,7 +43,7 @@ def main() -> int:
             w = torch.randn(n_out, k_in, device="cuda", dtype=torch.bfloat16) * 0.02
             wq, ws = quant_rows(torch, w)
             xq, xs = quant_rows(torch, x)
-            t_bf16 += bench(torch, lambda x=x, w=w: torch.nn.functional.linear(x, w))
+            t_bf16 += gpu_us(lambda x=x, w=w: torch.nn.functional.linear(x, w)) / 1e3  # ms
 
             def fp8(xq=xq, xs=xs, wq=wq, ws=ws):
                 return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.t(), out_dtype=torch.bfloat16)
@@ -61,8 +53,8 @@ def main() -> int:
             except RuntimeError as exc:
                 print(f"torch._scaled_mm fails here: {exc}", file=sys.stderr)
                 return 1
-            t_fp8 += bench(torch, fp8)
-            t_quant += bench(torch, lambda x=x: quant_rows(torch, x))
+            t_fp8 += gpu_us(fp8) / 1e3
+            t_quant += gpu_us(lambda x=x: quant_rows(torch, x)) / 1e3
             ref = torch.nn.functional.linear(x.float(), w.float())
             errors.append(float((y.float() - ref).norm() / ref.norm()))
         flops = 2 * M * sum(k * n for k, n in SHAPES.values())

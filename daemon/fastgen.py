@@ -1397,10 +1397,11 @@ class FastGenerator(GeneratorBase):
             if kind == "lm" and size not in self._packed_graphs:
                 self._precapture_lm(size)
                 return True
-            if (kind == "vision" and (size, self.vision.span_for(size)) not in self._vision_graphs
-                    and len(self._vision_graphs) < VISION_GRAPHS):
-                self._precapture_vision(size)
-                return True
+            if kind == "vision" and len(self._vision_graphs) < VISION_GRAPHS:
+                span = self.vision.span_for(size)  # lines that fit VISION_SPAN: what a prefill of them asks for
+                if (size, span) not in self._vision_graphs:
+                    self._precapture_vision(size, span)
+                    return True
         return False
 
     def _vision_out(self, rows: int, like=None):
@@ -1451,14 +1452,14 @@ class FastGenerator(GeneratorBase):
             self._vision_graphs[(rows, span)] = g
         return g
 
-    def _precapture_vision(self, rows: int) -> None:
-        """:meth:`precapture_next` for the vision tower's graph of *rows* padded patch rows."""
+    def _precapture_vision(self, rows: int, span: int) -> None:
+        """:meth:`precapture_next` for the vision tower's graph of *rows* padded patch rows told *span*."""
         g0 = next(iter(self._vision_graphs.values()))
         with self.torch.inference_mode():
             args = [a.clone() if a.dtype == self.torch.int32 else a.new_zeros((rows, *a.shape[1:]))
                     for a in g0.inputs]  # patches, position embeddings, cos, sin (per row); the blocks' bounds
             inputs = self._static_inputs(self._vision_buffers, args, rows, PREFILL_GRAPH_LINES * 4 * ROW_BUCKET)
-            if self._capture_vision(rows, inputs, self.vision.span_for(rows)) is not None:
+            if self._capture_vision(rows, inputs, span) is not None:
                 self.precaptured += 1
 
     def _vision_replayed(self, pixel_values, layout):
@@ -1470,7 +1471,7 @@ class FastGenerator(GeneratorBase):
         launches for 16 lines. Returns the real images' (image tokens, deepstack features)."""
         vt = self.vision
         patches = int(pixel_values.shape[0])
-        rows = vt.rows_for(patches)  # the graph's key
+        rows = vt.rows_for(patches)  # with the span below, the graph's key
         blocks = self.prefill_chunk
         # What the attention is told of the longest image: VISION_SPAN, or the rows where an image is longer
         # (a graph of its own: the span is baked into a capture)

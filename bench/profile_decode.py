@@ -54,7 +54,7 @@ def main() -> int:
     budgets = [int(t) for t in args.mixed.split(",") if t]
     fast = FastGenerator.load(args.model_dir, device="cuda", prompt=PROMPT, batch_sizes=batches,
                               max_cache_len=1024, max_new_tokens=256, compile=args.compile,
-                              **({"prefill_tokens": max(budgets)} if budgets else {}))
+                              **({"mixed": True, "prefill_tokens": max(budgets)} if budgets else {}))
     dev = fast.device
     F = torch.nn.functional
     if args.new_shapes:

@@ -109,6 +109,7 @@ class Engine:
         self._warm_error: BaseException | None = None
         self._go = threading.Event()
         self._admitting: list[WorkItem] = []  # lines being prefilled (neither queued nor in a slot yet)
+        self._left_last = 0  # lines that left the slots at the last step boundary (_take replaces them)
         self._busy_at = time.monotonic()  # the inference thread's last serving work (or the warm-up's end)
         # while quiet, capture prefill graphs ahead of need (FastGenerator.precapture_next) until none is left
         self._precapturing = False  # set once warm (generators that have precapture_next)
@@ -480,10 +481,16 @@ class Engine:
                     return []
             n = min(free, len(self._queue))
             if gen.running() and not getattr(gen, "mixed", False):
-                # Lines are decoding and stall while newcomers prefill: one prefill chunk per step boundary
-                # bounds that stall (~0.15 s for 16 lines of the 8B model on an H200), however many slots a burst
-                # could fill; the rest join at the next boundaries, in order. (Mixed steps chunk by tokens.)
-                n = min(n, gen_chunk(gen))
+                # Lines are decoding and stall while newcomers prefill: a burst into free slots joins one prefill
+                # chunk per step boundary (a stall of ~0.15 s for 16 lines of the 8B model on an H200), however
+                # many slots it could fill; the rest join at the next boundaries, in order. On top of that chunk,
+                # the lines that left at the last boundary are replaced, whatever their number: with one chunk a
+                # boundary the joins and the leaves settle at a chunk each, and 50-token lines never filled more
+                # than 16 x 50 / 4 = 200 decode rows (256 clients on an H200: ~185 of 256 slots decoding, ~28
+                # lines queued -- and a step of 256 slots costs the same whatever the rows decoding). So the
+                # slots fill under a deep queue, and the stall is one chunk's more than what left. (Mixed steps
+                # chunk by tokens.)
+                n = min(n, gen_chunk(gen) + self._left_last)
             taken = [self._queue.popleft() for _ in range(n)]
             self.metrics.queue_depth.set(len(self._queue))
             return taken
@@ -557,10 +564,15 @@ class Engine:
             if taken:
                 self._admit(taken)
 
+        def run() -> None:
+            finished = self.gen.step(stop, during=join)
+            self._left_last = len(finished)
+            self._finish(finished)
+
         n = self.gen.occupancy()
         t0, tokens0 = time.monotonic(), self.gen.occupied_sum
         try:
-            self._call(lambda: self._finish(self.gen.step(stop, during=join)), n, prefill=False)
+            self._call(run, n, prefill=False)
             dt = time.monotonic() - t0
             if self._serving and dt > 0:
                 self.metrics.tokens_per_second.set((self.gen.occupied_sum - tokens0) / dt)

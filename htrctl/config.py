@@ -157,7 +157,8 @@ class GenerationSettings(_Section):
         "of four lines'); with none on its way it joins at the next step"
     )
     prefill_chunk: int = Field(
-        16, ge=1, le=1024, description="most lines prefilled together while others decode (bounds their stall)"
+        16, ge=1, le=1024, description="most lines prefilled together while others decode (bounds their stall); "
+        "a step boundary takes at most this many newcomers more than the lines that left at the boundary before"
     )
     mixed_steps: bool = Field(
         False, description="fast generator on a GPU with flash attention (and the CPU): prefill newcomers' "

@@ -206,10 +206,11 @@ def test_a_newcomer_joins_behind_the_launched_decode_steps(engine):
 
 
 def test_a_burst_joins_running_lines_one_prefill_chunk_per_step_boundary_in_order(demo_model_dir):
-    """While a line decodes, a burst that could fill many free slots joins at most generation.prefill_chunk
-    lines at one step boundary (each boundary's prefill stalls the running line, so the stall stays bounded),
-    in FIFO order, over the next boundaries; every line is answered in full. Nothing running: the burst is
-    taken at once (no one to stall)."""
+    """While a line decodes, a burst that could fill many free slots joins one generation.prefill_chunk of lines
+    at a step boundary (each boundary's prefill stalls the running line, so the stall stays bounded; a boundary
+    takes more only to replace lines that left at the one before, and here at most 2 leave at once), in FIFO
+    order, over the next boundaries; every line is answered in full. Nothing running: the burst is taken at once
+    (no one to stall)."""
     from htrd.engine import Engine
     from htrd.faults import Faults
     from htrd.metrics import Metrics
@@ -267,6 +268,65 @@ def test_a_burst_joins_running_lines_one_prefill_chunk_per_step_boundary_in_orde
     assert all(len(ids) <= 2 and on_step for ids, on_step in joined[1:during])
     assert [i for ids, _ in joined[1:during] for i in ids] == [f"b{k}" for k in range(5)]
     assert joined[during:] == [(["idle"] * 5, False)]
+
+
+def test_the_lines_that_left_at_a_boundary_are_all_replaced_at_the_next(demo_model_dir):
+    """Under a deep queue the slots fill: a step boundary takes one prefill chunk of newcomers (a burst into free
+    slots) plus as many as the lines that left at the boundary before -- here 6 lines leave at once and the 4
+    still queued join together, more than generation.prefill_chunk (2). With one chunk a boundary, 50-token
+    lines filled at most ~200 of 256 slots on an H200 (engine._take)."""
+    from htrd.engine import Engine
+    from htrd.faults import Faults
+    from htrd.metrics import Metrics
+    from htrd.state import DaemonState
+
+    from htrctl.config import Settings
+
+    settings = Settings(model={"dir": str(demo_model_dir), "verify_on_start": "off"}, gpu={"select": "cpu"},
+                        limits={"batch_sizes": [1, 2, 4, 8], "batch_window_ms": 0},
+                        generation={"max_new_tokens": 40, "min_new_tokens": 40, "join_wait_ms": 0,
+                                    "prefill_chunk": 2})
+    eng = Engine(settings, device="cpu", faults=Faults(), state=DaemonState(),
+                 metrics=Metrics(list(settings.limits.batch_sizes)))
+    eng.load()
+    eng.warm_up()
+    eng.start()
+    gen = eng.gen
+    prep = eng.prepare(stroke_line(600, 100, 2))
+    deadline = time.monotonic() + 120
+    joined: list[tuple[list[str], bool]] = []  # (request ids added, inside a step)
+    inside = threading.local()
+    add, step = gen.add, gen.step
+    queued: list = []
+
+    def traced_add(seqs):
+        joined.append(([s.tag.request_id for s in seqs], getattr(inside, "on", False)))
+        if not queued:  # while the first wave is prefilled: 6 more wait in the queue
+            for k in range(6):
+                queued.extend(eng.submit([prep], deadline=deadline, max_new_tokens=3, request_id=f"q{k}"))
+        return add(seqs)
+
+    def traced_step(*a, **kw):
+        inside.on = True
+        try:
+            return step(*a, **kw)
+        finally:
+            inside.on = False
+
+    gen.add, gen.step = traced_add, traced_step
+    try:
+        # 6 lines of 8 slots, taken at once (nothing runs): they leave together after the first call's steps
+        first = eng.submit([prep] * 6, deadline=deadline, max_new_tokens=3, request_id="wave")
+        assert [it.future.result(timeout=120).tokens for it in first] == [3] * 6
+        assert [it.future.result(timeout=120).tokens for it in queued] == [3] * 6
+        assert wait_until(lambda: not gen.running(), 30, "the lines to leave")
+    finally:
+        gen.add, gen.step = add, step
+        eng.stop()
+    assert joined[0] == (["wave"] * 6, False)
+    # the first boundary: nobody left before it -> one chunk (2); the next: the 6 lines left -> up to 8, the
+    # other 4 together
+    assert joined[1:] == [(["q0", "q1"], True), (["q2", "q3", "q4", "q5"], True)]
 
 
 def test_quiet_engine_precaptures_prefill_graphs_until_none_is_left(engine, monkeypatch, caplog):

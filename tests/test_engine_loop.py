@@ -12,7 +12,9 @@ torch = pytest.importorskip("torch")
 from helpers import stroke_line, wait_until
 
 
-def _engine(demo_model_dir, join_wait_ms: float, *, mixed: bool = False):
+def _engine(demo_model_dir, join_wait_ms: float, *, mixed: bool = False, batch_sizes=(1, 2, 4), **generation):
+    """A started engine on the demo model: 40-token lines (min_new_tokens too), no batch window; *generation*:
+    more generation settings."""
     from htrd.engine import Engine
     from htrd.faults import Faults
     from htrd.metrics import Metrics
@@ -21,9 +23,9 @@ def _engine(demo_model_dir, join_wait_ms: float, *, mixed: bool = False):
     from htrctl.config import Settings
 
     settings = Settings(model={"dir": str(demo_model_dir), "verify_on_start": "off"}, gpu={"select": "cpu"},
-                        limits={"batch_sizes": [1, 2, 4], "batch_window_ms": 0},
+                        limits={"batch_sizes": list(batch_sizes), "batch_window_ms": 0},
                         generation={"max_new_tokens": 40, "min_new_tokens": 40, "join_wait_ms": join_wait_ms,
-                                    "mixed_steps": mixed})
+                                    "mixed_steps": mixed, **generation})
     eng = Engine(settings, device="cpu", faults=Faults(), state=DaemonState(),
                  metrics=Metrics(list(settings.limits.batch_sizes)))
     eng.load()
@@ -47,14 +49,15 @@ def patient_engine(demo_model_dir):
     eng.stop()
 
 
-def _traced(gen, calls: list, after_step=lambda: None):
-    """Record each add() as (lines, inside a step), run *after_step()* after each step; returns the originals to
-    restore."""
+def _traced(gen, calls: list, after_step=lambda: None, *, what=len, before_add=lambda: None):
+    """Record each add() as (*what(seqs)* -- how many lines by default --, inside a step), run *before_add()*
+    before each add and *after_step()* after each step; returns the originals to restore."""
     inside = threading.local()
     add, step = gen.add, gen.step
 
     def traced_add(seqs):
-        calls.append((len(seqs), getattr(inside, "on", False)))
+        calls.append((what(seqs), getattr(inside, "on", False)))
+        before_add()
         return add(seqs)
 
     def traced_step(*a, **kw):
@@ -68,6 +71,10 @@ def _traced(gen, calls: list, after_step=lambda: None):
 
     gen.add, gen.step = traced_add, traced_step
     return add, step
+
+
+def _ids(seqs) -> list[str]:
+    return [s.tag.request_id for s in seqs]
 
 
 @pytest.mark.parametrize("on_their_way", [0, 1])
@@ -211,46 +218,19 @@ def test_a_burst_joins_running_lines_one_prefill_chunk_per_step_boundary_in_orde
     takes more only to replace lines that left at the one before, and here at most 2 leave at once), in FIFO
     order, over the next boundaries; every line is answered in full. Nothing running: the burst is taken at once
     (no one to stall)."""
-    from htrd.engine import Engine
-    from htrd.faults import Faults
-    from htrd.metrics import Metrics
-    from htrd.state import DaemonState
-
-    from htrctl.config import Settings
-
-    settings = Settings(model={"dir": str(demo_model_dir), "verify_on_start": "off"}, gpu={"select": "cpu"},
-                        limits={"batch_sizes": [1, 2, 4, 8], "batch_window_ms": 0},
-                        generation={"max_new_tokens": 40, "min_new_tokens": 40, "join_wait_ms": 0,
-                                    "prefill_chunk": 2})
-    eng = Engine(settings, device="cpu", faults=Faults(), state=DaemonState(),
-                 metrics=Metrics(list(settings.limits.batch_sizes)))
-    eng.load()
-    eng.warm_up()
-    eng.start()
+    eng = _engine(demo_model_dir, 0, batch_sizes=(1, 2, 4, 8), prefill_chunk=2)
     gen = eng.gen
     joined: list[tuple[list[str], bool]] = []  # (request ids added, inside a step)
-    inside = threading.local()
-    add, step = gen.add, gen.step
     deadline = time.monotonic() + 120
     short_prep = eng.prepare(stroke_line(600, 100, 2))
     burst: list = []
 
-    def traced_add(seqs):
-        joined.append(([s.tag.request_id for s in seqs], getattr(inside, "on", False)))
-        return add(seqs)
+    def arrivals():
+        if not burst and gen.running():  # between two steps of the long line: 5 lines at once
+            for k in range(5):
+                burst.extend(eng.submit([short_prep], deadline=deadline, max_new_tokens=3, request_id=f"b{k}"))
 
-    def traced_step(*a, **kw):
-        inside.on = True
-        try:
-            return step(*a, **kw)
-        finally:
-            inside.on = False
-            if not burst and gen.running():  # between two steps of the long line: 5 lines at once
-                for k in range(5):
-                    burst.extend(eng.submit([short_prep], deadline=deadline, max_new_tokens=3,
-                                            request_id=f"b{k}"))
-
-    gen.add, gen.step = traced_add, traced_step
+    add, step = _traced(gen, joined, after_step=arrivals, what=_ids)
     try:
         long = eng.submit([eng.prepare(stroke_line(1200, 160, 1))], deadline=deadline, max_new_tokens=40,
                           request_id="long")
@@ -275,45 +255,19 @@ def test_the_lines_that_left_at_a_boundary_are_all_replaced_at_the_next(demo_mod
     slots) plus as many as the lines that left at the boundary before -- here 6 lines leave at once and the 4
     still queued join together, more than generation.prefill_chunk (2). With one chunk a boundary, 50-token
     lines filled at most ~200 of 256 slots on an H200 (engine._take)."""
-    from htrd.engine import Engine
-    from htrd.faults import Faults
-    from htrd.metrics import Metrics
-    from htrd.state import DaemonState
-
-    from htrctl.config import Settings
-
-    settings = Settings(model={"dir": str(demo_model_dir), "verify_on_start": "off"}, gpu={"select": "cpu"},
-                        limits={"batch_sizes": [1, 2, 4, 8], "batch_window_ms": 0},
-                        generation={"max_new_tokens": 40, "min_new_tokens": 40, "join_wait_ms": 0,
-                                    "prefill_chunk": 2})
-    eng = Engine(settings, device="cpu", faults=Faults(), state=DaemonState(),
-                 metrics=Metrics(list(settings.limits.batch_sizes)))
-    eng.load()
-    eng.warm_up()
-    eng.start()
+    eng = _engine(demo_model_dir, 0, batch_sizes=(1, 2, 4, 8), prefill_chunk=2)
     gen = eng.gen
     prep = eng.prepare(stroke_line(600, 100, 2))
     deadline = time.monotonic() + 120
     joined: list[tuple[list[str], bool]] = []  # (request ids added, inside a step)
-    inside = threading.local()
-    add, step = gen.add, gen.step
     queued: list = []
 
-    def traced_add(seqs):
-        joined.append(([s.tag.request_id for s in seqs], getattr(inside, "on", False)))
+    def queue_more():
         if not queued:  # while the first wave is prefilled: 6 more wait in the queue
             for k in range(6):
                 queued.extend(eng.submit([prep], deadline=deadline, max_new_tokens=3, request_id=f"q{k}"))
-        return add(seqs)
 
-    def traced_step(*a, **kw):
-        inside.on = True
-        try:
-            return step(*a, **kw)
-        finally:
-            inside.on = False
-
-    gen.add, gen.step = traced_add, traced_step
+    add, step = _traced(gen, joined, what=_ids, before_add=queue_more)
     try:
         # 6 lines of 8 slots, taken at once (nothing runs): they leave together after the first call's steps
         first = eng.submit([prep] * 6, deadline=deadline, max_new_tokens=3, request_id="wave")

@@ -718,9 +718,9 @@ class FastGenerator(GeneratorBase):
         S, nkv, nh, hd, L = self.slots, self.n_kv, self.n_heads, self.head_dim, self.max_cache_len
         src, slot, pos_t, rope_t, perm, inv, cu_q_t, cu_k_t, used_t, last, done, end = self._mixed_inputs(T)
         rows, pos = self.rows[:B], self.pos[:B]
-        self.attend.index_put_((rows, pos), self._true)  # SDPA's mask stays current for the decode steps after
         dec_rows = kv_rows(rows, self.kv_heads, pos, L)
-        decode_attention = self._decode_attention_fn(B, L, dec_rows)  # the decode step's kernel (Triton's)
+        # The decode step's kernel (Triton's where it runs; with SDPA it also keeps the mask current)
+        decode_attention = self._decode_attention_fn(B, L, dec_rows)
         # Finished and free slots (a joining line's among them) write their decode row's keys to the scratch
         # row: their position 0 is where a chunk of a joining prompt may write in this very step.
         dec_rows = torch.where(self.finished[:B, None], self._scratch_row, dec_rows)
@@ -1585,9 +1585,10 @@ class FastGenerator(GeneratorBase):
     def _decode_attention_fn(self, B: int, L: int, kv_at):
         """The decode rows' attention for slots [:B] (cache rows *kv_at* of their new keys, :func:`kv_rows`),
         over cache positions [:L], with :attr:`decode_attention`'s kernel: ``attention(q, k_cache, v_cache, *,
-        scale)``, *q* (B, n_kv, g, head_dim) -> (B * n_kv, g, head_dim) or (B, n_kv * g * head_dim). The decode
-        step's and the mixed step's decode rows (the kernel chosen at start for one query a (slot, KV head)).
-        Only touches fixed buffers: captured with its step."""
+        scale)``, *q* (B, n_kv, g, head_dim) -> (B * n_kv, g, head_dim) or, SDPA, (B, n_kv, g, head_dim). The
+        decode step's and the mixed step's decode rows (the kernel chosen at start for one query a (slot, KV
+        head)); SDPA marks the rows' new positions in its mask, the only reader of it. Only touches fixed
+        buffers: captured with its step."""
         torch = self.torch
         pos = self.pos[:B]
         if self.decode_attention != "sdpa":  # each slot's keys from its first position on, none past its own
